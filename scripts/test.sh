@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite: format check, clippy with warnings as errors, every test.
+# Installs redis-server when it is missing (the integration tests start real servers).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/ensure-deps.sh
+cargo fmt --all -- --check
+cargo clippy --all-targets -- -D warnings
+cargo test --all-targets

@@ -1,0 +1,271 @@
+//! One long-lived, pipelined connection to a shard, run as an actor.
+//!
+//! Callers send a [`Request`] (an encoded command and a oneshot) over a bounded channel. A
+//! writer task writes every request it can gather in one syscall and queues its oneshot; a
+//! reader task decodes replies (redis-protocol) and answers the oneshots in FIFO order, which
+//! is the order Redis replies in. When the connection breaks, every request in flight is
+//! answered `Lost` (its outcome is unknown: never resend it blindly), the actor reconnects
+//! with back-off, and while it is down new requests are answered `Unavailable` at once.
+//!
+//! A shard that stops answering is not waited on for ever: when the oldest request in flight
+//! is older than twice the request timeout, the connection is dropped and rebuilt.
+//!
+//! Owns bytes to and from one socket. Does not own what a command means or which shard it
+//! is for.
+
+use super::{BackendError, Reply};
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::time::Instant;
+
+pub type Responder = oneshot::Sender<Result<Reply, BackendError>>;
+
+pub struct Request {
+    /// A whole RESP command, already encoded.
+    pub frame: Bytes,
+    pub respond_to: Responder,
+}
+
+#[derive(Debug, Clone)]
+pub struct ConnOptions {
+    pub addr: SocketAddr,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub queue_depth: usize,
+    /// Commands sent on every (re)connect before any request, e.g. AUTH.
+    pub on_connect: Vec<Bytes>,
+}
+
+/// A handle to the actor. Cheap to clone; the actor ends when every handle is dropped.
+#[derive(Clone)]
+pub struct BackendConn {
+    tx: mpsc::Sender<Request>,
+    connected: Arc<AtomicBool>,
+}
+
+impl BackendConn {
+    pub fn spawn(opts: ConnOptions) -> BackendConn {
+        let (tx, rx) = mpsc::channel(opts.queue_depth);
+        let connected = Arc::new(AtomicBool::new(false));
+        tokio::spawn(actor(opts, rx, connected.clone()));
+        BackendConn { tx, connected }
+    }
+
+    /// Whether the socket is up right now (a hint: it may break the next moment).
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Queues a request; the reply (or the reason there is none) comes on the receiver.
+    /// Never waits: a full queue is answered `Busy`.
+    pub fn send(&self, frame: Bytes) -> oneshot::Receiver<Result<Reply, BackendError>> {
+        let (respond_to, rx) = oneshot::channel();
+        if let Err(e) = self.tx.try_send(Request { frame, respond_to }) {
+            let (req, err) = match e {
+                mpsc::error::TrySendError::Full(r) => (r, BackendError::Busy),
+                mpsc::error::TrySendError::Closed(r) => (r, BackendError::Unavailable),
+            };
+            let _ = req.respond_to.send(Err(err));
+        }
+        rx
+    }
+}
+
+struct Inflight {
+    respond_to: Responder,
+    sent_at: Instant,
+}
+
+async fn actor(opts: ConnOptions, mut rx: mpsc::Receiver<Request>, connected: Arc<AtomicBool>) {
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        match connect(&opts).await {
+            Ok(stream) => {
+                backoff = Duration::from_millis(20);
+                connected.store(true, Ordering::Relaxed);
+                let closed = run(stream, &opts, &mut rx).await;
+                connected.store(false, Ordering::Relaxed);
+                if closed {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(addr = %opts.addr, error = %e, "backend connect failed");
+            }
+        }
+        // Down: answer queued requests at once rather than let them wait for the back-off.
+        let deadline = Instant::now() + backoff;
+        loop {
+            tokio::select! {
+                req = rx.recv() => match req {
+                    Some(r) => { let _ = r.respond_to.send(Err(BackendError::Unavailable)); }
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+async fn connect(opts: &ConnOptions) -> std::io::Result<TcpStream> {
+    let stream = tokio::time::timeout(opts.connect_timeout, TcpStream::connect(opts.addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    stream.set_nodelay(true)?;
+    let mut stream = stream;
+    for cmd in &opts.on_connect {
+        stream.write_all(cmd).await?;
+        let mut buf = BytesMut::with_capacity(256);
+        let reply = loop {
+            if let Some(r) = decode(&mut buf).map_err(std::io::Error::other)? {
+                break r;
+            }
+            if tokio::time::timeout(opts.request_timeout, stream.read_buf(&mut buf))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out")
+                })??
+                == 0
+            {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        };
+        if let Some(msg) = reply.error() {
+            return Err(std::io::Error::other(format!("handshake refused: {msg}")));
+        }
+    }
+    Ok(stream)
+}
+
+/// Decodes one reply off the front of `buf`.
+pub fn decode(buf: &mut BytesMut) -> Result<Option<Reply>, String> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    match redis_protocol::resp2::decode::decode_bytes_mut(buf) {
+        Ok(Some((frame, _, raw))) => Ok(Some(Reply { frame, raw })),
+        Ok(None) => Ok(None),
+        Err(e) => Err(format!("bad reply from shard: {e:?}")),
+    }
+}
+
+/// Serves one connected socket until it breaks (false) or every handle is gone (true).
+async fn run(stream: TcpStream, opts: &ConnOptions, rx: &mut mpsc::Receiver<Request>) -> bool {
+    let (mut rd, mut wr) = stream.into_split();
+    let inflight: Arc<Mutex<VecDeque<Inflight>>> = Arc::new(Mutex::new(VecDeque::new()));
+    let broken = Arc::new(Notify::new());
+    let stall_limit = opts.request_timeout * 2;
+
+    let reader = {
+        let inflight = inflight.clone();
+        let broken = broken.clone();
+        async move {
+            let mut buf = BytesMut::with_capacity(16 * 1024);
+            loop {
+                loop {
+                    match decode(&mut buf) {
+                        Ok(Some(reply)) => match inflight.lock().pop_front() {
+                            Some(w) => {
+                                let _ = w.respond_to.send(Ok(reply));
+                            }
+                            None => return, // a reply nobody asked for: resynchronise
+                        },
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "dropping backend connection");
+                            return;
+                        }
+                    }
+                }
+                let oldest = inflight.lock().front().map(|w| w.sent_at);
+                let read = rd.read_buf(&mut buf);
+                let n = match oldest {
+                    Some(t) => match tokio::time::timeout_at(t + stall_limit, read).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            tracing::warn!("backend stalled, reconnecting");
+                            return;
+                        }
+                    },
+                    None => {
+                        tokio::select! {
+                            r = read => r,
+                            // Re-check the deadline once a request has been queued.
+                            _ = broken.notified() => continue,
+                        }
+                    }
+                };
+                match n {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                if buf.capacity() - buf.len() < 4096 {
+                    buf.reserve(16 * 1024);
+                }
+            }
+        }
+    };
+
+    let writer = {
+        let inflight = inflight.clone();
+        let broken = broken.clone();
+        async move {
+            let mut out = BytesMut::with_capacity(16 * 1024);
+            let max_inflight = opts.queue_depth;
+            loop {
+                let Some(first) = rx.recv().await else {
+                    return true;
+                };
+                let now = Instant::now();
+                let mut batch = vec![first];
+                while batch.len() < 512 {
+                    match rx.try_recv() {
+                        Ok(r) => batch.push(r),
+                        Err(_) => break,
+                    }
+                }
+                {
+                    let mut q = inflight.lock();
+                    for r in batch {
+                        if q.len() >= max_inflight {
+                            let _ = r.respond_to.send(Err(BackendError::Busy));
+                            continue;
+                        }
+                        out.extend_from_slice(&r.frame);
+                        q.push_back(Inflight {
+                            respond_to: r.respond_to,
+                            sent_at: now,
+                        });
+                    }
+                }
+                broken.notify_one();
+                if out.is_empty() {
+                    continue;
+                }
+                if wr.write_all(&out).await.is_err() {
+                    return false;
+                }
+                out.clear();
+            }
+        }
+    };
+
+    let closed = tokio::select! {
+        _ = reader => false,
+        closed = writer => closed,
+    };
+    // Whatever was in flight has an unknown outcome now.
+    for w in inflight.lock().drain(..) {
+        let _ = w.respond_to.send(Err(BackendError::Lost));
+    }
+    closed
+}

@@ -1,0 +1,168 @@
+//! Shards as the proxy talks to them: a pool of pipelined connections per shard, request
+//! timeouts, and health.
+//!
+//! Owns sockets to shards and the meaning of a failed request (unavailable, timed out,
+//! lost). Does not own what a command means, nor which shard a key belongs to (`router`).
+
+pub mod conn;
+pub mod health;
+
+use bytes::{Bytes, BytesMut};
+pub use conn::{BackendConn, ConnOptions};
+use redis_protocol::resp2::types::BytesFrame;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A reply from a shard: the decoded frame and the exact bytes it came in, so that a
+/// forwarded reply is passed to the client without re-encoding.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub frame: BytesFrame,
+    pub raw: Bytes,
+}
+
+impl Reply {
+    /// The error text when the reply is an error frame.
+    pub fn error(&self) -> Option<&str> {
+        match &self.frame {
+            BytesFrame::Error(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// Why a request to a shard has no reply. Whether the command ran is known only for
+/// `Unavailable` and `Busy` (it was never sent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendError {
+    /// Not connected; the request was not sent.
+    Unavailable,
+    /// The connection's queue is full; the request was not sent.
+    Busy,
+    /// No reply within the request timeout: the command may or may not have run.
+    Timeout,
+    /// The connection broke with the request in flight: the command may or may not have run.
+    Lost,
+}
+
+impl BackendError {
+    /// The client's error line for a failure at `shard`.
+    pub fn client_message(&self, shard: &str) -> String {
+        match self {
+            BackendError::Unavailable => format!("TRYAGAIN shard {shard} is unavailable"),
+            BackendError::Busy => format!("TRYAGAIN shard {shard} is busy"),
+            BackendError::Timeout => {
+                format!("ERR shard {shard} timed out; the command may or may not have run")
+            }
+            BackendError::Lost => {
+                format!("ERR connection to shard {shard} lost; the command may or may not have run")
+            }
+        }
+    }
+
+    /// Whether the command certainly did not run, so that sending it again is safe.
+    pub fn retry_safe(&self) -> bool {
+        matches!(self, BackendError::Unavailable | BackendError::Busy)
+    }
+}
+
+/// Encodes a command as a RESP array of bulk strings.
+pub fn encode_command<A: AsRef<[u8]>>(args: &[A]) -> Bytes {
+    let mut out =
+        BytesMut::with_capacity(16 + args.iter().map(|a| a.as_ref().len() + 16).sum::<usize>());
+    encode_into(&mut out, args);
+    out.freeze()
+}
+
+pub fn encode_into<A: AsRef<[u8]>>(out: &mut BytesMut, args: &[A]) {
+    crate::resp::reply::array(out, args.len());
+    for a in args {
+        crate::resp::reply::bulk(out, a.as_ref());
+    }
+}
+
+/// Per-shard figures, for INFO and /metrics.
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+    pub timeouts: AtomicU64,
+}
+
+/// One standalone Redis server behind the proxy.
+pub struct Shard {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub weight: u32,
+    /// Forwarded commands; a client always uses the same one, so its commands to this
+    /// shard run in the order it sent them.
+    pool: Vec<BackendConn>,
+    /// The counter lane's own connection: flush batches and base reads, one round trip at
+    /// a time (see `counter::lane`).
+    pub lane_conn: BackendConn,
+    pub timeout: Duration,
+    /// Health as the checker last saw it; see `health`.
+    pub up: AtomicBool,
+    pub stats: ShardStats,
+}
+
+impl Shard {
+    pub fn new(
+        name: String,
+        addr: SocketAddr,
+        weight: u32,
+        cfg: &crate::config::BackendConfig,
+    ) -> Arc<Shard> {
+        let opts = ConnOptions {
+            addr,
+            connect_timeout: cfg.connect_timeout.0,
+            request_timeout: cfg.timeout.0,
+            queue_depth: cfg.queue_depth,
+            on_connect: Vec::new(),
+        };
+        let pool = (0..cfg.pool_size)
+            .map(|_| BackendConn::spawn(opts.clone()))
+            .collect();
+        Arc::new(Shard {
+            name,
+            addr,
+            weight,
+            pool,
+            lane_conn: BackendConn::spawn(opts),
+            timeout: cfg.timeout.0,
+            up: AtomicBool::new(true),
+            stats: ShardStats::default(),
+        })
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Queues an encoded command on the connection assigned to `client`. None when the
+    /// shard is known to be down and the connection is not up: fail fast, not after the
+    /// timeout.
+    pub fn send(
+        &self,
+        client: u64,
+        frame: Bytes,
+    ) -> Option<tokio::sync::oneshot::Receiver<Result<Reply, BackendError>>> {
+        let conn = &self.pool[(client as usize) % self.pool.len()];
+        if self.is_up() || conn.is_connected() {
+            Some(conn.send(frame))
+        } else {
+            None
+        }
+    }
+
+    /// Sends a command on the lane connection (no per-request timeout here: the lane
+    /// applies its own and knows that a timed-out batch has an unknown outcome).
+    pub fn lane_send(
+        &self,
+        frame: Bytes,
+    ) -> tokio::sync::oneshot::Receiver<Result<Reply, BackendError>> {
+        self.lane_conn.send(frame)
+    }
+}

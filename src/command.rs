@@ -1,0 +1,403 @@
+//! The command table: what each command is to the proxy, and its arity.
+//!
+//! Owns the classification (answered here, forwarded to one shard, split over shards, a
+//! counter operation, refused) and Redis's wording for the argument errors. Does not own
+//! how a class is executed: that is `connection` (dispatch) and the parts it calls.
+//! The README's command table is generated from the same lists; keep them in step.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Answered by the proxy itself.
+    Local,
+    /// One key at argument 1; forwarded to the shard that owns it.
+    Single,
+    /// Keys at 1..; split by shard, sent in parallel, merged.
+    Multi(Merge),
+    /// A counter operation; on a batched counter key the engine answers it.
+    Counter(CounterOp),
+    /// Known but not served, with the reason.
+    Refused(&'static str),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Merge {
+    /// MGET: one reply per key, in key order.
+    Values,
+    /// DEL, UNLINK, EXISTS, TOUCH: integer replies summed.
+    Sum,
+    /// MSET: key value pairs; `+OK` when every shard says so.
+    Pairs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CounterOp {
+    Get,
+    Incr,
+    IncrBy,
+    Decr,
+    DecrBy,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Spec {
+    pub name: &'static str,
+    /// Redis's convention: N means exactly N arguments (with the name), -N at least N.
+    pub arity: i32,
+    pub kind: Kind,
+}
+
+impl Spec {
+    pub fn arity_ok(&self, argc: usize) -> bool {
+        if self.arity >= 0 {
+            argc == self.arity as usize
+        } else {
+            argc >= (-self.arity) as usize
+        }
+    }
+}
+
+const SINGLE: &[(&str, i32)] = &[
+    // strings
+    ("set", -3),
+    ("getset", 3),
+    ("getdel", 2),
+    ("getex", -2),
+    ("setnx", 3),
+    ("setex", 4),
+    ("psetex", 4),
+    ("append", 3),
+    ("strlen", 2),
+    ("getrange", 4),
+    ("substr", 4),
+    ("setrange", 4),
+    ("incrbyfloat", 3),
+    ("getbit", 3),
+    ("setbit", 4),
+    ("bitcount", -2),
+    ("bitpos", -3),
+    // keys
+    ("expire", -3),
+    ("pexpire", -3),
+    ("expireat", -3),
+    ("pexpireat", -3),
+    ("ttl", 2),
+    ("pttl", 2),
+    ("persist", 2),
+    ("type", 2),
+    ("expiretime", 2),
+    ("pexpiretime", 2),
+    // hashes
+    ("hset", -4),
+    ("hsetnx", 4),
+    ("hget", 3),
+    ("hmset", -4),
+    ("hmget", -3),
+    ("hdel", -3),
+    ("hlen", 2),
+    ("hstrlen", 3),
+    ("hexists", 3),
+    ("hkeys", 2),
+    ("hvals", 2),
+    ("hgetall", 2),
+    ("hincrby", 4),
+    ("hincrbyfloat", 4),
+    ("hrandfield", -2),
+    ("hscan", -3),
+    // lists
+    ("lpush", -3),
+    ("rpush", -3),
+    ("lpushx", -3),
+    ("rpushx", -3),
+    ("lpop", -2),
+    ("rpop", -2),
+    ("llen", 2),
+    ("lrange", 4),
+    ("lindex", 3),
+    ("lset", 4),
+    ("lrem", 4),
+    ("ltrim", 4),
+    ("linsert", 5),
+    ("lpos", -3),
+    // sets
+    ("sadd", -3),
+    ("srem", -3),
+    ("smembers", 2),
+    ("sismember", 3),
+    ("smismember", -3),
+    ("scard", 2),
+    ("spop", -2),
+    ("srandmember", -2),
+    ("sscan", -3),
+    // sorted sets
+    ("zadd", -4),
+    ("zincrby", 4),
+    ("zrem", -3),
+    ("zcard", 2),
+    ("zscore", 3),
+    ("zmscore", -3),
+    ("zrank", -3),
+    ("zrevrank", -3),
+    ("zrange", -4),
+    ("zrevrange", -4),
+    ("zrangebyscore", -4),
+    ("zrevrangebyscore", -4),
+    ("zcount", 4),
+    ("zlexcount", 4),
+    ("zrangebylex", -4),
+    ("zrevrangebylex", -4),
+    ("zremrangebyrank", 4),
+    ("zremrangebyscore", 4),
+    ("zremrangebylex", 4),
+    ("zpopmin", -2),
+    ("zpopmax", -2),
+    ("zrandmember", -2),
+    ("zscan", -3),
+    // hyperloglog (one key)
+    ("pfadd", -2),
+];
+
+const MULTI: &[(&str, i32, Merge)] = &[
+    ("mget", -2, Merge::Values),
+    ("mset", -3, Merge::Pairs),
+    ("del", -2, Merge::Sum),
+    ("unlink", -2, Merge::Sum),
+    ("exists", -2, Merge::Sum),
+    ("touch", -2, Merge::Sum),
+];
+
+const COUNTER: &[(&str, i32, CounterOp)] = &[
+    ("get", 2, CounterOp::Get),
+    ("incr", 2, CounterOp::Incr),
+    ("incrby", 3, CounterOp::IncrBy),
+    ("decr", 2, CounterOp::Decr),
+    ("decrby", 3, CounterOp::DecrBy),
+];
+
+const LOCAL: &[(&str, i32)] = &[
+    ("ping", -1),
+    ("echo", 2),
+    ("quit", -1),
+    ("select", 2),
+    ("hello", -1),
+    ("auth", -2),
+    ("client", -2),
+    ("command", -1),
+    ("info", -1),
+    ("dbsize", 1),
+    ("time", 1),
+    ("config", -2),
+    ("reset", 1),
+    ("readonly", 1),
+    ("readwrite", 1),
+    ("lastsave", 1),
+];
+
+const CROSS_SHARD: &str = "its keys may live on different shards";
+const BLOCKING: &str = "blocking commands would hold a shared backend connection";
+const TRANSACTIONS: &str = "transactions cannot span the proxy's shared backend connections";
+const PUBSUB: &str = "pub/sub is not proxied";
+const SCRIPTING: &str = "scripts may touch keys on any shard";
+const KEYSPACE: &str = "a keyspace-wide command would have to visit every shard";
+const ADMIN: &str = "server administration goes to each shard directly";
+
+const REFUSED: &[(&str, &str)] = &[
+    ("keys", KEYSPACE),
+    ("scan", KEYSPACE),
+    ("randomkey", KEYSPACE),
+    ("flushall", KEYSPACE),
+    ("flushdb", KEYSPACE),
+    ("swapdb", KEYSPACE),
+    ("move", KEYSPACE),
+    ("copy", CROSS_SHARD),
+    ("multi", TRANSACTIONS),
+    ("exec", TRANSACTIONS),
+    ("discard", TRANSACTIONS),
+    ("watch", TRANSACTIONS),
+    ("unwatch", TRANSACTIONS),
+    ("subscribe", PUBSUB),
+    ("psubscribe", PUBSUB),
+    ("ssubscribe", PUBSUB),
+    ("unsubscribe", PUBSUB),
+    ("punsubscribe", PUBSUB),
+    ("publish", PUBSUB),
+    ("pubsub", PUBSUB),
+    ("blpop", BLOCKING),
+    ("brpop", BLOCKING),
+    ("brpoplpush", BLOCKING),
+    ("blmove", BLOCKING),
+    ("blmpop", BLOCKING),
+    ("bzpopmin", BLOCKING),
+    ("bzpopmax", BLOCKING),
+    ("bzmpop", BLOCKING),
+    ("wait", BLOCKING),
+    ("waitaof", BLOCKING),
+    ("xread", BLOCKING),
+    ("xreadgroup", BLOCKING),
+    ("eval", SCRIPTING),
+    ("evalsha", SCRIPTING),
+    ("eval_ro", SCRIPTING),
+    ("evalsha_ro", SCRIPTING),
+    ("script", SCRIPTING),
+    ("fcall", SCRIPTING),
+    ("fcall_ro", SCRIPTING),
+    ("function", SCRIPTING),
+    ("msetnx", CROSS_SHARD),
+    ("rename", CROSS_SHARD),
+    ("renamenx", CROSS_SHARD),
+    ("rpoplpush", CROSS_SHARD),
+    ("lmove", CROSS_SHARD),
+    ("lmpop", CROSS_SHARD),
+    ("smove", CROSS_SHARD),
+    ("sinter", CROSS_SHARD),
+    ("sintercard", CROSS_SHARD),
+    ("sinterstore", CROSS_SHARD),
+    ("sunion", CROSS_SHARD),
+    ("sunionstore", CROSS_SHARD),
+    ("sdiff", CROSS_SHARD),
+    ("sdiffstore", CROSS_SHARD),
+    ("zunion", CROSS_SHARD),
+    ("zunionstore", CROSS_SHARD),
+    ("zinter", CROSS_SHARD),
+    ("zinterstore", CROSS_SHARD),
+    ("zintercard", CROSS_SHARD),
+    ("zdiff", CROSS_SHARD),
+    ("zdiffstore", CROSS_SHARD),
+    ("zrangestore", CROSS_SHARD),
+    ("zmpop", CROSS_SHARD),
+    ("pfcount", CROSS_SHARD),
+    ("pfmerge", CROSS_SHARD),
+    ("bitop", CROSS_SHARD),
+    ("sort", CROSS_SHARD),
+    ("sort_ro", CROSS_SHARD),
+    ("lcs", CROSS_SHARD),
+    ("migrate", ADMIN),
+    ("dump", ADMIN),
+    ("restore", ADMIN),
+    ("object", ADMIN),
+    ("debug", ADMIN),
+    ("monitor", ADMIN),
+    ("save", ADMIN),
+    ("bgsave", ADMIN),
+    ("bgrewriteaof", ADMIN),
+    ("shutdown", ADMIN),
+    ("slaveof", ADMIN),
+    ("replicaof", ADMIN),
+    ("sync", ADMIN),
+    ("psync", ADMIN),
+    ("cluster", ADMIN),
+    ("acl", ADMIN),
+    ("slowlog", ADMIN),
+    ("latency", ADMIN),
+    ("memory", ADMIN),
+    ("module", ADMIN),
+    ("failover", ADMIN),
+    ("role", ADMIN),
+    ("lolwut", ADMIN),
+];
+
+fn table() -> &'static HashMap<&'static str, Spec> {
+    static TABLE: OnceLock<HashMap<&'static str, Spec>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut t = HashMap::new();
+        let mut add = |name: &'static str, arity: i32, kind: Kind| {
+            let dup = t.insert(name, Spec { name, arity, kind });
+            assert!(dup.is_none(), "command {name} listed twice");
+        };
+        for &(n, a) in SINGLE {
+            add(n, a, Kind::Single);
+        }
+        for &(n, a, m) in MULTI {
+            add(n, a, Kind::Multi(m));
+        }
+        for &(n, a, op) in COUNTER {
+            add(n, a, Kind::Counter(op));
+        }
+        for &(n, a) in LOCAL {
+            add(n, a, Kind::Local);
+        }
+        for &(n, why) in REFUSED {
+            add(n, -1, Kind::Refused(why));
+        }
+        t
+    })
+}
+
+/// Looks a command up by name, in any letter case.
+pub fn lookup(name: &[u8]) -> Option<&'static Spec> {
+    let mut lower = [0u8; 24];
+    if name.len() > lower.len() {
+        return None;
+    }
+    for (d, s) in lower.iter_mut().zip(name) {
+        *d = s.to_ascii_lowercase();
+    }
+    let lower = std::str::from_utf8(&lower[..name.len()]).ok()?;
+    table().get(lower)
+}
+
+/// Every command the proxy knows, for `COMMAND` and `COMMAND COUNT`.
+pub fn all() -> impl Iterator<Item = &'static Spec> {
+    table().values()
+}
+
+/// Redis's wording for an unknown command, with the first arguments quoted.
+pub fn unknown_command_error(args: &[bytes::Bytes]) -> String {
+    let name = String::from_utf8_lossy(&args[0]);
+    let mut msg = format!(
+        "ERR unknown command '{}', with args beginning with: ",
+        truncate(&name)
+    );
+    for a in args.iter().skip(1).take(8) {
+        msg.push_str(&format!("'{}' ", truncate(&String::from_utf8_lossy(a))));
+    }
+    msg
+}
+
+pub fn arity_error(name: &str) -> String {
+    format!("ERR wrong number of arguments for '{name}' command")
+}
+
+pub fn refused_error(name: &str, why: &str) -> String {
+    format!("ERR command '{name}' is not supported by tallyproxy: {why}")
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(128).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookup_ignores_case_and_knows_arity() {
+        let get = lookup(b"GeT").unwrap();
+        assert_eq!(get.kind, Kind::Counter(CounterOp::Get));
+        assert!(get.arity_ok(2) && !get.arity_ok(3));
+        let set = lookup(b"SET").unwrap();
+        assert!(set.arity_ok(3) && set.arity_ok(7) && !set.arity_ok(2));
+        assert_eq!(lookup(b"mget").unwrap().kind, Kind::Multi(Merge::Values));
+        assert!(matches!(lookup(b"KEYS").unwrap().kind, Kind::Refused(_)));
+        assert!(lookup(b"nosuchcommand").is_none());
+        assert!(lookup(&[b'x'; 100]).is_none());
+    }
+
+    #[test]
+    fn errors_use_redis_wording() {
+        assert_eq!(
+            arity_error("get"),
+            "ERR wrong number of arguments for 'get' command"
+        );
+        let args = [
+            bytes::Bytes::from_static(b"foo"),
+            bytes::Bytes::from_static(b"a"),
+        ];
+        assert_eq!(
+            unknown_command_error(&args),
+            "ERR unknown command 'foo', with args beginning with: 'a' "
+        );
+    }
+}

@@ -1,0 +1,548 @@
+//! The proxy's configuration: `proxy.toml` parsed with serde, then validated as a whole
+//! before any port is bound.
+//!
+//! Owns the file format, the defaults and the validation messages. Does not own runtime
+//! state: the parts read what they need from a validated [`Config`] at start-up.
+//!
+//! Every key is documented in `docs/configuration.md`; keep the two in step.
+
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A configuration problem, with the key it concerns. Start-up exits with code 2 on it.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+/// A duration written with units ("30s", "500ms", "1m"), as in the config file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// RESP listener.
+    #[serde(default = "defaults::listen")]
+    pub listen: SocketAddr,
+    /// HTTP sidecar listener (visits API, health, metrics, admin).
+    #[serde(default = "defaults::http_listen")]
+    pub http_listen: SocketAddr,
+    /// Most client connections at once; the next one is told
+    /// `-ERR max number of clients reached` and closed, as Redis does.
+    #[serde(default = "defaults::maxclients")]
+    pub maxclients: usize,
+    /// Standalone Redis servers behind the proxy. None: memory mode (counters live in the proxy).
+    #[serde(default)]
+    pub shards: Vec<ShardConfig>,
+    #[serde(default)]
+    pub ring: RingConfig,
+    #[serde(default)]
+    pub backend: BackendConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub counters: CountersConfig,
+    #[serde(default)]
+    pub durability: DurabilityConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    /// How long an orderly shutdown may take in all (finish commands, final flush, drain HTTP).
+    #[serde(default = "defaults::shutdown_timeout")]
+    pub shutdown_timeout: HumanDuration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardConfig {
+    /// `redis_<port>` when not given; `served_via` reports it.
+    pub name: Option<String>,
+    pub addr: String,
+    /// Share of the ring relative to other shards (vnodes × weight points).
+    #[serde(default = "defaults::weight")]
+    pub weight: u32,
+}
+
+impl ShardConfig {
+    pub fn socket_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.addr.parse().or_else(|_| {
+            err(format!(
+                "shards: addr {:?} is not an ip:port address",
+                self.addr
+            ))
+        })
+    }
+
+    /// The shard's name: as configured, or `redis_<port>`.
+    pub fn resolved_name(&self) -> String {
+        match &self.name {
+            Some(n) => n.clone(),
+            None => match self.addr.rsplit_once(':') {
+                Some((_, port)) => format!("redis_{port}"),
+                None => format!("redis_{}", self.addr),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RingConfig {
+    /// Points on the ring per shard (per unit of weight). 160 is ketama's and twemproxy's.
+    #[serde(default = "defaults::vnodes")]
+    pub vnodes: u32,
+}
+
+impl Default for RingConfig {
+    fn default() -> Self {
+        RingConfig {
+            vnodes: defaults::vnodes(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Long-lived connections per shard for forwarded commands; requests are pipelined on them.
+    #[serde(default = "defaults::pool_size")]
+    pub pool_size: usize,
+    /// A request with no reply by then is answered with an error naming the shard.
+    #[serde(default = "defaults::request_timeout")]
+    pub timeout: HumanDuration,
+    /// Time allowed to open a connection to a shard.
+    #[serde(default = "defaults::connect_timeout")]
+    pub connect_timeout: HumanDuration,
+    /// Requests queued per backend connection before callers are told the shard is busy.
+    #[serde(default = "defaults::queue_depth")]
+    pub queue_depth: usize,
+    /// Health check period (PING).
+    #[serde(default = "defaults::health_interval")]
+    pub health_interval: HumanDuration,
+    /// Consecutive failed checks before a shard is marked down.
+    #[serde(default = "defaults::health_failures")]
+    pub health_failures: u32,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig {
+            pool_size: defaults::pool_size(),
+            timeout: defaults::request_timeout(),
+            connect_timeout: defaults::connect_timeout(),
+            queue_depth: defaults::queue_depth(),
+            health_interval: defaults::health_interval(),
+            health_failures: defaults::health_failures(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Longest bulk string a client may send (Redis allows 512 MB; a counter proxy needs far less).
+    #[serde(default = "defaults::max_bulk_len")]
+    pub max_bulk_len: usize,
+    /// Most arguments in one command.
+    #[serde(default = "defaults::max_array_len")]
+    pub max_array_len: usize,
+    /// Longest inline (telnet-style) command line.
+    #[serde(default = "defaults::max_inline_len")]
+    pub max_inline_len: usize,
+    /// Most bytes one command may claim in all (sum of its arguments).
+    #[serde(default = "defaults::max_request_bytes")]
+    pub max_request_bytes: usize,
+    /// Commands of one client in flight at once; past it the proxy stops reading that
+    /// client's socket until replies are written (back-pressure, not buffering).
+    #[serde(default = "defaults::max_pipeline")]
+    pub max_pipeline: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_bulk_len: defaults::max_bulk_len(),
+            max_array_len: defaults::max_array_len(),
+            max_inline_len: defaults::max_inline_len(),
+            max_request_bytes: defaults::max_request_bytes(),
+            max_pipeline: defaults::max_pipeline(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CounterMode {
+    /// Increments are merged in memory and flushed exactly once.
+    Batched,
+    /// Increments go straight to Redis (strict INCR, e.g. ID generators).
+    Direct,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CounterPattern {
+    pub pattern: String,
+    #[serde(default = "defaults::mode")]
+    pub mode: CounterMode,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CountersConfig {
+    /// Glob patterns, first match wins; keys matching none are plain keys (forwarded).
+    #[serde(rename = "match", default = "defaults::counter_match")]
+    pub patterns: Vec<CounterPattern>,
+    /// How long a value read from a shard answers reads without asking the shard again.
+    #[serde(default = "defaults::cache_ttl")]
+    pub cache_ttl: HumanDuration,
+    /// Period of the background flush of merged increments.
+    #[serde(default = "defaults::flush_interval")]
+    pub flush_interval: HumanDuration,
+    /// Pending keys (all shards) that trigger an early flush.
+    #[serde(default = "defaults::max_pending_keys")]
+    pub max_pending_keys: usize,
+    /// Keys sent in one flush round trip; larger flushes take several.
+    #[serde(default = "defaults::flush_batch_keys")]
+    pub flush_batch_keys: usize,
+}
+
+impl Default for CountersConfig {
+    fn default() -> Self {
+        CountersConfig {
+            patterns: defaults::counter_match(),
+            cache_ttl: defaults::cache_ttl(),
+            flush_interval: defaults::flush_interval(),
+            max_pending_keys: defaults::max_pending_keys(),
+            flush_batch_keys: defaults::flush_batch_keys(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fsync {
+    Always,
+    Everysec,
+    No,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DurabilityConfig {
+    /// Write-ahead log directory. Relative paths are relative to the working directory.
+    #[serde(default = "defaults::wal_dir")]
+    pub wal_dir: PathBuf,
+    #[serde(default = "defaults::fsync")]
+    pub fsync: Fsync,
+    /// Segment size that triggers a checkpoint and the deletion of older segments.
+    #[serde(default = "defaults::wal_segment_bytes")]
+    pub segment_bytes: u64,
+    /// Stable identity of this proxy in the shards' exactly-once records. Generated and
+    /// stored in `wal_dir` when not given.
+    pub proxy_id: Option<String>,
+    /// Off: no log at all (increments between flushes are lost on a crash). For benchmarks.
+    #[serde(default = "defaults::wal_enabled")]
+    pub enabled: bool,
+}
+
+impl Default for DurabilityConfig {
+    fn default() -> Self {
+        DurabilityConfig {
+            wal_dir: defaults::wal_dir(),
+            fsync: defaults::fsync(),
+            segment_bytes: defaults::wal_segment_bytes(),
+            proxy_id: None,
+            enabled: defaults::wal_enabled(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `RUST_LOG`-style filter; the `RUST_LOG` environment variable wins when set.
+    #[serde(default = "defaults::log_level")]
+    pub level: String,
+    /// One JSON object per line instead of the human format.
+    #[serde(default)]
+    pub json: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: defaults::log_level(),
+            json: false,
+        }
+    }
+}
+
+mod defaults {
+    use super::*;
+    pub fn listen() -> SocketAddr {
+        "127.0.0.1:6380".parse().unwrap()
+    }
+    pub fn http_listen() -> SocketAddr {
+        "127.0.0.1:8080".parse().unwrap()
+    }
+    pub fn maxclients() -> usize {
+        10_000
+    }
+    pub fn weight() -> u32 {
+        1
+    }
+    pub fn vnodes() -> u32 {
+        160
+    }
+    pub fn pool_size() -> usize {
+        2
+    }
+    pub fn request_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(1))
+    }
+    pub fn connect_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_millis(500))
+    }
+    pub fn queue_depth() -> usize {
+        4096
+    }
+    pub fn health_interval() -> HumanDuration {
+        HumanDuration(Duration::from_secs(1))
+    }
+    pub fn health_failures() -> u32 {
+        3
+    }
+    pub fn max_bulk_len() -> usize {
+        16 * 1024 * 1024
+    }
+    pub fn max_array_len() -> usize {
+        1024 * 1024
+    }
+    pub fn max_inline_len() -> usize {
+        64 * 1024
+    }
+    pub fn max_request_bytes() -> usize {
+        64 * 1024 * 1024
+    }
+    pub fn max_pipeline() -> usize {
+        1024
+    }
+    pub fn mode() -> CounterMode {
+        CounterMode::Batched
+    }
+    pub fn counter_match() -> Vec<CounterPattern> {
+        vec![CounterPattern {
+            pattern: "*".into(),
+            mode: CounterMode::Batched,
+        }]
+    }
+    pub fn cache_ttl() -> HumanDuration {
+        HumanDuration(Duration::from_secs(5))
+    }
+    pub fn flush_interval() -> HumanDuration {
+        HumanDuration(Duration::from_secs(30))
+    }
+    pub fn max_pending_keys() -> usize {
+        100_000
+    }
+    pub fn flush_batch_keys() -> usize {
+        1000
+    }
+    pub fn wal_dir() -> PathBuf {
+        PathBuf::from("data/wal")
+    }
+    pub fn fsync() -> Fsync {
+        Fsync::Everysec
+    }
+    pub fn wal_segment_bytes() -> u64 {
+        64 * 1024 * 1024
+    }
+    pub fn wal_enabled() -> bool {
+        true
+    }
+    pub fn log_level() -> String {
+        "info".into()
+    }
+    pub fn shutdown_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(10))
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::from_toml_str("").expect("the empty config is valid")
+    }
+}
+
+impl Config {
+    /// Parses and validates a whole config file's text.
+    pub fn from_toml_str(s: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(s).map_err(|e| ConfigError(format!("config: {e}")))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("config: cannot read {}: {e}", path.display())))?;
+        Config::from_toml_str(&text).map_err(|e| ConfigError(format!("{}: {}", path.display(), e)))
+    }
+
+    /// Checks what serde cannot: uniqueness, ranges, and that values fit together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut names = HashSet::new();
+        let mut addrs = HashSet::new();
+        for s in &self.shards {
+            let addr = s.socket_addr()?;
+            let name = s.resolved_name();
+            if name.is_empty() || name.len() > 64 || name.contains(char::is_whitespace) {
+                return err(format!(
+                    "shards: name {name:?} must be 1-64 characters without spaces"
+                ));
+            }
+            if !names.insert(name.clone()) {
+                return err(format!("shards: duplicate shard name {name:?}"));
+            }
+            if !addrs.insert(addr) {
+                return err(format!("shards: duplicate shard addr {:?}", s.addr));
+            }
+            if s.weight == 0 || s.weight > 100 {
+                return err(format!("shards: weight of {name:?} must be 1-100"));
+            }
+        }
+        if self.ring.vnodes == 0 || self.ring.vnodes > 10_000 {
+            return err("ring.vnodes must be 1-10000");
+        }
+        if self.maxclients == 0 {
+            return err("maxclients must be at least 1");
+        }
+        let b = &self.backend;
+        if b.pool_size == 0 || b.pool_size > 64 {
+            return err("backend.pool_size must be 1-64");
+        }
+        if b.timeout.0.is_zero() {
+            return err("backend.timeout must be above zero");
+        }
+        if b.connect_timeout.0.is_zero() {
+            return err("backend.connect_timeout must be above zero");
+        }
+        if b.queue_depth == 0 {
+            return err("backend.queue_depth must be at least 1");
+        }
+        if b.health_interval.0.is_zero() {
+            return err("backend.health_interval must be above zero");
+        }
+        if b.health_failures == 0 {
+            return err("backend.health_failures must be at least 1");
+        }
+        let l = &self.limits;
+        if l.max_bulk_len == 0 || l.max_bulk_len > 512 * 1024 * 1024 {
+            return err("limits.max_bulk_len must be 1 byte to 512 MB");
+        }
+        if l.max_array_len == 0 {
+            return err("limits.max_array_len must be at least 1");
+        }
+        if l.max_inline_len < 16 {
+            return err("limits.max_inline_len must be at least 16");
+        }
+        if l.max_request_bytes < l.max_bulk_len {
+            return err("limits.max_request_bytes must be at least limits.max_bulk_len");
+        }
+        if l.max_pipeline == 0 {
+            return err("limits.max_pipeline must be at least 1");
+        }
+        let c = &self.counters;
+        for p in &c.patterns {
+            if p.pattern.is_empty() {
+                return err("counters.match: empty pattern");
+            }
+        }
+        if c.flush_interval.0.is_zero() {
+            return err("counters.flush_interval must be above zero");
+        }
+        if c.max_pending_keys == 0 {
+            return err("counters.max_pending_keys must be at least 1");
+        }
+        if c.flush_batch_keys == 0 || c.flush_batch_keys > 100_000 {
+            return err("counters.flush_batch_keys must be 1-100000");
+        }
+        if self.durability.segment_bytes < 4096 {
+            return err("durability.segment_bytes must be at least 4096");
+        }
+        if let Some(id) = &self.durability.proxy_id {
+            if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+                return err("durability.proxy_id must be 1-64 printable characters");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_empty_config_has_the_documented_defaults() {
+        let c = Config::default();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:6380");
+        assert_eq!(c.http_listen.to_string(), "127.0.0.1:8080");
+        assert!(c.shards.is_empty());
+        assert_eq!(c.ring.vnodes, 160);
+        assert_eq!(c.backend.pool_size, 2);
+        assert_eq!(c.backend.timeout.0, Duration::from_secs(1));
+        assert_eq!(c.counters.cache_ttl.0, Duration::from_secs(5));
+        assert_eq!(c.counters.flush_interval.0, Duration::from_secs(30));
+        assert_eq!(c.counters.patterns[0].pattern, "*");
+        assert_eq!(c.durability.fsync, Fsync::Everysec);
+    }
+
+    #[test]
+    fn the_repository_proxy_toml_is_valid() {
+        let text = include_str!("../proxy.toml");
+        let c = Config::from_toml_str(text).unwrap();
+        let names: Vec<_> = c.shards.iter().map(|s| s.resolved_name()).collect();
+        assert_eq!(names, ["redis_7070", "redis_7071"]);
+    }
+
+    fn error_of(text: &str) -> String {
+        Config::from_toml_str(text).unwrap_err().0
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert!(error_of("listn = \"x\"").contains("listn"));
+        assert!(error_of("[ring]\nvnodes = 0").contains("ring.vnodes"));
+        assert!(error_of("[[shards]]\naddr = \"nohost\"").contains("nohost"));
+        let dup = "[[shards]]\naddr = \"127.0.0.1:1\"\n[[shards]]\naddr = \"127.0.0.1:1\"";
+        assert!(error_of(dup).contains("duplicate"));
+        let dup_name = "[[shards]]\nname=\"a\"\naddr = \"127.0.0.1:1\"\n[[shards]]\nname=\"a\"\naddr = \"127.0.0.1:2\"";
+        assert!(error_of(dup_name).contains("duplicate shard name"));
+        assert!(error_of("[counters]\ncache_ttl = \"5 parsecs\"").contains("duration"));
+        assert!(error_of("[durability]\nfsync = \"sometimes\"").contains("fsync"));
+    }
+}

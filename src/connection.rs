@@ -1,0 +1,668 @@
+//! One client connection: frames in, commands dispatched, replies out in request order.
+//!
+//! The loop reads what the socket has, takes every complete request off the buffer and
+//! dispatches each: a command answered here or by the counter engine from memory is
+//! replied at once; a forwarded command is queued on the client's connection to its shard
+//! and its reply awaited later, so a pipelined burst to several shards is in flight at
+//! once. Replies are written in request order, all of a burst with one write.
+//!
+//! A command that needs a round trip before it can even start (a counter read that misses
+//! the cache, anything on a key with unflushed increments, a multi-key split) is a
+//! *barrier*: the requests before it complete first and the requests after it are not
+//! dispatched until it is done, so that each client sees its own commands applied in the
+//! order it sent them.
+//!
+//! Owns the per-client loop and dispatch. Does not own parsing (`resp`), counting
+//! (`counter`) or sockets to shards (`backend`).
+
+use crate::backend::{encode_command, BackendError, Reply, Shard};
+use crate::command::{self, CounterOp, Kind, Merge, Spec};
+use crate::counter::lane::KeyValue;
+use crate::counter::{Cached, Engine, Incr, NOT_INTEGER};
+use crate::resp::{parse_request, reply};
+use crate::server::Context;
+use crate::shutdown::Shutdown;
+use bytes::{Bytes, BytesMut};
+use redis_protocol::resp2::types::BytesFrame;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+type Task = Pin<Box<dyn Future<Output = BytesMut> + Send>>;
+/// A barrier task's future, for the parts that build one (`local`).
+pub type PendingTask = Task;
+type BackendRx = oneshot::Receiver<Result<Reply, BackendError>>;
+
+/// A reply not yet written, in request order.
+enum Pending {
+    Ready(Bytes),
+    /// A forwarded command in flight on the client's connection to `shard`.
+    Forward {
+        rx: Option<BackendRx>,
+        shard: Arc<Shard>,
+        sent: Instant,
+        after: After,
+    },
+    /// A barrier: runs when everything before it is done.
+    Task(Task),
+}
+
+/// What to do with the engine once a forwarded reply is in.
+enum After {
+    Nothing,
+    /// The command may have changed a counter key: forget its cached base.
+    Invalidate(Bytes),
+    /// A plain GET of a counter key: cache the value if it is an integer.
+    OfferRead(Bytes),
+}
+
+/// Per-client state that commands can change.
+pub struct Client {
+    pub id: u64,
+    pub name: Option<Bytes>,
+    pub close: bool,
+}
+
+pub async fn handle<S>(mut stream: S, ctx: Arc<Context>, mut shutdown: Shutdown)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut client = Client {
+        id: ctx.next_client_id.fetch_add(1, Ordering::Relaxed),
+        name: None,
+        close: false,
+    };
+    let mut rbuf = BytesMut::with_capacity(16 * 1024);
+    let mut wbuf = BytesMut::with_capacity(16 * 1024);
+    let mut queue: VecDeque<Pending> = VecDeque::new();
+    let max_pipeline = ctx.config.limits.max_pipeline;
+    loop {
+        let mut more = false;
+        let mut protocol_error = None;
+        while !client.close {
+            if queue.len() >= max_pipeline {
+                more = true;
+                break;
+            }
+            match parse_request(&mut rbuf, &ctx.limits) {
+                Ok(Some(args)) if args.is_empty() => continue,
+                Ok(Some(args)) => {
+                    crate::metrics::global()
+                        .commands
+                        .fetch_add(1, Ordering::Relaxed);
+                    let direct = queue.is_empty();
+                    let mut scratch = BytesMut::new();
+                    let out = if direct { &mut wbuf } else { &mut scratch };
+                    match dispatch(&ctx, &mut client, args, out) {
+                        None if direct => {}
+                        None => queue.push_back(Pending::Ready(scratch.freeze())),
+                        Some(p) => {
+                            let barrier = matches!(p, Pending::Task(_));
+                            queue.push_back(p);
+                            if barrier {
+                                more = true;
+                                break;
+                            }
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    protocol_error = Some(e);
+                    break;
+                }
+            }
+        }
+        while let Some(p) = queue.pop_front() {
+            resolve(p, &ctx, &mut wbuf).await;
+        }
+        if let Some(e) = protocol_error {
+            crate::metrics::global()
+                .protocol_errors
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(client = client.id, error = %e.0, "protocol error, closing");
+            reply::error(&mut wbuf, &format!("ERR Protocol error: {}", e.0));
+            client.close = true;
+        }
+        if !wbuf.is_empty() {
+            if stream.write_all(&wbuf).await.is_err() {
+                break;
+            }
+            wbuf.clear();
+            if wbuf.capacity() > 1024 * 1024 {
+                wbuf = BytesMut::with_capacity(16 * 1024);
+            }
+        }
+        if client.close {
+            break;
+        }
+        if more {
+            continue;
+        }
+        if rbuf.capacity() - rbuf.len() < 4096 {
+            rbuf.reserve(16 * 1024);
+        }
+        tokio::select! {
+            r = stream.read_buf(&mut rbuf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            },
+            _ = shutdown.wait() => break,
+        }
+    }
+    let _ = stream.shutdown().await;
+}
+
+async fn resolve(p: Pending, ctx: &Context, out: &mut BytesMut) {
+    match p {
+        Pending::Ready(b) => out.extend_from_slice(&b),
+        Pending::Task(t) => out.extend_from_slice(&t.await),
+        Pending::Forward {
+            rx,
+            shard,
+            sent,
+            after,
+        } => {
+            let res = await_reply(rx, &shard, sent).await;
+            match &after {
+                After::Nothing => {}
+                After::Invalidate(k) => ctx.engine.invalidate(k),
+                After::OfferRead(k) => {
+                    if let Ok(r) = &res {
+                        ctx.engine.offer_read(k, &r.frame);
+                    }
+                }
+            }
+            match res {
+                Ok(r) => out.extend_from_slice(&r.raw),
+                Err(e) => reply::error(out, &e.client_message(&shard.name)),
+            }
+        }
+    }
+}
+
+async fn await_reply(
+    rx: Option<BackendRx>,
+    shard: &Shard,
+    sent: Instant,
+) -> Result<Reply, BackendError> {
+    let Some(rx) = rx else {
+        return Err(BackendError::Unavailable);
+    };
+    let r = match tokio::time::timeout_at(sent + shard.timeout, rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err(BackendError::Lost),
+        Err(_) => Err(BackendError::Timeout),
+    };
+    if let Err(e) = &r {
+        shard.stats.errors.fetch_add(1, Ordering::Relaxed);
+        if *e == BackendError::Timeout {
+            shard.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    r
+}
+
+/// Queues `frame` on the client's connection to `shard` (None: the shard is known down).
+fn send(shard: &Arc<Shard>, client: u64, frame: Bytes) -> Option<BackendRx> {
+    shard.stats.requests.fetch_add(1, Ordering::Relaxed);
+    shard.send(client, frame)
+}
+
+fn forward(shard: &Arc<Shard>, client: u64, args: &[Bytes], after: After) -> Pending {
+    Pending::Forward {
+        rx: send(shard, client, encode_command(args)),
+        shard: shard.clone(),
+        sent: Instant::now(),
+        after,
+    }
+}
+
+/// Sends `args` to `shard` and waits for the reply, as a barrier task would.
+async fn call(shard: &Arc<Shard>, client: u64, args: &[Bytes]) -> Result<Reply, BackendError> {
+    let sent = Instant::now();
+    let rx = send(shard, client, encode_command(args));
+    await_reply(rx, shard, sent).await
+}
+
+fn error_bytes(msg: &str) -> BytesMut {
+    let mut o = BytesMut::new();
+    reply::error(&mut o, msg);
+    o
+}
+
+const MEMORY_MODE: &str = "ERR only counter commands (GET, MGET, INCR, INCRBY, DECR, DECRBY) are served in memory mode: no shards are configured";
+
+/// Runs or starts one command. Immediate replies go to `out`; anything that must wait is
+/// returned as a [`Pending`].
+fn dispatch(
+    ctx: &Arc<Context>,
+    client: &mut Client,
+    args: Vec<Bytes>,
+    out: &mut BytesMut,
+) -> Option<Pending> {
+    let Some(spec) = command::lookup(&args[0]) else {
+        crate::metrics::global()
+            .command_errors
+            .fetch_add(1, Ordering::Relaxed);
+        reply::error(out, &command::unknown_command_error(&args));
+        return None;
+    };
+    if !spec.arity_ok(args.len()) {
+        crate::metrics::global()
+            .command_errors
+            .fetch_add(1, Ordering::Relaxed);
+        reply::error(out, &command::arity_error(spec.name));
+        return None;
+    }
+    match spec.kind {
+        Kind::Local => crate::local::run(ctx, client, spec, args, out).map(Pending::Task),
+        Kind::Refused(why) => {
+            reply::error(out, &command::refused_error(spec.name, why));
+            None
+        }
+        Kind::Single => single(ctx, client, args, out),
+        Kind::Counter(op) => counter(ctx, client, op, args, out),
+        Kind::Multi(m) => multi(ctx, client, spec, m, args, out),
+    }
+}
+
+/// A command on one key, forwarded to its shard. On a batched counter key the key's
+/// unflushed delta lands first, and its cached base is dropped.
+fn single(
+    ctx: &Arc<Context>,
+    client: &Client,
+    args: Vec<Bytes>,
+    out: &mut BytesMut,
+) -> Option<Pending> {
+    let topo = ctx.router.topology();
+    if topo.is_empty() {
+        reply::error(out, MEMORY_MODE);
+        return None;
+    }
+    let key = args[1].clone();
+    let shard = topo.shard_for(&key).clone();
+    let engine = &ctx.engine;
+    if !engine.is_batched(&key) {
+        return Some(forward(&shard, client.id, &args, After::Nothing));
+    }
+    if !engine.has_unflushed(&key) {
+        engine.invalidate(&key);
+        return Some(forward(&shard, client.id, &args, After::Invalidate(key)));
+    }
+    let engine = engine.clone();
+    let id = client.id;
+    Some(Pending::Task(Box::pin(async move {
+        if let Err(e) = engine.land(&key).await {
+            return error_bytes(&e.client_message(&shard.name));
+        }
+        engine.invalidate(&key);
+        let r = call(&shard, id, &args).await;
+        engine.invalidate(&key);
+        match r {
+            Ok(r) => BytesMut::from(&r.raw[..]),
+            Err(e) => error_bytes(&e.client_message(&shard.name)),
+        }
+    })))
+}
+
+fn counter(
+    ctx: &Arc<Context>,
+    client: &Client,
+    op: CounterOp,
+    args: Vec<Bytes>,
+    out: &mut BytesMut,
+) -> Option<Pending> {
+    let key = &args[1];
+    if !ctx.engine.is_batched(key) {
+        return single(ctx, client, args, out);
+    }
+    let delta = match op {
+        CounterOp::Get => return get(ctx, client, args, out),
+        CounterOp::Incr => 1,
+        CounterOp::Decr => -1,
+        CounterOp::IncrBy | CounterOp::DecrBy => {
+            let Some(n) = crate::counter::parse_i64(&args[2]) else {
+                reply::error(out, NOT_INTEGER);
+                return None;
+            };
+            if op == CounterOp::IncrBy {
+                n
+            } else if n == i64::MIN {
+                reply::error(out, "ERR decrement would overflow");
+                return None;
+            } else {
+                -n
+            }
+        }
+    };
+    match ctx.engine.try_incr(key, delta) {
+        Incr::Value(v) => {
+            reply::int(out, v);
+            None
+        }
+        Incr::Refused(msg) => {
+            reply::error(out, msg);
+            None
+        }
+        Incr::NeedBase => {
+            let engine = ctx.engine.clone();
+            let key = key.clone();
+            Some(Pending::Task(Box::pin(async move {
+                let mut o = BytesMut::new();
+                match incr_with_base(&engine, &key, delta).await {
+                    Ok(v) => reply::int(&mut o, v),
+                    Err(msg) => reply::error(&mut o, &msg),
+                }
+                o
+            })))
+        }
+    }
+}
+
+/// INCRBY for a key whose base must be read first. The read is retried a few times only
+/// if another round trip keeps the base stale; each try is one shared round trip.
+pub async fn incr_with_base(engine: &Engine, key: &Bytes, delta: i64) -> Result<i64, String> {
+    for _ in 0..3 {
+        if let Err(e) = engine.refresh(key, false).await {
+            let shard = engine.router().topology().shard_for(key).name.clone();
+            return Err(e.client_message(&shard));
+        }
+        match engine.try_incr(key, delta) {
+            Incr::Value(v) => return Ok(v),
+            Incr::Refused(m) => return Err(m.to_string()),
+            Incr::NeedBase => continue,
+        }
+    }
+    Err("TRYAGAIN counter base is changing, try again".into())
+}
+
+fn get(
+    ctx: &Arc<Context>,
+    client: &Client,
+    args: Vec<Bytes>,
+    out: &mut BytesMut,
+) -> Option<Pending> {
+    let key = args[1].clone();
+    match ctx.engine.cached(&key) {
+        Cached::Hit(Some(v)) => {
+            reply::bulk_int(out, v);
+            None
+        }
+        Cached::Hit(None) => {
+            reply::null(out);
+            None
+        }
+        Cached::Absent => {
+            let shard = ctx.router.topology().shard_for(&key).clone();
+            Some(forward(&shard, client.id, &args, After::OfferRead(key)))
+        }
+        Cached::Stale => {
+            let engine = ctx.engine.clone();
+            Some(Pending::Task(Box::pin(async move {
+                let mut o = BytesMut::new();
+                write_counter_read(&engine, &key, &mut o).await;
+                o
+            })))
+        }
+    }
+}
+
+/// GET of a counter key through its lane (landing its delta), written as Redis would.
+async fn write_counter_read(engine: &Engine, key: &Bytes, o: &mut BytesMut) {
+    let land = engine.has_unflushed(key);
+    match engine.refresh(key, land).await {
+        Err(e) => {
+            let shard = engine.router().topology().shard_for(key).name.clone();
+            reply::error(o, &e.client_message(&shard));
+        }
+        Ok(KeyValue::Other(raw)) => o.extend_from_slice(&raw),
+        Ok(KeyValue::Error(msg)) => reply::error(o, &msg),
+        Ok(_) => match engine.value_of(key) {
+            Some(Some(v)) => reply::bulk_int(o, v),
+            _ => reply::null(o),
+        },
+    }
+}
+
+/// MGET, MSET, DEL, UNLINK, EXISTS, TOUCH: split by shard, sent in parallel, merged.
+fn multi(
+    ctx: &Arc<Context>,
+    client: &Client,
+    spec: &'static Spec,
+    merge: Merge,
+    args: Vec<Bytes>,
+    out: &mut BytesMut,
+) -> Option<Pending> {
+    if merge == Merge::Pairs && args.len().is_multiple_of(2) {
+        reply::error(out, &command::arity_error(spec.name));
+        return None;
+    }
+    let topo = ctx.router.topology();
+    if topo.is_empty() {
+        if merge != Merge::Values {
+            reply::error(out, MEMORY_MODE);
+            return None;
+        }
+        reply::array(out, args.len() - 1);
+        for k in &args[1..] {
+            match ctx.engine.cached(k) {
+                Cached::Hit(Some(v)) => reply::bulk_int(out, v),
+                _ => reply::null(out),
+            }
+        }
+        return None;
+    }
+    let ctx = ctx.clone();
+    let id = client.id;
+    Some(Pending::Task(Box::pin(async move {
+        run_multi(&ctx, id, spec, merge, args).await
+    })))
+}
+
+async fn run_multi(
+    ctx: &Context,
+    client: u64,
+    spec: &'static Spec,
+    merge: Merge,
+    args: Vec<Bytes>,
+) -> BytesMut {
+    let topo = ctx.router.topology();
+    let engine = &ctx.engine;
+    let step = if merge == Merge::Pairs { 2 } else { 1 };
+    let keys: Vec<usize> = (1..args.len()).step_by(step).collect();
+    let mut out = BytesMut::new();
+
+    if merge == Merge::Values {
+        // Counter keys answer from the cache or their lane; the rest go as one MGET per shard.
+        let mut values: Vec<Option<Bytes>> = vec![None; keys.len()];
+        let mut plain: Vec<Vec<usize>> = vec![Vec::new(); topo.shards.len()];
+        let mut lane_reads = Vec::new();
+        for (slot, &i) in keys.iter().enumerate() {
+            let k = &args[i];
+            if engine.is_batched(k) {
+                match engine.cached(k) {
+                    Cached::Hit(v) => {
+                        let mut o = BytesMut::new();
+                        match v {
+                            Some(v) => reply::bulk_int(&mut o, v),
+                            None => reply::null(&mut o),
+                        }
+                        values[slot] = Some(o.freeze());
+                        continue;
+                    }
+                    Cached::Stale => {
+                        lane_reads.push(slot);
+                        continue;
+                    }
+                    Cached::Absent => {}
+                }
+            }
+            plain[topo.shard_index(k)].push(slot);
+        }
+        let lane_futs = lane_reads.iter().map(|&slot| {
+            let k = args[keys[slot]].clone();
+            async move {
+                let mut o = BytesMut::new();
+                write_counter_read(engine, &k, &mut o).await;
+                (slot, o.freeze())
+            }
+        });
+        let shard_futs =
+            plain
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| !s.is_empty())
+                .map(|(si, slots)| {
+                    let shard = topo.shards[si].clone();
+                    let mut cmd = vec![Bytes::from_static(b"MGET")];
+                    cmd.extend(slots.iter().map(|&s| args[keys[s]].clone()));
+                    async move { (slots, shard.clone(), call(&shard, client, &cmd).await) }
+                });
+        let (lane_done, shard_done) = tokio::join!(join_all(lane_futs), join_all(shard_futs));
+        for (slot, v) in lane_done {
+            values[slot] = Some(v);
+        }
+        for (slots, shard, res) in shard_done {
+            match res {
+                Ok(Reply {
+                    frame: BytesFrame::Array(items),
+                    ..
+                }) if items.len() == slots.len() => {
+                    for (&slot, item) in slots.iter().zip(items) {
+                        let k = &args[keys[slot]];
+                        if engine.is_batched(k) {
+                            engine.offer_read(k, &item);
+                        }
+                        let mut o = BytesMut::new();
+                        encode_frame(&mut o, &item);
+                        values[slot] = Some(o.freeze());
+                    }
+                }
+                Ok(r) if r.error().is_some() => return BytesMut::from(&r.raw[..]),
+                Ok(_) => {
+                    return error_bytes(&format!(
+                        "ERR unexpected MGET reply from shard {}",
+                        shard.name
+                    ))
+                }
+                Err(e) => return error_bytes(&e.client_message(&shard.name)),
+            }
+        }
+        reply::array(&mut out, values.len());
+        for v in values {
+            out.extend_from_slice(&v.expect("every MGET slot is filled"));
+        }
+        return out;
+    }
+
+    // Writes and existence checks: land unflushed counter deltas first, then split.
+    let to_land: Vec<Bytes> = keys
+        .iter()
+        .map(|&i| args[i].clone())
+        .filter(|k| engine.is_batched(k) && engine.has_unflushed(k))
+        .collect();
+    let landed = join_all(to_land.iter().map(|k| engine.land(k))).await;
+    for (k, r) in to_land.iter().zip(landed) {
+        if let Err(e) = r {
+            return error_bytes(&e.client_message(&topo.shard_for(k).name));
+        }
+    }
+    let mut per_shard: Vec<Vec<usize>> = vec![Vec::new(); topo.shards.len()];
+    for &i in &keys {
+        per_shard[topo.shard_index(&args[i])].push(i);
+        if engine.is_batched(&args[i]) {
+            engine.invalidate(&args[i]);
+        }
+    }
+    let name = Bytes::copy_from_slice(spec.name.to_uppercase().as_bytes());
+    let futs = per_shard
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !s.is_empty())
+        .map(|(si, idx)| {
+            let shard = topo.shards[si].clone();
+            let mut cmd = vec![name.clone()];
+            for &i in idx {
+                cmd.push(args[i].clone());
+                if merge == Merge::Pairs {
+                    cmd.push(args[i + 1].clone());
+                }
+            }
+            async move { (shard.clone(), call(&shard, client, &cmd).await) }
+        });
+    let results = join_all(futs).await;
+    for &i in &keys {
+        if engine.is_batched(&args[i]) {
+            engine.invalidate(&args[i]);
+        }
+    }
+    let mut sum = 0i64;
+    for (shard, res) in results {
+        match res {
+            Ok(r) => match (&r.frame, merge) {
+                (BytesFrame::Integer(n), Merge::Sum) => sum += n,
+                (BytesFrame::SimpleString(_), Merge::Pairs) => {}
+                _ => return BytesMut::from(&r.raw[..]),
+            },
+            Err(e) => return error_bytes(&e.client_message(&shard.name)),
+        }
+    }
+    match merge {
+        Merge::Sum => reply::int(&mut out, sum),
+        _ => reply::ok(&mut out),
+    }
+    out
+}
+
+/// Encodes a decoded frame back to RESP2 (for the pieces of a merged MGET).
+fn encode_frame(out: &mut BytesMut, f: &BytesFrame) {
+    match f {
+        BytesFrame::SimpleString(s) => reply::simple(out, &String::from_utf8_lossy(s)),
+        BytesFrame::Error(e) => reply::error(out, e),
+        BytesFrame::Integer(i) => reply::int(out, *i),
+        BytesFrame::BulkString(b) => reply::bulk(out, b),
+        BytesFrame::Null => reply::null(out),
+        BytesFrame::Array(items) => {
+            reply::array(out, items.len());
+            for i in items {
+                encode_frame(out, i);
+            }
+        }
+    }
+}
+
+/// Awaits futures concurrently, results in input order (a small `join_all`).
+pub async fn join_all<F: Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let futs: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    let mut outs: Vec<Option<F::Output>> = (0..futs.len()).map(|_| None).collect();
+    let mut futs: Vec<Option<Pin<Box<F>>>> = futs.into_iter().map(Some).collect();
+    std::future::poll_fn(|cx| {
+        let mut done = true;
+        for (i, slot) in futs.iter_mut().enumerate() {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        outs[i] = Some(v);
+                        *slot = None;
+                    }
+                    std::task::Poll::Pending => done = false,
+                }
+            }
+        }
+        if done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    outs.into_iter()
+        .map(|o| o.expect("every future completed"))
+        .collect()
+}

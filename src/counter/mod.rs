@@ -1,0 +1,805 @@
+//! The counter engine: merged increments, the read cache, and their flush to the shards.
+//!
+//! Every counter key the proxy has seen recently has an [`Entry`] in one of [`SHARDS`]
+//! mutex-guarded maps (chosen by key hash, so connections on different cores rarely meet).
+//! An entry holds three numbers whose sum is the value a client sees:
+//!
+//! - `base`: the shard's value as last read (with when, and whether it was an integer);
+//! - `inflight`: deltas handed to a flush round trip whose reply has not come yet;
+//! - `pending`: deltas received since, waiting for the next flush.
+//!
+//! INCR adds to `pending` and answers `base + inflight + pending` without touching Redis,
+//! provided the base is fresh (younger than `cache_ttl`); otherwise the caller first asks
+//! the key's [`lane`] for a read. GET answers from a fresh entry, or goes to the lane, which
+//! lands the key's pending delta in the same round trip. Each shard has one lane: one
+//! connection, one round trip at a time, every write carrying a batch sequence number that
+//! the shard records, so a retried or replayed batch is applied exactly once.
+//!
+//! With no shards (memory mode) the entries are the counters themselves and never expire.
+//!
+//! Owns counting and caching. Does not own the wire (`connection`, `http` call it) or
+//! placement (`router`).
+
+pub mod glob;
+pub mod lane;
+pub mod wal;
+
+use crate::config::{CounterMode, CountersConfig};
+use crate::router::Router;
+use bytes::Bytes;
+use lane::{KeyValue, Lane, LaneError};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Number of independently locked maps. A power of two comfortably above the core count.
+pub const SHARDS: usize = 32;
+
+pub const NOT_INTEGER: &str = "ERR value is not an integer or out of range";
+pub const OVERFLOW: &str = "ERR increment or decrement would overflow";
+pub const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
+
+/// What the shard held at the last read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum BaseState {
+    /// Never read (or invalidated): the entry only carries deltas.
+    Unknown,
+    /// The key did not exist.
+    Absent,
+    /// An integer, in `base`.
+    Int,
+    /// A string that is not an integer: increments are refused.
+    NotInt,
+    /// Not a string at all: increments are refused with WRONGTYPE.
+    WrongType,
+}
+
+const DIRTY: u8 = 1;
+const INFLIGHT: u8 = 2;
+
+/// One counter key. Kept small: memory per pending key is a product figure.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    base: i64,
+    pending: i64,
+    inflight: i64,
+    /// Milliseconds since the engine's epoch when `base` was read.
+    base_at: u32,
+    state: BaseState,
+    flags: u8,
+}
+
+impl Entry {
+    const NEW: Entry = Entry {
+        base: 0,
+        pending: 0,
+        inflight: 0,
+        base_at: 0,
+        state: BaseState::Unknown,
+        flags: 0,
+    };
+
+    fn exists(&self) -> bool {
+        self.state == BaseState::Int || self.flags != 0
+    }
+
+    /// base + inflight + pending, or None on overflow.
+    fn value(&self) -> Option<i64> {
+        let base = if self.state == BaseState::Int {
+            self.base
+        } else {
+            0
+        };
+        base.checked_add(self.inflight)?.checked_add(self.pending)
+    }
+}
+
+type Map = HashMap<Box<[u8]>, Entry, ahash::RandomState>;
+
+struct Shard {
+    map: Map,
+    /// Log records appended under this lock, drained by the log's next commit.
+    log: Vec<u8>,
+}
+
+/// Result of an immediate increment attempt.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Incr {
+    /// Buffered; the new value.
+    Value(i64),
+    /// The base is missing or stale: read it through the lane, then try again.
+    NeedBase,
+    /// Refused, with Redis's wording; nothing was buffered.
+    Refused(&'static str),
+}
+
+/// Result of a cache read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Cached {
+    /// Fresh: the value (None: the key does not exist).
+    Hit(Option<i64>),
+    /// The entry exists but is stale or unknown: ask the lane.
+    Stale,
+    /// No entry at all: a plain GET may be forwarded, and its reply cached.
+    Absent,
+}
+
+/// Engine-wide figures, for INFO and /metrics.
+#[derive(Debug, Default)]
+pub struct CounterStats {
+    pub increments: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    pub flushes: AtomicU64,
+    pub flush_failures: AtomicU64,
+    pub batch_retries: AtomicU64,
+    pub backend_writes: AtomicU64,
+    pub dropped_deltas: AtomicU64,
+    pub flush_micros: AtomicU64,
+}
+
+pub struct Engine {
+    shards: Box<[Mutex<Shard>]>,
+    patterns: Vec<(Vec<u8>, CounterMode)>,
+    ttl_ms: u64,
+    epoch: Instant,
+    memory_mode: bool,
+    router: Arc<Router>,
+    lanes: Mutex<HashMap<String, Arc<Lane>>>,
+    /// Keys with an unflushed delta; past `max_pending_keys` a flush starts early.
+    dirty_keys: AtomicUsize,
+    max_pending_keys: usize,
+    flush_batch_keys: usize,
+    early_flush: tokio::sync::Notify,
+    early_flush_armed: AtomicBool,
+    pub wal: Option<Arc<wal::Wal>>,
+    /// Next batch sequence number; monotonic across restarts (see `wal`).
+    next_seq: AtomicU64,
+    pub proxy_id: String,
+    pub stats: CounterStats,
+}
+
+pub fn shard_of(key: &[u8]) -> usize {
+    (crate::router::ring::key_hash(key) as usize ^ (key.len() << 3)) % SHARDS
+}
+
+impl Engine {
+    pub fn new(
+        cfg: &CountersConfig,
+        router: Arc<Router>,
+        proxy_id: String,
+        first_seq: u64,
+    ) -> Arc<Engine> {
+        let memory_mode = router.topology().is_empty();
+        let state = ahash::RandomState::new();
+        let engine = Arc::new(Engine {
+            shards: (0..SHARDS)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        map: HashMap::with_hasher(state.clone()),
+                        log: Vec::new(),
+                    })
+                })
+                .collect(),
+            patterns: cfg
+                .patterns
+                .iter()
+                .map(|p| (p.pattern.as_bytes().to_vec(), p.mode))
+                .collect(),
+            ttl_ms: cfg.cache_ttl.0.as_millis() as u64,
+            epoch: Instant::now(),
+            memory_mode,
+            router: router.clone(),
+            lanes: Mutex::new(HashMap::new()),
+            dirty_keys: AtomicUsize::new(0),
+            max_pending_keys: cfg.max_pending_keys,
+            flush_batch_keys: cfg.flush_batch_keys,
+            early_flush: tokio::sync::Notify::new(),
+            early_flush_armed: AtomicBool::new(true),
+            wal: None,
+            next_seq: AtomicU64::new(first_seq.max(now_micros())),
+            proxy_id,
+            stats: CounterStats::default(),
+        });
+        engine
+    }
+
+    pub fn is_memory_mode(&self) -> bool {
+        self.memory_mode
+    }
+
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
+    }
+
+    /// The counter mode of `key`, or None when it is a plain key.
+    pub fn mode_of(&self, key: &[u8]) -> Option<CounterMode> {
+        self.patterns
+            .iter()
+            .find(|(p, _)| glob::matches(p, key))
+            .map(|(_, m)| *m)
+    }
+
+    /// Whether the engine answers INCR/GET for `key` (a batched counter key).
+    pub fn is_batched(&self, key: &[u8]) -> bool {
+        self.memory_mode || self.mode_of(key) == Some(CounterMode::Batched)
+    }
+
+    fn now_ms(&self) -> u32 {
+        // Offset by one so that 0 never means "just now"; saturates after 49 days of uptime
+        // only in the sense that bases then look fresh for ever, so refuse that by wrapping.
+        (self.epoch.elapsed().as_millis() as u64 % (u32::MAX as u64 - 1) + 1) as u32
+    }
+
+    fn is_fresh(&self, e: &Entry, now: u32) -> bool {
+        if self.memory_mode {
+            return true;
+        }
+        e.state != BaseState::Unknown && (now.wrapping_sub(e.base_at) as u64) < self.ttl_ms
+    }
+
+    fn lock(&self, key: &[u8]) -> parking_lot::MutexGuard<'_, Shard> {
+        self.shards[shard_of(key)].lock()
+    }
+
+    /// INCRBY `delta` if the base is fresh; see [`Incr`].
+    pub fn try_incr(&self, key: &[u8], delta: i64) -> Incr {
+        let now = self.now_ms();
+        let mut guard = self.lock(key);
+        let shard = &mut *guard;
+        let fresh_new;
+        let e = match shard.map.get_mut(key) {
+            Some(e) => e,
+            None => {
+                if !self.memory_mode {
+                    return Incr::NeedBase;
+                }
+                fresh_new = Entry {
+                    state: BaseState::Absent,
+                    ..Entry::NEW
+                };
+                shard.map.entry(key.into()).or_insert(fresh_new)
+            }
+        };
+        if !self.is_fresh(e, now) {
+            return Incr::NeedBase;
+        }
+        match e.state {
+            BaseState::NotInt => return Incr::Refused(NOT_INTEGER),
+            BaseState::WrongType => return Incr::Refused(WRONGTYPE),
+            _ => {}
+        }
+        let Some(new) = e.value().and_then(|v| v.checked_add(delta)) else {
+            return Incr::Refused(OVERFLOW);
+        };
+        let Some(pending) = e.pending.checked_add(delta) else {
+            return Incr::Refused(OVERFLOW);
+        };
+        e.pending = pending;
+        if e.flags & DIRTY == 0 {
+            e.flags |= DIRTY;
+            self.note_dirty();
+        }
+        if let Some(wal) = &self.wal {
+            wal::encode_incr(&mut shard.log, key, delta);
+            wal.note_append();
+        }
+        drop(guard);
+        self.stats.increments.fetch_add(1, Ordering::Relaxed);
+        Incr::Value(new)
+    }
+
+    fn note_dirty(&self) {
+        let n = self.dirty_keys.fetch_add(1, Ordering::Relaxed) + 1;
+        if n > self.max_pending_keys
+            && !self.memory_mode
+            && self.early_flush_armed.swap(false, Ordering::Relaxed)
+        {
+            self.early_flush.notify_one();
+        }
+    }
+
+    /// A cache read for GET.
+    pub fn cached(&self, key: &[u8]) -> Cached {
+        let now = self.now_ms();
+        let shard = self.lock(key);
+        let r = match shard.map.get(key) {
+            None if self.memory_mode => Cached::Hit(None),
+            None => Cached::Absent,
+            Some(e)
+                if self.is_fresh(e, now)
+                    && matches!(e.state, BaseState::Int | BaseState::Absent) =>
+            {
+                Cached::Hit(if e.exists() { e.value() } else { None })
+            }
+            Some(_) => Cached::Stale,
+        };
+        drop(shard);
+        let counter = if matches!(r, Cached::Hit(_)) {
+            &self.stats.cache_hits
+        } else {
+            &self.stats.cache_misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        r
+    }
+
+    /// Whether `key` has a delta not yet confirmed by its shard.
+    pub fn has_unflushed(&self, key: &[u8]) -> bool {
+        self.lock(key).map.get(key).is_some_and(|e| e.flags != 0)
+    }
+
+    /// Forgets the cached base of `key` (its deltas stay): the next read asks the shard.
+    /// Called around any other command that may change the key in Redis.
+    pub fn invalidate(&self, key: &[u8]) {
+        if self.memory_mode {
+            return;
+        }
+        let mut shard = self.lock(key);
+        if let Some(e) = shard.map.get_mut(key) {
+            if e.flags == 0 {
+                shard.map.remove(key);
+            } else {
+                e.state = BaseState::Unknown;
+            }
+        }
+    }
+
+    /// Caches a value read by a plain GET, if nothing else created the entry meanwhile.
+    pub fn offer_read(&self, key: &[u8], value: &redis_protocol::resp2::types::BytesFrame) {
+        use redis_protocol::resp2::types::BytesFrame as F;
+        let state = match value {
+            F::Null => (BaseState::Absent, 0),
+            F::BulkString(b) => match parse_i64(b) {
+                Some(v) => (BaseState::Int, v),
+                None => return,
+            },
+            _ => return,
+        };
+        let now = self.now_ms();
+        let mut shard = self.lock(key);
+        shard.map.entry(key.into()).or_insert(Entry {
+            base: state.1,
+            base_at: now,
+            state: state.0,
+            ..Entry::NEW
+        });
+    }
+
+    /// Reads `key` through its lane; with `land`, its pending delta lands in the same round
+    /// trip. Concurrent requests for one key share a round trip.
+    pub async fn refresh(&self, key: &Bytes, land: bool) -> Result<KeyValue, LaneError> {
+        let topo = self.router.topology();
+        if topo.is_empty() {
+            return Ok(KeyValue::Nil);
+        }
+        let shard = topo.shard_for(key);
+        let lane = self.lane(&shard.name).ok_or(LaneError::Unavailable)?;
+        lane.request(key.clone(), land).await
+    }
+
+    /// Lands `key`'s unflushed delta on its shard (before another command runs on it).
+    pub async fn land(&self, key: &Bytes) -> Result<(), LaneError> {
+        if self.memory_mode || !self.has_unflushed(key) {
+            return Ok(());
+        }
+        self.refresh(key, true).await.map(|_| ())
+    }
+
+    /// Current value for HTTP and GET after a refresh: (exists, value).
+    pub fn value_of(&self, key: &[u8]) -> Option<Option<i64>> {
+        let shard = self.lock(key);
+        let e = shard.map.get(key)?;
+        match e.state {
+            BaseState::NotInt | BaseState::WrongType => None,
+            _ => Some(if e.exists() { e.value() } else { None }),
+        }
+    }
+
+    pub fn lane(&self, shard: &str) -> Option<Arc<Lane>> {
+        self.lanes.lock().get(shard).cloned()
+    }
+
+    pub fn add_lane(&self, lane: Arc<Lane>) {
+        self.lanes.lock().insert(lane.shard.name.clone(), lane);
+    }
+
+    pub fn lanes(&self) -> Vec<Arc<Lane>> {
+        self.lanes.lock().values().cloned().collect()
+    }
+
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn dirty_keys(&self) -> usize {
+        self.dirty_keys.load(Ordering::Relaxed)
+    }
+
+    pub fn flush_batch_keys(&self) -> usize {
+        self.flush_batch_keys
+    }
+
+    /// Moves the pending deltas of `keys` (all dirty keys owned by `shard_index` when
+    /// `keys` is None) to in-flight, and returns them. Called by a lane building a batch.
+    pub(crate) fn take(
+        &self,
+        owner: Option<(&crate::router::Topology, usize)>,
+        keys: Option<&[Bytes]>,
+        limit: usize,
+    ) -> Vec<(Bytes, i64)> {
+        let mut out = Vec::new();
+        let mut taken = 0usize;
+        let mut take_entry = |key: &[u8], e: &mut Entry, out: &mut Vec<(Bytes, i64)>| {
+            if e.flags & DIRTY == 0 {
+                return;
+            }
+            out.push((Bytes::copy_from_slice(key), e.pending));
+            e.inflight += e.pending;
+            e.pending = 0;
+            e.flags = (e.flags & !DIRTY) | INFLIGHT;
+            taken += 1;
+        };
+        match keys {
+            Some(keys) => {
+                for k in keys {
+                    let mut shard = self.lock(k);
+                    if let Some(e) = shard.map.get_mut(&k[..]) {
+                        take_entry(k, e, &mut out);
+                    }
+                }
+            }
+            None => {
+                let (topo, idx) = owner.expect("an owner for a full take");
+                for s in self.shards.iter() {
+                    if out.len() >= limit {
+                        break;
+                    }
+                    let mut shard = s.lock();
+                    for (k, e) in shard.map.iter_mut() {
+                        if out.len() >= limit {
+                            break;
+                        }
+                        if e.flags & DIRTY != 0 && topo.shard_index(k) == idx {
+                            take_entry(k, e, &mut out);
+                        }
+                    }
+                }
+            }
+        }
+        self.dirty_keys.fetch_sub(taken, Ordering::Relaxed);
+        if self.dirty_keys.load(Ordering::Relaxed) <= self.max_pending_keys {
+            self.early_flush_armed.store(true, Ordering::Relaxed);
+        }
+        out
+    }
+
+    /// Applies a round trip's result for `key`: `delta` (what was in flight) has landed and
+    /// the shard now holds `value`.
+    pub(crate) fn settle(&self, key: &[u8], delta: Option<i64>, value: &KeyValue) {
+        let now = self.now_ms();
+        let mut shard = self.lock(key);
+        let e = shard.map.entry(key.into()).or_insert(Entry::NEW);
+        if let Some(d) = delta {
+            e.inflight -= d;
+            if e.inflight == 0 {
+                e.flags &= !INFLIGHT;
+            }
+        }
+        if e.flags & INFLIGHT != 0 {
+            // Another round trip for this key is still out; its reply will settle the base.
+            return;
+        }
+        let (state, base) = match value {
+            KeyValue::Int(v) => (BaseState::Int, *v),
+            KeyValue::Nil => (BaseState::Absent, 0),
+            KeyValue::Other(_) => (BaseState::NotInt, 0),
+            KeyValue::Error(msg) if msg.starts_with("WRONGTYPE") => (BaseState::WrongType, 0),
+            KeyValue::Error(_) => (BaseState::Unknown, 0),
+        };
+        e.state = state;
+        e.base = base;
+        e.base_at = now;
+    }
+
+    /// A batch whose deltas could not be applied (the key no longer holds an integer):
+    /// they are dropped, counted and logged. Redis would have refused them too.
+    pub(crate) fn drop_delta(&self, key: &[u8], delta: i64, why: &str) {
+        self.stats.dropped_deltas.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(key = %String::from_utf8_lossy(key), delta, error = why, "increment could not be applied and was dropped");
+    }
+
+    /// Forgets entries that are clean and stale, bounding the cache to what was used
+    /// within one TTL. Returns how many remain.
+    pub fn sweep(&self) -> usize {
+        if self.memory_mode {
+            return self.len();
+        }
+        let now = self.now_ms();
+        let mut left = 0;
+        for s in self.shards.iter() {
+            let mut shard = s.lock();
+            shard
+                .map
+                .retain(|_, e| e.flags != 0 || self.is_fresh(e, now));
+            left += shard.map.len();
+        }
+        left
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().map.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Sum of unflushed deltas, for INFO.
+    pub fn pending_total(&self) -> (usize, i64) {
+        let mut keys = 0;
+        let mut sum = 0i64;
+        for s in self.shards.iter() {
+            for e in s.lock().map.values() {
+                if e.flags != 0 {
+                    keys += 1;
+                    sum = sum.saturating_add(e.pending.saturating_add(e.inflight));
+                }
+            }
+        }
+        (keys, sum)
+    }
+
+    /// Every key and value, for memory mode's log checkpoints and tests.
+    pub fn snapshot(&self) -> Vec<(Bytes, i64)> {
+        let mut out = Vec::new();
+        for s in self.shards.iter() {
+            for (k, e) in s.lock().map.iter() {
+                if let Some(v) = e.value() {
+                    out.push((Bytes::copy_from_slice(k), v));
+                }
+            }
+        }
+        out
+    }
+
+    /// Restores a delta from the log at start-up (before any client connects).
+    pub fn restore_pending(&self, key: &[u8], delta: i64) {
+        let mut shard = self.lock(key);
+        let e = shard.map.entry(key.into()).or_insert(Entry {
+            state: if self.memory_mode {
+                BaseState::Absent
+            } else {
+                BaseState::Unknown
+            },
+            ..Entry::NEW
+        });
+        e.pending = e.pending.saturating_add(delta);
+        if e.flags & DIRTY == 0 {
+            e.flags |= DIRTY;
+            self.dirty_keys.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Waits until an early flush is due (the buffer passed `max_pending_keys`).
+    pub async fn early_flush_due(&self) {
+        self.early_flush.notified().await
+    }
+
+    /// Starts a flush on every lane and waits until each has landed what it took (or
+    /// gave up for now: a down shard keeps its deltas pending).
+    pub async fn flush_all(&self) -> bool {
+        let lanes = self.lanes();
+        let waits: Vec<_> = lanes.iter().map(|l| l.flush()).collect();
+        let mut ok = true;
+        for w in waits {
+            ok &= w.await;
+        }
+        ok
+    }
+
+    pub fn set_wal(self: &mut Arc<Self>, wal: Arc<wal::Wal>) {
+        Arc::get_mut(self)
+            .expect("the log is attached before the engine is shared")
+            .wal = Some(wal.clone());
+        wal.attach(self);
+    }
+
+    /// Moves every buffered log record into `out` (a log commit).
+    pub(crate) fn drain_logs(&self, out: &mut Vec<u8>) {
+        for s in self.shards.iter() {
+            let mut s = s.lock();
+            if !s.log.is_empty() {
+                out.append(&mut s.log);
+            }
+        }
+    }
+
+    /// A consistent cut for a log checkpoint: with every map shard locked at once, drains
+    /// the buffered records (they belong before the cut) and computes, per key, the deltas
+    /// not covered by a logged unapplied batch.
+    pub(crate) fn cut(&self, unapplied: &wal::Unapplied) -> (Vec<u8>, Vec<(Bytes, i64)>) {
+        let mut guards: Vec<_> = self.shards.iter().map(|s| s.lock()).collect();
+        let mut tail = Vec::new();
+        let mut covered: HashMap<&[u8], i64> = HashMap::new();
+        for (_, items) in unapplied.values() {
+            for (k, d) in items {
+                *covered.entry(&k[..]).or_insert(0) += d;
+            }
+        }
+        let mut pending = Vec::new();
+        for g in guards.iter_mut() {
+            tail.append(&mut g.log);
+            for (k, e) in g.map.iter() {
+                if e.flags == 0 {
+                    continue;
+                }
+                let p = e
+                    .pending
+                    .wrapping_add(e.inflight)
+                    .wrapping_sub(covered.get(&k[..]).copied().unwrap_or(0));
+                if p != 0 {
+                    pending.push((Bytes::copy_from_slice(k), p));
+                }
+            }
+        }
+        (tail, pending)
+    }
+
+    pub(crate) fn peek_seq(&self) -> u64 {
+        self.next_seq.load(Ordering::Relaxed)
+    }
+
+    /// Marks replayed batch deltas as in flight (their batch is queued for re-sending).
+    pub fn restore_inflight(&self, items: &[(Bytes, i64)]) {
+        for (k, d) in items {
+            let mut shard = self.lock(k);
+            let e = shard.map.entry(k[..].into()).or_insert(Entry::NEW);
+            e.inflight = e.inflight.wrapping_add(*d);
+            e.flags |= INFLIGHT;
+        }
+    }
+
+    pub fn ensure_seq_above(&self, seq: u64) {
+        self.next_seq.fetch_max(seq + 1, Ordering::Relaxed);
+    }
+}
+
+pub fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Parses an integer exactly as Redis's string2ll accepts it (no spaces, no `+`, no
+/// leading zeros).
+pub fn parse_i64(b: &[u8]) -> Option<i64> {
+    if b.is_empty() || b.len() > 20 {
+        return None;
+    }
+    let (neg, digits) = match b[0] {
+        b'-' => (true, &b[1..]),
+        _ => (false, b),
+    };
+    if digits.is_empty() || (digits[0] == b'0' && (digits.len() > 1 || neg)) {
+        return None;
+    }
+    let mut v: i64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        v = if neg {
+            v.checked_mul(10)?.checked_sub((d - b'0') as i64)?
+        } else {
+            v.checked_mul(10)?.checked_add((d - b'0') as i64)?
+        };
+    }
+    Some(v)
+}
+
+/// Spawns the background jobs: periodic and early flushes, and the cache sweep.
+pub fn spawn_background(
+    engine: Arc<Engine>,
+    flush_interval: Duration,
+    cache_ttl: Duration,
+    mut shutdown: crate::shutdown::Shutdown,
+) {
+    if engine.is_memory_mode() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut flush = tokio::time::interval(flush_interval);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        flush.tick().await;
+        let mut sweep = tokio::time::interval(cache_ttl.max(Duration::from_millis(100)));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = flush.tick() => { engine.flush_all().await; }
+                _ = engine.early_flush_due() => { engine.flush_all().await; }
+                _ = sweep.tick() => { engine.sweep(); }
+                _ = shutdown.wait() => return,
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integers_parse_as_redis_does() {
+        assert_eq!(parse_i64(b"0"), Some(0));
+        assert_eq!(parse_i64(b"-12"), Some(-12));
+        assert_eq!(parse_i64(b"9223372036854775807"), Some(i64::MAX));
+        assert_eq!(parse_i64(b"-9223372036854775808"), Some(i64::MIN));
+        for bad in [
+            &b""[..],
+            b"01",
+            b"-0",
+            b"+1",
+            b" 1",
+            b"1 ",
+            b"9223372036854775808",
+            b"1.5",
+            b"abc",
+        ] {
+            assert_eq!(parse_i64(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    fn memory_engine() -> Arc<Engine> {
+        let router = Arc::new(Router::new(crate::router::Topology::new(0, vec![], 160)));
+        Engine::new(&CountersConfig::default(), router, "test".into(), 1)
+    }
+
+    #[test]
+    fn memory_mode_counts_and_refuses_overflow() {
+        let e = memory_engine();
+        assert_eq!(e.cached(b"k"), Cached::Hit(None));
+        assert_eq!(e.try_incr(b"k", 1), Incr::Value(1));
+        assert_eq!(e.try_incr(b"k", 41), Incr::Value(42));
+        assert_eq!(e.try_incr(b"k", -50), Incr::Value(-8));
+        assert_eq!(e.cached(b"k"), Cached::Hit(Some(-8)));
+        assert_eq!(e.try_incr(b"big", i64::MAX), Incr::Value(i64::MAX));
+        assert_eq!(e.try_incr(b"big", 1), Incr::Refused(OVERFLOW));
+        assert_eq!(e.cached(b"big"), Cached::Hit(Some(i64::MAX)));
+    }
+
+    #[test]
+    fn an_increment_then_its_inverse_still_creates_the_key() {
+        let e = memory_engine();
+        assert_eq!(e.try_incr(b"z", 5), Incr::Value(5));
+        assert_eq!(e.try_incr(b"z", -5), Incr::Value(0));
+        assert_eq!(e.cached(b"z"), Cached::Hit(Some(0)));
+    }
+
+    #[test]
+    fn the_engine_is_shared_across_threads_without_losing_counts() {
+        let e = memory_engine();
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let e = &e;
+                s.spawn(move || {
+                    for i in 0..10_000 {
+                        let key = format!("k{}", (i + t) % 7);
+                        assert!(matches!(e.try_incr(key.as_bytes(), 1), Incr::Value(_)));
+                    }
+                });
+            }
+        });
+        let total: i64 = (0..7)
+            .map(|i| match e.cached(format!("k{i}").as_bytes()) {
+                Cached::Hit(Some(v)) => v,
+                other => panic!("{other:?}"),
+            })
+            .sum();
+        assert_eq!(total, 40_000);
+    }
+}

@@ -1,0 +1,204 @@
+//! `/metrics`: the proxy's figures in the Prometheus text format (version 0.0.4).
+//!
+//! Rendered on request from the same atomics INFO reads; names follow Prometheus
+//! conventions (`tallyproxy_` prefix, `_total` for counters, base units).
+
+use crate::server::Context;
+use std::fmt::Write;
+use std::sync::atomic::Ordering::Relaxed;
+
+struct Out(String);
+
+impl Out {
+    fn metric(&mut self, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
+        let _ = writeln!(self.0, "# HELP tallyproxy_{name} {help}");
+        let _ = writeln!(self.0, "# TYPE tallyproxy_{name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(self.0, "tallyproxy_{name}{labels} {v}");
+        }
+    }
+
+    fn one(&mut self, name: &str, kind: &str, help: &str, v: f64) {
+        self.metric(name, kind, help, &[(String::new(), v)]);
+    }
+}
+
+pub fn render(ctx: &Context) -> String {
+    let m = crate::metrics::global();
+    let e = &ctx.engine;
+    let s = &e.stats;
+    let mut o = Out(String::with_capacity(4096));
+    o.one(
+        "connections",
+        "gauge",
+        "Client connections open now.",
+        m.connections_current.load(Relaxed) as f64,
+    );
+    o.one(
+        "connections_total",
+        "counter",
+        "Client connections accepted.",
+        m.connections_total.load(Relaxed) as f64,
+    );
+    o.one(
+        "connections_refused_total",
+        "counter",
+        "Connections refused at maxclients.",
+        m.connections_refused.load(Relaxed) as f64,
+    );
+    o.one(
+        "commands_total",
+        "counter",
+        "RESP commands received.",
+        m.commands.load(Relaxed) as f64,
+    );
+    o.one(
+        "command_errors_total",
+        "counter",
+        "Commands refused before execution (unknown, arity).",
+        m.command_errors.load(Relaxed) as f64,
+    );
+    o.one(
+        "protocol_errors_total",
+        "counter",
+        "Connections closed on malformed input.",
+        m.protocol_errors.load(Relaxed) as f64,
+    );
+    o.one(
+        "http_requests_total",
+        "counter",
+        "HTTP requests served by the sidecar.",
+        m.http_requests.load(Relaxed) as f64,
+    );
+
+    let topo = ctx.router.topology();
+    let label = |name: &str| format!("{{shard=\"{name}\"}}");
+    let per = |f: &dyn Fn(&crate::backend::Shard) -> f64| -> Vec<(String, f64)> {
+        topo.shards
+            .iter()
+            .map(|sh| (label(&sh.name), f(sh)))
+            .collect()
+    };
+    o.metric(
+        "shard_up",
+        "gauge",
+        "1 when the shard passes health checks.",
+        &per(&|sh| if sh.is_up() { 1.0 } else { 0.0 }),
+    );
+    o.metric(
+        "shard_requests_total",
+        "counter",
+        "Requests forwarded to the shard.",
+        &per(&|sh| sh.stats.requests.load(Relaxed) as f64),
+    );
+    o.metric(
+        "shard_errors_total",
+        "counter",
+        "Forwarded requests that failed.",
+        &per(&|sh| sh.stats.errors.load(Relaxed) as f64),
+    );
+    o.metric(
+        "shard_timeouts_total",
+        "counter",
+        "Forwarded requests that timed out.",
+        &per(&|sh| sh.stats.timeouts.load(Relaxed) as f64),
+    );
+    o.one(
+        "ring_version",
+        "gauge",
+        "Version of the ring in use.",
+        topo.version as f64,
+    );
+
+    let (pkeys, psum) = e.pending_total();
+    o.one(
+        "counter_pending_keys",
+        "gauge",
+        "Counter keys with unflushed increments.",
+        pkeys as f64,
+    );
+    o.one(
+        "counter_pending_increments",
+        "gauge",
+        "Sum of unflushed deltas.",
+        psum as f64,
+    );
+    o.one(
+        "counter_cached_keys",
+        "gauge",
+        "Counter keys held in memory.",
+        e.len() as f64,
+    );
+    o.one(
+        "counter_increments_total",
+        "counter",
+        "Increments received (RESP and HTTP).",
+        s.increments.load(Relaxed) as f64,
+    );
+    o.one(
+        "counter_backend_writes_total",
+        "counter",
+        "INCRBY writes issued to shards by flushes.",
+        s.backend_writes.load(Relaxed) as f64,
+    );
+    o.one(
+        "counter_cache_hits_total",
+        "counter",
+        "Counter reads answered from memory.",
+        s.cache_hits.load(Relaxed) as f64,
+    );
+    o.one(
+        "counter_cache_misses_total",
+        "counter",
+        "Counter reads that asked a shard.",
+        s.cache_misses.load(Relaxed) as f64,
+    );
+    o.one(
+        "counter_flushes_total",
+        "counter",
+        "Flush passes.",
+        s.flushes.load(Relaxed) as f64,
+    );
+    o.one(
+        "counter_flush_failures_total",
+        "counter",
+        "Flush passes that left deltas pending.",
+        s.flush_failures.load(Relaxed) as f64,
+    );
+    o.one(
+        "counter_flush_seconds_total",
+        "counter",
+        "Time spent in flush passes.",
+        s.flush_micros.load(Relaxed) as f64 / 1e6,
+    );
+    o.one(
+        "counter_batch_retries_total",
+        "counter",
+        "Flush batches retried with the same id.",
+        s.batch_retries.load(Relaxed) as f64,
+    );
+    o.one(
+        "counter_dropped_deltas_total",
+        "counter",
+        "Deltas refused by a shard (key no longer an integer).",
+        s.dropped_deltas.load(Relaxed) as f64,
+    );
+    if let Some(w) = &e.wal {
+        for (k, v) in w.info_lines() {
+            if let Ok(v) = v.parse::<f64>() {
+                let kind = if k.ends_with("_total") {
+                    "counter"
+                } else {
+                    "gauge"
+                };
+                o.one(
+                    &k,
+                    kind,
+                    "Write-ahead log figure (see docs/operations.md).",
+                    v,
+                );
+            }
+        }
+    }
+    o.0
+}

@@ -1,0 +1,291 @@
+//! The HTTP sidecar (hyper 1.x): the visit-counter API, health, metrics and admin.
+//!
+//! Routes, all in one `match` in [`route`]:
+//!
+//! | method | path                | what                                                     |
+//! |--------|---------------------|----------------------------------------------------------|
+//! | POST   | /visits/{page_id}   | count one visit of `visits:{page_id}`; the new total      |
+//! | GET    | /visits/{page_id}   | the total and where it was read (`served_via`)            |
+//! | GET    | /healthz            | the process is alive                                      |
+//! | GET    | /readyz             | every shard is reachable (503 otherwise)                  |
+//! | GET    | /metrics            | Prometheus text                                           |
+//! | GET    | /admin/shards       | the ring and each shard's health                          |
+//! | POST   | /admin/shutdown     | orderly shutdown, as SIGTERM (loopback peers only)        |
+//!
+//! Owns HTTP framing and JSON. Does not own counting: it calls the engine exactly as the
+//! RESP path does, so `POST /visits/home` and `INCR visits:home` count the same thing.
+
+pub mod metrics;
+
+use crate::counter::lane::KeyValue;
+use crate::counter::{Cached, Incr};
+use crate::server::Context;
+use crate::shutdown::Shutdown;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// Largest request body accepted (no route needs one).
+const MAX_BODY: usize = 64 * 1024;
+/// Longest page id, in bytes after percent-decoding.
+pub const MAX_PAGE_ID: usize = 256;
+
+type Resp = Response<Full<Bytes>>;
+
+pub async fn serve(listener: TcpListener, ctx: Arc<Context>, mut shutdown: Shutdown) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "http accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.wait() => break,
+        };
+        let ctx = ctx.clone();
+        let svc = service_fn(move |req| {
+            let ctx = ctx.clone();
+            async move { Ok::<_, std::convert::Infallible>(route(req, &ctx, peer).await) }
+        });
+        let conn = http1::Builder::new()
+            .max_buf_size(64 * 1024)
+            .header_read_timeout(Duration::from_secs(10))
+            .timer(hyper_util::rt::TokioTimer::new())
+            .serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
+}
+
+fn json_response(status: StatusCode, body: serde_json::Value) -> Resp {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string() + "\n")))
+        .expect("a valid response")
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Resp {
+    json_response(status, json!({ "error": msg.into() }))
+}
+
+pub async fn route(req: Request<Incoming>, ctx: &Context, peer: SocketAddr) -> Resp {
+    crate::metrics::global()
+        .http_requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    // No route takes a body; read (bounded) and drop whatever came.
+    if Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .is_err()
+    {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+    }
+    let segments: Vec<&str> = path.trim_start_matches('/').splitn(2, '/').collect();
+    match (method, segments.as_slice()) {
+        (Method::POST, ["visits", raw]) => match page_key(raw) {
+            Ok(key) => post_visit(ctx, key).await,
+            Err(e) => error(StatusCode::BAD_REQUEST, e),
+        },
+        (Method::GET, ["visits", raw]) => match page_key(raw) {
+            Ok(key) => get_visits(ctx, key).await,
+            Err(e) => error(StatusCode::BAD_REQUEST, e),
+        },
+        (_, ["visits", _]) => error(StatusCode::METHOD_NOT_ALLOWED, "use GET or POST"),
+        (Method::GET, ["healthz"]) => json_response(StatusCode::OK, json!({"status": "ok"})),
+        (Method::GET, ["readyz"]) => readyz(ctx),
+        (Method::GET, ["metrics"]) => Response::builder()
+            .header("content-type", "text/plain; version=0.0.4")
+            .body(Full::new(Bytes::from(metrics::render(ctx))))
+            .expect("a valid response"),
+        (Method::GET, ["admin", "shards"]) => admin_shards(ctx),
+        (Method::POST, ["admin", "shutdown"]) => {
+            if !peer.ip().is_loopback() {
+                return error(
+                    StatusCode::FORBIDDEN,
+                    "admin endpoints answer loopback peers only",
+                );
+            }
+            tracing::info!(%peer, "shutdown requested over http");
+            ctx.shutdown.trigger();
+            json_response(StatusCode::ACCEPTED, json!({"status": "shutting down"}))
+        }
+        (_, ["healthz" | "readyz" | "metrics"]) | (_, ["admin", "shards" | "shutdown"]) => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        }
+        _ => error(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+/// `visits:{page_id}` from the raw path segment: percent-decoded, 1-256 bytes, no `/`.
+pub fn page_key(raw: &str) -> Result<Bytes, String> {
+    let decoded = percent_decode(raw.as_bytes()).ok_or("page_id has a malformed percent escape")?;
+    if decoded.is_empty() {
+        return Err("page_id is empty".into());
+    }
+    if decoded.len() > MAX_PAGE_ID {
+        return Err(format!("page_id is longer than {MAX_PAGE_ID} bytes"));
+    }
+    if decoded.contains(&b'/') {
+        return Err("page_id must not contain '/'".into());
+    }
+    let mut key = b"visits:".to_vec();
+    key.extend_from_slice(&decoded);
+    Ok(Bytes::from(key))
+}
+
+fn percent_decode(s: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            let v = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
+            out.push(v);
+            i += 3;
+        } else {
+            out.push(s[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+fn shard_name(ctx: &Context, key: &[u8]) -> String {
+    let topo = ctx.router.topology();
+    if topo.is_empty() {
+        "in_memory".into()
+    } else {
+        topo.shard_for(key).name.clone()
+    }
+}
+
+async fn post_visit(ctx: &Context, key: Bytes) -> Resp {
+    let engine = &ctx.engine;
+    if !engine.is_batched(&key) {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "visits:* keys must be batched counter keys in [counters] match",
+        );
+    }
+    let (result, via) = match engine.try_incr(&key, 1) {
+        Incr::Value(v) => (Ok(v), "in_memory".to_string()),
+        Incr::Refused(m) => (Err(m.to_string()), String::new()),
+        Incr::NeedBase => (
+            crate::connection::incr_with_base(engine, &key, 1).await,
+            shard_name(ctx, &key),
+        ),
+    };
+    if let Some(w) = &engine.wal {
+        w.commit().await;
+    }
+    match result {
+        Ok(v) => json_response(StatusCode::OK, json!({"visits": v, "served_via": via})),
+        Err(m) if m.starts_with("TRYAGAIN") => error(StatusCode::SERVICE_UNAVAILABLE, m),
+        Err(m) => error(StatusCode::CONFLICT, m),
+    }
+}
+
+async fn get_visits(ctx: &Context, key: Bytes) -> Resp {
+    let engine = &ctx.engine;
+    match engine.cached(&key) {
+        Cached::Hit(v) => {
+            return json_response(
+                StatusCode::OK,
+                json!({"visits": v.unwrap_or(0), "served_via": "in_memory"}),
+            )
+        }
+        Cached::Stale | Cached::Absent => {}
+    }
+    let land = engine.has_unflushed(&key);
+    let via = shard_name(ctx, &key);
+    match engine.refresh(&key, land).await {
+        Ok(KeyValue::Int(_) | KeyValue::Nil) => {
+            let v = engine.value_of(&key).flatten().unwrap_or(0);
+            json_response(StatusCode::OK, json!({"visits": v, "served_via": via}))
+        }
+        Ok(KeyValue::Other(_)) => error(
+            StatusCode::CONFLICT,
+            format!("{} does not hold an integer", String::from_utf8_lossy(&key)),
+        ),
+        Ok(KeyValue::Error(m)) => error(StatusCode::CONFLICT, m),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.client_message(&via)),
+    }
+}
+
+fn readyz(ctx: &Context) -> Resp {
+    let topo = ctx.router.topology();
+    let down: Vec<&str> = topo
+        .shards
+        .iter()
+        .filter(|s| !s.is_up())
+        .map(|s| s.name.as_str())
+        .collect();
+    if down.is_empty() {
+        json_response(StatusCode::OK, json!({"status": "ready"}))
+    } else {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "not ready", "down": down}),
+        )
+    }
+}
+
+fn admin_shards(ctx: &Context) -> Resp {
+    let topo = ctx.router.topology();
+    let shares = topo.ring.shares();
+    let shards: Vec<_> = topo
+        .shards
+        .iter()
+        .zip(shares)
+        .map(|(s, share)| {
+            json!({
+                "name": s.name,
+                "addr": s.addr.to_string(),
+                "weight": s.weight,
+                "health": if s.is_up() { "up" } else { "down" },
+                "share": share,
+            })
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        json!({"ring_version": topo.version, "shards": shards}),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::page_key;
+
+    #[test]
+    fn page_ids_are_validated() {
+        assert_eq!(page_key("home").unwrap(), "visits:home");
+        assert_eq!(page_key("a%20b").unwrap(), "visits:a b");
+        assert!(page_key("").is_err());
+        assert!(page_key("a%2Fb").is_err());
+        assert!(page_key("bad%zz").is_err());
+        assert!(page_key("trunc%2").is_err());
+        assert!(page_key(&"x".repeat(256)).is_ok());
+        assert!(page_key(&"x".repeat(257)).is_err());
+    }
+}

@@ -1,0 +1,34 @@
+//! tallyproxy: a Redis protocol proxy built for counters.
+//!
+//! A map of the modules, in the order a request meets them:
+//!
+//! - [`config`]: `proxy.toml`, validated before anything binds.
+//! - [`server`]: listeners, the connection cap, shutdown order; [`server::run`] is the entry.
+//! - [`connection`]: one client: requests in, dispatch, replies out in order.
+//! - [`resp`]: request framing (with its size guard) and reply encoding.
+//! - [`command`]: the command table: arity and what each command is to the proxy.
+//! - [`local`]: commands answered by the proxy (PING, HELLO, COMMAND, INFO, ...).
+//! - [`counter`]: merged increments, the read cache, exactly-once flushes, the log.
+//! - [`router`]: the ketama ring and the current shard list.
+//! - [`backend`]: pipelined connections to shards, timeouts, health.
+//! - [`http`]: the sidecar: /visits, /healthz, /readyz, /metrics, /admin.
+//! - [`info`], [`metrics`]: figures for INFO and /metrics.
+//! - [`shutdown`]: the signal every task holds.
+#![forbid(unsafe_code)]
+
+pub mod backend;
+pub mod command;
+pub mod config;
+pub mod connection;
+pub mod counter;
+pub mod http;
+pub mod info;
+pub mod local;
+pub mod metrics;
+pub mod resp;
+pub mod router;
+pub mod server;
+pub mod shutdown;
+
+pub use config::Config;
+pub use server::run;

@@ -1,0 +1,307 @@
+//! Commands the proxy answers itself: connection commands, introspection, INFO.
+//!
+//! Owns the replies that make unmodified clients start cleanly (HELLO, COMMAND, CLIENT,
+//! CONFIG GET for redis-benchmark). Does not own anything that touches a key.
+
+use crate::backend::{encode_command, BackendError};
+use crate::command::{self, Kind, Spec};
+use crate::connection::{join_all, Client};
+use crate::resp::reply;
+use crate::server::Context;
+use bytes::{Bytes, BytesMut};
+use redis_protocol::resp2::types::BytesFrame;
+use std::sync::Arc;
+
+type Out = Option<super::connection::PendingTask>;
+
+fn upper(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).to_ascii_uppercase()
+}
+
+pub fn run(
+    ctx: &Arc<Context>,
+    client: &mut Client,
+    spec: &Spec,
+    args: Vec<Bytes>,
+    out: &mut BytesMut,
+) -> Out {
+    match spec.name {
+        "ping" => match args.len() {
+            1 => reply::simple(out, "PONG"),
+            2 => reply::bulk(out, &args[1]),
+            _ => reply::error(out, &command::arity_error("ping")),
+        },
+        "echo" => reply::bulk(out, &args[1]),
+        "quit" => {
+            reply::ok(out);
+            client.close = true;
+        }
+        "select" => match &args[1][..] {
+            b"0" => reply::ok(out),
+            _ => reply::error(out, "ERR DB index is out of range"),
+        },
+        "reset" => {
+            client.name = None;
+            reply::simple(out, "RESET");
+        }
+        "readonly" | "readwrite" => reply::ok(out),
+        "auth" => reply::error(
+            out,
+            "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
+        ),
+        "hello" => hello(ctx, client, &args, out),
+        "client" => client_cmd(client, &args, out),
+        "command" => command_cmd(&args, out),
+        "config" => config_cmd(&args, out),
+        "time" => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            reply::array(out, 2);
+            reply::bulk(out, now.as_secs().to_string().as_bytes());
+            reply::bulk(out, now.subsec_micros().to_string().as_bytes());
+        }
+        "lastsave" => reply::int(out, ctx.started_unix as i64),
+        "info" => {
+            let section = args.get(1).map(|s| String::from_utf8_lossy(s).to_ascii_lowercase());
+            let text = crate::info::render(ctx, section.as_deref());
+            reply::bulk(out, text.as_bytes());
+        }
+        "dbsize" => return Some(dbsize(ctx.clone(), client.id)),
+        other => reply::error(out, &format!("ERR command '{other}' is not answered here")),
+    }
+    None
+}
+
+fn hello(ctx: &Context, client: &mut Client, args: &[Bytes], out: &mut BytesMut) {
+    let mut i = 1;
+    if let Some(v) = args.get(1) {
+        match &v[..] {
+            b"2" => {}
+            b"3" => {
+                reply::error(out, "NOPROTO sorry, this protocol version is not supported");
+                return;
+            }
+            _ => {
+                reply::error(out, "NOPROTO unsupported protocol version");
+                return;
+            }
+        }
+        i = 2;
+    }
+    while i < args.len() {
+        match upper(&args[i]).as_str() {
+            "AUTH" if i + 2 < args.len() => {
+                reply::error(
+                    out,
+                    "WRONGPASS invalid username-password pair or user is disabled.",
+                );
+                return;
+            }
+            "SETNAME" if i + 1 < args.len() => {
+                client.name = Some(args[i + 1].clone());
+                i += 2;
+            }
+            _ => {
+                reply::error(
+                    out,
+                    &format!(
+                        "ERR Syntax error in HELLO option '{}'",
+                        String::from_utf8_lossy(&args[i])
+                    ),
+                );
+                return;
+            }
+        }
+    }
+    let _ = ctx;
+    reply::array(out, 14);
+    reply::bulk(out, b"server");
+    reply::bulk(out, b"redis");
+    reply::bulk(out, b"version");
+    reply::bulk(out, crate::info::REDIS_VERSION.as_bytes());
+    reply::bulk(out, b"proto");
+    reply::int(out, 2);
+    reply::bulk(out, b"id");
+    reply::int(out, client.id as i64);
+    reply::bulk(out, b"mode");
+    reply::bulk(out, b"standalone");
+    reply::bulk(out, b"role");
+    reply::bulk(out, b"master");
+    reply::bulk(out, b"modules");
+    reply::array(out, 0);
+}
+
+fn client_cmd(client: &mut Client, args: &[Bytes], out: &mut BytesMut) {
+    match upper(&args[1]).as_str() {
+        "SETNAME" if args.len() == 3 => {
+            if args[2].iter().any(|b| *b <= b' ' || *b > b'~') {
+                reply::error(
+                    out,
+                    "ERR Client names cannot contain spaces, newlines or special characters.",
+                );
+            } else {
+                client.name = if args[2].is_empty() {
+                    None
+                } else {
+                    Some(args[2].clone())
+                };
+                reply::ok(out);
+            }
+        }
+        "GETNAME" if args.len() == 2 => match &client.name {
+            Some(n) => reply::bulk(out, n),
+            None => reply::null(out),
+        },
+        "ID" if args.len() == 2 => reply::int(out, client.id as i64),
+        "SETINFO" if args.len() == 4 => reply::ok(out),
+        "INFO" if args.len() == 2 => {
+            let name = client
+                .name
+                .as_ref()
+                .map(|n| String::from_utf8_lossy(n).into_owned())
+                .unwrap_or_default();
+            reply::bulk(
+                out,
+                format!("id={} name={} db=0\n", client.id, name).as_bytes(),
+            );
+        }
+        "NO-EVICT" | "NO-TOUCH" if args.len() == 3 => reply::ok(out),
+        _ => reply::error(
+            out,
+            &format!(
+                "ERR unknown subcommand or wrong number of arguments for '{}'. Try CLIENT HELP.",
+                String::from_utf8_lossy(&args[1])
+            ),
+        ),
+    }
+}
+
+/// One COMMAND entry in Redis 7's ten-field shape.
+fn command_entry(out: &mut BytesMut, spec: &Spec) {
+    let (first, last, step) = match spec.kind {
+        Kind::Single | Kind::Counter(_) => (1, 1, 1),
+        Kind::Multi(command::Merge::Pairs) => (1, -1, 2),
+        Kind::Multi(_) => (1, -1, 1),
+        Kind::Local | Kind::Refused(_) => (0, 0, 0),
+    };
+    reply::array(out, 10);
+    reply::bulk(out, spec.name.as_bytes());
+    reply::int(out, spec.arity as i64);
+    reply::array(out, 0);
+    reply::int(out, first);
+    reply::int(out, last);
+    reply::int(out, step);
+    for _ in 0..4 {
+        reply::array(out, 0);
+    }
+}
+
+fn command_cmd(args: &[Bytes], out: &mut BytesMut) {
+    let served = || command::all().filter(|s| !matches!(s.kind, Kind::Refused(_)));
+    let sub = args.get(1).map(|s| upper(s));
+    match sub.as_deref() {
+        None => {
+            let specs: Vec<_> = served().collect();
+            reply::array(out, specs.len());
+            for s in specs {
+                command_entry(out, s);
+            }
+        }
+        Some("COUNT") => reply::int(out, served().count() as i64),
+        Some("DOCS") => reply::array(out, 0),
+        Some("INFO") => {
+            reply::array(out, args.len() - 2);
+            for name in &args[2..] {
+                match command::lookup(name) {
+                    Some(s) if !matches!(s.kind, Kind::Refused(_)) => command_entry(out, s),
+                    _ => reply::null(out),
+                }
+            }
+        }
+        Some("LIST") => {
+            let specs: Vec<_> = served().collect();
+            reply::array(out, specs.len());
+            for s in specs {
+                reply::bulk(out, s.name.as_bytes());
+            }
+        }
+        Some(other) => reply::error(
+            out,
+            &format!("ERR unknown subcommand '{other}'. Try COMMAND HELP."),
+        ),
+    }
+}
+
+/// `CONFIG GET` of the few keys that clients and redis-benchmark ask for; nothing is set.
+fn config_cmd(args: &[Bytes], out: &mut BytesMut) {
+    if upper(&args[1]) != "GET" || args.len() < 3 {
+        reply::error(out, "ERR CONFIG is limited to CONFIG GET on tallyproxy");
+        return;
+    }
+    let known: &[(&str, &str)] = &[
+        ("save", ""),
+        ("appendonly", "no"),
+        ("databases", "1"),
+        ("maxmemory", "0"),
+    ];
+    let mut pairs = Vec::new();
+    for pattern in &args[2..] {
+        for (k, v) in known {
+            if crate::counter::glob::matches(&pattern.to_ascii_lowercase(), k.as_bytes())
+                && !pairs.iter().any(|(pk, _)| pk == k)
+            {
+                pairs.push((*k, *v));
+            }
+        }
+    }
+    reply::array(out, pairs.len() * 2);
+    for (k, v) in pairs {
+        reply::bulk(out, k.as_bytes());
+        reply::bulk(out, v.as_bytes());
+    }
+}
+
+/// DBSIZE: the sum over shards (memory mode: the keys in the proxy).
+fn dbsize(ctx: Arc<Context>, client: u64) -> super::connection::PendingTask {
+    Box::pin(async move {
+        let mut out = BytesMut::new();
+        let topo = ctx.router.topology();
+        if topo.is_empty() {
+            reply::int(&mut out, ctx.engine.len() as i64);
+            return out;
+        }
+        let cmd = encode_command(&["DBSIZE"]);
+        let results = join_all(topo.shards.iter().map(|s| {
+            let rx = s.send(client, cmd.clone());
+            let s = s.clone();
+            async move {
+                let r = match rx {
+                    Some(rx) => match tokio::time::timeout(s.timeout, rx).await {
+                        Ok(Ok(r)) => r,
+                        Ok(Err(_)) => Err(BackendError::Lost),
+                        Err(_) => Err(BackendError::Timeout),
+                    },
+                    None => Err(BackendError::Unavailable),
+                };
+                (s, r)
+            }
+        }))
+        .await;
+        let mut sum = 0;
+        for (s, r) in results {
+            match r {
+                Ok(r) => match r.frame {
+                    BytesFrame::Integer(n) => sum += n,
+                    _ => return BytesMut::from(&r.raw[..]),
+                },
+                Err(e) => {
+                    reply::error(&mut out, &e.client_message(&s.name));
+                    return out;
+                }
+            }
+        }
+        reply::int(&mut out, sum);
+        out
+    })
+}

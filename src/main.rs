@@ -1,0 +1,91 @@
+//! The `tallyproxy` binary: CLI, logging, config, signals; then [`tallyproxy::run`].
+#![forbid(unsafe_code)]
+
+use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tallyproxy::Config;
+
+#[derive(Parser)]
+#[command(version, about = "A Redis protocol proxy built for counters")]
+struct Args {
+    /// Path to proxy.toml.
+    #[arg(long, short, default_value = "proxy.toml")]
+    config: PathBuf,
+    /// Log as JSON lines (overrides `log.json`).
+    #[arg(long)]
+    log_json: bool,
+    /// Check the config and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tallyproxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check {
+        println!("{}: ok", args.config.display());
+        return ExitCode::SUCCESS;
+    }
+    init_tracing(&config, args.log_json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tallyproxy: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(serve(config, args.config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "tallyproxy stopped");
+            eprintln!("tallyproxy: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_tracing(config: &Config, json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json || config.log.json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn serve(config: Config, _path: PathBuf) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let http = tokio::net::TcpListener::bind(config.http_listen).await?;
+    let (trigger, _) = tallyproxy::shutdown::channel();
+    let signals = trigger.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        signals.trigger();
+    });
+    tallyproxy::run(config, listener, http, trigger).await
+}

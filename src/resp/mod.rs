@@ -1,0 +1,9 @@
+//! The wire: client request framing (with its size guard) and reply encoding.
+//!
+//! Owns bytes in and bytes out. Does not own what a command means (`command`) or where it
+//! goes (`router`).
+
+pub mod parse;
+pub mod reply;
+
+pub use parse::{parse_request, Limits, ProtocolError};

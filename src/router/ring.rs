@@ -1,0 +1,193 @@
+//! The ketama ring: pure, synchronous, deterministic.
+//!
+//! Each shard places `vnodes × weight` points on a 32-bit circle; a key belongs to the first
+//! point at or after crc32(key), wrapping around. The same shard list gives the same placement
+//! on every proxy. Keys with a non-empty `{hash tag}` hash only the tag, as Redis Cluster does,
+//! so `{visits:home}:m:1` lives with `visits:home`'s other buckets.
+//!
+//! Owns placement only: no sockets, no health. A down shard keeps its points (counts are never
+//! split across shards by remapping).
+
+/// A shard as the ring sees it: an index into the router's shard table and its ring identity.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// The name hashed into points; stable across restarts and proxies.
+    pub name: String,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Ring {
+    /// Sorted by hash; the `u32` value is an index into `nodes`.
+    points: Vec<(u32, u32)>,
+    nodes: Vec<Node>,
+}
+
+impl Ring {
+    /// Builds a ring. Points are derived from each node's name, so order in `nodes` does not
+    /// change placement. Ties on a point go to the lower name, for determinism.
+    pub fn new(nodes: Vec<Node>, vnodes: u32) -> Ring {
+        let mut points =
+            Vec::with_capacity(nodes.iter().map(|n| (vnodes * n.weight) as usize).sum());
+        for (i, node) in nodes.iter().enumerate() {
+            for v in 0..vnodes * node.weight {
+                let h = crc32fast::hash(format!("{}-{}", node.name, v).as_bytes());
+                points.push((h, i as u32));
+            }
+        }
+        points.sort_unstable_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then_with(|| nodes[a.1 as usize].name.cmp(&nodes[b.1 as usize].name))
+        });
+        points.dedup_by_key(|p| p.0);
+        Ring { points, nodes }
+    }
+
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.points.is_empty()
+    }
+
+    /// Index (into `nodes`) of the shard that owns `key`. Panics on an empty ring; callers
+    /// check `is_empty` (memory mode) first.
+    pub fn locate(&self, key: &[u8]) -> usize {
+        self.locate_hash(key_hash(key))
+    }
+
+    fn locate_hash(&self, h: u32) -> usize {
+        let i = self.points.partition_point(|p| p.0 < h);
+        let i = if i == self.points.len() { 0 } else { i };
+        self.points[i].1 as usize
+    }
+
+    /// Fraction of the hash space each node owns, in `nodes` order.
+    pub fn shares(&self) -> Vec<f64> {
+        let mut owned = vec![0u64; self.nodes.len()];
+        if self.points.is_empty() {
+            return vec![0.0; self.nodes.len()];
+        }
+        let mut prev = self.points.last().unwrap().0;
+        for &(h, node) in &self.points {
+            owned[node as usize] += h.wrapping_sub(prev) as u64;
+            prev = h;
+        }
+        // A single point owns the whole circle.
+        if self.points.len() == 1 {
+            owned[self.points[0].1 as usize] = 1 << 32;
+        }
+        owned
+            .iter()
+            .map(|&o| o as f64 / (1u64 << 32) as f64)
+            .collect()
+    }
+}
+
+/// The part of a key that is hashed: the first non-empty `{...}` tag, or the whole key.
+pub fn hash_slice(key: &[u8]) -> &[u8] {
+    if let Some(open) = key.iter().position(|&b| b == b'{') {
+        if let Some(len) = key[open + 1..].iter().position(|&b| b == b'}') {
+            if len > 0 {
+                return &key[open + 1..open + 1 + len];
+            }
+        }
+    }
+    key
+}
+
+/// crc32 of the hashed part of a key.
+pub fn key_hash(key: &[u8]) -> u32 {
+    crc32fast::hash(hash_slice(key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring(names: &[&str]) -> Ring {
+        let nodes = names
+            .iter()
+            .map(|n| Node {
+                name: n.to_string(),
+                weight: 1,
+            })
+            .collect();
+        Ring::new(nodes, 160)
+    }
+
+    fn keys() -> impl Iterator<Item = Vec<u8>> {
+        (0..100_000).map(|i| format!("visits:page:{i}").into_bytes())
+    }
+
+    #[test]
+    fn two_shards_each_hold_45_to_55_percent() {
+        let r = ring(&["redis_7070", "redis_7071"]);
+        let mut count = [0usize; 2];
+        for k in keys() {
+            count[r.locate(&k)] += 1;
+        }
+        for c in count {
+            let share = c as f64 / 100_000.0;
+            assert!((0.45..=0.55).contains(&share), "share {share}");
+        }
+    }
+
+    #[test]
+    fn a_third_shard_takes_25_to_40_percent_and_only_to_itself() {
+        let two = ring(&["redis_7070", "redis_7071"]);
+        let three = ring(&["redis_7070", "redis_7071", "redis_7072"]);
+        let mut moved = 0;
+        for k in keys() {
+            let (a, b) = (two.locate(&k), three.locate(&k));
+            if a != b {
+                assert_eq!(b, 2, "a key moved between old shards");
+                moved += 1;
+            }
+        }
+        let share = moved as f64 / 100_000.0;
+        assert!((0.25..=0.40).contains(&share), "moved {share}");
+    }
+
+    #[test]
+    fn placement_is_deterministic_and_independent_of_order() {
+        let a = ring(&["x", "y", "z"]);
+        let b = ring(&["z", "x", "y"]);
+        for k in keys().take(10_000) {
+            assert_eq!(a.nodes()[a.locate(&k)].name, b.nodes()[b.locate(&k)].name);
+        }
+    }
+
+    #[test]
+    fn hash_tags_hash_only_the_tag() {
+        assert_eq!(hash_slice(b"{user1000}.following"), b"user1000");
+        assert_eq!(hash_slice(b"foo{}{bar}"), b"foo{}{bar}");
+        assert_eq!(hash_slice(b"foo{{bar}}zap"), b"{bar");
+        assert_eq!(hash_slice(b"foo{bar}{zap}"), b"bar");
+        assert_eq!(hash_slice(b"nobraces"), b"nobraces");
+        let r = ring(&["a", "b", "c", "d"]);
+        for i in 0..1000 {
+            let k = format!("{{visits:home}}:m:{i}");
+            assert_eq!(r.locate(k.as_bytes()), r.locate(b"visits:home"));
+        }
+    }
+
+    #[test]
+    fn shares_sum_to_one_and_follow_weights() {
+        let nodes = vec![
+            Node {
+                name: "a".into(),
+                weight: 1,
+            },
+            Node {
+                name: "b".into(),
+                weight: 3,
+            },
+        ];
+        let r = Ring::new(nodes, 160);
+        let s = r.shares();
+        assert!((s.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        assert!(s[1] > 0.65 && s[1] < 0.85, "{s:?}");
+    }
+}

@@ -1,0 +1,210 @@
+//! The proxy as a whole: start-up, the RESP listener, and orderly shutdown.
+//!
+//! [`run`] takes a validated config and bound listeners (so tests bind port 0 and read the
+//! address) and returns when shutdown has completed: stop accepting, let connections finish
+//! the command in hand, final flush, stop the sidecar, all under `shutdown_timeout`.
+//!
+//! Owns the listener, the connection cap and the shutdown order. Does not own what happens
+//! on a connection (`connection`).
+
+use crate::backend::{health, Shard};
+use crate::config::Config;
+use crate::counter::{self, lane::Lane, Engine};
+use crate::resp::Limits;
+use crate::router::{Router, Topology};
+use crate::shutdown::{Shutdown, ShutdownTrigger};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// What every connection and the sidecar share.
+pub struct Context {
+    pub config: Config,
+    pub router: Arc<Router>,
+    pub engine: Arc<Engine>,
+    pub limits: Limits,
+    pub started: Instant,
+    pub started_unix: u64,
+    pub next_client_id: AtomicU64,
+    pub shutdown: ShutdownTrigger,
+}
+
+/// Builds the shards, the engine and its lanes, and replays the log. Nothing listens yet.
+pub async fn build(config: Config, shutdown: ShutdownTrigger) -> std::io::Result<Arc<Context>> {
+    let shards: Vec<Arc<Shard>> = config
+        .shards
+        .iter()
+        .map(|s| {
+            Shard::new(
+                s.resolved_name(),
+                s.socket_addr().expect("validated"),
+                s.weight,
+                &config.backend,
+            )
+        })
+        .collect();
+    let router = Arc::new(Router::new(Topology::new(
+        1,
+        shards.clone(),
+        config.ring.vnodes,
+    )));
+    let (wal, recovered) = if config.durability.enabled {
+        let (w, r) = counter::wal::Wal::open(&config.durability)?;
+        (Some(w), Some(r))
+    } else {
+        (None, None)
+    };
+    let proxy_id = match (&config.durability.proxy_id, &recovered) {
+        (Some(id), _) => id.clone(),
+        (None, Some(r)) => r.proxy_id.clone(),
+        (None, None) => format!("p{:x}", counter::now_micros()),
+    };
+    let first_seq = recovered.as_ref().map(|r| r.next_seq).unwrap_or(0);
+    let mut engine = Engine::new(&config.counters, router.clone(), proxy_id, first_seq);
+    if let Some(w) = &wal {
+        engine.set_wal(w.clone());
+    }
+    for s in &shards {
+        engine.add_lane(Lane::spawn(s.clone(), &engine));
+    }
+    if let Some(r) = recovered {
+        counter::wal::restore(&engine, r).await;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Ok(Arc::new(Context {
+        limits: Limits::from(&config.limits),
+        config,
+        router,
+        engine,
+        started: Instant::now(),
+        started_unix: now,
+        next_client_id: AtomicU64::new(1),
+        shutdown,
+    }))
+}
+
+/// Runs the proxy on bound listeners until `shutdown` fires, then shuts down in order.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    http: TcpListener,
+    trigger: ShutdownTrigger,
+) -> std::io::Result<()> {
+    let shutdown = trigger.subscribe();
+    let ctx = build(config, trigger.clone()).await?;
+    for s in ctx.router.topology().shards.iter() {
+        let b = &ctx.config.backend;
+        health::spawn_checker(
+            s.clone(),
+            b.health_interval.0,
+            b.health_failures,
+            b.connect_timeout.0,
+            shutdown.clone(),
+        );
+    }
+    counter::spawn_background(
+        ctx.engine.clone(),
+        ctx.config.counters.flush_interval.0,
+        ctx.config.counters.cache_ttl.0,
+        shutdown.clone(),
+    );
+    if let Some(w) = &ctx.engine.wal {
+        w.spawn_background(ctx.engine.clone(), shutdown.clone());
+    }
+    let http_task = tokio::spawn(crate::http::serve(http, ctx.clone(), shutdown.clone()));
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        shards = ctx.router.topology().shards.len(),
+        memory_mode = ctx.engine.is_memory_mode(),
+        "tallyproxy ready"
+    );
+
+    let limit = Arc::new(Semaphore::new(ctx.config.maxclients));
+    accept_loop(&ctx, &listener, &limit, shutdown.clone()).await;
+    drop(listener);
+
+    let deadline = tokio::time::Instant::now() + ctx.config.shutdown_timeout.0;
+    tracing::info!("shutdown: stopped accepting; finishing commands in hand");
+    let all = ctx.config.maxclients as u32;
+    if tokio::time::timeout_at(deadline, limit.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown: some connections did not finish in time");
+    }
+    tracing::info!("shutdown: final flush");
+    match tokio::time::timeout_at(deadline, ctx.engine.flush_all()).await {
+        Ok(true) => tracing::info!("shutdown: every increment landed"),
+        Ok(false) => {
+            tracing::warn!("shutdown: some shards are down; their increments stay in the log")
+        }
+        Err(_) => {
+            tracing::warn!("shutdown: final flush timed out; unflushed increments stay in the log")
+        }
+    }
+    if let Some(w) = &ctx.engine.wal {
+        w.sync_now();
+    }
+    tracing::info!("shutdown: draining the http sidecar");
+    let _ = tokio::time::timeout_at(deadline, http_task).await;
+    tracing::info!("shutdown: done");
+    Ok(())
+}
+
+async fn accept_loop(
+    ctx: &Arc<Context>,
+    listener: &TcpListener,
+    limit: &Arc<Semaphore>,
+    mut shutdown: Shutdown,
+) {
+    let metrics = crate::metrics::global();
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.wait() => return,
+        };
+        let (mut stream, peer) = match accepted {
+            Ok(s) => {
+                backoff = Duration::from_millis(5);
+                s
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off rather than spin.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let _ = stream
+                    .write_all(b"-ERR max number of clients reached\r\n")
+                    .await;
+                let _ = stream.shutdown().await;
+            });
+            continue;
+        };
+        metrics.connections_current.fetch_add(1, Ordering::Relaxed);
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            tracing::trace!(%peer, "client connected");
+            crate::connection::handle(stream, ctx, shutdown).await;
+            crate::metrics::global()
+                .connections_current
+                .fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+}
