@@ -1,0 +1,7 @@
+//! Integration tests: real redis-server processes, the proxy in-process or as the built
+//! binary, real clients. One test binary (one link) for all suites.
+
+mod support;
+
+mod core;
+mod counters;

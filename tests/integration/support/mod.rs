@@ -1,0 +1,375 @@
+//! Test support: real `redis-server` processes on free ports, the proxy in-process (or as
+//! the built binary), and clients. Every process started here is stopped by its PID when
+//! its handle drops; every wait is bounded.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tallyproxy::config::Config;
+use tallyproxy::shutdown::ShutdownTrigger;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A port nobody listens on right now (bind :0, read it, let go).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A fresh temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "tallyproxy-test-{}-{}-{}",
+            tag,
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A real redis-server on a free port, killed on drop.
+pub struct Redis {
+    pub port: u16,
+    child: Option<Child>,
+    dir: TempDir,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Redis {
+        let dir = TempDir::new("redis");
+        let mut r = Redis { port, child: None, dir };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        for attempt in 0..5 {
+            let child = Command::new("redis-server")
+                .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(self.dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server must be installed (scripts/ensure-deps.sh)");
+            self.child = Some(child);
+            if wait_until(Duration::from_secs(5), || ping(self.port)) {
+                return;
+            }
+            self.stop();
+            if attempt < 4 {
+                self.port = free_port();
+            }
+        }
+        panic!("redis-server did not start");
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (SIGKILL by PID) and waits for it to be gone.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port (its data is gone: no persistence in tests).
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn client(&self) -> redis::Connection {
+        redis::Client::open(format!("redis://127.0.0.1:{}/", self.port)).unwrap().get_connection().unwrap()
+    }
+
+    /// Runs a command directly on this shard.
+    pub fn cmd(&self, args: &[&str]) -> redis::Value {
+        let mut c = redis::cmd(args[0]);
+        for a in &args[1..] {
+            c.arg(*a);
+        }
+        c.query(&mut self.client()).unwrap()
+    }
+
+    pub fn get(&self, key: &str) -> Option<String> {
+        redis::cmd("GET").arg(key).query(&mut self.client()).unwrap()
+    }
+
+    /// How many times `cmd` ran on this shard (INFO commandstats), e.g. "incrby".
+    pub fn calls(&self, cmd: &str) -> u64 {
+        let info: String = redis::cmd("INFO").arg("commandstats").query(&mut self.client()).unwrap();
+        let prefix = format!("cmdstat_{cmd}:calls=");
+        info.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map(|rest| rest.split(',').next().unwrap().parse().unwrap())
+            .unwrap_or(0)
+    }
+
+    pub fn reset_stats(&self) {
+        let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut self.client()).unwrap();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn ping(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&format!("127.0.0.1:{port}").parse().unwrap(), Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 7];
+    s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+/// Polls `f` every 20 ms until it is true or `limit` passes.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
+
+/// Async twin of [`wait_until`].
+pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f()
+}
+
+/// A config for tests: the given shards, ports 0, a private log directory, short timers.
+pub fn config(shards: &[&Redis], wal: &TempDir) -> Config {
+    let mut toml = String::from("listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n");
+    for s in shards {
+        toml.push_str(&format!("[[shards]]\naddr = \"{}\"\n", s.addr()));
+    }
+    toml.push_str(&format!(
+        "[backend]\ntimeout = \"500ms\"\nhealth_interval = \"100ms\"\nhealth_failures = 2\n\
+         [counters]\nflush_interval = \"1h\"\ncache_ttl = \"5s\"\n\
+         [durability]\nwal_dir = \"{}\"\n",
+        wal.path().display()
+    ));
+    Config::from_toml_str(&toml).unwrap()
+}
+
+/// The proxy running in-process on ephemeral ports.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub http: SocketAddr,
+    pub trigger: ShutdownTrigger,
+    pub task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Proxy {
+    pub async fn start(config: Config) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (addr, http_addr) = (listener.local_addr().unwrap(), http.local_addr().unwrap());
+        let (trigger, _) = tallyproxy::shutdown::channel();
+        let task = tokio::spawn(tallyproxy::run(config, listener, http, trigger.clone()));
+        let p = Proxy {
+            addr,
+            http: http_addr,
+            trigger,
+            task: Some(task),
+        };
+        // Ready once it answers PING.
+        let mut c = p.conn().await;
+        assert_eq!(c.cmd(&["PING"]).await, "+PONG\r\n");
+        p
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://{}/", self.addr)
+    }
+
+    pub async fn client(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url()).unwrap().get_multiplexed_async_connection().await.unwrap()
+    }
+
+    pub async fn conn(&self) -> Raw {
+        Raw::connect(self.addr).await
+    }
+
+    /// Orderly shutdown; waits for `run` to return.
+    pub async fn stop(mut self) {
+        self.trigger.trigger();
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(15), t).await.expect("shutdown in time").unwrap().unwrap();
+        }
+    }
+
+    /// An HTTP request to the sidecar: (status, body).
+    pub async fn http(&self, method: &str, path: &str) -> (u16, String) {
+        http_request(self.http, method, path).await
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.trigger.trigger();
+    }
+}
+
+/// A bare HTTP/1.1 request (no client dependency): (status, body).
+pub async fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+/// A raw RESP connection: send exact bytes, read exact replies.
+pub struct Raw {
+    pub stream: TcpStream,
+    buf: bytes::BytesMut,
+}
+
+impl Raw {
+    pub async fn connect(addr: SocketAddr) -> Raw {
+        Raw {
+            stream: TcpStream::connect(addr).await.unwrap(),
+            buf: bytes::BytesMut::new(),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// Reads one whole reply and returns its bytes.
+    pub async fn reply(&mut self) -> String {
+        loop {
+            if let Some(n) = reply_len(&self.buf) {
+                let r = self.buf.split_to(n);
+                return String::from_utf8_lossy(&r).to_string();
+            }
+            let n = tokio::time::timeout(Duration::from_secs(10), self.stream.read_buf(&mut self.buf))
+                .await
+                .expect("a reply within 10 s")
+                .unwrap();
+            if n == 0 {
+                return format!("<closed>{}", String::from_utf8_lossy(&self.buf));
+            }
+        }
+    }
+
+    /// Sends one command (as a RESP array) and reads its reply.
+    pub async fn cmd(&mut self, args: &[&str]) -> String {
+        self.send(&encode(args)).await;
+        self.reply().await
+    }
+
+    /// True when the server closed the connection (EOF within 2 s).
+    pub async fn closed(&mut self) -> bool {
+        let mut b = [0u8; 64];
+        matches!(tokio::time::timeout(Duration::from_secs(2), self.stream.read(&mut b)).await, Ok(Ok(0)) | Ok(Err(_)))
+    }
+}
+
+pub fn encode(args: &[&str]) -> Vec<u8> {
+    let mut v = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        v.extend_from_slice(format!("${}\r\n{}\r\n", a.len(), a).as_bytes());
+    }
+    v
+}
+
+/// Length of the first whole RESP reply in `b`, if there is one.
+pub fn reply_len(b: &[u8]) -> Option<usize> {
+    fn line(b: &[u8], at: usize) -> Option<(usize, usize)> {
+        let i = b[at..].windows(2).position(|w| w == b"\r\n")?;
+        Some((at, at + i))
+    }
+    fn one(b: &[u8], at: usize) -> Option<usize> {
+        let t = *b.get(at)?;
+        let (_, end) = line(b, at)?;
+        let after = end + 2;
+        match t {
+            b'+' | b'-' | b':' => Some(after),
+            b'$' => {
+                let n: i64 = std::str::from_utf8(&b[at + 1..end]).ok()?.parse().ok()?;
+                if n < 0 {
+                    return Some(after);
+                }
+                let total = after + n as usize + 2;
+                (b.len() >= total).then_some(total)
+            }
+            b'*' => {
+                let n: i64 = std::str::from_utf8(&b[at + 1..end]).ok()?.parse().ok()?;
+                let mut pos = after;
+                for _ in 0..n.max(0) {
+                    pos = one(b, pos)?;
+                }
+                Some(pos)
+            }
+            _ => None,
+        }
+    }
+    one(b, 0)
+}
+
+/// Which of `shards` physically holds `key`.
+pub fn holder<'a>(shards: &[&'a Redis], key: &str) -> Vec<u16> {
+    shards.iter().filter(|s| s.get(key).is_some()).map(|s| s.port).collect()
+}
+
+/// The shard the ring assigns `key` to, by port, computed with the proxy's own ring.
+pub fn ring_owner(shards: &[&Redis], key: &str) -> u16 {
+    let nodes = shards
+        .iter()
+        .map(|s| tallyproxy::router::ring::Node {
+            name: format!("redis_{}", s.port),
+            weight: 1,
+        })
+        .collect();
+    let ring = tallyproxy::router::ring::Ring::new(nodes, 160);
+    shards[ring.locate(key.as_bytes())].port
+}
