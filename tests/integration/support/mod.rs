@@ -15,7 +15,11 @@ use tokio::net::TcpStream;
 
 /// A port nobody listens on right now (bind :0, read it, let go).
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A fresh temporary directory, removed on drop.
@@ -59,7 +63,11 @@ impl Redis {
 
     pub fn start_on(port: u16) -> Redis {
         let dir = TempDir::new("redis");
-        let mut r = Redis { port, child: None, dir };
+        let mut r = Redis {
+            port,
+            child: None,
+            dir,
+        };
         r.spawn();
         r
     }
@@ -67,7 +75,16 @@ impl Redis {
     fn spawn(&mut self) {
         for attempt in 0..5 {
             let child = Command::new("redis-server")
-                .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args([
+                    "--port",
+                    &self.port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
                 .arg("--dir")
                 .arg(self.dir.path())
                 .stdout(Stdio::null())
@@ -105,7 +122,10 @@ impl Redis {
     }
 
     pub fn client(&self) -> redis::Connection {
-        redis::Client::open(format!("redis://127.0.0.1:{}/", self.port)).unwrap().get_connection().unwrap()
+        redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))
+            .unwrap()
+            .get_connection()
+            .unwrap()
     }
 
     /// Runs a command directly on this shard.
@@ -118,12 +138,18 @@ impl Redis {
     }
 
     pub fn get(&self, key: &str) -> Option<String> {
-        redis::cmd("GET").arg(key).query(&mut self.client()).unwrap()
+        redis::cmd("GET")
+            .arg(key)
+            .query(&mut self.client())
+            .unwrap()
     }
 
     /// How many times `cmd` ran on this shard (INFO commandstats), e.g. "incrby".
     pub fn calls(&self, cmd: &str) -> u64 {
-        let info: String = redis::cmd("INFO").arg("commandstats").query(&mut self.client()).unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut self.client())
+            .unwrap();
         let prefix = format!("cmdstat_{cmd}:calls=");
         info.lines()
             .find_map(|l| l.strip_prefix(&prefix))
@@ -132,7 +158,10 @@ impl Redis {
     }
 
     pub fn reset_stats(&self) {
-        let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut self.client()).unwrap();
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query(&mut self.client())
+            .unwrap();
     }
 }
 
@@ -144,7 +173,10 @@ impl Drop for Redis {
 
 pub fn ping(port: u16) -> bool {
     use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect_timeout(&format!("127.0.0.1:{port}").parse().unwrap(), Duration::from_millis(200)) else {
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(
+        &format!("127.0.0.1:{port}").parse().unwrap(),
+        Duration::from_millis(200),
+    ) else {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
@@ -226,7 +258,11 @@ impl Proxy {
     }
 
     pub async fn client(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url()).unwrap().get_multiplexed_async_connection().await.unwrap()
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
     }
 
     pub async fn conn(&self) -> Raw {
@@ -237,7 +273,11 @@ impl Proxy {
     pub async fn stop(mut self) {
         self.trigger.trigger();
         if let Some(t) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(15), t).await.expect("shutdown in time").unwrap().unwrap();
+            tokio::time::timeout(Duration::from_secs(15), t)
+                .await
+                .expect("shutdown in time")
+                .unwrap()
+                .unwrap();
         }
     }
 
@@ -256,10 +296,15 @@ impl Drop for Proxy {
 /// A bare HTTP/1.1 request (no client dependency): (status, body).
 pub async fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    let req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
     let text = String::from_utf8_lossy(&out).to_string();
     let status = text.split(' ').nth(1).unwrap().parse().unwrap();
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
@@ -291,10 +336,11 @@ impl Raw {
                 let r = self.buf.split_to(n);
                 return String::from_utf8_lossy(&r).to_string();
             }
-            let n = tokio::time::timeout(Duration::from_secs(10), self.stream.read_buf(&mut self.buf))
-                .await
-                .expect("a reply within 10 s")
-                .unwrap();
+            let n =
+                tokio::time::timeout(Duration::from_secs(10), self.stream.read_buf(&mut self.buf))
+                    .await
+                    .expect("a reply within 10 s")
+                    .unwrap();
             if n == 0 {
                 return format!("<closed>{}", String::from_utf8_lossy(&self.buf));
             }
@@ -310,7 +356,10 @@ impl Raw {
     /// True when the server closed the connection (EOF within 2 s).
     pub async fn closed(&mut self) -> bool {
         let mut b = [0u8; 64];
-        matches!(tokio::time::timeout(Duration::from_secs(2), self.stream.read(&mut b)).await, Ok(Ok(0)) | Ok(Err(_)))
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), self.stream.read(&mut b)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
     }
 }
 
@@ -358,7 +407,11 @@ pub fn reply_len(b: &[u8]) -> Option<usize> {
 
 /// Which of `shards` physically holds `key`.
 pub fn holder<'a>(shards: &[&'a Redis], key: &str) -> Vec<u16> {
-    shards.iter().filter(|s| s.get(key).is_some()).map(|s| s.port).collect()
+    shards
+        .iter()
+        .filter(|s| s.get(key).is_some())
+        .map(|s| s.port)
+        .collect()
 }
 
 /// The shard the ring assigns `key` to, by port, computed with the proxy's own ring.
