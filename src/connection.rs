@@ -17,7 +17,7 @@
 
 use crate::backend::{encode_command, BackendError, Reply, Shard};
 use crate::command::{self, CounterOp, Kind, Merge, Spec};
-use crate::counter::lane::KeyValue;
+use crate::counter::lane::{KeyValue, LaneError};
 use crate::counter::{Cached, Engine, Incr, NOT_INTEGER};
 use crate::resp::{parse_request, reply};
 use crate::server::Context;
@@ -130,6 +130,12 @@ where
             client.close = true;
         }
         if !wbuf.is_empty() {
+            // An increment is acknowledged only once its log record is durable (group
+            // commit: one write, and with fsync=always one sync, for the whole burst and
+            // every other client's burst that arrived meanwhile).
+            if let Some(wal) = &ctx.engine.wal {
+                wal.commit().await;
+            }
             if stream.write_all(&wbuf).await.is_err() {
                 break;
             }
@@ -350,14 +356,16 @@ fn counter(
             reply::error(out, msg);
             None
         }
-        Incr::NeedBase => {
+        Incr::NeedBase | Incr::Pending => {
             let engine = ctx.engine.clone();
             let key = key.clone();
             Some(Pending::Task(Box::pin(async move {
                 let mut o = BytesMut::new();
                 match incr_with_base(&engine, &key, delta).await {
-                    Ok(v) => reply::int(&mut o, v),
-                    Err(msg) => reply::error(&mut o, &msg),
+                    Ok((v, _)) => reply::int(&mut o, v),
+                    Err(IncrError::Unavailable(msg) | IncrError::Refused(msg)) => {
+                        reply::error(&mut o, &msg)
+                    }
                 }
                 o
             })))
@@ -365,21 +373,47 @@ fn counter(
     }
 }
 
-/// INCRBY for a key whose base must be read first. The read is retried a few times only
-/// if another round trip keeps the base stale; each try is one shared round trip.
-pub async fn incr_with_base(engine: &Engine, key: &Bytes, delta: i64) -> Result<i64, String> {
+/// Why an increment that needed a base got no reply value.
+#[derive(Debug)]
+pub enum IncrError {
+    /// The owner cannot be read and no base is known: nothing was buffered.
+    Unavailable(String),
+    /// Refused with Redis's wording: nothing was buffered.
+    Refused(String),
+}
+
+/// INCRBY for a key whose base must be read first: one shared round trip through the
+/// key's lane. When the owner is down (or does not answer), a known base is used however
+/// old; with none, nothing is buffered. Returns the value and whether the shard was read.
+pub async fn incr_with_base(
+    engine: &Engine,
+    key: &Bytes,
+    delta: i64,
+) -> Result<(i64, bool), IncrError> {
     for _ in 0..3 {
-        if let Err(e) = engine.refresh(key, false).await {
-            let shard = engine.router().topology().shard_for(key).name.clone();
-            return Err(e.client_message(&shard));
+        let read = if engine.owner_up(key) {
+            engine.refresh(key, false).await.err()
+        } else {
+            Some(LaneError::Unavailable)
+        };
+        if let Some(e) = read {
+            return match engine.try_incr_stale(key, delta) {
+                Incr::Value(v) => Ok((v, false)),
+                Incr::Refused(m) => Err(IncrError::Refused(m.to_string())),
+                Incr::NeedBase | Incr::Pending => Err(IncrError::Unavailable(
+                    e.client_message(&engine.owner_name(key)),
+                )),
+            };
         }
         match engine.try_incr(key, delta) {
-            Incr::Value(v) => return Ok(v),
-            Incr::Refused(m) => return Err(m.to_string()),
-            Incr::NeedBase => continue,
+            Incr::Value(v) => return Ok((v, true)),
+            Incr::Refused(m) => return Err(IncrError::Refused(m.to_string())),
+            Incr::NeedBase | Incr::Pending => continue,
         }
     }
-    Err("TRYAGAIN counter base is changing, try again".into())
+    Err(IncrError::Unavailable(
+        "TRYAGAIN counter base is changing, try again".into(),
+    ))
 }
 
 fn get(
@@ -416,11 +450,18 @@ fn get(
 /// GET of a counter key through its lane (landing its delta), written as Redis would.
 async fn write_counter_read(engine: &Engine, key: &Bytes, o: &mut BytesMut) {
     let land = engine.has_unflushed(key);
-    match engine.refresh(key, land).await {
-        Err(e) => {
-            let shard = engine.router().topology().shard_for(key).name.clone();
-            reply::error(o, &e.client_message(&shard));
-        }
+    let read = if engine.owner_up(key) {
+        engine.refresh(key, land).await
+    } else {
+        Err(LaneError::Unavailable)
+    };
+    match read {
+        // The owner is down or silent: a known base answers however old it is.
+        Err(e) => match engine.last_known(key) {
+            Some((Some(v), _)) => reply::bulk_int(o, v),
+            Some((None, _)) => reply::null(o),
+            None => reply::error(o, &e.client_message(&engine.owner_name(key))),
+        },
         Ok(KeyValue::Other(raw)) => o.extend_from_slice(&raw),
         Ok(KeyValue::Error(msg)) => reply::error(o, &msg),
         Ok(_) => match engine.value_of(key) {

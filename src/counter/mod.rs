@@ -39,6 +39,7 @@ pub const SHARDS: usize = 32;
 
 pub const NOT_INTEGER: &str = "ERR value is not an integer or out of range";
 pub const OVERFLOW: &str = "ERR increment or decrement would overflow";
+pub const BUFFER_FULL: &str = "TRYAGAIN the pending buffer is full while a shard is down";
 pub const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
 
 /// What the shard held at the last read.
@@ -114,6 +115,16 @@ pub enum Incr {
     NeedBase,
     /// Refused, with Redis's wording; nothing was buffered.
     Refused(&'static str),
+    /// Buffered and logged, but the total is unknown (no base: the owner is down).
+    Pending,
+}
+
+/// How much of a base an increment needs.
+#[derive(Clone, Copy)]
+enum Base {
+    Fresh,
+    AnyKnown,
+    NotNeeded,
 }
 
 /// Result of a cache read.
@@ -247,24 +258,53 @@ impl Engine {
 
     /// INCRBY `delta` if the base is fresh; see [`Incr`].
     pub fn try_incr(&self, key: &[u8], delta: i64) -> Incr {
+        self.incr(key, delta, Base::Fresh)
+    }
+
+    /// INCRBY on a key whose owner is down: a known base is used however old it is.
+    pub fn try_incr_stale(&self, key: &[u8], delta: i64) -> Incr {
+        self.incr(key, delta, Base::AnyKnown)
+    }
+
+    /// An increment accepted with no known base (its owner is down): buffered and logged,
+    /// the total unknown until the shard returns. Refused once the buffer is full.
+    pub fn incr_blind(&self, key: &[u8], delta: i64) -> Incr {
+        self.incr(key, delta, Base::NotNeeded)
+    }
+
+    fn incr(&self, key: &[u8], delta: i64, need: Base) -> Incr {
         let now = self.now_ms();
         let mut guard = self.lock(key);
         let shard = &mut *guard;
-        let fresh_new;
-        let e = match shard.map.get_mut(key) {
-            Some(e) => e,
-            None => {
-                if !self.memory_mode {
-                    return Incr::NeedBase;
-                }
-                fresh_new = Entry {
-                    state: BaseState::Absent,
-                    ..Entry::NEW
-                };
-                shard.map.entry(key.into()).or_insert(fresh_new)
+        if !shard.map.contains_key(key) {
+            match need {
+                _ if self.memory_mode => {}
+                Base::NotNeeded
+                    if self.dirty_keys.load(Ordering::Relaxed) < self.max_pending_keys => {}
+                Base::NotNeeded => return Incr::Refused(BUFFER_FULL),
+                _ => return Incr::NeedBase,
             }
+            let state = if self.memory_mode {
+                BaseState::Absent
+            } else {
+                BaseState::Unknown
+            };
+            shard.map.insert(
+                key.into(),
+                Entry {
+                    state,
+                    ..Entry::NEW
+                },
+            );
+        }
+        let e = shard.map.get_mut(key).expect("inserted above");
+        let known = !matches!(e.state, BaseState::Unknown);
+        let usable = match need {
+            Base::Fresh => self.is_fresh(e, now),
+            Base::AnyKnown => known,
+            Base::NotNeeded => true,
         };
-        if !self.is_fresh(e, now) {
+        if !usable {
             return Incr::NeedBase;
         }
         match e.state {
@@ -289,7 +329,11 @@ impl Engine {
         }
         drop(guard);
         self.stats.increments.fetch_add(1, Ordering::Relaxed);
-        Incr::Value(new)
+        if known {
+            Incr::Value(new)
+        } else {
+            Incr::Pending
+        }
     }
 
     fn note_dirty(&self) {
@@ -396,6 +440,37 @@ impl Engine {
         match e.state {
             BaseState::NotInt | BaseState::WrongType => None,
             _ => Some(if e.exists() { e.value() } else { None }),
+        }
+    }
+
+    /// The value from a known base however old, for reads while the owner is down:
+    /// (value, whether the base is older than the TTL). None: no base is known.
+    pub fn last_known(&self, key: &[u8]) -> Option<(Option<i64>, bool)> {
+        let now = self.now_ms();
+        let shard = self.lock(key);
+        let e = shard.map.get(key)?;
+        match e.state {
+            BaseState::Int | BaseState::Absent => Some((
+                if e.exists() { e.value() } else { None },
+                !self.is_fresh(e, now),
+            )),
+            _ => None,
+        }
+    }
+
+    /// Whether the shard that owns `key` passes its health checks (memory mode: yes).
+    pub fn owner_up(&self, key: &[u8]) -> bool {
+        let topo = self.router.topology();
+        topo.is_empty() || topo.shard_for(key).is_up()
+    }
+
+    /// The name reported as `served_via` for a read that went to `key`'s owner.
+    pub fn owner_name(&self, key: &[u8]) -> String {
+        let topo = self.router.topology();
+        if topo.is_empty() {
+            "in_memory".into()
+        } else {
+            topo.shard_for(key).name.clone()
         }
     }
 

@@ -17,7 +17,8 @@
 
 pub mod metrics;
 
-use crate::counter::lane::KeyValue;
+use crate::connection::{incr_with_base, IncrError};
+use crate::counter::lane::{KeyValue, LaneError};
 use crate::counter::{Cached, Incr};
 use crate::server::Context;
 use crate::shutdown::Shutdown;
@@ -170,15 +171,6 @@ fn percent_decode(s: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-fn shard_name(ctx: &Context, key: &[u8]) -> String {
-    let topo = ctx.router.topology();
-    if topo.is_empty() {
-        "in_memory".into()
-    } else {
-        topo.shard_for(key).name.clone()
-    }
-}
-
 async fn post_visit(ctx: &Context, key: Bytes) -> Resp {
     let engine = &ctx.engine;
     if !engine.is_batched(&key) {
@@ -187,38 +179,68 @@ async fn post_visit(ctx: &Context, key: Bytes) -> Resp {
             "visits:* keys must be batched counter keys in [counters] match",
         );
     }
-    let (result, via) = match engine.try_incr(&key, 1) {
-        Incr::Value(v) => (Ok(v), "in_memory".to_string()),
-        Incr::Refused(m) => (Err(m.to_string()), String::new()),
-        Incr::NeedBase => (
-            crate::connection::incr_with_base(engine, &key, 1).await,
-            shard_name(ctx, &key),
-        ),
+    let result = match engine.try_incr(&key, 1) {
+        Incr::Value(v) => Ok((v, false)),
+        Incr::Refused(m) => Err(IncrError::Refused(m.to_string())),
+        Incr::NeedBase | Incr::Pending => incr_with_base(engine, &key, 1).await,
     };
-    if let Some(w) = &engine.wal {
-        w.commit().await;
-    }
+    // A visit must not be lost to an outage: with no base to answer from, it is accepted,
+    // logged, and lands when the shard returns.
+    let result = match result {
+        Err(IncrError::Unavailable(_)) => match engine.incr_blind(&key, 1) {
+            Incr::Value(v) => Ok((v, false)),
+            Incr::Pending => {
+                commit(ctx).await;
+                return json_response(
+                    StatusCode::ACCEPTED,
+                    json!({"visits": null, "pending": true}),
+                );
+            }
+            Incr::Refused(m) => Err(IncrError::Unavailable(m.to_string())),
+            Incr::NeedBase => Err(IncrError::Unavailable(format!(
+                "TRYAGAIN shard {} is unavailable",
+                engine.owner_name(&key)
+            ))),
+        },
+        other => other,
+    };
+    commit(ctx).await;
     match result {
-        Ok(v) => json_response(StatusCode::OK, json!({"visits": v, "served_via": via})),
-        Err(m) if m.starts_with("TRYAGAIN") => error(StatusCode::SERVICE_UNAVAILABLE, m),
-        Err(m) => error(StatusCode::CONFLICT, m),
+        Ok((v, from_shard)) => {
+            let via = if from_shard {
+                engine.owner_name(&key)
+            } else {
+                "in_memory".into()
+            };
+            json_response(StatusCode::OK, json!({"visits": v, "served_via": via}))
+        }
+        Err(IncrError::Unavailable(m)) => error(StatusCode::SERVICE_UNAVAILABLE, m),
+        Err(IncrError::Refused(m)) => error(StatusCode::CONFLICT, m),
+    }
+}
+
+/// Makes the log durable before the reply, as the RESP path does.
+async fn commit(ctx: &Context) {
+    if let Some(w) = &ctx.engine.wal {
+        w.commit().await;
     }
 }
 
 async fn get_visits(ctx: &Context, key: Bytes) -> Resp {
     let engine = &ctx.engine;
-    match engine.cached(&key) {
-        Cached::Hit(v) => {
-            return json_response(
-                StatusCode::OK,
-                json!({"visits": v.unwrap_or(0), "served_via": "in_memory"}),
-            )
-        }
-        Cached::Stale | Cached::Absent => {}
+    if let Cached::Hit(v) = engine.cached(&key) {
+        return json_response(
+            StatusCode::OK,
+            json!({"visits": v.unwrap_or(0), "served_via": "in_memory"}),
+        );
     }
-    let land = engine.has_unflushed(&key);
-    let via = shard_name(ctx, &key);
-    match engine.refresh(&key, land).await {
+    let via = engine.owner_name(&key);
+    let read = if engine.owner_up(&key) {
+        engine.refresh(&key, engine.has_unflushed(&key)).await
+    } else {
+        Err(LaneError::Unavailable)
+    };
+    match read {
         Ok(KeyValue::Int(_) | KeyValue::Nil) => {
             let v = engine.value_of(&key).flatten().unwrap_or(0);
             json_response(StatusCode::OK, json!({"visits": v, "served_via": via}))
@@ -228,7 +250,17 @@ async fn get_visits(ctx: &Context, key: Bytes) -> Resp {
             format!("{} does not hold an integer", String::from_utf8_lossy(&key)),
         ),
         Ok(KeyValue::Error(m)) => error(StatusCode::CONFLICT, m),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.client_message(&via)),
+        // The owner is down: answer from the last known base, and say when it is old.
+        Err(e) => match engine.last_known(&key) {
+            Some((v, stale)) => {
+                let mut body = json!({"visits": v.unwrap_or(0), "served_via": "in_memory"});
+                if stale {
+                    body["stale"] = json!(true);
+                }
+                json_response(StatusCode::OK, body)
+            }
+            None => error(StatusCode::SERVICE_UNAVAILABLE, e.client_message(&via)),
+        },
     }
 }
 
