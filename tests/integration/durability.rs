@@ -17,7 +17,6 @@ use tokio::net::{TcpListener, TcpStream};
 struct ProxyProcess {
     child: Option<Child>,
     port: u16,
-    http: u16,
 }
 
 impl ProxyProcess {
@@ -45,7 +44,6 @@ impl ProxyProcess {
         let p = ProxyProcess {
             child: Some(child),
             port,
-            http,
         };
         assert!(
             support::wait_until(Duration::from_secs(10), || support::ping(port)),

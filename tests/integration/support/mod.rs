@@ -406,7 +406,7 @@ pub fn reply_len(b: &[u8]) -> Option<usize> {
 }
 
 /// Which of `shards` physically holds `key`.
-pub fn holder<'a>(shards: &[&'a Redis], key: &str) -> Vec<u16> {
+pub fn holder(shards: &[&Redis], key: &str) -> Vec<u16> {
     shards
         .iter()
         .filter(|s| s.get(key).is_some())
