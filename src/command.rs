@@ -298,10 +298,12 @@ const REFUSED: &[(&str, &str)] = &[
     ("lolwut", ADMIN),
 ];
 
-fn table() -> &'static HashMap<&'static str, Spec> {
-    static TABLE: OnceLock<HashMap<&'static str, Spec>> = OnceLock::new();
+type Table = HashMap<&'static str, Spec, ahash::RandomState>;
+
+fn table() -> &'static Table {
+    static TABLE: OnceLock<Table> = OnceLock::new();
     TABLE.get_or_init(|| {
-        let mut t = HashMap::new();
+        let mut t = Table::default();
         let mut add = |name: &'static str, arity: i32, kind: Kind| {
             let dup = t.insert(name, Spec { name, arity, kind });
             assert!(dup.is_none(), "command {name} listed twice");

@@ -481,6 +481,9 @@ impl Config {
                 return err("counters.match: empty pattern");
             }
         }
+        if c.cache_ttl.0 < Duration::from_millis(10) {
+            return err("counters.cache_ttl must be at least 10ms");
+        }
         if c.flush_interval.0.is_zero() {
             return err("counters.flush_interval must be above zero");
         }

@@ -58,7 +58,9 @@ enum After {
     /// The command may have changed a counter key: forget its cached base.
     Invalidate(Bytes),
     /// A plain GET of a counter key: cache the value if it is an integer.
-    OfferRead(Bytes),
+    /// With the engine's invalidation epoch at dispatch: a write to any counter key since
+    /// then means the value may be older than that write, and it is not cached.
+    OfferRead(Bytes, u64),
 }
 
 /// Per-client state that commands can change.
@@ -66,22 +68,38 @@ pub struct Client {
     pub id: u64,
     pub name: Option<Bytes>,
     pub close: bool,
+    /// A forwarded write to a counter key is in flight: this client's next counter
+    /// operations wait for it, so that they see their own write.
+    pub writes_in_flight: bool,
+    /// This burst buffered an increment: its log record must be durable before replies.
+    pub logged: bool,
+}
+
+impl Client {
+    pub fn new(id: u64) -> Client {
+        Client {
+            id,
+            name: None,
+            close: false,
+            writes_in_flight: false,
+            logged: false,
+        }
+    }
 }
 
 pub async fn handle<S>(mut stream: S, ctx: Arc<Context>, mut shutdown: Shutdown)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut client = Client {
-        id: ctx.next_client_id.fetch_add(1, Ordering::Relaxed),
-        name: None,
-        close: false,
-    };
+    let mut client = Client::new(ctx.next_client_id.fetch_add(1, Ordering::Relaxed));
     let mut rbuf = BytesMut::with_capacity(16 * 1024);
     let mut wbuf = BytesMut::with_capacity(16 * 1024);
     let mut queue: VecDeque<Pending> = VecDeque::new();
     let max_pipeline = ctx.config.limits.max_pipeline;
     loop {
+        // Counted per burst, not per command: a shared counter per command would bounce
+        // its cache line between cores.
+        let mut commands = 0u64;
         let mut more = false;
         let mut protocol_error = None;
         while !client.close {
@@ -92,9 +110,7 @@ where
             match parse_request(&mut rbuf, &ctx.limits) {
                 Ok(Some(args)) if args.is_empty() => continue,
                 Ok(Some(args)) => {
-                    crate::metrics::global()
-                        .commands
-                        .fetch_add(1, Ordering::Relaxed);
+                    commands += 1;
                     let direct = queue.is_empty();
                     let mut scratch = BytesMut::new();
                     let out = if direct { &mut wbuf } else { &mut scratch };
@@ -102,6 +118,15 @@ where
                         None if direct => {}
                         None => queue.push_back(Pending::Ready(scratch.freeze())),
                         Some(p) => {
+                            if matches!(
+                                p,
+                                Pending::Forward {
+                                    after: After::Invalidate(_),
+                                    ..
+                                }
+                            ) {
+                                client.writes_in_flight = true;
+                            }
                             let barrier = matches!(p, Pending::Task(_));
                             queue.push_back(p);
                             if barrier {
@@ -118,9 +143,13 @@ where
                 }
             }
         }
+        crate::metrics::global()
+            .commands
+            .fetch_add(commands, Ordering::Relaxed);
         while let Some(p) = queue.pop_front() {
             resolve(p, &ctx, &mut wbuf).await;
         }
+        client.writes_in_flight = false;
         if let Some(e) = protocol_error {
             crate::metrics::global()
                 .protocol_errors
@@ -133,9 +162,14 @@ where
             // An increment is acknowledged only once its log record is durable (group
             // commit: one write, and with fsync=always one sync, for the whole burst and
             // every other client's burst that arrived meanwhile).
-            if let Some(wal) = &ctx.engine.wal {
-                wal.commit().await;
+            if let (Some(wal), true) = (&ctx.engine.wal, client.logged) {
+                if wal.commit().await.is_err() {
+                    // Not durable, so not acknowledged: close without the replies; the
+                    // client sees an unknown outcome, which is the truth.
+                    break;
+                }
             }
+            client.logged = false;
             if stream.write_all(&wbuf).await.is_err() {
                 break;
             }
@@ -178,9 +212,9 @@ async fn resolve(p: Pending, ctx: &Context, out: &mut BytesMut) {
             match &after {
                 After::Nothing => {}
                 After::Invalidate(k) => ctx.engine.invalidate(k),
-                After::OfferRead(k) => {
+                After::OfferRead(k, epoch) => {
                     if let Ok(r) = &res {
-                        ctx.engine.offer_read(k, &r.frame);
+                        ctx.engine.offer_read(k, &r.frame, *epoch);
                     }
                 }
             }
@@ -273,7 +307,23 @@ fn dispatch(
             None
         }
         Kind::Single => single(ctx, client, args, out),
-        Kind::Counter(op) => counter(ctx, client, op, args, out),
+        Kind::Counter(op) => {
+            if op != CounterOp::Get {
+                client.logged = true;
+            }
+            if client.writes_in_flight && ctx.engine.is_batched(&args[1]) {
+                // Runs after this client's write to a counter key has landed (a barrier).
+                let (ctx, id) = (ctx.clone(), client.id);
+                return Some(Pending::Task(Box::pin(async move {
+                    let mut o = BytesMut::new();
+                    if let Some(p) = counter(&ctx, &Client::new(id), op, args, &mut o) {
+                        resolve(p, &ctx, &mut o).await;
+                    }
+                    o
+                })));
+            }
+            counter(ctx, client, op, args, out)
+        }
         Kind::Multi(m) => multi(ctx, client, spec, m, args, out),
     }
 }
@@ -434,7 +484,13 @@ fn get(
         }
         Cached::Absent => {
             let shard = ctx.router.topology().shard_for(&key).clone();
-            Some(forward(&shard, client.id, &args, After::OfferRead(key)))
+            let epoch = ctx.engine.invalidation_epoch();
+            Some(forward(
+                &shard,
+                client.id,
+                &args,
+                After::OfferRead(key, epoch),
+            ))
         }
         Cached::Stale => {
             let engine = ctx.engine.clone();
@@ -520,6 +576,7 @@ async fn run_multi(
     let mut out = BytesMut::new();
 
     if merge == Merge::Values {
+        let epoch = engine.invalidation_epoch();
         // Counter keys answer from the cache or their lane; the rest go as one MGET per shard.
         let mut values: Vec<Option<Bytes>> = vec![None; keys.len()];
         let mut plain: Vec<Vec<usize>> = vec![Vec::new(); topo.shards.len()];
@@ -578,7 +635,7 @@ async fn run_multi(
                     for (&slot, item) in slots.iter().zip(items) {
                         let k = &args[keys[slot]];
                         if engine.is_batched(k) {
-                            engine.offer_read(k, &item);
+                            engine.offer_read(k, &item, epoch);
                         }
                         let mut o = BytesMut::new();
                         encode_frame(&mut o, &item);

@@ -126,7 +126,7 @@ fn counters(ctx: &Context) -> Lines {
     let e = &ctx.engine;
     let s = &e.stats;
     let (keys, sum) = e.pending_total();
-    let incr = s.increments.load(Relaxed);
+    let incr = e.increments();
     let writes = s.backend_writes.load(Relaxed);
     vec![
         line("memory_mode", if e.is_memory_mode() { 1 } else { 0 }),

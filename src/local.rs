@@ -45,10 +45,17 @@ pub fn run(
             reply::simple(out, "RESET");
         }
         "readonly" | "readwrite" => reply::ok(out),
-        "auth" => reply::error(
-            out,
-            "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
-        ),
+        // No password is configured (as Redis with the default user on `nopass`): a bare
+        // password is an error, `AUTH default <anything>` succeeds, other users do not exist.
+        "auth" => match args.len() {
+            2 => reply::error(
+                out,
+                "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
+            ),
+            3 if &args[1][..] == b"default" => reply::ok(out),
+            3 => reply::error(out, "WRONGPASS invalid username-password pair or user is disabled."),
+            _ => reply::error(out, "ERR syntax error"),
+        },
         "hello" => hello(ctx, client, &args, out),
         "client" => client_cmd(client, &args, out),
         "command" => command_cmd(&args, out),
@@ -92,11 +99,14 @@ fn hello(ctx: &Context, client: &mut Client, args: &[Bytes], out: &mut BytesMut)
     while i < args.len() {
         match upper(&args[i]).as_str() {
             "AUTH" if i + 2 < args.len() => {
-                reply::error(
-                    out,
-                    "WRONGPASS invalid username-password pair or user is disabled.",
-                );
-                return;
+                if &args[i + 1][..] != b"default" {
+                    reply::error(
+                        out,
+                        "WRONGPASS invalid username-password pair or user is disabled.",
+                    );
+                    return;
+                }
+                i += 3;
             }
             "SETNAME" if i + 1 < args.len() => {
                 client.name = Some(args[i + 1].clone());

@@ -1,8 +1,9 @@
 //! Process-wide figures that are not owned by one part: connections and commands.
 //!
 //! Counters are plain atomics bumped on the hot path (Relaxed: figures, not
-//! synchronisation). INFO and `/metrics` render them, with the engine's and the shards'
-//! own figures, in `info.rs`.
+//! synchronisation), bumped once per burst rather than per command where they are shared.
+//! INFO (`info.rs`) and `/metrics` (`http/metrics.rs`) render them with the engine's and
+//! the shards' own figures.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::OnceLock;

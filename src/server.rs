@@ -1,8 +1,9 @@
 //! The proxy as a whole: start-up, the RESP listener, and orderly shutdown.
 //!
 //! [`run`] takes a validated config and bound listeners (so tests bind port 0 and read the
-//! address) and returns when shutdown has completed: stop accepting, let connections finish
-//! the command in hand, final flush, stop the sidecar, all under `shutdown_timeout`.
+//! address) and returns when shutdown has completed: stop accepting (RESP and HTTP), let
+//! connections finish the command in hand, final flush, sync the log, wait for the sidecar
+//! to drain its requests, all under `shutdown_timeout`.
 //!
 //! Owns the listener, the connection cap and the shutdown order. Does not own what happens
 //! on a connection (`connection`).
@@ -139,17 +140,22 @@ pub async fn run(
         tracing::warn!("shutdown: some connections did not finish in time");
     }
     tracing::info!("shutdown: final flush");
-    match tokio::time::timeout_at(deadline, ctx.engine.flush_all()).await {
-        Ok(true) => tracing::info!("shutdown: every increment landed"),
-        Ok(false) => {
-            tracing::warn!("shutdown: some shards are down; their increments stay in the log")
+    // Retried until it lands or the deadline: a batch whose reply was lost is re-sent with
+    // its id and lands once; a shard that stays down keeps its deltas in the log.
+    let flushed = async {
+        loop {
+            if ctx.engine.flush_all().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Err(_) => {
-            tracing::warn!("shutdown: final flush timed out; unflushed increments stay in the log")
-        }
+    };
+    match tokio::time::timeout_at(deadline, flushed).await {
+        Ok(()) => tracing::info!("shutdown: every increment landed"),
+        Err(_) => tracing::warn!("shutdown: some shards did not take the final flush in time; their increments stay in the log"),
     }
     if let Some(w) = &ctx.engine.wal {
-        w.sync_now();
+        w.sync_now().await;
     }
     tracing::info!("shutdown: draining the http sidecar");
     let _ = tokio::time::timeout_at(deadline, http_task).await;

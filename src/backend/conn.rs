@@ -1,8 +1,8 @@
 //! One long-lived, pipelined connection to a shard, run as an actor.
 //!
-//! Callers send a [`Request`] (an encoded command and a oneshot) over a bounded channel. A
-//! writer task writes every request it can gather in one syscall and queues its oneshot; a
-//! reader task decodes replies (redis-protocol) and answers the oneshots in FIFO order, which
+//! Callers send a [`Request`] (an encoded command and a oneshot) over a bounded channel. The
+//! actor's task runs two halves side by side: a writer that writes every request it can
+//! gather in one syscall and queues its oneshot, and a reader that decodes replies (redis-protocol) and answers the oneshots in FIFO order, which
 //! is the order Redis replies in. When the connection breaks, every request in flight is
 //! answered `Lost` (its outcome is unknown: never resend it blindly), the actor reconnects
 //! with back-off, and while it is down new requests are answered `Unavailable` at once.
@@ -162,12 +162,12 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Reply>, String> {
 async fn run(stream: TcpStream, opts: &ConnOptions, rx: &mut mpsc::Receiver<Request>) -> bool {
     let (mut rd, mut wr) = stream.into_split();
     let inflight: Arc<Mutex<VecDeque<Inflight>>> = Arc::new(Mutex::new(VecDeque::new()));
-    let broken = Arc::new(Notify::new());
+    let queued = Arc::new(Notify::new());
     let stall_limit = opts.request_timeout * 2;
 
     let reader = {
         let inflight = inflight.clone();
-        let broken = broken.clone();
+        let queued = queued.clone();
         async move {
             let mut buf = BytesMut::with_capacity(16 * 1024);
             loop {
@@ -200,7 +200,7 @@ async fn run(stream: TcpStream, opts: &ConnOptions, rx: &mut mpsc::Receiver<Requ
                         tokio::select! {
                             r = read => r,
                             // Re-check the deadline once a request has been queued.
-                            _ = broken.notified() => continue,
+                            _ = queued.notified() => continue,
                         }
                     }
                 };
@@ -217,7 +217,7 @@ async fn run(stream: TcpStream, opts: &ConnOptions, rx: &mut mpsc::Receiver<Requ
 
     let writer = {
         let inflight = inflight.clone();
-        let broken = broken.clone();
+        let queued = queued.clone();
         async move {
             let mut out = BytesMut::with_capacity(16 * 1024);
             let max_inflight = opts.queue_depth;
@@ -247,7 +247,7 @@ async fn run(stream: TcpStream, opts: &ConnOptions, rx: &mut mpsc::Receiver<Requ
                         });
                     }
                 }
-                broken.notify_one();
+                queued.notify_one();
                 if out.is_empty() {
                     continue;
                 }

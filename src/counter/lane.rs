@@ -168,9 +168,11 @@ async fn run(lane: Arc<Lane>) {
             for (seq, items) in replay {
                 let items = items.into_iter().map(|(k, d)| (k, Some(d))).collect();
                 let batch = Batch::new(&engine.proxy_id, seq, items);
-                send_batch(&lane, &engine, batch, &mut HashMap::new()).await;
+                send_batch(&lane, &engine, batch, &mut HashMap::new(), &mut Vec::new()).await;
             }
-            let ok = round(&lane, &engine, reads, !flushers.is_empty()).await;
+            let mut flushers = flushers;
+            let flush = !flushers.is_empty();
+            let ok = round(&lane, &engine, reads, flush, &mut flushers).await;
             for f in flushers {
                 let _ = f.send(ok);
             }
@@ -185,6 +187,7 @@ async fn round(
     engine: &Arc<Engine>,
     reads: HashMap<Bytes, (bool, Vec<Waiter>)>,
     flush: bool,
+    flushers: &mut Vec<oneshot::Sender<bool>>,
 ) -> bool {
     let started = Instant::now();
     let limit = engine.flush_batch_keys();
@@ -225,7 +228,7 @@ async fn round(
             for (k, d) in taken {
                 match at.get(&k) {
                     // A key read in this round and dirty since: its delta joins the read.
-                    Some(&i) => items[i].1 = Some(items[i].1.unwrap_or(0) + d),
+                    Some(&i) => items[i].1 = Some(items[i].1.unwrap_or(0).wrapping_add(d)),
                     None => items.push((k, Some(d))),
                 }
             }
@@ -246,13 +249,28 @@ async fn round(
     }
     if let Some(wal) = &engine.wal {
         for b in batches.iter().filter(|b| b.seq != 0) {
-            wal.log_batch(b.seq, &lane.shard.name, &b.items).await;
+            if wal
+                .log_batch(b.seq, &lane.shard.name, &b.items)
+                .await
+                .is_err()
+            {
+                // A batch that is not in the log must not be sent: after a restart the
+                // replay would count its deltas again. They stay in flight in memory, and
+                // the log up to its failure holds every increment that was acknowledged.
+                drop(gate);
+                for (_, ws) in waiters.drain() {
+                    for w in ws {
+                        let _ = w.send(Err(LaneError::Unavailable));
+                    }
+                }
+                return false;
+            }
         }
     }
     drop(gate);
     let mut all_ok = true;
     for b in batches {
-        all_ok &= send_batch(lane, engine, b, &mut waiters).await;
+        all_ok &= send_batch(lane, engine, b, &mut waiters, flushers).await;
     }
     for (_, ws) in waiters.drain() {
         for w in ws {
@@ -273,13 +291,15 @@ async fn round(
 }
 
 /// Sends one batch and settles it. A batch that carries deltas is retried, with the same
-/// sequence number, until it lands or the proxy is shutting down with the shard still down
-/// (its deltas then stay in flight and in the log). Read waiters get the first outcome.
+/// sequence number, until it lands, for as long as the process lives: a shutdown waits for
+/// it only until its deadline, and its deltas stay in the log for the next start. Read
+/// waiters get the first outcome.
 async fn send_batch(
     lane: &Lane,
     engine: &Arc<Engine>,
     batch: Batch,
     waiters: &mut HashMap<Bytes, Vec<Waiter>>,
+    flushers: &mut Vec<oneshot::Sender<bool>>,
 ) -> bool {
     let has_deltas = batch.seq != 0;
     let mut backoff = Duration::from_millis(50);
@@ -329,6 +349,11 @@ async fn send_batch(
                 }
                 if !has_deltas {
                     return false;
+                }
+                // Whoever waits for this flush learns now that the shard is not taking it;
+                // the batch keeps trying, and other lanes are not held up.
+                for f in flushers.drain(..) {
+                    let _ = f.send(false);
                 }
                 if attempts == 1 {
                     tracing::warn!(shard = %lane.shard.name, seq = batch.seq, keys = batch.items.len(), error = ?e, "flush batch failed; retrying with the same id");

@@ -39,6 +39,8 @@ pub const SHARDS: usize = 32;
 
 pub const NOT_INTEGER: &str = "ERR value is not an integer or out of range";
 pub const OVERFLOW: &str = "ERR increment or decrement would overflow";
+pub const LOG_FAILED: &str =
+    "ERR the write-ahead log failed; increments are refused until the proxy is restarted";
 pub const BUFFER_FULL: &str = "TRYAGAIN the pending buffer is full while a shard is down";
 pub const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
 
@@ -104,6 +106,15 @@ struct Shard {
     map: Map,
     /// Log records appended under this lock, drained by the log's next commit.
     log: Vec<u8>,
+    /// Increments buffered here (summed for INFO; no shared counter on the hot path).
+    increments: u64,
+}
+
+/// A map shard and, beside its lock, whether its log buffer has bytes, so that a commit
+/// skips the locks of shards with nothing to write.
+struct Cell {
+    lock: Mutex<Shard>,
+    has_log: AtomicBool,
 }
 
 /// Result of an immediate increment attempt.
@@ -141,7 +152,6 @@ pub enum Cached {
 /// Engine-wide figures, for INFO and /metrics.
 #[derive(Debug, Default)]
 pub struct CounterStats {
-    pub increments: AtomicU64,
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
     pub flushes: AtomicU64,
@@ -153,7 +163,10 @@ pub struct CounterStats {
 }
 
 pub struct Engine {
-    shards: Box<[Mutex<Shard>]>,
+    shards: Box<[Cell]>,
+    /// Coarse milliseconds since `epoch`, kept by a ticker (0: no ticker, read the clock).
+    clock: std::sync::atomic::AtomicU32,
+    invalidations: AtomicU64,
     patterns: Vec<(Vec<u8>, CounterMode)>,
     ttl_ms: u64,
     epoch: Instant,
@@ -188,13 +201,17 @@ impl Engine {
         let state = ahash::RandomState::new();
         let engine = Arc::new(Engine {
             shards: (0..SHARDS)
-                .map(|_| {
-                    Mutex::new(Shard {
+                .map(|_| Cell {
+                    lock: Mutex::new(Shard {
                         map: HashMap::with_hasher(state.clone()),
                         log: Vec::new(),
-                    })
+                        increments: 0,
+                    }),
+                    has_log: AtomicBool::new(false),
                 })
                 .collect(),
+            clock: std::sync::atomic::AtomicU32::new(0),
+            invalidations: AtomicU64::new(0),
             patterns: cfg
                 .patterns
                 .iter()
@@ -240,8 +257,20 @@ impl Engine {
     }
 
     fn now_ms(&self) -> u32 {
-        // Offset by one so that 0 never means "just now"; saturates after 49 days of uptime
-        // only in the sense that bases then look fresh for ever, so refuse that by wrapping.
+        match self.clock.load(Ordering::Relaxed) {
+            0 => self.read_clock(),
+            t => t,
+        }
+    }
+
+    /// Keeps the coarse clock (every 2 ms): one clock read per tick instead of per request.
+    pub fn tick_clock(&self) {
+        self.clock.store(self.read_clock(), Ordering::Relaxed);
+    }
+
+    fn read_clock(&self) -> u32 {
+        // Never 0 (0 means "no ticker" in `clock`). Wraps after about 49 days; a base read
+        // just before a wrap then looks stale, never fresh for ever.
         (self.epoch.elapsed().as_millis() as u64 % (u32::MAX as u64 - 1) + 1) as u32
     }
 
@@ -253,7 +282,7 @@ impl Engine {
     }
 
     fn lock(&self, key: &[u8]) -> parking_lot::MutexGuard<'_, Shard> {
-        self.shards[shard_of(key)].lock()
+        self.shards[shard_of(key)].lock.lock()
     }
 
     /// INCRBY `delta` if the base is fresh; see [`Incr`].
@@ -273,31 +302,35 @@ impl Engine {
     }
 
     fn incr(&self, key: &[u8], delta: i64, need: Base) -> Incr {
+        if self.wal.as_ref().is_some_and(|w| w.failed()) {
+            return Incr::Refused(LOG_FAILED);
+        }
         let now = self.now_ms();
-        let mut guard = self.lock(key);
+        let cell = &self.shards[shard_of(key)];
+        let mut guard = cell.lock.lock();
         let shard = &mut *guard;
-        if !shard.map.contains_key(key) {
-            match need {
-                _ if self.memory_mode => {}
-                Base::NotNeeded
-                    if self.dirty_keys.load(Ordering::Relaxed) < self.max_pending_keys => {}
-                Base::NotNeeded => return Incr::Refused(BUFFER_FULL),
-                _ => return Incr::NeedBase,
-            }
-            let state = if self.memory_mode {
-                BaseState::Absent
-            } else {
-                BaseState::Unknown
-            };
-            shard.map.insert(
-                key.into(),
-                Entry {
+        // One lookup on the hot path; the key is copied only when it is new.
+        let e = match shard.map.get_mut(key) {
+            Some(e) => e,
+            None => {
+                match need {
+                    _ if self.memory_mode => {}
+                    Base::NotNeeded
+                        if self.dirty_keys.load(Ordering::Relaxed) < self.max_pending_keys => {}
+                    Base::NotNeeded => return Incr::Refused(BUFFER_FULL),
+                    _ => return Incr::NeedBase,
+                }
+                let state = if self.memory_mode {
+                    BaseState::Absent
+                } else {
+                    BaseState::Unknown
+                };
+                shard.map.entry(key.into()).or_insert(Entry {
                     state,
                     ..Entry::NEW
-                },
-            );
-        }
-        let e = shard.map.get_mut(key).expect("inserted above");
+                })
+            }
+        };
         let known = !matches!(e.state, BaseState::Unknown);
         let usable = match need {
             Base::Fresh => self.is_fresh(e, now),
@@ -323,12 +356,12 @@ impl Engine {
             e.flags |= DIRTY;
             self.note_dirty();
         }
-        if let Some(wal) = &self.wal {
+        if self.wal.is_some() {
             wal::encode_incr(&mut shard.log, key, delta);
-            wal.note_append();
+            cell.has_log.store(true, Ordering::SeqCst);
         }
+        shard.increments += 1;
         drop(guard);
-        self.stats.increments.fetch_add(1, Ordering::Relaxed);
         if known {
             Incr::Value(new)
         } else {
@@ -382,6 +415,7 @@ impl Engine {
         if self.memory_mode {
             return;
         }
+        self.invalidations.fetch_add(1, Ordering::SeqCst);
         let mut shard = self.lock(key);
         if let Some(e) = shard.map.get_mut(key) {
             if e.flags == 0 {
@@ -393,7 +427,21 @@ impl Engine {
     }
 
     /// Caches a value read by a plain GET, if nothing else created the entry meanwhile.
-    pub fn offer_read(&self, key: &[u8], value: &redis_protocol::resp2::types::BytesFrame) {
+    /// Bumped by every invalidation: a plain read started before a write to some counter
+    /// key may have been overtaken by it, and is then not cached.
+    pub fn invalidation_epoch(&self) -> u64 {
+        self.invalidations.load(Ordering::SeqCst)
+    }
+
+    pub fn offer_read(
+        &self,
+        key: &[u8],
+        value: &redis_protocol::resp2::types::BytesFrame,
+        epoch: u64,
+    ) {
+        if self.invalidation_epoch() != epoch {
+            return;
+        }
         use redis_protocol::resp2::types::BytesFrame as F;
         let state = match value {
             F::Null => (BaseState::Absent, 0),
@@ -533,7 +581,7 @@ impl Engine {
                     if out.len() >= limit {
                         break;
                     }
-                    let mut shard = s.lock();
+                    let mut shard = s.lock.lock();
                     for (k, e) in shard.map.iter_mut() {
                         if out.len() >= limit {
                             break;
@@ -596,7 +644,7 @@ impl Engine {
         let now = self.now_ms();
         let mut left = 0;
         for s in self.shards.iter() {
-            let mut shard = s.lock();
+            let mut shard = s.lock.lock();
             shard
                 .map
                 .retain(|_, e| e.flags != 0 || self.is_fresh(e, now));
@@ -605,8 +653,13 @@ impl Engine {
         left
     }
 
+    /// Increments received since start (RESP and HTTP).
+    pub fn increments(&self) -> u64 {
+        self.shards.iter().map(|c| c.lock.lock().increments).sum()
+    }
+
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().map.len()).sum()
+        self.shards.iter().map(|s| s.lock.lock().map.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -618,7 +671,7 @@ impl Engine {
         let mut keys = 0;
         let mut sum = 0i64;
         for s in self.shards.iter() {
-            for e in s.lock().map.values() {
+            for e in s.lock.lock().map.values() {
                 if e.flags != 0 {
                     keys += 1;
                     sum = sum.saturating_add(e.pending.saturating_add(e.inflight));
@@ -632,7 +685,7 @@ impl Engine {
     pub fn snapshot(&self) -> Vec<(Bytes, i64)> {
         let mut out = Vec::new();
         for s in self.shards.iter() {
-            for (k, e) in s.lock().map.iter() {
+            for (k, e) in s.lock.lock().map.iter() {
                 if let Some(v) = e.value() {
                     out.push((Bytes::copy_from_slice(k), v));
                 }
@@ -685,10 +738,11 @@ impl Engine {
 
     /// Moves every buffered log record into `out` (a log commit).
     pub(crate) fn drain_logs(&self, out: &mut Vec<u8>) {
-        for s in self.shards.iter() {
-            let mut s = s.lock();
-            if !s.log.is_empty() {
+        for cell in self.shards.iter() {
+            if cell.has_log.load(Ordering::SeqCst) {
+                let mut s = cell.lock.lock();
                 out.append(&mut s.log);
+                cell.has_log.store(false, Ordering::SeqCst);
             }
         }
     }
@@ -697,7 +751,7 @@ impl Engine {
     /// the buffered records (they belong before the cut) and computes, per key, the deltas
     /// not covered by a logged unapplied batch.
     pub(crate) fn cut(&self, unapplied: &wal::Unapplied) -> (Vec<u8>, Vec<(Bytes, i64)>) {
-        let mut guards: Vec<_> = self.shards.iter().map(|s| s.lock()).collect();
+        let mut guards: Vec<_> = self.shards.iter().map(|c| c.lock.lock()).collect();
         let mut tail = Vec::new();
         let mut covered: HashMap<&[u8], i64> = HashMap::new();
         for (_, items) in unapplied.values() {
@@ -706,8 +760,9 @@ impl Engine {
             }
         }
         let mut pending = Vec::new();
-        for g in guards.iter_mut() {
+        for (g, cell) in guards.iter_mut().zip(self.shards.iter()) {
             tail.append(&mut g.log);
+            cell.has_log.store(false, Ordering::SeqCst);
             for (k, e) in g.map.iter() {
                 if e.flags == 0 {
                     continue;
@@ -784,6 +839,21 @@ pub fn spawn_background(
     cache_ttl: Duration,
     mut shutdown: crate::shutdown::Shutdown,
 ) {
+    let clock = Arc::downgrade(&engine);
+    let mut clock_stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(2));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = clock_stop.wait() => return,
+            }
+            match clock.upgrade() {
+                Some(e) => e.tick_clock(),
+                None => return,
+            }
+        }
+    });
     if engine.is_memory_mode() {
         return;
     }

@@ -82,14 +82,21 @@ struct Meta {
     unapplied: Unapplied,
 }
 
+/// The log could not be written or synced; nothing appended since can be acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalFailed;
+
 pub struct Wal {
     dir: PathBuf,
     fsync: Fsync,
     segment_bytes: u64,
-    /// Records appended to any buffer; a commit makes everything up to it durable.
-    appended: AtomicU64,
-    written: AtomicU64,
-    synced: AtomicU64,
+    /// Drains started, numbered from 1. A drain covers every record appended before it
+    /// started, so a committer waits for a drain numbered above what it read after
+    /// appending; no counter is touched per record.
+    started: AtomicU64,
+    /// The highest drain whose bytes are durable for the fsync mode.
+    done: AtomicU64,
+    failed: std::sync::atomic::AtomicBool,
     meta: Mutex<Meta>,
     segment: tokio::sync::Mutex<Segment>,
     /// Lanes hold it (shared) from taking deltas to logging the batch, and from logging
@@ -179,9 +186,9 @@ impl Wal {
             dir,
             fsync: cfg.fsync,
             segment_bytes: cfg.segment_bytes,
-            appended: AtomicU64::new(0),
-            written: AtomicU64::new(0),
-            synced: AtomicU64::new(0),
+            started: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            failed: std::sync::atomic::AtomicBool::new(false),
             meta: Mutex::new(Meta {
                 buf: Vec::new(),
                 unapplied: rec.unapplied.clone(),
@@ -202,30 +209,25 @@ impl Wal {
         let _ = self.engine.set(Arc::downgrade(engine));
     }
 
-    /// Counts a record the engine appended to one of its buffers.
-    pub fn note_append(&self) {
-        self.appended.fetch_add(1, Ordering::Release);
-    }
-
-    fn durable(&self) -> u64 {
-        match self.fsync {
-            Fsync::Always => self.synced.load(Ordering::Acquire),
-            _ => self.written.load(Ordering::Acquire),
-        }
-    }
-
-    /// Makes every record appended so far durable for the configured fsync mode: written
-    /// to the OS, and with `always` synced. Concurrent callers share one write and sync.
-    pub async fn commit(&self) {
-        let target = self.appended.load(Ordering::Acquire);
-        if self.durable() >= target {
-            return;
+    /// Makes every record appended so far (by this caller, before the call) durable for
+    /// the configured fsync mode: written to the OS, and with `always` synced. Concurrent
+    /// callers share one write and one sync (group commit).
+    ///
+    /// An error means the log can no longer be trusted: the caller must not acknowledge
+    /// what it appended, and from then on the engine refuses increments (see `failed`).
+    pub async fn commit(&self) -> Result<(), WalFailed> {
+        let ticket = self.started.load(Ordering::SeqCst);
+        if self.done.load(Ordering::SeqCst) > ticket {
+            return Ok(());
         }
         let mut seg = self.segment.lock().await;
-        if self.durable() >= target {
-            return;
+        if self.done.load(Ordering::SeqCst) > ticket {
+            return Ok(());
         }
-        let upto = self.appended.load(Ordering::Acquire);
+        if self.failed() {
+            return Err(WalFailed);
+        }
+        let n = self.started.fetch_add(1, Ordering::SeqCst) + 1;
         let mut buf = Vec::new();
         if let Some(engine) = self.engine.get().and_then(Weak::upgrade) {
             engine.drain_logs(&mut buf);
@@ -233,38 +235,54 @@ impl Wal {
         buf.append(&mut self.meta.lock().buf);
         if !buf.is_empty() {
             if let Err(e) = (&*seg.file).write_all(&buf) {
-                // Nothing sensible is left: acknowledging would be a lie.
-                tracing::error!(error = %e, "write-ahead log write failed; stopping");
-                std::process::exit(70);
+                return Err(self.fail("write", &e));
             }
             seg.size += buf.len() as u64;
             self.stats
                 .bytes
                 .fetch_add(buf.len() as u64, Ordering::Relaxed);
             self.stats.writes.fetch_add(1, Ordering::Relaxed);
+            if self.fsync == Fsync::Always {
+                self.sync_file(seg.file.clone()).await?;
+            }
         }
-        self.written.fetch_max(upto, Ordering::Release);
-        if self.fsync == Fsync::Always {
-            self.sync_file(seg.file.clone()).await;
-            self.synced.fetch_max(upto, Ordering::Release);
-        }
+        self.done.store(n, Ordering::SeqCst);
+        Ok(())
     }
 
-    async fn sync_file(&self, file: Arc<File>) {
+    /// Whether a write or sync has failed: the log is then closed for good (until restart).
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    fn fail(&self, what: &str, e: &dyn std::fmt::Display) -> WalFailed {
+        if !self.failed.swap(true, Ordering::Relaxed) {
+            tracing::error!(error = %e, "write-ahead log {what} failed; increments are refused from now on");
+        }
+        WalFailed
+    }
+
+    async fn sync_file(&self, file: Arc<File>) -> Result<(), WalFailed> {
         let t = Instant::now();
-        let r = tokio::task::spawn_blocking(move || file.sync_data()).await;
-        if !matches!(r, Ok(Ok(()))) {
-            tracing::error!("write-ahead log fsync failed; stopping");
-            std::process::exit(70);
+        match tokio::task::spawn_blocking(move || file.sync_data()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(self.fail("fsync", &e)),
+            Err(e) => return Err(self.fail("fsync", &e)),
         }
         self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
         self.stats
             .fsync_micros
             .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Logs a batch before it is sent, and makes it durable.
-    pub async fn log_batch(&self, seq: u64, shard: &str, items: &[(Bytes, Option<i64>)]) {
+    pub async fn log_batch(
+        &self,
+        seq: u64,
+        shard: &str,
+        items: &[(Bytes, Option<i64>)],
+    ) -> Result<(), WalFailed> {
         let deltas: Vec<(Bytes, i64)> = items
             .iter()
             .filter_map(|(k, d)| d.map(|d| (k.clone(), d)))
@@ -273,9 +291,8 @@ impl Wal {
             let mut m = self.meta.lock();
             encode_batch(&mut m.buf, seq, shard, &deltas);
             m.unapplied.insert(seq, (shard.to_string(), deltas));
-            self.appended.fetch_add(1, Ordering::Release);
         }
-        self.commit().await;
+        self.commit().await
     }
 
     /// Records that a batch landed. Durable with the next commit; losing it only means
@@ -286,7 +303,6 @@ impl Wal {
         rec.extend_from_slice(&seq.to_le_bytes());
         frame(&mut m.buf, APPLIED, &rec);
         m.unapplied.remove(&seq);
-        self.appended.fetch_add(1, Ordering::Release);
     }
 
     pub fn unapplied(&self) -> Unapplied {
@@ -294,22 +310,17 @@ impl Wal {
     }
 
     /// Writes what is buffered and syncs it, whatever the mode (shutdown).
-    pub fn sync_now(&self) {
-        if let Ok(seg) = self.segment.try_lock() {
-            let mut buf = Vec::new();
-            if let Some(engine) = self.engine.get().and_then(Weak::upgrade) {
-                engine.drain_logs(&mut buf);
-            }
-            buf.append(&mut self.meta.lock().buf);
-            let _ = (&*seg.file).write_all(&buf);
-            let _ = seg.file.sync_data();
-        }
+    pub async fn sync_now(&self) {
+        let _ = self.commit().await;
+        let file = self.segment.lock().await.file.clone();
+        let _ = self.sync_file(file).await;
     }
 
     /// Starts a new segment with a checkpoint and deletes the older ones.
     pub async fn checkpoint(&self, engine: &Engine) -> std::io::Result<()> {
         let _gate = self.lane_gate.write().await;
         let mut seg = self.segment.lock().await;
+        let n = self.started.fetch_add(1, Ordering::SeqCst) + 1;
         let (tail, cp) = {
             let meta = &mut *self.meta.lock();
             let (mut tail, pending) = engine.cut(&meta.unapplied);
@@ -321,7 +332,6 @@ impl Wal {
             );
             (tail, cp)
         };
-        let upto = self.appended.load(Ordering::Acquire);
         (&*seg.file).write_all(&tail)?;
         let old = seg.file.clone();
         let index = seg.index + 1;
@@ -333,16 +343,15 @@ impl Wal {
             index,
             size: cp.len() as u64,
         };
-        self.written.fetch_max(upto, Ordering::Release);
         let new = seg.file.clone();
-        drop(seg);
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             old.sync_data()?;
             new.sync_data()
         })
         .await
         .map_err(std::io::Error::other)??;
-        self.synced.fetch_max(upto, Ordering::Release);
+        self.done.store(n, Ordering::SeqCst);
+        drop(seg);
         sync_dir(&self.dir);
         for (i, p) in segments(&self.dir)? {
             if i < index {
@@ -373,11 +382,9 @@ impl Wal {
                     _ = shutdown.wait() => return,
                 }
                 if wal.fsync == Fsync::Everysec {
-                    wal.commit().await;
+                    let _ = wal.commit().await;
                     let file = wal.segment.lock().await.file.clone();
-                    let upto = wal.written.load(Ordering::Acquire);
-                    wal.sync_file(file).await;
-                    wal.synced.fetch_max(upto, Ordering::Release);
+                    let _ = wal.sync_file(file).await;
                 }
                 let size = wal.segment.lock().await.size;
                 if size > wal.segment_bytes {

@@ -65,6 +65,12 @@ pub fn render(ctx: &Context) -> String {
         m.protocol_errors.load(Relaxed) as f64,
     );
     o.one(
+        "shard_state_changes_total",
+        "counter",
+        "Shard up/down transitions seen by health checks.",
+        m.shard_transitions.load(Relaxed) as f64,
+    );
+    o.one(
         "http_requests_total",
         "counter",
         "HTTP requests served by the sidecar.",
@@ -133,7 +139,7 @@ pub fn render(ctx: &Context) -> String {
         "counter_increments_total",
         "counter",
         "Increments received (RESP and HTTP).",
-        s.increments.load(Relaxed) as f64,
+        e.increments() as f64,
     );
     o.one(
         "counter_backend_writes_total",

@@ -123,7 +123,7 @@ pub async fn route(req: Request<Incoming>, ctx: &Context, peer: SocketAddr) -> R
             if !peer.ip().is_loopback() {
                 return error(
                     StatusCode::FORBIDDEN,
-                    "admin endpoints answer loopback peers only",
+                    "shutdown is accepted from loopback peers only",
                 );
             }
             tracing::info!(%peer, "shutdown requested over http");
@@ -190,13 +190,18 @@ async fn post_visit(ctx: &Context, key: Bytes) -> Resp {
         Err(IncrError::Unavailable(_)) => match engine.incr_blind(&key, 1) {
             Incr::Value(v) => Ok((v, false)),
             Incr::Pending => {
-                commit(ctx).await;
+                if commit(ctx).await.is_err() {
+                    return log_failed();
+                }
                 return json_response(
                     StatusCode::ACCEPTED,
                     json!({"visits": null, "pending": true}),
                 );
             }
-            Incr::Refused(m) => Err(IncrError::Unavailable(m.to_string())),
+            Incr::Refused(m) if m.starts_with("TRYAGAIN") => {
+                Err(IncrError::Unavailable(m.to_string()))
+            }
+            Incr::Refused(m) => Err(IncrError::Refused(m.to_string())),
             Incr::NeedBase => Err(IncrError::Unavailable(format!(
                 "TRYAGAIN shard {} is unavailable",
                 engine.owner_name(&key)
@@ -204,7 +209,9 @@ async fn post_visit(ctx: &Context, key: Bytes) -> Resp {
         },
         other => other,
     };
-    commit(ctx).await;
+    if commit(ctx).await.is_err() {
+        return log_failed();
+    }
     match result {
         Ok((v, from_shard)) => {
             let via = if from_shard {
@@ -220,10 +227,15 @@ async fn post_visit(ctx: &Context, key: Bytes) -> Resp {
 }
 
 /// Makes the log durable before the reply, as the RESP path does.
-async fn commit(ctx: &Context) {
-    if let Some(w) = &ctx.engine.wal {
-        w.commit().await;
+async fn commit(ctx: &Context) -> Result<(), crate::counter::wal::WalFailed> {
+    match &ctx.engine.wal {
+        Some(w) => w.commit().await,
+        None => Ok(()),
     }
+}
+
+fn log_failed() -> Resp {
+    error(StatusCode::SERVICE_UNAVAILABLE, crate::counter::LOG_FAILED)
 }
 
 async fn get_visits(ctx: &Context, key: Bytes) -> Resp {

@@ -106,8 +106,7 @@ fn parse_multibulk(buf: &mut BytesMut, lim: &Limits) -> Result<Option<Vec<Bytes>
         return perr("invalid multibulk length");
     }
     let n = n as usize;
-    // Ranges first: the frame is only cut out of the buffer once it is whole.
-    let mut ranges: Vec<(usize, usize)> = Vec::with_capacity(n.min(64));
+    // First pass: check every header and find where the frame ends, storing nothing.
     let mut claimed: usize = 0;
     for _ in 0..n {
         match buf.get(pos) {
@@ -137,13 +136,26 @@ fn parse_multibulk(buf: &mut BytesMut, lim: &Limits) -> Result<Option<Vec<Bytes>
         if &buf[end..end + 2] != b"\r\n" {
             return perr("bulk string not terminated by CRLF");
         }
-        ranges.push((start, end));
         pos = end + 2;
     }
+    // Second pass over the now whole frame: slice the arguments out (headers are valid).
     let frame = buf.split_to(pos).freeze();
-    Ok(Some(
-        ranges.into_iter().map(|(s, e)| frame.slice(s..e)).collect(),
-    ))
+    let mut args = Vec::with_capacity(n);
+    let mut at = frame
+        .iter()
+        .position(|&b| b == b'\n')
+        .expect("header checked")
+        + 1;
+    for _ in 0..n {
+        let (len, start) = header(&frame, at + 1)
+            .ok()
+            .flatten()
+            .expect("header checked");
+        let end = start + len as usize;
+        args.push(frame.slice(start..end));
+        at = end + 2;
+    }
+    Ok(Some(args))
 }
 
 fn parse_inline(buf: &mut BytesMut, lim: &Limits) -> Result<Option<Vec<Bytes>>, ProtocolError> {

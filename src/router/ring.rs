@@ -8,7 +8,8 @@
 //! Owns placement only: no sockets, no health. A down shard keeps its points (counts are never
 //! split across shards by remapping).
 
-/// A shard as the ring sees it: an index into the router's shard table and its ring identity.
+/// A shard as the ring sees it: its name (hashed into points) and weight. `locate` answers
+/// with the node's index in the list given to [`Ring::new`].
 #[derive(Debug, Clone)]
 pub struct Node {
     /// The name hashed into points; stable across restarts and proxies.
@@ -85,7 +86,8 @@ impl Ring {
     }
 }
 
-/// The part of a key that is hashed: the first non-empty `{...}` tag, or the whole key.
+/// The part of a key that is hashed, by Redis Cluster's rule: between the first `{` and the
+/// next `}` when that is not empty; otherwise the whole key.
 pub fn hash_slice(key: &[u8]) -> &[u8] {
     if let Some(open) = key.iter().position(|&b| b == b'{') {
         if let Some(len) = key[open + 1..].iter().position(|&b| b == b'}') {

@@ -218,7 +218,7 @@ pub fn config(shards: &[&Redis], wal: &TempDir) -> Config {
         toml.push_str(&format!("[[shards]]\naddr = \"{}\"\n", s.addr()));
     }
     toml.push_str(&format!(
-        "[backend]\ntimeout = \"500ms\"\nhealth_interval = \"100ms\"\nhealth_failures = 2\n\
+        "[backend]\ntimeout = \"2s\"\nhealth_interval = \"100ms\"\nhealth_failures = 2\n\
          [counters]\nflush_interval = \"1h\"\ncache_ttl = \"5s\"\n\
          [durability]\nwal_dir = \"{}\"\n",
         wal.path().display()
