@@ -16,14 +16,13 @@
 //! (`counter`) or sockets to shards (`backend`).
 
 use crate::backend::{encode_command, BackendError, Reply, Shard};
-use crate::command::{self, CounterOp, Kind, Merge, Spec};
+use crate::command::{self, CounterOp, Kind};
 use crate::counter::lane::{KeyValue, LaneError};
 use crate::counter::{Cached, Engine, Incr, NOT_INTEGER};
 use crate::resp::{parse_request, reply};
 use crate::server::Context;
 use crate::shutdown::Shutdown;
 use bytes::{Bytes, BytesMut};
-use redis_protocol::resp2::types::BytesFrame;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -36,10 +35,10 @@ use tokio::time::Instant;
 type Task = Pin<Box<dyn Future<Output = BytesMut> + Send>>;
 /// A barrier task's future, for the parts that build one (`local`).
 pub type PendingTask = Task;
-type BackendRx = oneshot::Receiver<Result<Reply, BackendError>>;
+pub(crate) type BackendRx = oneshot::Receiver<Result<Reply, BackendError>>;
 
 /// A reply not yet written, in request order.
-enum Pending {
+pub(crate) enum Pending {
     Ready(Bytes),
     /// A forwarded command in flight on the client's connection to `shard`.
     Forward {
@@ -50,10 +49,12 @@ enum Pending {
     },
     /// A barrier: runs when everything before it is done.
     Task(Task),
+    /// A multi-key command whose pieces are in flight (not a barrier; see `multi`).
+    Gather(crate::multi::Gather),
 }
 
 /// What to do with the engine once a forwarded reply is in.
-enum After {
+pub(crate) enum After {
     Nothing,
     /// The command may have changed a counter key: forget its cached base.
     Invalidate(Bytes),
@@ -202,6 +203,7 @@ async fn resolve(p: Pending, ctx: &Context, out: &mut BytesMut) {
     match p {
         Pending::Ready(b) => out.extend_from_slice(&b),
         Pending::Task(t) => out.extend_from_slice(&t.await),
+        Pending::Gather(g) => out.extend_from_slice(&crate::multi::finish(g, ctx).await),
         Pending::Forward {
             rx,
             shard,
@@ -226,7 +228,7 @@ async fn resolve(p: Pending, ctx: &Context, out: &mut BytesMut) {
     }
 }
 
-async fn await_reply(
+pub(crate) async fn await_reply(
     rx: Option<BackendRx>,
     shard: &Shard,
     sent: Instant,
@@ -249,7 +251,7 @@ async fn await_reply(
 }
 
 /// Queues `frame` on the client's connection to `shard` (None: the shard is known down).
-fn send(shard: &Arc<Shard>, client: u64, frame: Bytes) -> Option<BackendRx> {
+pub(crate) fn send(shard: &Arc<Shard>, client: u64, frame: Bytes) -> Option<BackendRx> {
     shard.stats.requests.fetch_add(1, Ordering::Relaxed);
     shard.send(client, frame)
 }
@@ -270,13 +272,13 @@ async fn call(shard: &Arc<Shard>, client: u64, args: &[Bytes]) -> Result<Reply, 
     await_reply(rx, shard, sent).await
 }
 
-fn error_bytes(msg: &str) -> BytesMut {
+pub(crate) fn error_bytes(msg: &str) -> BytesMut {
     let mut o = BytesMut::new();
     reply::error(&mut o, msg);
     o
 }
 
-const MEMORY_MODE: &str = "ERR only counter commands (GET, MGET, INCR, INCRBY, DECR, DECRBY) are served in memory mode: no shards are configured";
+pub(crate) const MEMORY_MODE: &str = "ERR only counter commands (GET, MGET, INCR, INCRBY, DECR, DECRBY) are served in memory mode: no shards are configured";
 
 /// Runs or starts one command. Immediate replies go to `out`; anything that must wait is
 /// returned as a [`Pending`].
@@ -324,7 +326,7 @@ fn dispatch(
             }
             counter(ctx, client, op, args, out)
         }
-        Kind::Multi(m) => multi(ctx, client, spec, m, args, out),
+        Kind::Multi(m) => crate::multi::dispatch(ctx, client, spec, m, args, out),
     }
 }
 
@@ -504,7 +506,7 @@ fn get(
 }
 
 /// GET of a counter key through its lane (landing its delta), written as Redis would.
-async fn write_counter_read(engine: &Engine, key: &Bytes, o: &mut BytesMut) {
+pub(crate) async fn write_counter_read(engine: &Engine, key: &Bytes, o: &mut BytesMut) {
     let land = engine.has_unflushed(key);
     let read = if engine.owner_up(key) {
         engine.refresh(key, land).await
@@ -524,214 +526,6 @@ async fn write_counter_read(engine: &Engine, key: &Bytes, o: &mut BytesMut) {
             Some(Some(v)) => reply::bulk_int(o, v),
             _ => reply::null(o),
         },
-    }
-}
-
-/// MGET, MSET, DEL, UNLINK, EXISTS, TOUCH: split by shard, sent in parallel, merged.
-fn multi(
-    ctx: &Arc<Context>,
-    client: &Client,
-    spec: &'static Spec,
-    merge: Merge,
-    args: Vec<Bytes>,
-    out: &mut BytesMut,
-) -> Option<Pending> {
-    if merge == Merge::Pairs && args.len().is_multiple_of(2) {
-        reply::error(out, &command::arity_error(spec.name));
-        return None;
-    }
-    let topo = ctx.router.topology();
-    if topo.is_empty() {
-        if merge != Merge::Values {
-            reply::error(out, MEMORY_MODE);
-            return None;
-        }
-        reply::array(out, args.len() - 1);
-        for k in &args[1..] {
-            match ctx.engine.cached(k) {
-                Cached::Hit(Some(v)) => reply::bulk_int(out, v),
-                _ => reply::null(out),
-            }
-        }
-        return None;
-    }
-    let ctx = ctx.clone();
-    let id = client.id;
-    Some(Pending::Task(Box::pin(async move {
-        run_multi(&ctx, id, spec, merge, args).await
-    })))
-}
-
-async fn run_multi(
-    ctx: &Context,
-    client: u64,
-    spec: &'static Spec,
-    merge: Merge,
-    args: Vec<Bytes>,
-) -> BytesMut {
-    let topo = ctx.router.topology();
-    let engine = &ctx.engine;
-    let step = if merge == Merge::Pairs { 2 } else { 1 };
-    let keys: Vec<usize> = (1..args.len()).step_by(step).collect();
-    let mut out = BytesMut::new();
-
-    if merge == Merge::Values {
-        let epoch = engine.invalidation_epoch();
-        // Counter keys answer from the cache or their lane; the rest go as one MGET per shard.
-        let mut values: Vec<Option<Bytes>> = vec![None; keys.len()];
-        let mut plain: Vec<Vec<usize>> = vec![Vec::new(); topo.shards.len()];
-        let mut lane_reads = Vec::new();
-        for (slot, &i) in keys.iter().enumerate() {
-            let k = &args[i];
-            if engine.is_batched(k) {
-                match engine.cached(k) {
-                    Cached::Hit(v) => {
-                        let mut o = BytesMut::new();
-                        match v {
-                            Some(v) => reply::bulk_int(&mut o, v),
-                            None => reply::null(&mut o),
-                        }
-                        values[slot] = Some(o.freeze());
-                        continue;
-                    }
-                    Cached::Stale => {
-                        lane_reads.push(slot);
-                        continue;
-                    }
-                    Cached::Absent => {}
-                }
-            }
-            plain[topo.shard_index(k)].push(slot);
-        }
-        let lane_futs = lane_reads.iter().map(|&slot| {
-            let k = args[keys[slot]].clone();
-            async move {
-                let mut o = BytesMut::new();
-                write_counter_read(engine, &k, &mut o).await;
-                (slot, o.freeze())
-            }
-        });
-        let shard_futs =
-            plain
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| !s.is_empty())
-                .map(|(si, slots)| {
-                    let shard = topo.shards[si].clone();
-                    let mut cmd = vec![Bytes::from_static(b"MGET")];
-                    cmd.extend(slots.iter().map(|&s| args[keys[s]].clone()));
-                    async move { (slots, shard.clone(), call(&shard, client, &cmd).await) }
-                });
-        let (lane_done, shard_done) = tokio::join!(join_all(lane_futs), join_all(shard_futs));
-        for (slot, v) in lane_done {
-            values[slot] = Some(v);
-        }
-        for (slots, shard, res) in shard_done {
-            match res {
-                Ok(Reply {
-                    frame: BytesFrame::Array(items),
-                    ..
-                }) if items.len() == slots.len() => {
-                    for (&slot, item) in slots.iter().zip(items) {
-                        let k = &args[keys[slot]];
-                        if engine.is_batched(k) {
-                            engine.offer_read(k, &item, epoch);
-                        }
-                        let mut o = BytesMut::new();
-                        encode_frame(&mut o, &item);
-                        values[slot] = Some(o.freeze());
-                    }
-                }
-                Ok(r) if r.error().is_some() => return BytesMut::from(&r.raw[..]),
-                Ok(_) => {
-                    return error_bytes(&format!(
-                        "ERR unexpected MGET reply from shard {}",
-                        shard.name
-                    ))
-                }
-                Err(e) => return error_bytes(&e.client_message(&shard.name)),
-            }
-        }
-        reply::array(&mut out, values.len());
-        for v in values {
-            out.extend_from_slice(&v.expect("every MGET slot is filled"));
-        }
-        return out;
-    }
-
-    // Writes and existence checks: land unflushed counter deltas first, then split.
-    let to_land: Vec<Bytes> = keys
-        .iter()
-        .map(|&i| args[i].clone())
-        .filter(|k| engine.is_batched(k) && engine.has_unflushed(k))
-        .collect();
-    let landed = join_all(to_land.iter().map(|k| engine.land(k))).await;
-    for (k, r) in to_land.iter().zip(landed) {
-        if let Err(e) = r {
-            return error_bytes(&e.client_message(&topo.shard_for(k).name));
-        }
-    }
-    let mut per_shard: Vec<Vec<usize>> = vec![Vec::new(); topo.shards.len()];
-    for &i in &keys {
-        per_shard[topo.shard_index(&args[i])].push(i);
-        if engine.is_batched(&args[i]) {
-            engine.invalidate(&args[i]);
-        }
-    }
-    let name = Bytes::copy_from_slice(spec.name.to_uppercase().as_bytes());
-    let futs = per_shard
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| !s.is_empty())
-        .map(|(si, idx)| {
-            let shard = topo.shards[si].clone();
-            let mut cmd = vec![name.clone()];
-            for &i in idx {
-                cmd.push(args[i].clone());
-                if merge == Merge::Pairs {
-                    cmd.push(args[i + 1].clone());
-                }
-            }
-            async move { (shard.clone(), call(&shard, client, &cmd).await) }
-        });
-    let results = join_all(futs).await;
-    for &i in &keys {
-        if engine.is_batched(&args[i]) {
-            engine.invalidate(&args[i]);
-        }
-    }
-    let mut sum = 0i64;
-    for (shard, res) in results {
-        match res {
-            Ok(r) => match (&r.frame, merge) {
-                (BytesFrame::Integer(n), Merge::Sum) => sum += n,
-                (BytesFrame::SimpleString(_), Merge::Pairs) => {}
-                _ => return BytesMut::from(&r.raw[..]),
-            },
-            Err(e) => return error_bytes(&e.client_message(&shard.name)),
-        }
-    }
-    match merge {
-        Merge::Sum => reply::int(&mut out, sum),
-        _ => reply::ok(&mut out),
-    }
-    out
-}
-
-/// Encodes a decoded frame back to RESP2 (for the pieces of a merged MGET).
-fn encode_frame(out: &mut BytesMut, f: &BytesFrame) {
-    match f {
-        BytesFrame::SimpleString(s) => reply::simple(out, &String::from_utf8_lossy(s)),
-        BytesFrame::Error(e) => reply::error(out, e),
-        BytesFrame::Integer(i) => reply::int(out, *i),
-        BytesFrame::BulkString(b) => reply::bulk(out, b),
-        BytesFrame::Null => reply::null(out),
-        BytesFrame::Array(items) => {
-            reply::array(out, items.len());
-            for i in items {
-                encode_frame(out, i);
-            }
-        }
     }
 }
 

@@ -7,6 +7,7 @@
 //! - [`connection`]: one client: requests in, dispatch, replies out in order.
 //! - [`resp`]: request framing (with its size guard) and reply encoding.
 //! - [`command`]: the command table: arity and what each command is to the proxy.
+//! - [`multi`]: multi-key commands split by shard and merged.
 //! - [`local`]: commands answered by the proxy (PING, HELLO, COMMAND, INFO, ...).
 //! - [`counter`]: merged increments, the read cache, exactly-once flushes, the log.
 //! - [`router`]: the ketama ring and the current shard list.
@@ -25,6 +26,7 @@ pub mod http;
 pub mod info;
 pub mod local;
 pub mod metrics;
+pub mod multi;
 pub mod resp;
 pub mod router;
 pub mod server;

@@ -1,0 +1,298 @@
+//! Multi-key commands: MGET, MSET, DEL, UNLINK, EXISTS, TOUCH split by shard, sent in
+//! parallel, merged (values in key order, integers summed, `+OK` when every shard says so).
+//!
+//! The common case is not a barrier: when no key needs its lane (MGET keys are cached or
+//! unknown to the engine; writes touch no key with unflushed increments), the per-shard
+//! pieces are queued at dispatch on the client's own connections, in order with its other
+//! commands, and merged when the reply's turn comes ([`Gather`]). Otherwise the command
+//! runs as a barrier task: lane reads or landings first, then the same pieces.
+//!
+//! Owns splitting and merging. Does not own the per-key counter semantics (`counter`) or
+//! the connection's ordering rules (`connection`).
+
+use crate::backend::{encode_command, BackendError, Reply, Shard};
+use crate::command::{self, Merge, Spec};
+use crate::connection::{
+    await_reply, error_bytes, send, write_counter_read, BackendRx, Client, Pending, MEMORY_MODE,
+};
+use crate::counter::Cached;
+use crate::resp::reply;
+use crate::router::Topology;
+use crate::server::Context;
+use bytes::{Bytes, BytesMut};
+use redis_protocol::resp2::types::BytesFrame;
+use std::sync::Arc;
+use tokio::time::Instant;
+
+/// A multi-key command in flight: its pieces, and what is already known.
+pub struct Gather {
+    merge: Merge,
+    /// The key of each slot (one slot per key, in request order).
+    keys: Vec<Bytes>,
+    /// Values known before any piece returns (MGET of cached counter keys).
+    values: Vec<Option<Bytes>>,
+    parts: Vec<Part>,
+    /// Invalidation epoch when the pieces were sent (see `Engine::offer_read`).
+    epoch: u64,
+}
+
+struct Part {
+    shard: Arc<Shard>,
+    rx: Option<BackendRx>,
+    sent: Instant,
+    slots: Vec<usize>,
+}
+
+/// Where each key goes: answered now, through its lane, or as a plain piece per shard.
+struct Plan {
+    keys: Vec<Bytes>,
+    values: Vec<Option<Bytes>>,
+    lane: Vec<usize>,
+    per_shard: Vec<Vec<usize>>,
+}
+
+fn plan(ctx: &Context, topo: &Topology, merge: Merge, args: &[Bytes]) -> Plan {
+    let step = if merge == Merge::Pairs { 2 } else { 1 };
+    let keys: Vec<Bytes> = args[1..].iter().step_by(step).cloned().collect();
+    let mut p = Plan {
+        values: vec![None; keys.len()],
+        lane: Vec::new(),
+        per_shard: vec![Vec::new(); topo.shards.len()],
+        keys,
+    };
+    let engine = &ctx.engine;
+    for (slot, k) in p.keys.iter().enumerate() {
+        if engine.is_batched(k) {
+            if merge == Merge::Values {
+                match engine.cached(k) {
+                    Cached::Hit(v) => {
+                        let mut o = BytesMut::new();
+                        match v {
+                            Some(v) => reply::bulk_int(&mut o, v),
+                            None => reply::null(&mut o),
+                        }
+                        p.values[slot] = Some(o.freeze());
+                        continue;
+                    }
+                    Cached::Stale => {
+                        p.lane.push(slot);
+                        continue;
+                    }
+                    Cached::Absent => {}
+                }
+            } else if engine.has_unflushed(k) {
+                p.lane.push(slot);
+            }
+        }
+        p.per_shard[topo.shard_index(k)].push(slot);
+    }
+    p
+}
+
+/// Queues one piece per shard on the client's connections.
+fn send_parts(
+    ctx: &Context,
+    client: u64,
+    topo: &Topology,
+    spec: &Spec,
+    merge: Merge,
+    args: &[Bytes],
+    p: Plan,
+) -> Gather {
+    let name = Bytes::copy_from_slice(spec.name.to_ascii_uppercase().as_bytes());
+    let epoch = ctx.engine.invalidation_epoch();
+    if merge != Merge::Values {
+        for k in &p.keys {
+            if ctx.engine.is_batched(k) {
+                ctx.engine.invalidate(k);
+            }
+        }
+    }
+    let parts = p
+        .per_shard
+        .into_iter()
+        .enumerate()
+        .filter(|(_, slots)| !slots.is_empty())
+        .map(|(si, slots)| {
+            let shard = topo.shards[si].clone();
+            let mut cmd = Vec::with_capacity(1 + slots.len() * 2);
+            cmd.push(name.clone());
+            for &s in &slots {
+                cmd.push(p.keys[s].clone());
+                if merge == Merge::Pairs {
+                    cmd.push(args[2 + 2 * s].clone());
+                }
+            }
+            Part {
+                rx: send(&shard, client, encode_command(&cmd)),
+                shard,
+                sent: Instant::now(),
+                slots,
+            }
+        })
+        .collect();
+    Gather {
+        merge,
+        keys: p.keys,
+        values: p.values,
+        parts,
+        epoch,
+    }
+}
+
+/// Starts a multi-key command: an immediate reply, a [`Gather`], or a barrier task.
+pub(crate) fn dispatch(
+    ctx: &Arc<Context>,
+    client: &Client,
+    spec: &'static Spec,
+    merge: Merge,
+    args: Vec<Bytes>,
+    out: &mut BytesMut,
+) -> Option<Pending> {
+    if merge == Merge::Pairs && args.len().is_multiple_of(2) {
+        reply::error(out, &command::arity_error(spec.name));
+        return None;
+    }
+    let topo = ctx.router.topology();
+    if topo.is_empty() {
+        if merge != Merge::Values {
+            reply::error(out, MEMORY_MODE);
+            return None;
+        }
+        reply::array(out, args.len() - 1);
+        for k in &args[1..] {
+            match ctx.engine.cached(k) {
+                Cached::Hit(Some(v)) => reply::bulk_int(out, v),
+                _ => reply::null(out),
+            }
+        }
+        return None;
+    }
+    let p = plan(ctx, &topo, merge, &args);
+    if p.lane.is_empty() && !client.writes_in_flight {
+        return Some(Pending::Gather(send_parts(
+            ctx, client.id, &topo, spec, merge, &args, p,
+        )));
+    }
+    let (ctx, id) = (ctx.clone(), client.id);
+    Some(Pending::Task(Box::pin(async move {
+        run_barrier(&ctx, id, spec, merge, args).await
+    })))
+}
+
+/// The barrier path: lane reads (MGET of stale counter keys) or landings (writes to keys
+/// with unflushed increments) first, then the pieces.
+async fn run_barrier(
+    ctx: &Context,
+    client: u64,
+    spec: &'static Spec,
+    merge: Merge,
+    args: Vec<Bytes>,
+) -> BytesMut {
+    let topo = ctx.router.topology();
+    let engine = &ctx.engine;
+    let mut p = plan(ctx, &topo, merge, &args);
+    let lane = std::mem::take(&mut p.lane);
+    if merge == Merge::Values {
+        let keys = p.keys.clone();
+        let g = send_parts(ctx, client, &topo, spec, merge, &args, p);
+        let reads = crate::connection::join_all(lane.iter().map(|&slot| {
+            let k = keys[slot].clone();
+            async move {
+                let mut o = BytesMut::new();
+                write_counter_read(engine, &k, &mut o).await;
+                (slot, o.freeze())
+            }
+        }))
+        .await;
+        let mut g = g;
+        for (slot, v) in reads {
+            g.values[slot] = Some(v);
+        }
+        return finish(g, ctx).await;
+    }
+    let landed = crate::connection::join_all(lane.iter().map(|&s| engine.land(&p.keys[s]))).await;
+    for (&s, r) in lane.iter().zip(landed) {
+        if let Err(e) = r {
+            return error_bytes(&e.client_message(&topo.shard_for(&p.keys[s]).name));
+        }
+    }
+    finish(send_parts(ctx, client, &topo, spec, merge, &args, p), ctx).await
+}
+
+/// Awaits every piece and merges the replies.
+pub(crate) async fn finish(g: Gather, ctx: &Context) -> BytesMut {
+    let engine = &ctx.engine;
+    let Gather {
+        merge,
+        keys,
+        mut values,
+        mut parts,
+        epoch,
+    } = g;
+    let mut replies: Vec<Result<Reply, BackendError>> = Vec::with_capacity(parts.len());
+    for part in &mut parts {
+        replies.push(await_reply(part.rx.take(), &part.shard, part.sent).await);
+    }
+    if merge != Merge::Values {
+        // The write may have changed counter keys: forget their bases again now it ran.
+        for k in &keys {
+            if engine.is_batched(k) {
+                engine.invalidate(k);
+            }
+        }
+    }
+    let mut out = BytesMut::new();
+    let mut sum = 0i64;
+    for (part, res) in parts.iter().zip(replies) {
+        let (shard, slots) = (&part.shard, &part.slots);
+        let r = match res {
+            Ok(r) => r,
+            Err(e) => return error_bytes(&e.client_message(&shard.name)),
+        };
+        match (merge, &r.frame) {
+            (Merge::Values, BytesFrame::Array(items)) if items.len() == slots.len() => {
+                for (&slot, item) in slots.iter().zip(items) {
+                    if engine.is_batched(&keys[slot]) {
+                        engine.offer_read(&keys[slot], item, epoch);
+                    }
+                    let mut o = BytesMut::new();
+                    encode_frame(&mut o, item);
+                    values[slot] = Some(o.freeze());
+                }
+            }
+            (Merge::Sum, BytesFrame::Integer(n)) => sum += n,
+            (Merge::Pairs, BytesFrame::SimpleString(_)) => {}
+            _ if r.error().is_some() => return BytesMut::from(&r.raw[..]),
+            _ => return error_bytes(&format!("ERR unexpected reply from shard {}", shard.name)),
+        }
+    }
+    match merge {
+        Merge::Values => {
+            reply::array(&mut out, values.len());
+            for v in values {
+                out.extend_from_slice(&v.expect("every MGET slot is filled"));
+            }
+        }
+        Merge::Sum => reply::int(&mut out, sum),
+        Merge::Pairs => reply::ok(&mut out),
+    }
+    out
+}
+
+/// Encodes a decoded frame back to RESP2 (for the pieces of a merged MGET).
+fn encode_frame(out: &mut BytesMut, f: &BytesFrame) {
+    match f {
+        BytesFrame::SimpleString(s) => reply::simple(out, &String::from_utf8_lossy(s)),
+        BytesFrame::Error(e) => reply::error(out, e),
+        BytesFrame::Integer(i) => reply::int(out, *i),
+        BytesFrame::BulkString(b) => reply::bulk(out, b),
+        BytesFrame::Null => reply::null(out),
+        BytesFrame::Array(items) => {
+            reply::array(out, items.len());
+            for i in items {
+                encode_frame(out, i);
+            }
+        }
+    }
+}
