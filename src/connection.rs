@@ -51,6 +51,14 @@ pub(crate) enum Pending {
     Task(Task),
     /// A multi-key command whose pieces are in flight (not a barrier; see `multi`).
     Gather(crate::multi::Gather),
+    /// An increment of a key whose base is being read (queued at dispatch, so that the
+    /// first touches of many keys share a round trip). Not a barrier: only later commands
+    /// on the same key wait for it.
+    Deferred {
+        key: Bytes,
+        delta: i64,
+        rx: oneshot::Receiver<Result<KeyValue, LaneError>>,
+    },
 }
 
 /// What to do with the engine once a forwarded reply is in.
@@ -74,6 +82,8 @@ pub struct Client {
     pub writes_in_flight: bool,
     /// This burst buffered an increment: its log record must be durable before replies.
     pub logged: bool,
+    /// Keys with a deferred increment in the queue; a later command on one of them waits.
+    pub deferred: Vec<Bytes>,
 }
 
 impl Client {
@@ -84,6 +94,7 @@ impl Client {
             close: false,
             writes_in_flight: false,
             logged: false,
+            deferred: Vec::new(),
         }
     }
 }
@@ -97,6 +108,9 @@ where
     let mut wbuf = BytesMut::with_capacity(16 * 1024);
     let mut queue: VecDeque<Pending> = VecDeque::new();
     let max_pipeline = ctx.config.limits.max_pipeline;
+    // A parsed command that must wait for the queue to drain (it touches a key with a
+    // deferred increment); dispatched first thing next round.
+    let mut stashed: Option<Vec<Bytes>> = None;
     loop {
         // Counted per burst, not per command: a shared counter per command would bounce
         // its cache line between cores.
@@ -108,8 +122,17 @@ where
                 more = true;
                 break;
             }
-            match parse_request(&mut rbuf, &ctx.limits) {
+            let next = match stashed.take() {
+                Some(args) => Ok(Some(args)),
+                None => parse_request(&mut rbuf, &ctx.limits),
+            };
+            match next {
                 Ok(Some(args)) if args.is_empty() => continue,
+                Ok(Some(args)) if !queue.is_empty() && touches_deferred(&client, &args) => {
+                    stashed = Some(args);
+                    more = true;
+                    break;
+                }
                 Ok(Some(args)) => {
                     commands += 1;
                     let direct = queue.is_empty();
@@ -151,6 +174,7 @@ where
             resolve(p, &ctx, &mut wbuf).await;
         }
         client.writes_in_flight = false;
+        client.deferred.clear();
         if let Some(e) = protocol_error {
             crate::metrics::global()
                 .protocol_errors
@@ -199,11 +223,54 @@ where
     let _ = stream.shutdown().await;
 }
 
+/// Whether `args` names a key that has a deferred increment in this client's queue.
+fn touches_deferred(client: &Client, args: &[Bytes]) -> bool {
+    if client.deferred.is_empty() || args.len() < 2 {
+        return false;
+    }
+    match command::lookup(&args[0]).map(|s| s.kind) {
+        None | Some(Kind::Local) | Some(Kind::Refused(_)) => return false,
+        // Another increment of the key is deferred behind the first (see `counter`).
+        Some(Kind::Counter(op)) if op != CounterOp::Get => return false,
+        _ => {}
+    }
+    // Values of MSET are compared too: a false match only costs a wait.
+    args[1..].iter().any(|a| client.deferred.contains(a))
+}
+
 async fn resolve(p: Pending, ctx: &Context, out: &mut BytesMut) {
     match p {
         Pending::Ready(b) => out.extend_from_slice(&b),
         Pending::Task(t) => out.extend_from_slice(&t.await),
         Pending::Gather(g) => out.extend_from_slice(&crate::multi::finish(g, ctx).await),
+        Pending::Deferred { key, delta, rx } => {
+            let engine = &ctx.engine;
+            let read = rx.await.unwrap_or(Err(LaneError::Unavailable));
+            let result = match read {
+                Ok(_) => match engine.try_incr(&key, delta) {
+                    Incr::Value(v) => Ok(v),
+                    Incr::Refused(m) => Err(m.to_string()),
+                    // Another round trip made the base stale again: the full path.
+                    Incr::NeedBase | Incr::Pending => {
+                        match incr_with_base(engine, &key, delta).await {
+                            Ok((v, _)) => Ok(v),
+                            Err(IncrError::Unavailable(m) | IncrError::Refused(m)) => Err(m),
+                        }
+                    }
+                },
+                Err(e) => match engine.try_incr_stale(&key, delta) {
+                    Incr::Value(v) => Ok(v),
+                    Incr::Refused(m) => Err(m.to_string()),
+                    Incr::NeedBase | Incr::Pending => {
+                        Err(e.client_message(&engine.owner_name(&key)))
+                    }
+                },
+            };
+            match result {
+                Ok(v) => reply::int(out, v),
+                Err(m) => reply::error(out, &m),
+            }
+        }
         Pending::Forward {
             rx,
             shard,
@@ -318,7 +385,7 @@ fn dispatch(
                 let (ctx, id) = (ctx.clone(), client.id);
                 return Some(Pending::Task(Box::pin(async move {
                     let mut o = BytesMut::new();
-                    if let Some(p) = counter(&ctx, &Client::new(id), op, args, &mut o) {
+                    if let Some(p) = counter(&ctx, &mut Client::new(id), op, args, &mut o) {
                         resolve(p, &ctx, &mut o).await;
                     }
                     o
@@ -371,7 +438,7 @@ fn single(
 
 fn counter(
     ctx: &Arc<Context>,
-    client: &Client,
+    client: &mut Client,
     op: CounterOp,
     args: Vec<Bytes>,
     out: &mut BytesMut,
@@ -399,7 +466,14 @@ fn counter(
             }
         }
     };
-    match ctx.engine.try_incr(key, delta) {
+    // Behind a deferred increment of the same key, an increment is deferred too, so that it
+    // cannot be applied before the one sent ahead of it.
+    let attempt = if client.deferred.contains(key) {
+        Incr::NeedBase
+    } else {
+        ctx.engine.try_incr(key, delta)
+    };
+    match attempt {
         Incr::Value(v) => {
             reply::int(out, v);
             None
@@ -407,6 +481,27 @@ fn counter(
         Incr::Refused(msg) => {
             reply::error(out, msg);
             None
+        }
+        Incr::NeedBase | Incr::Pending
+            if ctx.engine.owner_up(key) && client.deferred.len() < 256 =>
+        {
+            match ctx.engine.read_now(key, false) {
+                Some(rx) => {
+                    client.deferred.push(key.clone());
+                    Some(Pending::Deferred {
+                        key: key.clone(),
+                        delta,
+                        rx,
+                    })
+                }
+                None => {
+                    reply::error(
+                        out,
+                        &LaneError::Unavailable.client_message(&ctx.engine.owner_name(key)),
+                    );
+                    None
+                }
+            }
         }
         Incr::NeedBase | Incr::Pending => {
             let engine = ctx.engine.clone();

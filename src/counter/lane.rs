@@ -121,6 +121,18 @@ impl Lane {
 
     /// Reads `key` in the next round trip (landing its delta first when `land`).
     pub async fn request(&self, key: Bytes, land: bool) -> Result<KeyValue, LaneError> {
+        self.enqueue(key, land)
+            .await
+            .unwrap_or(Err(LaneError::Unavailable))
+    }
+
+    /// Queues a read of `key` for the next round trip now, and returns where its result
+    /// will come (requests queued together share one round trip).
+    pub fn enqueue(
+        &self,
+        key: Bytes,
+        land: bool,
+    ) -> oneshot::Receiver<Result<KeyValue, LaneError>> {
         let (tx, rx) = oneshot::channel();
         {
             let mut q = self.queue.lock();
@@ -129,7 +141,7 @@ impl Lane {
             slot.1.push(tx);
         }
         self.wake.notify_one();
-        rx.await.unwrap_or(Err(LaneError::Unavailable))
+        rx
     }
 
     /// Queues a batch recovered from the log; it goes before any new work.

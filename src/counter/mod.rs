@@ -473,6 +473,22 @@ impl Engine {
         lane.request(key.clone(), land).await
     }
 
+    /// Queues a read of `key` on its lane now (see [`Lane::enqueue`]); None in memory mode.
+    pub fn read_now(
+        &self,
+        key: &Bytes,
+        land: bool,
+    ) -> Option<tokio::sync::oneshot::Receiver<Result<KeyValue, LaneError>>> {
+        let topo = self.router.topology();
+        if topo.is_empty() {
+            return None;
+        }
+        Some(
+            self.lane(&topo.shard_for(key).name)?
+                .enqueue(key.clone(), land),
+        )
+    }
+
     /// Lands `key`'s unflushed delta on its shard (before another command runs on it).
     pub async fn land(&self, key: &Bytes) -> Result<(), LaneError> {
         if self.memory_mode || !self.has_unflushed(key) {

@@ -890,3 +890,46 @@ async fn direct_mode_keys_are_incremented_in_redis_at_once() {
     );
     assert_eq!(id.get("id:x").as_deref(), Some("13"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_touches_of_many_keys_in_one_pipeline_share_round_trips_and_keep_order() {
+    let (a, b) = (Redis::start(), Redis::start());
+    let wal = TempDir::new("first-touch");
+    let proxy = Proxy::start(config(&[&a, &b], &wal)).await;
+    let mut c = proxy.conn().await;
+    // 2,000 keys never seen, each incremented twice in one burst, with a read, a write
+    // and an increment of the same key interleaved for some: each reply as Redis would.
+    let mut burst = Vec::new();
+    for i in 0..2000 {
+        burst.extend(crate::support::encode(&["INCRBY", &format!("ft:{i}"), "5"]));
+        burst.extend(crate::support::encode(&["INCR", &format!("ft:{i}")]));
+        if i % 100 == 0 {
+            burst.extend(crate::support::encode(&["GET", &format!("ft:{i}")]));
+            burst.extend(crate::support::encode(&["SET", &format!("ft:{i}"), "10"]));
+            burst.extend(crate::support::encode(&["INCR", &format!("ft:{i}")]));
+        }
+    }
+    let started = Instant::now();
+    c.send(&burst).await;
+    for i in 0..2000 {
+        assert_eq!(c.reply().await, ":5\r\n", "ft:{i}");
+        assert_eq!(c.reply().await, ":6\r\n", "ft:{i}");
+        if i % 100 == 0 {
+            assert_eq!(c.reply().await, "$1\r\n6\r\n");
+            assert_eq!(c.reply().await, "+OK\r\n");
+            assert_eq!(c.reply().await, ":11\r\n");
+        }
+    }
+    let elapsed = started.elapsed();
+    // The reads were shared: far fewer lane round trips than keys.
+    let evals = a.calls("eval") + b.calls("eval");
+    println!("2000 first touches in one pipeline: {evals} lane round trips, {elapsed:?}");
+    assert!(evals < 400, "{evals} round trips for 2000 new keys");
+    proxy.stop().await;
+    let shards = [&a, &b];
+    for i in (0..2000).step_by(37) {
+        let k = format!("ft:{i}");
+        let want = if i % 100 == 0 { "11" } else { "6" };
+        assert_eq!(owner(&shards, &k).get(&k).as_deref(), Some(want), "{k}");
+    }
+}
