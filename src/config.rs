@@ -69,6 +69,10 @@ pub struct Config {
     pub durability: DurabilityConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub rebalance: RebalanceConfig,
+    /// Bearer token for `/admin/*`. Without one, admin routes answer loopback peers only.
+    pub admin_token: Option<String>,
     /// How long an orderly shutdown may take in all (finish commands, final flush, drain HTTP).
     #[serde(default = "defaults::shutdown_timeout")]
     pub shutdown_timeout: HumanDuration,
@@ -282,6 +286,22 @@ impl Default for DurabilityConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RebalanceConfig {
+    /// Most keys moved per second by a rebalance, so that clients keep their latency.
+    #[serde(default = "defaults::keys_per_second")]
+    pub keys_per_second: u32,
+}
+
+impl Default for RebalanceConfig {
+    fn default() -> Self {
+        RebalanceConfig {
+            keys_per_second: defaults::keys_per_second(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// `RUST_LOG`-style filter; the `RUST_LOG` environment variable wins when set.
     #[serde(default = "defaults::log_level")]
@@ -382,6 +402,9 @@ mod defaults {
     }
     pub fn wal_enabled() -> bool {
         true
+    }
+    pub fn keys_per_second() -> u32 {
+        5000
     }
     pub fn log_level() -> String {
         "info".into()
@@ -492,6 +515,14 @@ impl Config {
         }
         if c.flush_batch_keys == 0 || c.flush_batch_keys > 100_000 {
             return err("counters.flush_batch_keys must be 1-100000");
+        }
+        if self.rebalance.keys_per_second == 0 {
+            return err("rebalance.keys_per_second must be at least 1");
+        }
+        if let Some(t) = &self.admin_token {
+            if t.len() < 16 {
+                return err("admin_token must be at least 16 characters");
+            }
         }
         if self.durability.segment_bytes < 4096 {
             return err("durability.segment_bytes must be at least 4096");

@@ -411,6 +411,9 @@ fn single(
         return None;
     }
     let key = args[1].clone();
+    if let Some(t) = move_first(ctx, client, &key, &args) {
+        return Some(t);
+    }
     let shard = topo.shard_for(&key).clone();
     let engine = &ctx.engine;
     if !engine.is_batched(&key) {
@@ -433,6 +436,29 @@ fn single(
             Ok(r) => BytesMut::from(&r.raw[..]),
             Err(e) => error_bytes(&e.client_message(&shard.name)),
         }
+    })))
+}
+
+/// During a rebalance, a command on a key still (partly) on its old owner runs as a barrier
+/// that moves the key first (see `rebalance::ensure_moved`).
+fn move_first(ctx: &Arc<Context>, client: &Client, key: &Bytes, args: &[Bytes]) -> Option<Pending> {
+    if !ctx.engine.needs_move(key) {
+        return None;
+    }
+    let (ctx, id, key, args) = (ctx.clone(), client.id, key.clone(), args.to_vec());
+    Some(Pending::Task(Box::pin(async move {
+        let mut o = BytesMut::new();
+        if let Some(m) = ctx.router.migration() {
+            if let Err(e) = crate::rebalance::ensure_moved(&ctx.engine, &m, &key).await {
+                reply::error(&mut o, &e.client_message(&ctx.engine.owner_name(&key)));
+                return o;
+            }
+        }
+        let mut client = Client::new(id);
+        if let Some(p) = dispatch(&ctx, &mut client, args, &mut o) {
+            resolve(p, &ctx, &mut o).await;
+        }
+        o
     })))
 }
 
@@ -482,8 +508,12 @@ fn counter(
             reply::error(out, msg);
             None
         }
+        // Queue the base read now, so that first touches in one burst share a round trip;
+        // a key that must move first (rebalance) or a down owner takes the full path.
         Incr::NeedBase | Incr::Pending
-            if ctx.engine.owner_up(key) && client.deferred.len() < 256 =>
+            if ctx.engine.owner_up(key)
+                && client.deferred.len() < 256
+                && !ctx.engine.needs_move(key) =>
         {
             match ctx.engine.read_now(key, false) {
                 Some(rx) => {
@@ -579,7 +609,7 @@ fn get(
             reply::null(out);
             None
         }
-        Cached::Absent => {
+        Cached::Absent if !ctx.engine.needs_move(&key) => {
             let shard = ctx.router.topology().shard_for(&key).clone();
             let epoch = ctx.engine.invalidation_epoch();
             Some(forward(
@@ -589,7 +619,7 @@ fn get(
                 After::OfferRead(key, epoch),
             ))
         }
-        Cached::Stale => {
+        Cached::Stale | Cached::Absent => {
             let engine = ctx.engine.clone();
             Some(Pending::Task(Box::pin(async move {
                 let mut o = BytesMut::new();

@@ -11,6 +11,7 @@
 //! - [`local`]: commands answered by the proxy (PING, HELLO, COMMAND, INFO, ...).
 //! - [`counter`]: merged increments, the read cache, exactly-once flushes, the log.
 //! - [`router`]: the ketama ring and the current shard list.
+//! - [`rebalance`]: shards added and removed at run time, keys moved online.
 //! - [`backend`]: pipelined connections to shards, timeouts, health.
 //! - [`http`]: the sidecar: /visits, /healthz, /readyz, /metrics, /admin.
 //! - [`info`], [`metrics`]: figures for INFO and /metrics.
@@ -22,11 +23,14 @@ pub mod command;
 pub mod config;
 pub mod connection;
 pub mod counter;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod info;
 pub mod local;
 pub mod metrics;
 pub mod multi;
+pub mod rebalance;
 pub mod resp;
 pub mod router;
 pub mod server;

@@ -68,7 +68,7 @@ fn init_tracing(config: &Config, json: bool) {
     }
 }
 
-async fn serve(config: Config, _path: PathBuf) -> std::io::Result<()> {
+async fn serve(config: Config, path: PathBuf) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let http = tokio::net::TcpListener::bind(config.http_listen).await?;
     let (trigger, _) = tallyproxy::shutdown::channel();
@@ -87,5 +87,23 @@ async fn serve(config: Config, _path: PathBuf) -> std::io::Result<()> {
         }
         signals.trigger();
     });
-    tallyproxy::run(config, listener, http, trigger).await
+    // SIGHUP re-reads the config; its shard list is applied as a rebalance (other keys take
+    // effect at the next restart).
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match Config::load(&path) {
+                Ok(c) => {
+                    tracing::info!(path = %path.display(), "SIGHUP: config re-read");
+                    let _ = reload_tx.try_send(c);
+                }
+                Err(e) => tracing::error!(error = %e, "SIGHUP: config not reloaded"),
+            }
+        }
+    });
+    tallyproxy::server::run_with_reload(config, listener, http, trigger, Some(reload_rx)).await
 }

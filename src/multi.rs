@@ -169,7 +169,8 @@ pub(crate) fn dispatch(
         return None;
     }
     let p = plan(ctx, &topo, merge, &args);
-    if p.lane.is_empty() && !client.writes_in_flight {
+    let moving = p.keys.iter().any(|k| ctx.engine.needs_move(k));
+    if p.lane.is_empty() && !client.writes_in_flight && !moving {
         return Some(Pending::Gather(send_parts(
             ctx, client.id, &topo, spec, merge, &args, p,
         )));
@@ -191,6 +192,15 @@ async fn run_barrier(
 ) -> BytesMut {
     let topo = ctx.router.topology();
     let engine = &ctx.engine;
+    // During a rebalance, keys still on their old owner move first.
+    if let Some(m) = ctx.router.migration() {
+        let step = if merge == Merge::Pairs { 2 } else { 1 };
+        for k in args[1..].iter().step_by(step) {
+            if let Err(e) = crate::rebalance::ensure_moved(engine, &m, k).await {
+                return error_bytes(&e.client_message(&engine.owner_name(k)));
+            }
+        }
+    }
     let mut p = plan(ctx, &topo, merge, &args);
     let lane = std::mem::take(&mut p.lane);
     if merge == Merge::Values {

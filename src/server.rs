@@ -10,6 +10,7 @@
 
 use crate::backend::{health, Shard};
 use crate::config::Config;
+use crate::counter::wal::{Placement, ShardSpec};
 use crate::counter::{self, lane::Lane, Engine};
 use crate::resp::Limits;
 use crate::router::{Router, Topology};
@@ -31,33 +32,103 @@ pub struct Context {
     pub started_unix: u64,
     pub next_client_id: AtomicU64,
     pub shutdown: ShutdownTrigger,
+    pub rebalancer: crate::rebalance::Rebalancer,
+    /// What the log said about shards at start-up, consumed by `run`.
+    startup: parking_lot::Mutex<Option<Startup>>,
+}
+
+struct Startup {
+    configured: Vec<ShardSpec>,
+    placement: Option<Placement>,
+    moved: std::collections::HashSet<bytes::Bytes>,
+}
+
+/// Records the shard list at first start, resumes a rebalance a restart interrupted, and
+/// applies a config whose shard list differs from the recorded one, as a rebalance.
+async fn settle_shards(ctx: &Arc<Context>) {
+    let Some(st) = ctx.startup.lock().take() else {
+        return;
+    };
+    if ctx.engine.is_memory_mode() {
+        return;
+    }
+    match &st.placement {
+        Some(p) if p.migration.is_some() => {
+            crate::rebalance::resume(ctx, p, st.moved).await;
+            if p.shards != st.configured {
+                tracing::warn!("the config's shard list differs from the rebalance under way; apply it with SIGHUP once GET /admin/rebalance says done");
+            }
+        }
+        Some(p) if p.shards != st.configured => {
+            tracing::info!(
+                "the config's shard list differs from the recorded one; applying it as a rebalance"
+            );
+            if let Err(e) = crate::rebalance::change(ctx, st.configured).await {
+                tracing::error!(error = %e.0, "the config's shard list was not applied; the recorded one stays in force");
+            }
+        }
+        Some(_) => {}
+        None => {
+            if let Some(w) = &ctx.engine.wal {
+                let pl = Placement {
+                    version: 1,
+                    shards: st.configured,
+                    migration: None,
+                };
+                let _ = w.log_placement(&pl).await;
+            }
+        }
+    }
 }
 
 /// Builds the shards, the engine and its lanes, and replays the log. Nothing listens yet.
 pub async fn build(config: Config, shutdown: ShutdownTrigger) -> std::io::Result<Arc<Context>> {
-    let shards: Vec<Arc<Shard>> = config
+    let configured: Vec<ShardSpec> = config
         .shards
+        .iter()
+        .map(|s| ShardSpec {
+            name: s.resolved_name(),
+            addr: s.socket_addr().expect("validated").to_string(),
+            weight: s.weight,
+        })
+        .collect();
+    let (wal, mut recovered) = if config.durability.enabled {
+        let (w, r) = counter::wal::Wal::open(&config.durability)?;
+        (Some(w), Some(r))
+    } else {
+        (None, None)
+    };
+    // The shard list in force is the one the log recorded last (runtime changes are
+    // recorded there); the config's list is applied over it as a change (see `run`).
+    // Memory mode (no shards configured) ignores any recorded list.
+    let placement = recovered
+        .as_mut()
+        .and_then(|r| r.placement.take())
+        .filter(|p| !configured.is_empty() && !p.shards.is_empty());
+    let moved = recovered
+        .as_mut()
+        .map(|r| std::mem::take(&mut r.moved))
+        .unwrap_or_default();
+    let (specs, version) = match &placement {
+        Some(p) => (p.shards.clone(), p.version),
+        None => (configured.clone(), 1),
+    };
+    let shards: Vec<Arc<Shard>> = specs
         .iter()
         .map(|s| {
             Shard::new(
-                s.resolved_name(),
-                s.socket_addr().expect("validated"),
+                s.name.clone(),
+                s.addr.parse().expect("validated when recorded"),
                 s.weight,
                 &config.backend,
             )
         })
         .collect();
     let router = Arc::new(Router::new(Topology::new(
-        1,
+        version,
         shards.clone(),
         config.ring.vnodes,
     )));
-    let (wal, recovered) = if config.durability.enabled {
-        let (w, r) = counter::wal::Wal::open(&config.durability)?;
-        (Some(w), Some(r))
-    } else {
-        (None, None)
-    };
     let proxy_id = match (&config.durability.proxy_id, &recovered) {
         (Some(id), _) => id.clone(),
         (None, Some(r)) => r.proxy_id.clone(),
@@ -87,6 +158,12 @@ pub async fn build(config: Config, shutdown: ShutdownTrigger) -> std::io::Result
         started_unix: now,
         next_client_id: AtomicU64::new(1),
         shutdown,
+        rebalancer: Default::default(),
+        startup: parking_lot::Mutex::new(Some(Startup {
+            configured,
+            placement,
+            moved,
+        })),
     }))
 }
 
@@ -96,6 +173,17 @@ pub async fn run(
     listener: TcpListener,
     http: TcpListener,
     trigger: ShutdownTrigger,
+) -> std::io::Result<()> {
+    run_with_reload(config, listener, http, trigger, None).await
+}
+
+/// [`run`], plus re-read configs (SIGHUP): their shard list is applied as a rebalance.
+pub async fn run_with_reload(
+    config: Config,
+    listener: TcpListener,
+    http: TcpListener,
+    trigger: ShutdownTrigger,
+    reload: Option<tokio::sync::mpsc::Receiver<Config>>,
 ) -> std::io::Result<()> {
     let shutdown = trigger.subscribe();
     let ctx = build(config, trigger.clone()).await?;
@@ -117,6 +205,33 @@ pub async fn run(
     );
     if let Some(w) = &ctx.engine.wal {
         w.spawn_background(ctx.engine.clone(), shutdown.clone());
+    }
+    settle_shards(&ctx).await;
+    if let Some(mut reload) = reload {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            while let Some(cfg) = reload.recv().await {
+                let specs = cfg
+                    .shards
+                    .iter()
+                    .map(|s| ShardSpec {
+                        name: s.resolved_name(),
+                        addr: s.socket_addr().expect("validated").to_string(),
+                        weight: s.weight,
+                    })
+                    .collect();
+                match crate::rebalance::change(&ctx, specs).await {
+                    Ok(p) => tracing::info!(
+                        id = p.id,
+                        to = p.to_version,
+                        "config reloaded: rebalancing to the new shard list"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e.0, "config reloaded: shard list not changed")
+                    }
+                }
+            }
+        });
     }
     let http_task = tokio::spawn(crate::http::serve(http, ctx.clone(), shutdown.clone()));
     tracing::info!(

@@ -35,6 +35,9 @@ pub fn spawn_checker(
                 _ = ticker.tick() => {}
                 _ = shutdown.wait() => return,
             }
+            if shard.retired.load(Ordering::Relaxed) {
+                return;
+            }
             let ok = matches!(
                 tokio::time::timeout(interval, conn.send(ping.clone())).await,
                 Ok(Ok(Ok(r))) if r.error().is_none()

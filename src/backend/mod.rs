@@ -105,6 +105,8 @@ pub struct Shard {
     pub timeout: Duration,
     /// Health as the checker last saw it; see `health`.
     pub up: AtomicBool,
+    /// Removed from the ring by a rebalance: its health checker stops.
+    pub retired: AtomicBool,
     pub stats: ShardStats,
 }
 
@@ -133,8 +135,13 @@ impl Shard {
             lane_conn: BackendConn::spawn(opts),
             timeout: cfg.timeout.0,
             up: AtomicBool::new(true),
+            retired: AtomicBool::new(false),
             stats: ShardStats::default(),
         })
+    }
+
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
     }
 
     pub fn is_up(&self) -> bool {

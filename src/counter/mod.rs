@@ -167,6 +167,9 @@ pub struct Engine {
     /// Coarse milliseconds since `epoch`, kept by a ticker (0: no ticker, read the clock).
     clock: std::sync::atomic::AtomicU32,
     invalidations: AtomicU64,
+    /// Counter keys whose old owner's value has been moved in the rebalance under way
+    /// (see `rebalance`); logged with each move, cleared when the rebalance ends.
+    moved: Mutex<std::collections::HashSet<Bytes>>,
     patterns: Vec<(Vec<u8>, CounterMode)>,
     ttl_ms: u64,
     epoch: Instant,
@@ -212,6 +215,7 @@ impl Engine {
                 .collect(),
             clock: std::sync::atomic::AtomicU32::new(0),
             invalidations: AtomicU64::new(0),
+            moved: Mutex::new(std::collections::HashSet::new()),
             patterns: cfg
                 .patterns
                 .iter()
@@ -439,7 +443,7 @@ impl Engine {
         value: &redis_protocol::resp2::types::BytesFrame,
         epoch: u64,
     ) {
-        if self.invalidation_epoch() != epoch {
+        if self.invalidation_epoch() != epoch || self.needs_move(key) {
             return;
         }
         use redis_protocol::resp2::types::BytesFrame as F;
@@ -468,9 +472,71 @@ impl Engine {
         if topo.is_empty() {
             return Ok(KeyValue::Nil);
         }
+        if let Some(m) = self.router.migration() {
+            crate::rebalance::ensure_moved(self, &m, key).await?;
+        }
         let shard = topo.shard_for(key);
         let lane = self.lane(&shard.name).ok_or(LaneError::Unavailable)?;
         lane.request(key.clone(), land).await
+    }
+
+    /// Adds `value`, moved off the key's old owner by rebalance `id`, to its pending delta,
+    /// logged in the same step (replay restores both the delta and the fact of the move).
+    pub fn apply_moved(&self, id: u64, key: &[u8], value: i64) {
+        let cell = &self.shards[shard_of(key)];
+        let mut guard = cell.lock.lock();
+        let shard = &mut *guard;
+        let e = shard.map.entry(key.into()).or_insert(Entry::NEW);
+        e.pending = e.pending.wrapping_add(value);
+        let newly_dirty = e.flags & DIRTY == 0;
+        e.flags |= DIRTY;
+        if self.wal.is_some() {
+            wal::encode_moved(&mut shard.log, id, key, value);
+            cell.has_log.store(true, Ordering::SeqCst);
+        }
+        self.moved.lock().insert(Bytes::copy_from_slice(key));
+        drop(guard);
+        if newly_dirty {
+            self.note_dirty();
+        }
+    }
+
+    /// Marks a key as moved without a value (its old owner had nothing for it).
+    pub fn mark_moved(&self, key: &[u8]) {
+        self.moved.lock().insert(Bytes::copy_from_slice(key));
+    }
+
+    pub fn is_moved(&self, key: &[u8]) -> bool {
+        self.moved.lock().contains(key)
+    }
+
+    pub fn moved_count(&self) -> usize {
+        self.moved.lock().len()
+    }
+
+    pub fn set_moved(&self, keys: std::collections::HashSet<Bytes>) {
+        *self.moved.lock() = keys;
+    }
+
+    /// Whether `key`'s value may still be partly on its old owner (a rebalance is under
+    /// way, its owner changed, and it has not been moved yet).
+    pub fn needs_move(&self, key: &[u8]) -> bool {
+        self.router
+            .with_migration(|m| m.owner_changed(key) && !self.is_moved(key))
+            .unwrap_or(false)
+    }
+
+    /// Forgets every cached base (deltas stay): after a ring change, bases read from old
+    /// owners no longer describe the new owner.
+    pub fn invalidate_all_bases(&self) {
+        self.invalidations.fetch_add(1, Ordering::SeqCst);
+        for c in self.shards.iter() {
+            let mut s = c.lock.lock();
+            s.map.retain(|_, e| e.flags != 0);
+            for e in s.map.values_mut() {
+                e.state = BaseState::Unknown;
+            }
+        }
     }
 
     /// Queues a read of `key` on its lane now (see [`Lane::enqueue`]); None in memory mode.
@@ -480,7 +546,8 @@ impl Engine {
         land: bool,
     ) -> Option<tokio::sync::oneshot::Receiver<Result<KeyValue, LaneError>>> {
         let topo = self.router.topology();
-        if topo.is_empty() {
+        // A key still partly on its old owner must be moved first: the async path does.
+        if topo.is_empty() || self.needs_move(key) {
             return None;
         }
         Some(
@@ -544,6 +611,11 @@ impl Engine {
 
     pub fn add_lane(&self, lane: Arc<Lane>) {
         self.lanes.lock().insert(lane.shard.name.clone(), lane);
+    }
+
+    /// Drops a removed shard's lane (after a rebalance moved its keys away).
+    pub fn remove_lane(&self, shard: &str) {
+        self.lanes.lock().remove(shard);
     }
 
     pub fn lanes(&self) -> Vec<Arc<Lane>> {
@@ -630,6 +702,11 @@ impl Engine {
         }
         if e.flags & INFLIGHT != 0 {
             // Another round trip for this key is still out; its reply will settle the base.
+            return;
+        }
+        if self.needs_move(key) {
+            // The shard's value is only part of the total until the key has moved.
+            e.state = BaseState::Unknown;
             return;
         }
         let (state, base) = match value {
@@ -766,7 +843,10 @@ impl Engine {
     /// A consistent cut for a log checkpoint: with every map shard locked at once, drains
     /// the buffered records (they belong before the cut) and computes, per key, the deltas
     /// not covered by a logged unapplied batch.
-    pub(crate) fn cut(&self, unapplied: &wal::Unapplied) -> (Vec<u8>, Vec<(Bytes, i64)>) {
+    pub(crate) fn cut(
+        &self,
+        unapplied: &wal::Unapplied,
+    ) -> (Vec<u8>, Vec<(Bytes, i64)>, std::collections::HashSet<Bytes>) {
         let mut guards: Vec<_> = self.shards.iter().map(|c| c.lock.lock()).collect();
         let mut tail = Vec::new();
         let mut covered: HashMap<&[u8], i64> = HashMap::new();
@@ -792,7 +872,8 @@ impl Engine {
                 }
             }
         }
-        (tail, pending)
+        let moved = self.moved.lock().clone();
+        (tail, pending, moved)
     }
 
     pub(crate) fn peek_seq(&self) -> u64 {

@@ -32,7 +32,7 @@ use super::Engine;
 use crate::config::{DurabilityConfig, Fsync};
 use bytes::Bytes;
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -44,10 +44,29 @@ const INCR: u8 = 1;
 const BATCH: u8 = 2;
 const APPLIED: u8 = 3;
 const CHECKPOINT: u8 = 4;
+const PLACEMENT: u8 = 5;
+const MOVED: u8 = 6;
 /// Longest record accepted on replay; anything claiming more is corruption.
 const MAX_RECORD: usize = 1 << 30;
 
 pub type Unapplied = BTreeMap<u64, (String, Vec<(Bytes, i64)>)>;
+
+/// A shard as the log records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardSpec {
+    pub name: String,
+    pub addr: String,
+    pub weight: u32,
+}
+
+/// The shard list in force and, while keys move, the list they move from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Placement {
+    pub version: u64,
+    pub shards: Vec<ShardSpec>,
+    /// (rebalance id, the previous shard list) while a rebalance is under way.
+    pub migration: Option<(u64, Vec<ShardSpec>)>,
+}
 /// A logged batch: sequence number, shard name, (key, delta) items.
 type LoggedBatch = (u64, String, Vec<(Bytes, i64)>);
 
@@ -58,6 +77,10 @@ pub struct Recovered {
     pub next_seq: u64,
     pub pending: HashMap<Bytes, i64>,
     pub unapplied: Unapplied,
+    /// The shard list last in force, and a rebalance under way (see `rebalance`).
+    pub placement: Option<Placement>,
+    /// Counter keys already moved by the rebalance under way.
+    pub moved: HashSet<Bytes>,
     pub records: u64,
     pub truncated_bytes: u64,
 }
@@ -80,6 +103,7 @@ struct Segment {
 struct Meta {
     buf: Vec<u8>,
     unapplied: Unapplied,
+    placement: Option<Placement>,
 }
 
 /// The log could not be written or synced; nothing appended since can be acknowledged.
@@ -169,6 +193,8 @@ impl Wal {
             rec.next_seq,
             rec.pending.iter().map(|(k, d)| (&k[..], *d)),
             &rec.unapplied,
+            rec.placement.as_ref(),
+            &rec.moved,
         );
         file.write_all(&cp)?;
         file.sync_all()?;
@@ -192,6 +218,7 @@ impl Wal {
             meta: Mutex::new(Meta {
                 buf: Vec::new(),
                 unapplied: rec.unapplied.clone(),
+                placement: rec.placement.clone(),
             }),
             segment: tokio::sync::Mutex::new(Segment {
                 file: Arc::new(file),
@@ -224,15 +251,21 @@ impl Wal {
         if self.done.load(Ordering::SeqCst) > ticket {
             return Ok(());
         }
-        if self.failed() {
-            return Err(WalFailed);
-        }
         let n = self.started.fetch_add(1, Ordering::SeqCst) + 1;
         let mut buf = Vec::new();
         if let Some(engine) = self.engine.get().and_then(Weak::upgrade) {
             engine.drain_logs(&mut buf);
         }
         buf.append(&mut self.meta.lock().buf);
+        if self.failed() {
+            // Nothing new to make durable is fine (increments are refused, so refusals can
+            // still be answered); anything new cannot be acknowledged.
+            return if buf.is_empty() {
+                Ok(())
+            } else {
+                Err(WalFailed)
+            };
+        }
         if !buf.is_empty() {
             if let Err(e) = (&*seg.file).write_all(&buf) {
                 return Err(self.fail("write", &e));
@@ -295,6 +328,18 @@ impl Wal {
         self.commit().await
     }
 
+    /// Records the shard list in force (and a rebalance under way), durably.
+    pub async fn log_placement(&self, pl: &Placement) -> Result<(), WalFailed> {
+        {
+            let mut m = self.meta.lock();
+            let mut p = Vec::new();
+            put_placement(&mut p, pl);
+            frame(&mut m.buf, PLACEMENT, &p);
+            m.placement = Some(pl.clone());
+        }
+        self.commit().await
+    }
+
     /// Records that a batch landed. Durable with the next commit; losing it only means
     /// the batch is re-sent and read back, never applied twice.
     pub fn log_applied(&self, seq: u64) {
@@ -323,12 +368,14 @@ impl Wal {
         let n = self.started.fetch_add(1, Ordering::SeqCst) + 1;
         let (tail, cp) = {
             let meta = &mut *self.meta.lock();
-            let (mut tail, pending) = engine.cut(&meta.unapplied);
+            let (mut tail, pending, moved) = engine.cut(&meta.unapplied);
             tail.append(&mut meta.buf);
             let cp = encode_checkpoint(
                 engine.peek_seq(),
                 pending.iter().map(|(k, d)| (&k[..], *d)),
                 &meta.unapplied,
+                meta.placement.as_ref(),
+                &moved,
             );
             (tail, cp)
         };
@@ -496,6 +543,8 @@ fn encode_checkpoint<'a>(
     next_seq: u64,
     pending: impl Iterator<Item = (&'a [u8], i64)>,
     unapplied: &Unapplied,
+    placement: Option<&Placement>,
+    moved: &HashSet<Bytes>,
 ) -> Vec<u8> {
     let pending: Vec<_> = pending.collect();
     let mut p = Vec::new();
@@ -505,9 +554,56 @@ fn encode_checkpoint<'a>(
     for (seq, (shard, items)) in unapplied {
         put_batch(&mut p, *seq, shard, items);
     }
+    match placement {
+        Some(pl) => {
+            p.push(1);
+            put_placement(&mut p, pl);
+        }
+        None => p.push(0),
+    }
+    p.extend_from_slice(&(moved.len() as u32).to_le_bytes());
+    for k in moved {
+        put_str(&mut p, k);
+    }
     let mut out = Vec::with_capacity(p.len() + 9);
     frame(&mut out, CHECKPOINT, &p);
     out
+}
+
+fn put_str(p: &mut Vec<u8>, s: &[u8]) {
+    p.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    p.extend_from_slice(s);
+}
+
+fn put_specs(p: &mut Vec<u8>, specs: &[ShardSpec]) {
+    p.extend_from_slice(&(specs.len() as u32).to_le_bytes());
+    for s in specs {
+        put_str(p, s.name.as_bytes());
+        put_str(p, s.addr.as_bytes());
+        p.extend_from_slice(&s.weight.to_le_bytes());
+    }
+}
+
+fn put_placement(p: &mut Vec<u8>, pl: &Placement) {
+    p.extend_from_slice(&pl.version.to_le_bytes());
+    put_specs(p, &pl.shards);
+    match &pl.migration {
+        Some((id, from)) => {
+            p.push(1);
+            p.extend_from_slice(&id.to_le_bytes());
+            put_specs(p, from);
+        }
+        None => p.push(0),
+    }
+}
+
+/// Appends a `Moved` record: `value` moved off the key's old owner by rebalance `id`.
+pub fn encode_moved(out: &mut Vec<u8>, id: u64, key: &[u8], value: i64) {
+    let mut p = Vec::with_capacity(24 + key.len());
+    p.extend_from_slice(&id.to_le_bytes());
+    put_str(&mut p, key);
+    p.extend_from_slice(&value.to_le_bytes());
+    frame(out, MOVED, &p);
 }
 
 /// A cursor over a record's payload; every read is bounds-checked.
@@ -540,6 +636,37 @@ impl<'a> Cursor<'a> {
             v.push((k, self.i64()?));
         }
         Some(v)
+    }
+    fn str(&mut self) -> Option<&'a [u8]> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+    fn specs(&mut self) -> Option<Vec<ShardSpec>> {
+        let n = self.u32()? as usize;
+        let mut v = Vec::with_capacity(n.min(1024));
+        for _ in 0..n {
+            let name = String::from_utf8(self.str()?.to_vec()).ok()?;
+            let addr = String::from_utf8(self.str()?.to_vec()).ok()?;
+            v.push(ShardSpec {
+                name,
+                addr,
+                weight: self.u32()?,
+            });
+        }
+        Some(v)
+    }
+    fn placement(&mut self) -> Option<Placement> {
+        let version = self.u64()?;
+        let shards = self.specs()?;
+        let migration = match self.take(1)?[0] {
+            0 => None,
+            _ => Some((self.u64()?, self.specs()?)),
+        };
+        Some(Placement {
+            version,
+            shards,
+            migration,
+        })
     }
     fn batch(&mut self) -> Option<LoggedBatch> {
         let seq = self.u64()?;
@@ -584,6 +711,38 @@ fn apply(rec: &mut Recovered, kind: u8, payload: &[u8]) -> Option<()> {
             rec.pending = pending.into_iter().collect();
             rec.unapplied = unapplied;
             rec.next_seq = rec.next_seq.max(next);
+            // Placement and moved keys follow when a shard list was ever recorded.
+            rec.moved.clear();
+            if !c.0.is_empty() {
+                rec.placement = match c.take(1)?[0] {
+                    0 => None,
+                    _ => Some(c.placement()?),
+                };
+                let n = c.u32()? as usize;
+                for _ in 0..n {
+                    rec.moved.insert(Bytes::copy_from_slice(c.str()?));
+                }
+            }
+        }
+        PLACEMENT => {
+            let pl = c.placement()?;
+            let same = rec
+                .placement
+                .as_ref()
+                .and_then(|p| p.migration.as_ref().map(|m| m.0))
+                == pl.migration.as_ref().map(|m| m.0);
+            if !same {
+                rec.moved.clear();
+            }
+            rec.placement = Some(pl);
+        }
+        MOVED => {
+            let _id = c.u64()?;
+            let k = Bytes::copy_from_slice(c.str()?);
+            let v = c.i64()?;
+            let e = rec.pending.entry(k.clone()).or_insert(0);
+            *e = e.wrapping_add(v);
+            rec.moved.insert(k);
         }
         _ => return None,
     }
@@ -723,7 +882,13 @@ mod tests {
         encode_incr(&mut b, b"old", 7);
         let mut u = Unapplied::new();
         u.insert(3, ("s".into(), vec![(Bytes::from_static(b"x"), 9)]));
-        b.extend(encode_checkpoint(50, [(&b"k"[..], 4)].into_iter(), &u));
+        b.extend(encode_checkpoint(
+            50,
+            [(&b"k"[..], 4)].into_iter(),
+            &u,
+            None,
+            &HashSet::new(),
+        ));
         encode_incr(&mut b, b"k", 1);
         let r = roundtrip(&b);
         assert_eq!(r.pending.get(&Bytes::from_static(b"old")), None);

@@ -15,6 +15,7 @@
 //! Owns HTTP framing and JSON. Does not own counting: it calls the engine exactly as the
 //! RESP path does, so `POST /visits/home` and `INCR visits:home` count the same thing.
 
+pub mod admin;
 pub mod metrics;
 
 use crate::connection::{incr_with_base, IncrError};
@@ -40,7 +41,7 @@ const MAX_BODY: usize = 64 * 1024;
 /// Longest page id, in bytes after percent-decoding.
 pub const MAX_PAGE_ID: usize = 256;
 
-type Resp = Response<Full<Bytes>>;
+pub(crate) type Resp = Response<Full<Bytes>>;
 
 pub async fn serve(listener: TcpListener, ctx: Arc<Context>, mut shutdown: Shutdown) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -75,7 +76,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>, mut shutdown: Shutd
     let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
 }
 
-fn json_response(status: StatusCode, body: serde_json::Value) -> Resp {
+pub(crate) fn json_response(status: StatusCode, body: serde_json::Value) -> Resp {
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
@@ -83,26 +84,23 @@ fn json_response(status: StatusCode, body: serde_json::Value) -> Resp {
         .expect("a valid response")
 }
 
-fn error(status: StatusCode, msg: impl Into<String>) -> Resp {
+pub(crate) fn error(status: StatusCode, msg: impl Into<String>) -> Resp {
     json_response(status, json!({ "error": msg.into() }))
 }
 
-pub async fn route(req: Request<Incoming>, ctx: &Context, peer: SocketAddr) -> Resp {
+pub async fn route(req: Request<Incoming>, ctx: &Arc<Context>, peer: SocketAddr) -> Resp {
     crate::metrics::global()
         .http_requests
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    // No route takes a body; read (bounded) and drop whatever came.
-    if Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .is_err()
-    {
-        return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
-    }
+    let headers = req.headers().clone();
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
+    };
     let segments: Vec<&str> = path.trim_start_matches('/').splitn(2, '/').collect();
-    match (method, segments.as_slice()) {
+    match (method.clone(), segments.as_slice()) {
         (Method::POST, ["visits", raw]) => match page_key(raw) {
             Ok(key) => post_visit(ctx, key).await,
             Err(e) => error(StatusCode::BAD_REQUEST, e),
@@ -118,19 +116,11 @@ pub async fn route(req: Request<Incoming>, ctx: &Context, peer: SocketAddr) -> R
             .header("content-type", "text/plain; version=0.0.4")
             .body(Full::new(Bytes::from(metrics::render(ctx))))
             .expect("a valid response"),
-        (Method::GET, ["admin", "shards"]) => admin_shards(ctx),
-        (Method::POST, ["admin", "shutdown"]) => {
-            if !peer.ip().is_loopback() {
-                return error(
-                    StatusCode::FORBIDDEN,
-                    "shutdown is accepted from loopback peers only",
-                );
-            }
-            tracing::info!(%peer, "shutdown requested over http");
-            ctx.shutdown.trigger();
-            json_response(StatusCode::ACCEPTED, json!({"status": "shutting down"}))
-        }
-        (_, ["healthz" | "readyz" | "metrics"]) | (_, ["admin", "shards" | "shutdown"]) => {
+        (_, ["admin", rest]) => match admin::refused(ctx, peer, &headers) {
+            None => admin::route(ctx, &method, rest, body).await,
+            Some(resp) => resp,
+        },
+        (_, ["healthz" | "readyz" | "metrics"]) => {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
         _ => error(StatusCode::NOT_FOUND, "not found"),
@@ -292,29 +282,6 @@ fn readyz(ctx: &Context) -> Resp {
             json!({"status": "not ready", "down": down}),
         )
     }
-}
-
-fn admin_shards(ctx: &Context) -> Resp {
-    let topo = ctx.router.topology();
-    let shares = topo.ring.shares();
-    let shards: Vec<_> = topo
-        .shards
-        .iter()
-        .zip(shares)
-        .map(|(s, share)| {
-            json!({
-                "name": s.name,
-                "addr": s.addr.to_string(),
-                "weight": s.weight,
-                "health": if s.is_up() { "up" } else { "down" },
-                "share": share,
-            })
-        })
-        .collect();
-    json_response(
-        StatusCode::OK,
-        json!({"ring_version": topo.version, "shards": shards}),
-    )
 }
 
 #[cfg(test)]

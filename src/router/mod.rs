@@ -1,7 +1,8 @@
 //! Which shard owns a key: the current ring version and its shards, swapped atomically.
 //!
 //! Readers take a snapshot ([`Router::topology`]) that stays coherent for as long as they
-//! hold it; a shard change publishes a whole new [`Topology`]. Owns placement; does not own
+//! hold it; a shard change publishes a whole new [`Topology`], with a [`Migration`] naming
+//! the old one while keys move. Owns placement; does not own
 //! sockets (`backend`) or the moving of keys between owners.
 
 pub mod ring;
@@ -54,15 +55,79 @@ impl Topology {
     }
 }
 
+/// A rebalance under way: keys whose owner differs between `old` and `new` may still have
+/// (part of) their value on the old owner until they are moved (see `rebalance`).
+pub struct Migration {
+    pub id: u64,
+    pub old: Arc<Topology>,
+    pub new: Arc<Topology>,
+    /// Moves of one key are serialised (by key hash), against each other and against the
+    /// first read that needs the key whole.
+    stripes: Vec<tokio::sync::Mutex<()>>,
+    /// Keys moved so far (by the mover or by a first touch), per new owner.
+    moved_into: parking_lot::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+impl Migration {
+    pub fn new(id: u64, old: Arc<Topology>, new: Arc<Topology>) -> Migration {
+        Migration {
+            id,
+            old,
+            new,
+            stripes: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
+            moved_into: Default::default(),
+        }
+    }
+
+    /// Whether `key` changes owner in this rebalance.
+    pub fn owner_changed(&self, key: &[u8]) -> bool {
+        if self.old.is_empty() {
+            return false;
+        }
+        self.old.shard_for(key).name != self.new.shard_for(key).name
+    }
+
+    pub fn note_moved(&self, into: &str) {
+        *self.moved_into.lock().entry(into.to_string()).or_default() += 1;
+    }
+
+    pub fn moved_into(&self) -> std::collections::HashMap<String, u64> {
+        self.moved_into.lock().clone()
+    }
+
+    pub fn stripe(&self, key: &[u8]) -> &tokio::sync::Mutex<()> {
+        &self.stripes[ring::key_hash(key) as usize % self.stripes.len()]
+    }
+}
+
 pub struct Router {
     current: ArcSwap<Topology>,
+    migration: arc_swap::ArcSwapOption<Migration>,
 }
 
 impl Router {
     pub fn new(t: Topology) -> Router {
         Router {
             current: ArcSwap::from_pointee(t),
+            migration: arc_swap::ArcSwapOption::empty(),
         }
+    }
+
+    /// The rebalance under way, if any.
+    pub fn migration(&self) -> Option<Arc<Migration>> {
+        self.migration.load_full()
+    }
+
+    /// Runs `f` on the rebalance under way, if any, without touching a reference count
+    /// (this is on the hot path of every forwarded command).
+    pub fn with_migration<R>(&self, f: impl FnOnce(&Migration) -> R) -> Option<R> {
+        self.migration.load().as_deref().map(f)
+    }
+
+    /// Starts (or ends, with None) a rebalance. Set before the new ring is published, so
+    /// that whoever sees the new ring also sees the rebalance.
+    pub fn set_migration(&self, m: Option<Arc<Migration>>) {
+        self.migration.store(m);
     }
 
     pub fn topology(&self) -> Arc<Topology> {
@@ -71,5 +136,9 @@ impl Router {
 
     pub fn publish(&self, t: Topology) {
         self.current.store(Arc::new(t));
+    }
+
+    pub fn publish_arc(&self, t: Arc<Topology>) {
+        self.current.store(t);
     }
 }

@@ -3,89 +3,15 @@
 //! comes back empty. Real processes throughout; the proxy as the built binary where it
 //! must die.
 
-use crate::support::{self, free_port, ring_owner, Proxy, Redis, TempDir};
+use crate::support::{self, ring_owner, Proxy, ProxyProcess, Redis, TempDir};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-/// The built `tallyproxy` binary with a config file, killed by PID on drop.
-struct ProxyProcess {
-    child: Option<Child>,
-    port: u16,
-}
-
-impl ProxyProcess {
-    fn start(shards: &[String], wal: &TempDir, fsync: &str, flush: &str) -> ProxyProcess {
-        let (port, http) = (free_port(), free_port());
-        let mut toml =
-            format!("listen = \"127.0.0.1:{port}\"\nhttp_listen = \"127.0.0.1:{http}\"\n");
-        for s in shards {
-            toml.push_str(&format!("[[shards]]\naddr = \"{s}\"\n"));
-        }
-        toml.push_str(&format!(
-            "[backend]\ntimeout = \"500ms\"\nhealth_interval = \"100ms\"\n[counters]\nflush_interval = \"{flush}\"\n\
-             [durability]\nwal_dir = \"{}\"\nfsync = \"{fsync}\"\n[log]\nlevel = \"warn\"\n",
-            wal.path().join("log").display()
-        ));
-        let cfg = wal.path().join("proxy.toml");
-        std::fs::write(&cfg, toml).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tallyproxy"))
-            .arg("--config")
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let p = ProxyProcess {
-            child: Some(child),
-            port,
-        };
-        assert!(
-            support::wait_until(Duration::from_secs(10), || support::ping(port)),
-            "proxy started"
-        );
-        p
-    }
-
-    fn addr(&self) -> SocketAddr {
-        format!("127.0.0.1:{}", self.port).parse().unwrap()
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill(); // SIGKILL
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGTERM by PID and wait: the orderly path, with its final flush.
-    fn terminate(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let ok = support::wait_until(Duration::from_secs(15), || {
-                matches!(c.try_wait(), Ok(Some(_)))
-            });
-            if !ok {
-                let _ = c.kill();
-            }
-            let status = c.wait().unwrap();
-            assert!(ok && status.success(), "clean exit: {status:?}");
-        }
-    }
-}
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
 
 fn total_on(shards: &[&Redis], key: &str) -> i64 {
     shards

@@ -6,3 +6,4 @@ mod support;
 mod core;
 mod counters;
 mod durability;
+mod rebalance;

@@ -426,3 +426,90 @@ pub fn ring_owner(shards: &[&Redis], key: &str) -> u16 {
     let ring = tallyproxy::router::ring::Ring::new(nodes, 160);
     shards[ring.locate(key.as_bytes())].port
 }
+
+/// The built `tallyproxy` binary with a config file, killed by PID on drop.
+pub struct ProxyProcess {
+    child: Option<Child>,
+    pub port: u16,
+    pub http: u16,
+}
+
+impl ProxyProcess {
+    pub fn start(shards: &[String], wal: &TempDir, fsync: &str, flush: &str) -> ProxyProcess {
+        Self::start_with(shards, wal, fsync, flush, "")
+    }
+
+    /// As [`ProxyProcess::start`], with more TOML appended to the config.
+    pub fn start_with(
+        shards: &[String],
+        wal: &TempDir,
+        fsync: &str,
+        flush: &str,
+        extra: &str,
+    ) -> ProxyProcess {
+        let (port, http) = (free_port(), free_port());
+        let mut toml =
+            format!("listen = \"127.0.0.1:{port}\"\nhttp_listen = \"127.0.0.1:{http}\"\n");
+        for s in shards {
+            toml.push_str(&format!("[[shards]]\naddr = \"{s}\"\n"));
+        }
+        toml.push_str(&format!(
+            "[backend]\ntimeout = \"500ms\"\nhealth_interval = \"100ms\"\n[counters]\nflush_interval = \"{flush}\"\n\
+             [durability]\nwal_dir = \"{}\"\nfsync = \"{fsync}\"\n[log]\nlevel = \"warn\"\n{extra}",
+            wal.path().join("log").display()
+        ));
+        let cfg = wal.path().join("proxy.toml");
+        std::fs::write(&cfg, toml).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tallyproxy"))
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let p = ProxyProcess {
+            child: Some(child),
+            port,
+            http,
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), || ping(port)),
+            "proxy started"
+        );
+        p
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        format!("127.0.0.1:{}", self.port).parse().unwrap()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM by PID and wait: the orderly path, with its final flush.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let ok = wait_until(Duration::from_secs(15), || {
+                matches!(c.try_wait(), Ok(Some(_)))
+            });
+            if !ok {
+                let _ = c.kill();
+            }
+            let status = c.wait().unwrap();
+            assert!(ok && status.success(), "clean exit: {status:?}");
+        }
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -1,0 +1,163 @@
+//! The sidecar's `/admin/*` routes: shard list, rebalance, shutdown.
+//!
+//! Every admin route needs `Authorization: Bearer <admin_token>` when `admin_token` is
+//! configured, and is answered only to loopback peers when it is not.
+
+use super::{error, json_response, Resp};
+use crate::counter::wal::ShardSpec;
+use crate::rebalance::{self, specs_of};
+use crate::server::Context;
+use bytes::Bytes;
+use hyper::{HeaderMap, Method, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// The refusal, when the request may not use admin routes (see the module doc).
+pub fn refused(ctx: &Context, peer: SocketAddr, headers: &HeaderMap) -> Option<Resp> {
+    match &ctx.config.admin_token {
+        Some(token) => {
+            let given = headers
+                .get(hyper::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+                None
+            } else {
+                Some(error(
+                    StatusCode::UNAUTHORIZED,
+                    "admin routes need a valid bearer token",
+                ))
+            }
+        }
+        None if peer.ip().is_loopback() => None,
+        None => Some(error(
+            StatusCode::FORBIDDEN,
+            "admin routes answer loopback peers only (no admin_token is configured)",
+        )),
+    }
+}
+
+/// Compares without an early exit, so that timing does not tell how much of a guess was
+/// right (the length is not secret).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddShard {
+    addr: String,
+    name: Option<String>,
+    #[serde(default = "one")]
+    weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+pub async fn route(ctx: &Arc<Context>, method: &Method, rest: &str, body: Bytes) -> Resp {
+    match (method, rest) {
+        (&Method::GET, "shards") => shards(ctx),
+        (&Method::POST, "shards") => {
+            let add: AddShard = match serde_json::from_slice(&body) {
+                Ok(a) => a,
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("body must be {{\"addr\": \"ip:port\", \"name\": \"...\"}}: {e}"),
+                    )
+                }
+            };
+            let name = add.name.unwrap_or_else(|| match add.addr.rsplit_once(':') {
+                Some((_, port)) => format!("redis_{port}"),
+                None => format!("redis_{}", add.addr),
+            });
+            let mut specs = specs_of(&ctx.router.topology());
+            specs.push(ShardSpec {
+                name,
+                addr: add.addr,
+                weight: add.weight,
+            });
+            apply(ctx, specs).await
+        }
+        (&Method::DELETE, path) if path.starts_with("shards/") => {
+            let name = &path["shards/".len()..];
+            let mut specs = specs_of(&ctx.router.topology());
+            let before = specs.len();
+            specs.retain(|s| s.name != name);
+            if specs.len() == before {
+                return error(StatusCode::NOT_FOUND, format!("no shard named {name:?}"));
+            }
+            apply(ctx, specs).await
+        }
+        (&Method::GET, "rebalance") => json_response(
+            StatusCode::OK,
+            json!(ctx.rebalancer.progress(ctx.router.migration().as_deref())),
+        ),
+        (&Method::POST, "shutdown") => {
+            tracing::info!("shutdown requested over http");
+            ctx.shutdown.trigger();
+            json_response(StatusCode::ACCEPTED, json!({"status": "shutting down"}))
+        }
+        (_, "shards" | "rebalance" | "shutdown") => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        }
+        (_, p) if p.starts_with("shards/") => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        }
+        _ => error(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+async fn apply(ctx: &Arc<Context>, specs: Vec<ShardSpec>) -> Resp {
+    match rebalance::change(ctx, specs).await {
+        Ok(p) => json_response(
+            StatusCode::ACCEPTED,
+            json!({"status": "rebalancing", "rebalance": p}),
+        ),
+        Err(e) => error(StatusCode::CONFLICT, e.0),
+    }
+}
+
+fn shards(ctx: &Context) -> Resp {
+    let topo = ctx.router.topology();
+    let shares = topo.ring.shares();
+    let progress = ctx.rebalancer.progress(ctx.router.migration().as_deref());
+    let shards: Vec<_> = topo
+        .shards
+        .iter()
+        .zip(shares)
+        .map(|(s, share)| {
+            json!({
+                "name": s.name,
+                "addr": s.addr.to_string(),
+                "weight": s.weight,
+                "health": if s.is_up() { "up" } else { "down" },
+                "share": share,
+                "keys_moved_in": progress.moved_into.get(&s.name).copied().unwrap_or(0),
+            })
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        json!({"ring_version": topo.version, "rebalancing": ctx.router.migration().is_some(), "shards": shards}),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn tokens_compare_exactly() {
+        assert!(constant_time_eq(b"secret-token-123", b"secret-token-123"));
+        assert!(!constant_time_eq(b"secret-token-124", b"secret-token-123"));
+        assert!(!constant_time_eq(b"secret", b"secret-token-123"));
+        assert!(!constant_time_eq(b"", b"x"));
+        assert!(!constant_time_eq(b"secret-token-1234", b"secret-token-123"));
+    }
+}

@@ -1,0 +1,628 @@
+//! Adding and removing shards at run time: a new ring at once, keys moved in the background.
+//!
+//! A change ([`change`]) is validated (unique names and addresses, new shards answer PING,
+//! at least one shard left, no rebalance already under way), recorded in the log, and
+//! published: the new ring takes every new increment and flush at once, and a [`Migration`]
+//! names the old ring until the keys whose owner changed have moved. A mover task scans
+//! each old shard (SCAN, rate-limited) and moves those keys:
+//!
+//! - a counter key is renamed on its old owner to a tombstone `tally:mv:<id>:<key>` (one
+//!   atomic script), its value is added to the key's pending delta in the proxy and logged
+//!   (`Moved`), and the tombstone is deleted. The value then lands on the new owner with the
+//!   next flush, added to whatever increments reached it meanwhile: counters merge. A crash
+//!   at any point leaves the value in exactly one of: the key, the tombstone, the log;
+//!   resuming handles each (a tombstone whose key the log says moved is only deleted).
+//! - any other key moves with Redis's own `MIGRATE` (TTL kept; a key the new owner already
+//!   holds is newer and wins).
+//!
+//! Reads never see half a move: the first command that needs a key whole during a rebalance
+//! moves that key first ([`ensure_moved`]), serialised with the mover per key.
+//!
+//! Owns the move protocol and its progress. Does not own placement (`router`) or the
+//! counting itself (`counter`).
+
+use crate::backend::{encode_command, health, Shard};
+use crate::counter::lane::LaneError;
+use crate::counter::wal::{Placement, ShardSpec};
+use crate::counter::Engine;
+use crate::router::{Migration, Topology};
+use crate::server::Context;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use redis_protocol::resp2::types::BytesFrame;
+use serde::Serialize;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Renames a counter key to its tombstone and returns the value, or the value of a
+/// tombstone a crash left behind. {0}: nothing to move; {1, v}: move v; {2}: not an integer
+/// string, move the key as it is.
+const MOVE_SCRIPT: &str = r#"
+local t = redis.call('GET', KEYS[2])
+if t then return {1, t} end
+local v = redis.pcall('GET', KEYS[1])
+if type(v) == 'table' then return {2} end
+if not v then return {0} end
+if not string.match(v, '^%-?%d+$') then return {2} end
+redis.call('RENAME', KEYS[1], KEYS[2])
+return {1, v}
+"#;
+
+/// What `GET /admin/rebalance` shows.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Progress {
+    pub state: String,
+    pub id: u64,
+    pub from_version: u64,
+    pub to_version: u64,
+    pub keys_scanned: u64,
+    pub keys_moved: u64,
+    /// Keys on the old shards when the rebalance started (DBSIZE), scanned or not.
+    pub keys_total_estimate: u64,
+    pub keys_remaining_estimate: u64,
+    pub rate_keys_per_second: f64,
+    pub elapsed_seconds: f64,
+    pub error: Option<String>,
+    /// Keys moved in, per shard name, over the life of the process.
+    pub moved_into: HashMap<String, u64>,
+}
+
+#[derive(Default)]
+pub struct Rebalancer {
+    progress: Mutex<Progress>,
+    started: Mutex<Option<Instant>>,
+    /// A change is being validated or applied: a second one is refused meanwhile.
+    busy: tokio::sync::Mutex<()>,
+}
+
+impl Rebalancer {
+    /// Progress, with the moves of the rebalance under way (`m`) counted in.
+    pub fn progress(&self, m: Option<&Migration>) -> Progress {
+        let mut p = self.progress.lock().clone();
+        if let Some(m) = m {
+            for (k, v) in m.moved_into() {
+                *p.moved_into.entry(k).or_default() += v;
+            }
+            p.keys_moved = m.moved_into().values().sum();
+        }
+        if p.state.is_empty() {
+            p.state = "idle".into();
+        }
+        if let Some(t) = *self.started.lock() {
+            if p.state == "running" {
+                p.elapsed_seconds = t.elapsed().as_secs_f64();
+            }
+        }
+        if p.elapsed_seconds > 0.0 {
+            p.rate_keys_per_second = p.keys_moved as f64 / p.elapsed_seconds;
+        }
+        p.keys_remaining_estimate = p.keys_total_estimate.saturating_sub(p.keys_scanned);
+        p
+    }
+}
+
+/// Why a change was refused. Nothing was changed.
+#[derive(Debug)]
+pub struct Refused(pub String);
+
+/// The shard list a topology was built from.
+pub fn specs_of(t: &Topology) -> Vec<ShardSpec> {
+    t.shards
+        .iter()
+        .map(|s| ShardSpec {
+            name: s.name.clone(),
+            addr: s.addr.to_string(),
+            weight: s.weight,
+        })
+        .collect()
+}
+
+/// Builds a topology from specs, reusing the shards (and their connections) that stay.
+fn build_topology(
+    ctx: &Context,
+    version: u64,
+    specs: &[ShardSpec],
+    reuse: &[Arc<Shard>],
+) -> Result<Topology, Refused> {
+    let mut shards = Vec::with_capacity(specs.len());
+    for s in specs {
+        let addr = s
+            .addr
+            .parse()
+            .map_err(|_| Refused(format!("addr {:?} is not an ip:port address", s.addr)))?;
+        let shard = match reuse.iter().find(|r| r.name == s.name && r.addr == addr) {
+            Some(r) => r.clone(),
+            None => Shard::new(s.name.clone(), addr, s.weight, &ctx.config.backend),
+        };
+        shards.push(shard);
+    }
+    Ok(Topology::new(version, shards, ctx.config.ring.vnodes))
+}
+
+async fn reachable(addr: &str, timeout: Duration) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(b"PING\r\n").await.ok()?;
+        let mut buf = [0u8; 7];
+        s.read_exact(&mut buf).await.ok()?;
+        (&buf == b"+PONG\r\n").then_some(())
+    };
+    matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(())))
+}
+
+fn validate(specs: &[ShardSpec]) -> Result<(), Refused> {
+    if specs.is_empty() {
+        return Err(Refused("cannot remove the last shard".into()));
+    }
+    let (mut names, mut addrs) = (HashSet::new(), HashSet::new());
+    for s in specs {
+        if s.name.is_empty() || s.name.len() > 64 || s.name.contains(char::is_whitespace) {
+            return Err(Refused(format!(
+                "shard name {:?} must be 1-64 characters without spaces",
+                s.name
+            )));
+        }
+        let addr: std::net::SocketAddr = s
+            .addr
+            .parse()
+            .map_err(|_| Refused(format!("addr {:?} is not an ip:port address", s.addr)))?;
+        if !names.insert(s.name.clone()) {
+            return Err(Refused(format!("duplicate shard name {:?}", s.name)));
+        }
+        if !addrs.insert(addr) {
+            return Err(Refused(format!("duplicate shard addr {:?}", s.addr)));
+        }
+        if s.weight == 0 || s.weight > 100 {
+            return Err(Refused(format!("weight of {:?} must be 1-100", s.name)));
+        }
+    }
+    Ok(())
+}
+
+/// Changes the shard list to `specs`: validates, records, publishes the new ring, and
+/// starts moving keys. Returns once the rebalance has started (see [`Rebalancer::progress`]).
+pub async fn change(ctx: &Arc<Context>, specs: Vec<ShardSpec>) -> Result<Progress, Refused> {
+    let _busy = ctx
+        .rebalancer
+        .busy
+        .try_lock()
+        .map_err(|_| Refused("another shard change is being applied".into()))?;
+    if ctx.engine.is_memory_mode() {
+        return Err(Refused(
+            "no shards are configured (memory mode): restart with shards instead".into(),
+        ));
+    }
+    if ctx.router.migration().is_some() {
+        return Err(Refused(
+            "a rebalance is in progress; wait until GET /admin/rebalance says done".into(),
+        ));
+    }
+    validate(&specs)?;
+    let old = ctx.router.topology();
+    let old_specs = specs_of(&old);
+    if old_specs == specs {
+        return Err(Refused("the shard list is unchanged".into()));
+    }
+    for s in &specs {
+        let known = old_specs
+            .iter()
+            .any(|o| o.name == s.name && o.addr == s.addr);
+        if !known && !reachable(&s.addr, ctx.config.backend.connect_timeout.0 * 4).await {
+            return Err(Refused(format!(
+                "shard {} at {} does not answer PING",
+                s.name, s.addr
+            )));
+        }
+        if let Some(o) = old_specs.iter().find(|o| o.name == s.name) {
+            if o.addr != s.addr || o.weight != s.weight {
+                return Err(Refused(format!(
+                    "shard {} exists with another address or weight; remove it first",
+                    s.name
+                )));
+            }
+        }
+    }
+    let id = crate::counter::now_micros();
+    let new = build_topology(ctx, old.version + 1, &specs, &old.shards)?;
+    let placement = Placement {
+        version: new.version,
+        shards: specs.clone(),
+        migration: Some((id, old_specs)),
+    };
+    if let Some(w) = &ctx.engine.wal {
+        w.log_placement(&placement)
+            .await
+            .map_err(|_| Refused("the write-ahead log failed".into()))?;
+    }
+    tracing::info!(id, from = old.version, to = new.version, shards = ?specs.iter().map(|s| &s.name).collect::<Vec<_>>(), "rebalance: new ring published");
+    Ok(start(ctx, id, old, Arc::new(new), HashSet::new()).await)
+}
+
+/// Publishes `new` with a migration from `old`, and starts the mover. Also used to resume.
+async fn start(
+    ctx: &Arc<Context>,
+    id: u64,
+    old: Arc<Topology>,
+    new: Arc<Topology>,
+    moved: HashSet<Bytes>,
+) -> Progress {
+    let engine = &ctx.engine;
+    for s in &new.shards {
+        if engine.lane(&s.name).is_none() {
+            engine.add_lane(crate::counter::lane::Lane::spawn(s.clone(), engine));
+            let b = &ctx.config.backend;
+            health::spawn_checker(
+                s.clone(),
+                b.health_interval.0,
+                b.health_failures,
+                b.connect_timeout.0,
+                ctx.shutdown.subscribe(),
+            );
+        }
+    }
+    engine.set_moved(moved);
+    let m = Arc::new(Migration::new(id, old.clone(), new.clone()));
+    ctx.router.set_migration(Some(m.clone()));
+    ctx.router.publish_arc(new.clone());
+    engine.invalidate_all_bases();
+    let total = dbsize_sum(&old).await;
+    {
+        let mut p = ctx.rebalancer.progress.lock();
+        let moved_into = std::mem::take(&mut p.moved_into);
+        *p = Progress {
+            state: "running".into(),
+            id,
+            from_version: old.version,
+            to_version: new.version,
+            keys_total_estimate: total,
+            moved_into,
+            ..Progress::default()
+        };
+        *ctx.rebalancer.started.lock() = Some(Instant::now());
+    }
+    let ctx2 = ctx.clone();
+    let m2 = m.clone();
+    tokio::spawn(async move { mover(ctx2, m2).await });
+    ctx.rebalancer.progress(Some(&m))
+}
+
+/// Resumes a rebalance recorded in the log (called at start-up).
+pub async fn resume(ctx: &Arc<Context>, placement: &Placement, moved: HashSet<Bytes>) {
+    let Some((id, from)) = &placement.migration else {
+        return;
+    };
+    let current = ctx.router.topology();
+    let old = match build_topology(
+        ctx,
+        placement.version.saturating_sub(1),
+        from,
+        &current.shards,
+    ) {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            tracing::error!(error = %e.0, "rebalance: cannot resume, the recorded old shard list is invalid");
+            return;
+        }
+    };
+    tracing::info!(
+        id,
+        moved = moved.len(),
+        "rebalance: resuming after a restart"
+    );
+    start(ctx, *id, old, current, moved).await;
+}
+
+async fn dbsize_sum(t: &Topology) -> u64 {
+    let mut sum = 0;
+    for s in &t.shards {
+        if let Ok(BytesFrame::Integer(n)) = call(s, &["DBSIZE"]).await {
+            sum += n.max(0) as u64;
+        }
+    }
+    sum
+}
+
+async fn call<A: AsRef<[u8]>>(shard: &Arc<Shard>, args: &[A]) -> Result<BytesFrame, String> {
+    let Some(rx) = shard.send(0, encode_command(args)) else {
+        return Err(format!("shard {} is unavailable", shard.name));
+    };
+    match tokio::time::timeout(shard.timeout * 5, rx).await {
+        Ok(Ok(Ok(r))) => match r.frame {
+            BytesFrame::Error(e) => Err(e.to_string()),
+            f => Ok(f),
+        },
+        Ok(Ok(Err(e))) => Err(e.client_message(&shard.name)),
+        _ => Err(format!("shard {} timed out", shard.name)),
+    }
+}
+
+fn tombstone(id: u64, key: &[u8]) -> Vec<u8> {
+    let mut t = format!("tally:mv:{id}:").into_bytes();
+    t.extend_from_slice(key);
+    t
+}
+
+/// Makes sure `key` has no value left on its old owner before it is used whole.
+pub async fn ensure_moved(engine: &Engine, m: &Migration, key: &[u8]) -> Result<(), LaneError> {
+    if !m.owner_changed(key) || engine.is_moved(key) {
+        return Ok(());
+    }
+    let _one = m.stripe(key).lock().await;
+    if engine.is_moved(key) {
+        return Ok(());
+    }
+    let (from, to) = (m.old.shard_for(key).clone(), m.new.shard_for(key).clone());
+    match move_key(engine, m.id, key, &from, &to).await {
+        Ok(moved) => {
+            if moved {
+                m.note_moved(&to.name);
+            }
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(key = %String::from_utf8_lossy(key), from = %from.name, to = %to.name, error = %e, "rebalance: move failed");
+            Err(LaneError::Unavailable)
+        }
+    }
+}
+
+/// Moves one key from `from` to `to`; true when something was moved.
+async fn move_key(
+    engine: &Engine,
+    id: u64,
+    key: &[u8],
+    from: &Arc<Shard>,
+    to: &Arc<Shard>,
+) -> Result<bool, String> {
+    let tomb = tombstone(id, key);
+    let mut moved = false;
+    if engine.is_batched(key) {
+        // At most twice: a tombstone left by a crash, then the key itself.
+        for _ in 0..3 {
+            let eval: [&[u8]; 5] = [b"EVAL", MOVE_SCRIPT.as_bytes(), b"2", key, &tomb];
+            let r = call(from, &eval).await?;
+            let BytesFrame::Array(parts) = r else {
+                return Err(format!("unexpected move reply {r:?}"));
+            };
+            match parts.as_slice() {
+                [BytesFrame::Integer(0)] => {
+                    engine.mark_moved(key);
+                    return Ok(moved);
+                }
+                [BytesFrame::Integer(1), BytesFrame::BulkString(v)] => {
+                    let Some(v) = crate::counter::parse_i64(v) else {
+                        // Digits but past i64: not a counter Redis could increment.
+                        call(from, &[&b"RENAME"[..], &tomb[..], key]).await?;
+                        break;
+                    };
+                    engine.apply_moved(id, key, v);
+                    if let Some(w) = &engine.wal {
+                        w.commit()
+                            .await
+                            .map_err(|_| "the write-ahead log failed".to_string())?;
+                    }
+                    call(from, &[&b"DEL"[..], &tomb[..]]).await?;
+                    moved = true;
+                }
+                [BytesFrame::Integer(2)] => break,
+                other => return Err(format!("unexpected move reply {other:?}")),
+            }
+        }
+    }
+    // Not a counter (or not an integer): Redis moves it, TTL and all.
+    let (host, port) = (to.addr.ip().to_string(), to.addr.port().to_string());
+    let timeout_ms = (from.timeout.as_millis() * 4).to_string();
+    let migrate: [&[u8]; 6] = [
+        b"MIGRATE",
+        host.as_bytes(),
+        port.as_bytes(),
+        key,
+        b"0",
+        timeout_ms.as_bytes(),
+    ];
+    match call(from, &migrate).await {
+        Ok(BytesFrame::SimpleString(s)) if &s[..] == b"NOKEY" => {}
+        Ok(_) => moved = true,
+        // The new owner already holds the key: it was written there since, and is newer.
+        Err(e) if e.starts_with("BUSYKEY") => {
+            call(from, &[&b"DEL"[..], key]).await?;
+        }
+        Err(e) => return Err(e),
+    }
+    engine.mark_moved(key);
+    Ok(moved)
+}
+
+/// Scans every old shard and moves the keys whose owner changed, at the configured rate;
+/// then ends the rebalance.
+async fn mover(ctx: Arc<Context>, m: Arc<Migration>) {
+    let engine = &ctx.engine;
+    let rate = ctx.config.rebalance.keys_per_second.max(1) as f64;
+    let mut shutdown = ctx.shutdown.subscribe();
+    let started = Instant::now();
+    let mut done: u64 = 0;
+    // Batches that were in flight to old owners land before anything moves.
+    let _ = tokio::time::timeout(Duration::from_secs(10), engine.flush_all()).await;
+    let prefix = format!("tally:mv:{}:", m.id).into_bytes();
+    for from in m.old.shards.iter() {
+        let mut cursor = b"0".to_vec();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if shutdown.is_triggered() {
+                return;
+            }
+            let scan: [&[u8]; 4] = [b"SCAN", &cursor, b"COUNT", b"100"];
+            let reply = call(from, &scan).await;
+            let (next, keys) = match reply {
+                Ok(BytesFrame::Array(parts)) if parts.len() == 2 => match (&parts[0], &parts[1]) {
+                    (BytesFrame::BulkString(c), BytesFrame::Array(ks)) => (
+                        c.to_vec(),
+                        ks.iter()
+                            .filter_map(|k| match k {
+                                BytesFrame::BulkString(b) => Some(b.clone()),
+                                _ => None,
+                            })
+                            .collect::<Vec<Bytes>>(),
+                    ),
+                    _ => (b"0".to_vec(), Vec::new()),
+                },
+                other => {
+                    let e = format!("{other:?}");
+                    ctx.rebalancer.progress.lock().error =
+                        Some(format!("scanning {}: {e}", from.name));
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.wait() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            for key in keys {
+                ctx.rebalancer.progress.lock().keys_scanned += 1;
+                let result = if let Some(k) = key.strip_prefix(&prefix[..]) {
+                    // A tombstone: finish its move, or just delete it if the log has it.
+                    if engine.is_moved(k) {
+                        call(from, &[&b"DEL"[..], &key[..]]).await.map(|_| false)
+                    } else {
+                        move_once(engine, &m, k, from).await
+                    }
+                } else if key.starts_with(b"tally:")
+                    || m.old.shard_for(&key).name != from.name
+                    || !m.owner_changed(&key)
+                {
+                    Ok(false)
+                } else {
+                    move_once(engine, &m, &key, from).await
+                };
+                match result {
+                    Ok(true) => {
+                        done += 1;
+                        // Rate limit: never ahead of `rate` keys per second.
+                        let ahead = Duration::from_secs_f64(done as f64 / rate)
+                            .saturating_sub(started.elapsed());
+                        if !ahead.is_zero() {
+                            tokio::time::sleep(ahead).await;
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        ctx.rebalancer.progress.lock().error = Some(e);
+                    }
+                }
+            }
+            cursor = next;
+            if cursor == b"0" {
+                break;
+            }
+        }
+        tracing::info!(id = m.id, shard = %from.name, moved = done, "rebalance: shard scanned");
+    }
+    finish(&ctx, &m).await;
+}
+
+async fn move_once(
+    engine: &Engine,
+    m: &Migration,
+    key: &[u8],
+    from: &Arc<Shard>,
+) -> Result<bool, String> {
+    let _one = m.stripe(key).lock().await;
+    if engine.is_moved(key) {
+        return Ok(false);
+    }
+    let to = m.new.shard_for(key);
+    let moved = move_key(engine, m.id, key, from, to).await?;
+    if moved {
+        m.note_moved(&to.name);
+    }
+    Ok(moved)
+}
+
+async fn finish(ctx: &Arc<Context>, m: &Migration) {
+    let placement = Placement {
+        version: m.new.version,
+        shards: specs_of(&m.new),
+        migration: None,
+    };
+    if let Some(w) = &ctx.engine.wal {
+        if w.log_placement(&placement).await.is_err() {
+            ctx.rebalancer.progress.lock().state = "failed".into();
+            return;
+        }
+    }
+    let counted = ctx.rebalancer.progress(Some(m));
+    ctx.router.set_migration(None);
+    ctx.engine.set_moved(HashSet::new());
+    for s in &m.old.shards {
+        if m.new.by_name(&s.name).is_none() {
+            // Its keys are gone; so is this proxy's exactly-once record there.
+            let _ = call(
+                s,
+                &[
+                    b"HDEL",
+                    crate::counter::lane::APPLIED_KEY.as_bytes(),
+                    ctx.engine.proxy_id.as_bytes(),
+                ],
+            )
+            .await;
+            ctx.engine.remove_lane(&s.name);
+            s.retire();
+        }
+    }
+    let mut p = ctx.rebalancer.progress.lock();
+    p.keys_moved = counted.keys_moved;
+    p.moved_into = counted.moved_into;
+    p.state = "done".into();
+    if let Some(t) = *ctx.rebalancer.started.lock() {
+        p.elapsed_seconds = t.elapsed().as_secs_f64();
+    }
+    tracing::info!(
+        id = m.id,
+        moved = p.keys_moved,
+        scanned = p.keys_scanned,
+        "rebalance: done"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, addr: &str) -> ShardSpec {
+        ShardSpec {
+            name: name.into(),
+            addr: addr.into(),
+            weight: 1,
+        }
+    }
+
+    #[test]
+    fn invalid_changes_are_refused() {
+        assert!(validate(&[]).unwrap_err().0.contains("last shard"));
+        let dup = [spec("a", "127.0.0.1:1"), spec("a", "127.0.0.1:2")];
+        assert!(validate(&dup)
+            .unwrap_err()
+            .0
+            .contains("duplicate shard name"));
+        let dup = [spec("a", "127.0.0.1:1"), spec("b", "127.0.0.1:1")];
+        assert!(validate(&dup)
+            .unwrap_err()
+            .0
+            .contains("duplicate shard addr"));
+        assert!(validate(&[spec("a", "nohost")])
+            .unwrap_err()
+            .0
+            .contains("ip:port"));
+        assert!(validate(&[spec("a b", "127.0.0.1:1")]).is_err());
+        assert!(validate(&[spec("a", "127.0.0.1:1"), spec("b", "127.0.0.1:2")]).is_ok());
+    }
+
+    #[test]
+    fn tombstones_name_the_rebalance_and_the_key() {
+        assert_eq!(tombstone(42, b"visits:home"), b"tally:mv:42:visits:home");
+    }
+}

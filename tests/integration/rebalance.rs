@@ -1,0 +1,483 @@
+//! Scale out at run time: a third shard added and removed under concurrent increments,
+//! the proxy killed mid-move, reads during a move, refused changes.
+
+use crate::support::{self, ring_owner, Proxy, ProxyProcess, Redis, TempDir};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// An HTTP request with a JSON body: (status, parsed body).
+async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+async fn wait_done(addr: SocketAddr, limit: Duration) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        let (_, p) = http(addr, "GET", "/admin/rebalance", "").await;
+        if p["state"] == "done" {
+            return p;
+        }
+        assert!(start.elapsed() < limit, "rebalance not done in time: {p}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn value_on(shards: &[&Redis], key: &str) -> (i64, Vec<u16>) {
+    let mut total = 0;
+    let mut on = Vec::new();
+    for s in shards {
+        if let Some(v) = s.get(key) {
+            total += v.parse::<i64>().unwrap();
+            on.push(s.port);
+        }
+    }
+    (total, on)
+}
+
+/// Clients each INCR keys from `keys` until `stop`; returns the acknowledged count per key.
+fn load(
+    url: String,
+    keys: Vec<String>,
+    clients: usize,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<HashMap<String, i64>> {
+    tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for t in 0..clients {
+            let (url, keys, stop) = (url.clone(), keys.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut c = redis::Client::open(url)
+                    .unwrap()
+                    .get_multiplexed_async_connection()
+                    .await
+                    .unwrap();
+                let mut acked = HashMap::<String, i64>::new();
+                for i in 0..1_000_000usize {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let k = &keys[(i * 13 + t * 7) % keys.len()];
+                    if redis::cmd("INCR")
+                        .arg(k)
+                        .query_async::<i64>(&mut c)
+                        .await
+                        .is_ok()
+                    {
+                        *acked.entry(k.clone()).or_default() += 1;
+                    }
+                }
+                acked
+            }));
+        }
+        let mut all = HashMap::new();
+        for t in tasks {
+            for (k, n) in t.await.unwrap() {
+                *all.entry(k).or_insert(0) += n;
+            }
+        }
+        all
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_shard_added_and_removed_under_load_keeps_every_count() {
+    let (a, b, c) = (Redis::start(), Redis::start(), Redis::start());
+    let wal = TempDir::new("grow");
+    let mut cfg = support::config(&[&a, &b], &wal);
+    cfg.counters.flush_interval = tallyproxy::config::HumanDuration(Duration::from_millis(200));
+    let proxy = Proxy::start(cfg).await;
+    let keys: Vec<String> = (0..400).map(|i| format!("grow:{i}")).collect();
+    // A starting count on the shards, and plain keys with a TTL, which MIGRATE must carry.
+    let mut conn = proxy.client().await;
+    for k in &keys {
+        let _: i64 = redis::cmd("INCRBY")
+            .arg(k)
+            .arg(10)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    for i in 0..60 {
+        let _: () = redis::cmd("SET")
+            .arg(format!("plain:{i}"))
+            .arg("v")
+            .arg("EX")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let (_, _) = http(proxy.http, "POST", "/admin/shutdown-not-a-route", "").await;
+    // Land the starting counts so that most keys have something to move.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = load(proxy.url(), keys.clone(), 8, stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, body) = http(
+        proxy.http,
+        "POST",
+        "/admin/shards",
+        &format!("{{\"addr\": \"{}\"}}", c.addr()),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let progress = wait_done(proxy.http, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let acked = running.await.unwrap();
+    assert!(acked.values().sum::<i64>() > 500, "the load ran");
+
+    // Counts exact, every key on its new owner only, and moves only into the new shard.
+    let (_, shards_json) = http(proxy.http, "GET", "/admin/shards", "").await;
+    assert_eq!(shards_json["ring_version"], 2);
+    let c_name = format!("redis_{}", c.port);
+    let moved_in = shards_json["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == c_name.as_str())
+        .unwrap()["keys_moved_in"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        moved_in > 0 && moved_in == progress["keys_moved"].as_u64().unwrap(),
+        "{shards_json} {progress}"
+    );
+    let mut conn = proxy.client().await;
+    let v: i64 = redis::cmd("GET")
+        .arg(&keys[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(v, 10 + acked.get(&keys[0]).copied().unwrap_or(0));
+    proxy.stop().await;
+    let three = [&a, &b, &c];
+    let mut on_c = 0;
+    for k in &keys {
+        let (total, on) = value_on(&three, k);
+        assert_eq!(total, 10 + acked.get(k).copied().unwrap_or(0), "{k}");
+        assert_eq!(on, vec![ring_owner(&three, k)], "{k} on its new owner only");
+        on_c += usize::from(on == vec![c.port]);
+    }
+    let share = on_c as f64 / keys.len() as f64;
+    assert!((0.25..=0.40).contains(&share), "moved share {share}");
+    for i in 0..60 {
+        let k = format!("plain:{i}");
+        assert_eq!(
+            support::holder(&three, &k),
+            vec![ring_owner(&three, &k)],
+            "{k}"
+        );
+        let owner = three
+            .iter()
+            .find(|s| s.port == ring_owner(&three, &k))
+            .unwrap();
+        match owner.cmd(&["TTL", &k]) {
+            redis::Value::Int(t) => assert!(t > 900, "{k} kept its TTL ({t})"),
+            v => panic!("{v:?}"),
+        }
+    }
+
+    // Remove it again, under load, from a proxy that restarted with the same log (the
+    // shard list it had at run time is the recorded one).
+    let mut cfg = support::config(&[&a, &b], &wal);
+    cfg.counters.flush_interval = tallyproxy::config::HumanDuration(Duration::from_millis(200));
+    // The config still lists two shards: a restart applies that difference as a rebalance.
+    let proxy = Proxy::start(cfg).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = load(proxy.url(), keys.clone(), 8, stop.clone());
+    wait_done(proxy.http, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let acked2 = running.await.unwrap();
+    let (_, shards_json) = http(proxy.http, "GET", "/admin/shards", "").await;
+    assert_eq!(
+        shards_json["shards"].as_array().unwrap().len(),
+        2,
+        "{shards_json}"
+    );
+    assert_eq!(shards_json["ring_version"], 3);
+    proxy.stop().await;
+    let two = [&a, &b];
+    for k in &keys {
+        let want = 10 + acked.get(k).copied().unwrap_or(0) + acked2.get(k).copied().unwrap_or(0);
+        let (total, on) = value_on(&three, k);
+        assert_eq!(total, want, "{k}");
+        assert_eq!(on, vec![ring_owner(&two, k)], "{k}");
+    }
+    match c.cmd(&["DBSIZE"]) {
+        redis::Value::Int(n) => assert_eq!(n, 0, "the removed shard holds no keys"),
+        v => panic!("{v:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_during_a_move_return_the_whole_count() {
+    let (a, b, c) = (Redis::start(), Redis::start(), Redis::start());
+    let wal = TempDir::new("reads");
+    let mut cfg = support::config(&[&a, &b], &wal);
+    cfg.rebalance.keys_per_second = 20; // slow, so that reads meet the move half way
+    let proxy = Proxy::start(cfg).await;
+    let keys: Vec<String> = (0..200).map(|i| format!("r:{i}")).collect();
+    let mut conn = proxy.client().await;
+    for (i, k) in keys.iter().enumerate() {
+        let _: i64 = redis::cmd("INCRBY")
+            .arg(k)
+            .arg(i as i64 + 1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    // Land everything, so the old owners hold the counts.
+    let (_, _) = http(proxy.http, "GET", "/healthz", "").await;
+    proxy.stop().await;
+    let proxy = Proxy::start({
+        let mut cfg = support::config(&[&a, &b], &wal);
+        cfg.rebalance.keys_per_second = 20;
+        cfg
+    })
+    .await;
+    let (status, _) = http(
+        proxy.http,
+        "POST",
+        "/admin/shards",
+        &format!("{{\"addr\": \"{}\", \"name\": \"third\"}}", c.addr()),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let mut conn = proxy.client().await;
+    let (_, p) = http(proxy.http, "GET", "/admin/rebalance", "").await;
+    assert_eq!(p["state"], "running", "{p}");
+    for (i, k) in keys.iter().enumerate() {
+        let v: i64 = redis::cmd("GET")
+            .arg(k)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(v, i as i64 + 1, "{k} during the move");
+        let (_, body) = http(proxy.http, "GET", &format!("/visits/{}", k), "").await;
+        assert!(body.is_object());
+    }
+    // served_via names the new owner once a key has moved.
+    let three = [&a, &b, &c];
+    let k = keys
+        .iter()
+        .find(|k| {
+            support::ring_owner(&[&a, &b], k) != a.port && ring_owner_named(&three, k, c.port)
+        })
+        .cloned();
+    if let Some(k) = k {
+        let _: i64 = redis::cmd("INCR")
+            .arg(&k)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let (_, p) = http(proxy.http, "GET", "/admin/rebalance", "").await;
+    assert!(p["keys_moved"].as_u64().unwrap() > 0, "{p}");
+    proxy.stop().await;
+}
+
+fn ring_owner_named(shards: &[&Redis], key: &str, port: u16) -> bool {
+    // The test's third shard is named "third", not redis_<port>: compute with that name.
+    let nodes = shards
+        .iter()
+        .map(|s| tallyproxy::router::ring::Node {
+            name: if s.port == port {
+                "third".into()
+            } else {
+                format!("redis_{}", s.port)
+            },
+            weight: 1,
+        })
+        .collect();
+    let ring = tallyproxy::router::ring::Ring::new(nodes, 160);
+    shards[ring.locate(key.as_bytes())].port == port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_killed_mid_move_resumes_and_loses_nothing() {
+    let (a, b, c) = (Redis::start(), Redis::start(), Redis::start());
+    let wal = TempDir::new("kill-move");
+    let shards = vec![a.addr(), b.addr()];
+    let slow = "[rebalance]\nkeys_per_second = 40\n";
+    let mut proxy = ProxyProcess::start_with(&shards, &wal, "always", "100ms", slow);
+    let addr = proxy.addr();
+    let keys: Vec<String> = (0..300).map(|i| format!("k9:{i}")).collect();
+    {
+        let mut conn = redis::Client::open(format!("redis://{addr}/"))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        for k in &keys {
+            let _: i64 = redis::cmd("INCRBY")
+                .arg(k)
+                .arg(7)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let http_addr: SocketAddr = format!("127.0.0.1:{}", proxy.http).parse().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    // The load touches a quarter of the keys (a touch moves a key at once); the mover
+    // takes the rest at 40 keys per second, so the kill finds it half way.
+    let running = load(
+        format!("redis://{addr}/"),
+        keys[..75].to_vec(),
+        4,
+        stop.clone(),
+    );
+    let (status, body) = http(
+        http_addr,
+        "POST",
+        "/admin/shards",
+        &format!("{{\"addr\": \"{}\"}}", c.addr()),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (_, p) = http(http_addr, "GET", "/admin/rebalance", "").await;
+    assert_eq!(p["state"], "running", "killed mid-move: {p}");
+    proxy.kill9();
+    stop.store(true, Ordering::Relaxed);
+    let acked = running.await.unwrap();
+
+    // Same log, same config (two shards): the recorded rebalance to three resumes first.
+    let mut again = ProxyProcess::start_with(
+        &shards,
+        &wal,
+        "always",
+        "100ms",
+        "[rebalance]\nkeys_per_second = 5000\n",
+    );
+    let http_addr: SocketAddr = format!("127.0.0.1:{}", again.http).parse().unwrap();
+    let p = wait_done(http_addr, Duration::from_secs(30)).await;
+    assert!(p["keys_moved"].as_u64().unwrap() > 0);
+    again.terminate();
+    let three = [&a, &b, &c];
+    for k in &keys {
+        let (total, on) = value_on(&three, k);
+        let acked_k = acked.get(k).copied().unwrap_or(0);
+        // Each client has one INCR in flight at the kill: at most 4 unknown outcomes in all.
+        assert!(
+            total >= 7 + acked_k && total <= 7 + acked_k + 4,
+            "{k}: {total} vs {} acknowledged",
+            7 + acked_k
+        );
+        assert_eq!(on.len(), 1, "{k} on one shard only: {on:?}");
+    }
+    let unknown: i64 = keys
+        .iter()
+        .map(|k| value_on(&three, k).0 - 7 - acked.get(k).copied().unwrap_or(0))
+        .sum();
+    assert!(
+        unknown <= 4,
+        "{unknown} increments beyond the acknowledged ones"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_change_leaves_the_ring_untouched() {
+    let (a, b) = (Redis::start(), Redis::start());
+    let wal = TempDir::new("refuse");
+    let proxy = Proxy::start(support::config(&[&a, &b], &wal)).await;
+    let a_name = format!("redis_{}", a.port);
+    let cases = [
+        (
+            "POST",
+            "/admin/shards".to_string(),
+            format!("{{\"addr\": \"{}\"}}", a.addr()),
+            "duplicate",
+        ),
+        (
+            "POST",
+            "/admin/shards".to_string(),
+            format!(
+                "{{\"addr\": \"127.0.0.1:{}\", \"name\": \"{a_name}\"}}",
+                support::free_port()
+            ),
+            "duplicate shard name",
+        ),
+        (
+            "POST",
+            "/admin/shards".to_string(),
+            format!("{{\"addr\": \"127.0.0.1:{}\"}}", support::free_port()),
+            "does not answer PING",
+        ),
+        (
+            "POST",
+            "/admin/shards".to_string(),
+            "{\"addr\": \"nohost\"}".to_string(),
+            "ip:port",
+        ),
+        (
+            "DELETE",
+            "/admin/shards/nosuch".to_string(),
+            String::new(),
+            "no shard named",
+        ),
+    ];
+    for (method, path, body, want) in cases {
+        let (status, resp) = http(proxy.http, method, &path, &body).await;
+        assert!(
+            status == 409 || status == 404,
+            "{method} {path} {body}: {status} {resp}"
+        );
+        assert!(
+            resp["error"].as_str().unwrap().contains(want),
+            "{resp} should say {want}"
+        );
+    }
+    let (_, body) = http(proxy.http, "POST", "/admin/shards", "{not json").await;
+    assert!(body["error"].as_str().unwrap().contains("body must be"));
+    let (_, shards) = http(proxy.http, "GET", "/admin/shards", "").await;
+    assert_eq!(shards["ring_version"], 1);
+    assert_eq!(shards["shards"].as_array().unwrap().len(), 2);
+    let (_, p) = http(proxy.http, "GET", "/admin/rebalance", "").await;
+    assert_eq!(p["state"], "idle");
+    // Removing down to one shard is fine; removing the last is refused.
+    let (status, _) = http(
+        proxy.http,
+        "DELETE",
+        &format!("/admin/shards/redis_{}", b.port),
+        "",
+    )
+    .await;
+    assert_eq!(status, 202);
+    wait_done(proxy.http, Duration::from_secs(20)).await;
+    let (status, resp) = http(proxy.http, "DELETE", &format!("/admin/shards/{a_name}"), "").await;
+    assert_eq!(status, 409);
+    assert!(
+        resp["error"].as_str().unwrap().contains("last shard"),
+        "{resp}"
+    );
+    proxy.stop().await;
+}
