@@ -19,6 +19,7 @@ use crate::backend::{encode_command, BackendError, Reply, Shard};
 use crate::command::{self, CounterOp, Kind};
 use crate::counter::lane::{KeyValue, LaneError};
 use crate::counter::{Cached, Engine, Incr, NOT_INTEGER};
+use crate::metrics::Class;
 use crate::resp::{parse_request, reply};
 use crate::server::Context;
 use crate::shutdown::Shutdown;
@@ -106,7 +107,9 @@ where
     let mut client = Client::new(ctx.next_client_id.fetch_add(1, Ordering::Relaxed));
     let mut rbuf = BytesMut::with_capacity(16 * 1024);
     let mut wbuf = BytesMut::with_capacity(16 * 1024);
-    let mut queue: VecDeque<Pending> = VecDeque::new();
+    // Each reply not yet written, with its command's name (for the per-command figures).
+    let mut queue: VecDeque<(Pending, &'static str)> = VecDeque::new();
+    let mut burst = crate::metrics::Burst::default();
     let max_pipeline = ctx.config.limits.max_pipeline;
     // A parsed command that must wait for the queue to drain (it touches a key with a
     // deferred increment); dispatched first thing next round.
@@ -115,6 +118,7 @@ where
         // Counted per burst, not per command: a shared counter per command would bounce
         // its cache line between cores.
         let mut commands = 0u64;
+        let burst_start = std::time::Instant::now();
         let mut more = false;
         let mut protocol_error = None;
         while !client.close {
@@ -138,9 +142,16 @@ where
                     let direct = queue.is_empty();
                     let mut scratch = BytesMut::new();
                     let out = if direct { &mut wbuf } else { &mut scratch };
-                    match dispatch(&ctx, &mut client, args, out) {
+                    let spec = command::lookup(&args[0]);
+                    let name = spec.map_or("unknown", |s| s.name);
+                    let start = out.len();
+                    let pending = dispatch_spec(&ctx, &mut client, spec, args, out);
+                    if pending.is_none() {
+                        burst.command(name, out.get(start) == Some(&b'-'), Class::Memory);
+                    }
+                    match pending {
                         None if direct => {}
-                        None => queue.push_back(Pending::Ready(scratch.freeze())),
+                        None => queue.push_back((Pending::Ready(scratch.freeze()), "")),
                         Some(p) => {
                             if matches!(
                                 p,
@@ -152,7 +163,7 @@ where
                                 client.writes_in_flight = true;
                             }
                             let barrier = matches!(p, Pending::Task(_));
-                            queue.push_back(p);
+                            queue.push_back((p, name));
                             if barrier {
                                 more = true;
                                 break;
@@ -170,9 +181,15 @@ where
         crate::metrics::global()
             .commands
             .fetch_add(commands, Ordering::Relaxed);
-        while let Some(p) = queue.pop_front() {
+        while let Some((p, name)) = queue.pop_front() {
+            let start = wbuf.len();
             resolve(p, &ctx, &mut wbuf).await;
+            // Ready replies were counted at dispatch (their name is empty here).
+            if !name.is_empty() {
+                burst.command(name, wbuf.get(start) == Some(&b'-'), Class::Backend);
+            }
         }
+        burst.finish(burst_start.elapsed());
         client.writes_in_flight = false;
         client.deferred.clear();
         if let Some(e) = protocol_error {
@@ -303,11 +320,13 @@ pub(crate) async fn await_reply(
     let Some(rx) = rx else {
         return Err(BackendError::Unavailable);
     };
+    let _done = InflightGuard(shard);
     let r = match tokio::time::timeout_at(sent + shard.timeout, rx).await {
         Ok(Ok(r)) => r,
         Ok(Err(_)) => Err(BackendError::Lost),
         Err(_) => Err(BackendError::Timeout),
     };
+    shard.latency.record(sent.elapsed().as_secs_f64());
     if let Err(e) = &r {
         shard.stats.errors.fetch_add(1, Ordering::Relaxed);
         if *e == BackendError::Timeout {
@@ -317,10 +336,24 @@ pub(crate) async fn await_reply(
     r
 }
 
+/// Counts a forwarded request out of flight however its wait ends (reply, error, timeout,
+/// or the waiting future dropped), and records its round trip.
+struct InflightGuard<'a>(&'a Shard);
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.stats.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Queues `frame` on the client's connection to `shard` (None: the shard is known down).
 pub(crate) fn send(shard: &Arc<Shard>, client: u64, frame: Bytes) -> Option<BackendRx> {
     shard.stats.requests.fetch_add(1, Ordering::Relaxed);
-    shard.send(client, frame)
+    let rx = shard.send(client, frame);
+    if rx.is_some() {
+        shard.stats.inflight.fetch_add(1, Ordering::Relaxed);
+    }
+    rx
 }
 
 fn forward(shard: &Arc<Shard>, client: u64, args: &[Bytes], after: After) -> Pending {
@@ -355,7 +388,18 @@ fn dispatch(
     args: Vec<Bytes>,
     out: &mut BytesMut,
 ) -> Option<Pending> {
-    let Some(spec) = command::lookup(&args[0]) else {
+    let spec = command::lookup(&args[0]);
+    dispatch_spec(ctx, client, spec, args, out)
+}
+
+fn dispatch_spec(
+    ctx: &Arc<Context>,
+    client: &mut Client,
+    spec: Option<&'static command::Spec>,
+    args: Vec<Bytes>,
+    out: &mut BytesMut,
+) -> Option<Pending> {
+    let Some(spec) = spec else {
         crate::metrics::global()
             .command_errors
             .fetch_add(1, Ordering::Relaxed);

@@ -207,6 +207,19 @@ pub async fn run_with_reload(
         w.spawn_background(ctx.engine.clone(), shutdown.clone());
     }
     settle_shards(&ctx).await;
+    {
+        // Histogram buffers drain on scrape or here, whichever comes first.
+        let mut stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => crate::metrics::upkeep(),
+                    _ = stop.wait() => return,
+                }
+            }
+        });
+    }
     if let Some(mut reload) = reload {
         let ctx = ctx.clone();
         tokio::spawn(async move {

@@ -89,6 +89,8 @@ pub struct ShardStats {
     pub requests: AtomicU64,
     pub errors: AtomicU64,
     pub timeouts: AtomicU64,
+    /// Forwarded requests sent and not yet answered (or given up on).
+    pub inflight: std::sync::atomic::AtomicI64,
 }
 
 /// One standalone Redis server behind the proxy.
@@ -108,6 +110,8 @@ pub struct Shard {
     /// Removed from the ring by a rebalance: its health checker stops.
     pub retired: AtomicBool,
     pub stats: ShardStats,
+    /// Round-trip time of forwarded requests.
+    pub latency: metrics::Histogram,
 }
 
 impl Shard {
@@ -127,6 +131,10 @@ impl Shard {
         let pool = (0..cfg.pool_size)
             .map(|_| BackendConn::spawn(opts.clone()))
             .collect();
+        let latency = {
+            crate::metrics::prometheus();
+            metrics::histogram!("tallyproxy_shard_request_duration_seconds", "shard" => name.clone())
+        };
         Arc::new(Shard {
             name,
             addr,
@@ -137,6 +145,7 @@ impl Shard {
             up: AtomicBool::new(true),
             retired: AtomicBool::new(false),
             stats: ShardStats::default(),
+            latency,
         })
     }
 

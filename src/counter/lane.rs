@@ -290,6 +290,7 @@ async fn round(
         }
     }
     if flush {
+        flush_histogram().record(started.elapsed().as_secs_f64());
         engine.stats.flushes.fetch_add(1, Ordering::Relaxed);
         engine
             .stats
@@ -300,6 +301,14 @@ async fn round(
         }
     }
     all_ok
+}
+
+fn flush_histogram() -> &'static metrics::Histogram {
+    static H: std::sync::OnceLock<metrics::Histogram> = std::sync::OnceLock::new();
+    H.get_or_init(|| {
+        crate::metrics::prometheus();
+        metrics::histogram!("tallyproxy_flush_duration_seconds")
+    })
 }
 
 /// Sends one batch and settles it. A batch that carries deltas is retried, with the same

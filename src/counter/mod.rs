@@ -170,6 +170,8 @@ pub struct Engine {
     /// Counter keys whose old owner's value has been moved in the rebalance under way
     /// (see `rebalance`); logged with each move, cleared when the rebalance ends.
     moved: Mutex<std::collections::HashSet<Bytes>>,
+    last_flush_ms: AtomicU64,
+    epoch_unix_ms: u64,
     patterns: Vec<(Vec<u8>, CounterMode)>,
     ttl_ms: u64,
     epoch: Instant,
@@ -216,6 +218,8 @@ impl Engine {
             clock: std::sync::atomic::AtomicU32::new(0),
             invalidations: AtomicU64::new(0),
             moved: Mutex::new(std::collections::HashSet::new()),
+            last_flush_ms: AtomicU64::new(0),
+            epoch_unix_ms: unix_ms(),
             patterns: cfg
                 .patterns
                 .iter()
@@ -812,7 +816,20 @@ impl Engine {
 
     /// Starts a flush on every lane and waits until each has landed what it took (or
     /// gave up for now: a down shard keeps its deltas pending).
+    /// Seconds since the last flush started, while deltas are pending: an upper bound on
+    /// the age of the oldest pending increment (every flush takes every pending delta of
+    /// the shards that are up).
+    pub fn oldest_pending_seconds(&self) -> f64 {
+        if self.dirty_keys() == 0 {
+            return 0.0;
+        }
+        let last = self.last_flush_ms.load(Ordering::Relaxed);
+        let start = if last == 0 { self.epoch_unix_ms } else { last };
+        (unix_ms().saturating_sub(start)) as f64 / 1000.0
+    }
+
     pub async fn flush_all(&self) -> bool {
+        self.last_flush_ms.store(unix_ms(), Ordering::Relaxed);
         let lanes = self.lanes();
         let waits: Vec<_> = lanes.iter().map(|l| l.flush()).collect();
         let mut ok = true;
@@ -893,6 +910,10 @@ impl Engine {
     pub fn ensure_seq_above(&self, seq: u64) {
         self.next_seq.fetch_max(seq + 1, Ordering::Relaxed);
     }
+}
+
+fn unix_ms() -> u64 {
+    now_micros() / 1000
 }
 
 pub fn now_micros() -> u64 {

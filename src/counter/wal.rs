@@ -303,6 +303,7 @@ impl Wal {
             Err(e) => return Err(self.fail("fsync", &e)),
         }
         self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+        fsync_histogram().record(t.elapsed().as_secs_f64());
         self.stats
             .fsync_micros
             .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -479,6 +480,14 @@ impl Wal {
             ),
         ]
     }
+}
+
+fn fsync_histogram() -> &'static metrics::Histogram {
+    static H: OnceLock<metrics::Histogram> = OnceLock::new();
+    H.get_or_init(|| {
+        crate::metrics::prometheus();
+        metrics::histogram!("tallyproxy_wal_fsync_duration_seconds")
+    })
 }
 
 fn sync_dir(dir: &Path) {

@@ -27,7 +27,11 @@ pub fn render(ctx: &Context) -> String {
     let m = crate::metrics::global();
     let e = &ctx.engine;
     let s = &e.stats;
-    let mut o = Out(String::with_capacity(4096));
+    // Per-command counters and latency histograms, from the metrics crate's recorder.
+    let mut o = Out(crate::metrics::prometheus().render());
+    if !o.0.is_empty() && !o.0.ends_with('\n') {
+        o.0.push('\n');
+    }
     o.one(
         "connections",
         "gauge",
@@ -109,11 +113,52 @@ pub fn render(ctx: &Context) -> String {
         "Forwarded requests that timed out.",
         &per(&|sh| sh.stats.timeouts.load(Relaxed) as f64),
     );
+    o.metric(
+        "shard_inflight_requests",
+        "gauge",
+        "Forwarded requests awaiting a reply.",
+        &per(&|sh| sh.stats.inflight.load(Relaxed) as f64),
+    );
     o.one(
         "ring_version",
         "gauge",
         "Version of the ring in use.",
         topo.version as f64,
+    );
+    let rb = ctx.rebalancer.progress(ctx.router.migration().as_deref());
+    o.one(
+        "rebalance_running",
+        "gauge",
+        "1 while a rebalance moves keys.",
+        if ctx.router.migration().is_some() {
+            1.0
+        } else {
+            0.0
+        },
+    );
+    o.one(
+        "rebalance_keys_scanned",
+        "gauge",
+        "Keys scanned by the current or last rebalance.",
+        rb.keys_scanned as f64,
+    );
+    o.one(
+        "rebalance_keys_moved",
+        "gauge",
+        "Keys moved by the current or last rebalance.",
+        rb.keys_moved as f64,
+    );
+    o.one(
+        "rebalance_keys_remaining_estimate",
+        "gauge",
+        "Keys left to scan (estimate).",
+        rb.keys_remaining_estimate as f64,
+    );
+    o.one(
+        "counter_oldest_pending_seconds",
+        "gauge",
+        "Upper bound on the age of the oldest unflushed increment.",
+        e.oldest_pending_seconds(),
     );
 
     let (pkeys, psum) = e.pending_total();

@@ -1,0 +1,476 @@
+//! Entry points for fuzzing (the cargo-fuzz target `resp` in `fuzz/`), also used by the
+//! regression tests that replay what the fuzzer found. Not part of the proxy's API.
+//!
+//! [`run_one`] drives one hostile client through the real path a request takes: the
+//! request parser with its size guard (`resp`), the command table (`command`) and the
+//! dispatcher (`connection`, `local`, `multi`, `counter`), against a memory-mode context
+//! (no shards, no log: nothing touches the network or the disk). Besides "no panic, no
+//! hang", it checks what a client could see:
+//!
+//! - the parser gives the same requests whether the bytes arrive at once or in pieces;
+//! - the output is a sequence of whole, well-formed RESP2 replies (no line break inside a
+//!   status or error line, bulk lengths that match), one per request;
+//! - after a protocol error, `-ERR Protocol error: ...` is the last thing written and the
+//!   connection is closed;
+//! - a connection always ends once the client has closed its side.
+
+use crate::config::Config;
+use crate::resp::{parse_request, Limits, ProtocolError};
+use crate::server::{self, Context};
+use crate::shutdown::{self, ShutdownTrigger};
+use bytes::{Bytes, BytesMut};
+use std::cell::RefCell;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The fuzzed proxy: memory mode, no log, small limits so that inputs a fuzzer can build
+/// reach every limit (and a short pipeline, so that back-pressure is exercised too).
+const CONFIG: &str = r#"
+listen = "127.0.0.1:0"
+http_listen = "127.0.0.1:0"
+[limits]
+max_bulk_len = 512
+max_array_len = 32
+max_inline_len = 256
+max_request_bytes = 2048
+max_pipeline = 4
+[durability]
+enabled = false
+"#;
+
+/// Limits for the direct parser runs: smaller still.
+const PARSE_LIMITS: Limits = Limits {
+    max_bulk_len: 64,
+    max_array_len: 8,
+    max_inline_len: 32,
+    max_request_bytes: 256,
+};
+
+/// Memory mode keeps every counter for ever: the context is rebuilt past this many keys so
+/// that millions of runs do not grow without bound.
+const MAX_KEYS: usize = 50_000;
+
+/// Longest a connection may take for one input. Everything is in memory; a connection
+/// still open after this is a hang, and is reported as a crash.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+struct Harness {
+    rt: tokio::runtime::Runtime,
+    ctx: Arc<Context>,
+    trigger: ShutdownTrigger,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        let (ctx, trigger) = rt.block_on(build_context());
+        Harness { rt, ctx, trigger }
+    }
+}
+
+async fn build_context() -> (Arc<Context>, ShutdownTrigger) {
+    let config = Config::from_toml_str(CONFIG).expect("the fuzzing config is valid");
+    let (trigger, _) = shutdown::channel();
+    let ctx = server::build(config, trigger.clone())
+        .await
+        .expect("a memory-mode context builds without I/O");
+    assert!(ctx.engine.is_memory_mode());
+    (ctx, trigger)
+}
+
+thread_local! {
+    static HARNESS: RefCell<Option<Harness>> = const { RefCell::new(None) };
+}
+
+/// Runs one fuzz input: through the parser directly, then as a whole client session.
+/// Panics on any finding, except the known, still unfixed ones listed in [`known`];
+/// returns for every input, in bounded time.
+pub fn run_one(data: &[u8]) {
+    run(data, true)
+}
+
+/// [`run_one`] without the allowance for [`known`] findings: what a regression test of a
+/// finding runs once it is fixed.
+pub fn run_one_strict(data: &[u8]) {
+    run(data, false)
+}
+
+fn run(data: &[u8], tolerate_known: bool) {
+    check_parser(data, tolerate_known);
+    HARNESS.with(|h| {
+        let mut h = h.borrow_mut();
+        let h = h.get_or_insert_with(Harness::new);
+        if h.ctx.engine.len() > MAX_KEYS {
+            let (ctx, trigger) = h.rt.block_on(build_context());
+            h.ctx = ctx;
+            h.trigger = trigger;
+        }
+        let (ctx, shutdown) = (h.ctx.clone(), h.trigger.subscribe());
+        h.rt.block_on(session(ctx, shutdown, data, tolerate_known));
+    });
+}
+
+/// Findings of the fuzzer that are not fixed yet, described precisely enough that the
+/// harness lets exactly them through (so that a run can look for other ones).
+pub mod known {
+    /// `resp::parse` (inline commands): with a newline in the buffer, a line of
+    /// `max_inline_len + 1` bytes before its `\n` is accepted; when the same bytes arrive
+    /// in pieces, the first `max_inline_len + 1` of them (no newline yet) are refused with
+    /// `too big inline request`. Whether a request is accepted then depends on how TCP
+    /// split it. True when the request starting at `at` is such a line.
+    pub fn inline_line_at_the_limit(data: &[u8], at: usize, max_inline_len: usize) -> bool {
+        data.get(at).is_some_and(|&b| b != b'*')
+            && data[at..].iter().position(|&b| b == b'\n') == Some(max_inline_len + 1)
+    }
+}
+
+const TOO_BIG_INLINE: &str = "too big inline request";
+
+/// What parsing a whole byte string yields: the requests in order, then how it ended.
+#[derive(Debug, PartialEq, Eq)]
+struct Parsed {
+    requests: Vec<Vec<Bytes>>,
+    /// Where each request starts in the input.
+    starts: Vec<usize>,
+    end: End,
+    /// Where the bytes of `end` start (an error: the request it refused).
+    end_at: usize,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    /// Everything was consumed.
+    Clean,
+    /// Bytes were left that do not yet make a request (this many).
+    Incomplete(usize),
+    Error(ProtocolError),
+}
+
+impl Parsed {
+    /// Offsets at which a request (or the refused bytes) starts in the input.
+    fn boundaries(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.starts
+            .iter()
+            .copied()
+            .enumerate()
+            .chain(matches!(self.end, End::Error(_)).then_some((self.requests.len(), self.end_at)))
+    }
+}
+
+/// Parses `data` as if it arrived in pieces of `chunk` bytes (0: all at once).
+fn parse_all(data: &[u8], chunk: usize, lim: &Limits) -> Parsed {
+    let mut buf = BytesMut::new();
+    let mut requests = Vec::new();
+    let mut starts = Vec::new();
+    let mut fed = 0;
+    let pieces: Vec<&[u8]> = if chunk == 0 {
+        vec![data]
+    } else {
+        data.chunks(chunk).collect()
+    };
+    for piece in pieces {
+        buf.extend_from_slice(piece);
+        fed += piece.len();
+        loop {
+            let before = buf.len();
+            match parse_request(&mut buf, lim) {
+                Ok(Some(args)) => {
+                    assert!(
+                        buf.len() < before,
+                        "a request was returned but nothing was consumed"
+                    );
+                    for a in &args {
+                        assert!(a.len() <= lim.max_bulk_len.max(lim.max_inline_len + 1));
+                    }
+                    assert!(args.len() <= lim.max_array_len);
+                    requests.push(args);
+                    starts.push(fed - before);
+                }
+                Ok(None) => {
+                    assert_eq!(buf.len(), before, "nothing is consumed when more is needed");
+                    break;
+                }
+                Err(e) => {
+                    return Parsed {
+                        requests,
+                        starts,
+                        end: End::Error(e),
+                        end_at: fed - before,
+                    }
+                }
+            }
+        }
+    }
+    let (end, end_at) = if buf.is_empty() {
+        (End::Clean, fed)
+    } else {
+        (End::Incomplete(buf.len()), fed - buf.len())
+    };
+    Parsed {
+        requests,
+        starts,
+        end,
+        end_at,
+    }
+}
+
+/// The parser alone: with small limits, at once and in pieces, must agree.
+fn check_parser(data: &[u8], tolerate_known: bool) {
+    let lim = &PARSE_LIMITS;
+    let whole = parse_all(data, 0, lim);
+    let chunk = 1 + data.first().map_or(0, |b| (b % 16) as usize);
+    let pieces = parse_all(data, chunk, lim);
+    if whole == pieces {
+        return;
+    }
+    let known = tolerate_known
+        && pieces.end == End::Error(ProtocolError(TOO_BIG_INLINE.into()))
+        && known::inline_line_at_the_limit(data, pieces.end_at, lim.max_inline_len)
+        && whole.requests.starts_with(&pieces.requests);
+    assert!(
+        known,
+        "the parser's result depends on how the bytes arrive (pieces of {chunk}):\n\
+         at once: {whole:?}\nin pieces: {pieces:?}"
+    );
+}
+
+/// One client session: the input written (in pieces, with the handler running between
+/// them), the client's write side closed, every reply read until the proxy closes.
+async fn session(
+    ctx: Arc<Context>,
+    shutdown: shutdown::Shutdown,
+    data: &[u8],
+    tolerate_known: bool,
+) {
+    let limits = ctx.limits;
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    let (mut rx, mut tx) = tokio::io::split(client);
+    let chunk = 1 + data.last().map_or(0, |b| *b as usize) * 4;
+    let write = async move {
+        for piece in data.chunks(chunk) {
+            if tx.write_all(piece).await.is_err() {
+                // The proxy closed (a protocol error, QUIT): the rest is never read.
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        let _ = tx.shutdown().await;
+    };
+    let read = async move {
+        let mut out = Vec::new();
+        let _ = rx.read_to_end(&mut out).await;
+        out
+    };
+    let handler = crate::connection::handle(server, ctx, shutdown);
+    let run = async { tokio::join!(handler, write, read).2 };
+    let out = match tokio::time::timeout(DEADLINE, run).await {
+        Ok(out) => out,
+        Err(_) => {
+            panic!("the connection did not end within {DEADLINE:?} of the client closing: a hang")
+        }
+    };
+    check_output(data, &out, &limits, tolerate_known);
+}
+
+/// What the client saw must be whole replies, one per request it sent.
+fn check_output(data: &[u8], out: &[u8], lim: &Limits, tolerate_known: bool) {
+    let mut replies = Vec::new();
+    let mut at = 0;
+    while at < out.len() {
+        match reply_end(out, at, 0) {
+            Ok(end) => {
+                replies.push(&out[at..end]);
+                at = end;
+            }
+            Err(why) => panic!(
+                "malformed output at byte {at}: {why}: {:?}",
+                String::from_utf8_lossy(&out[at..out.len().min(at + 200)])
+            ),
+        }
+    }
+    let protocol_error = |r: &[u8]| r.starts_with(b"-ERR Protocol error:");
+    if let Some(i) = replies.iter().position(|r| protocol_error(r)) {
+        assert!(
+            i + 1 == replies.len(),
+            "a reply was written after the protocol error"
+        );
+    }
+    let seen = (
+        replies.len(),
+        replies
+            .last()
+            .filter(|r| protocol_error(r))
+            .map(|r| String::from_utf8_lossy(r).into_owned()),
+    );
+    // What the requests call for (the handler got the same bytes; how they were split
+    // does not matter: see `check_parser`).
+    let parsed = parse_all(data, 0, lim);
+    let error = match &parsed.end {
+        End::Error(e) => Some(e.0.as_str()),
+        _ => None,
+    };
+    let want = outcome(&parsed.requests, error);
+    if seen == want {
+        return;
+    }
+    let known = tolerate_known
+        && parsed.boundaries().any(|(i, at)| {
+            known::inline_line_at_the_limit(data, at, lim.max_inline_len)
+                && seen == outcome(&parsed.requests[..i], Some(TOO_BIG_INLINE))
+        });
+    assert!(
+        known,
+        "one reply per request, then the protocol error if any: want (replies, error) \
+         {want:?}, got {seen:?}; output {:?}",
+        String::from_utf8_lossy(&out[..out.len().min(400)])
+    );
+}
+
+/// The replies `requests` call for, and the protocol error that ends them (`error`, unless
+/// a QUIT came first).
+fn outcome(requests: &[Vec<Bytes>], error: Option<&str>) -> (usize, Option<String>) {
+    let mut count = 0;
+    for r in requests.iter().filter(|r| !r.is_empty()) {
+        count += 1;
+        if r[0].eq_ignore_ascii_case(b"quit") {
+            return (count, None);
+        }
+    }
+    match error {
+        Some(e) => (count + 1, Some(format!("-ERR Protocol error: {e}\r\n"))),
+        None => (count, None),
+    }
+}
+
+/// Where the RESP2 reply starting at `at` ends; the whole reply must be in `b`.
+fn reply_end(b: &[u8], at: usize, depth: usize) -> Result<usize, String> {
+    if depth > 8 {
+        return Err("replies nested deeper than the proxy ever writes".into());
+    }
+    let t = *b.get(at).ok_or("missing reply")?;
+    let nl = b[at..]
+        .iter()
+        .position(|&c| c == b'\n')
+        .ok_or("unterminated line")?
+        + at;
+    if nl == at || b[nl - 1] != b'\r' {
+        return Err("line not ended by CRLF".into());
+    }
+    let line = &b[at + 1..nl - 1];
+    if line.contains(&b'\r') {
+        return Err("CR inside a line".into());
+    }
+    let after = nl + 1;
+    let number = || -> Result<i64, String> {
+        std::str::from_utf8(line)
+            .ok()
+            .and_then(|s| s.parse::<i64>().ok())
+            .ok_or_else(|| format!("bad number {:?}", String::from_utf8_lossy(line)))
+    };
+    match t {
+        b'+' | b'-' => Ok(after),
+        b':' => number().map(|_| after),
+        b'$' => match number()? {
+            -1 => Ok(after),
+            n if n < 0 => Err(format!("bulk length {n}")),
+            n => {
+                let end = after + n as usize;
+                if b.len() < end + 2 {
+                    return Err(format!("bulk of {n} bytes cut short"));
+                }
+                if &b[end..end + 2] != b"\r\n" {
+                    return Err("bulk not followed by CRLF".into());
+                }
+                Ok(end + 2)
+            }
+        },
+        b'*' => match number()? {
+            -1 => Ok(after),
+            n if n < 0 => Err(format!("array length {n}")),
+            n => {
+                let mut pos = after;
+                for _ in 0..n {
+                    pos = reply_end(b, pos, depth + 1)?;
+                }
+                Ok(pos)
+            }
+        },
+        other => Err(format!("reply type byte {other:#04x}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_and_malformed_sessions_pass_the_checks() {
+        let inputs: &[&[u8]] = &[
+            b"",
+            b"*1\r\n$4\r\nPING\r\n",
+            b"PING\r\nINCR a\r\nGET a\r\nMGET a b\r\n",
+            b"*2\r\n$4\r\nINCR\r\n$1\r\nk\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n",
+            b"HELLO 2\r\nCLIENT SETNAME x\r\nCOMMAND COUNT\r\nDBSIZE\r\nQUIT\r\nPING\r\n",
+            b"SET k v\r\nFOO bar\r\nKEYS *\r\n",
+            b"*1\r\n*1\r\n$4\r\nPING\r\n",
+            b"*1\r\n$536870912\r\n",
+            b"*1\r\n$4\r\nPI",
+        ];
+        for input in inputs {
+            run_one(input);
+        }
+    }
+
+    #[test]
+    fn the_output_checker_refuses_broken_replies() {
+        for bad in [
+            &b"+OK\n"[..],
+            b"-ERR a\rb\r\n",
+            b"$3\r\nab\r\n",
+            b"*2\r\n:1\r\n",
+            b":x\r\n",
+            b"!1\r\n",
+        ] {
+            assert!(reply_end(bad, 0, 0).is_err(), "{bad:?}");
+        }
+        assert_eq!(reply_end(b"*2\r\n$1\r\na\r\n$-1\r\n", 0, 0), Ok(16));
+    }
+
+    /// Fuzzer finding 1 (fuzz/artifacts crash-affd2a22...): an inline line of
+    /// `max_inline_len + 1` bytes before its newline is accepted when it arrives at once
+    /// and refused (`too big inline request`) when it arrives in pieces.
+    const INLINE_AT_THE_LIMIT: &[u8] = b"PING\r\nEC\x82\x82\x82\x82\x82\x82\x82\x82\x82\x82\x82\x82\x82\x82*0\r\n$0912\r\nao \"hello wor\x01ld\" k \"unbalanced\r2\n";
+
+    #[test]
+    fn finding_inline_at_the_limit_is_recognised_and_survived() {
+        let at = INLINE_AT_THE_LIMIT.len() - 34;
+        assert!(known::inline_line_at_the_limit(
+            INLINE_AT_THE_LIMIT,
+            at,
+            PARSE_LIMITS.max_inline_len
+        ));
+        run_one(INLINE_AT_THE_LIMIT);
+    }
+
+    /// Fails until `resp::parse` applies the inline limit the same way with and without
+    /// the newline in the buffer; then drop the `ignore` and `known::inline_line_at_the_limit`.
+    #[test]
+    #[ignore = "known finding: inline limit off by one depending on segmentation (resp/parse.rs)"]
+    fn finding_inline_at_the_limit_strict() {
+        run_one_strict(INLINE_AT_THE_LIMIT);
+        let line = [b'a'; 33];
+        let mut whole = BytesMut::from(&line[..]);
+        whole.extend_from_slice(b"\n");
+        let at_once = parse_request(&mut whole, &PARSE_LIMITS).map(|r| r.is_some());
+        let mut piece = BytesMut::from(&line[..]);
+        let in_pieces = parse_request(&mut piece, &PARSE_LIMITS).map(|r| r.is_some());
+        assert!(
+            at_once.is_err() || in_pieces == Ok(false),
+            "at once: {at_once:?}, in pieces: {in_pieces:?}"
+        );
+    }
+}
