@@ -73,9 +73,44 @@ pub struct Config {
     pub rebalance: RebalanceConfig,
     /// Bearer token for `/admin/*`. Without one, admin routes answer loopback peers only.
     pub admin_token: Option<String>,
+    /// Password of the default user, as in redis.conf. Clients must AUTH first when set.
+    pub requirepass: Option<Secret>,
+    /// Named users (`AUTH <name> <password>`), ACL-style but without per-command rules.
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
     /// How long an orderly shutdown may take in all (finish commands, final flush, drain HTTP).
     #[serde(default = "defaults::shutdown_timeout")]
     pub shutdown_timeout: HumanDuration,
+}
+
+/// A secret: the value itself, or where to read it, so that it need not sit in the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Secret {
+    Plain(String),
+    Env { env: String },
+    File { file: PathBuf },
+}
+
+impl Secret {
+    /// The secret's value; `what` names the key in errors (never the value).
+    pub fn resolve(&self, what: &str) -> Result<String, String> {
+        match self {
+            Secret::Plain(s) => Ok(s.clone()),
+            Secret::Env { env } => std::env::var(env)
+                .map_err(|_| format!("{what}: environment variable {env} is not set")),
+            Secret::File { file } => std::fs::read_to_string(file)
+                .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
+                .map_err(|e| format!("{what}: cannot read {}: {e}", file.display())),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    pub password: Secret,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -87,6 +122,9 @@ pub struct ShardConfig {
     /// Share of the ring relative to other shards (vnodes × weight points).
     #[serde(default = "defaults::weight")]
     pub weight: u32,
+    /// Credentials sent on every (re)connect to this shard; default `[backend]`'s.
+    pub username: Option<String>,
+    pub password: Option<Secret>,
 }
 
 impl ShardConfig {
@@ -148,6 +186,9 @@ pub struct BackendConfig {
     /// Consecutive failed checks before a shard is marked down.
     #[serde(default = "defaults::health_failures")]
     pub health_failures: u32,
+    /// Credentials for shards that name none (also used for shards added at run time).
+    pub username: Option<String>,
+    pub password: Option<Secret>,
 }
 
 impl Default for BackendConfig {
@@ -159,6 +200,8 @@ impl Default for BackendConfig {
             queue_depth: defaults::queue_depth(),
             health_interval: defaults::health_interval(),
             health_failures: defaults::health_failures(),
+            username: None,
+            password: None,
         }
     }
 }
@@ -182,6 +225,13 @@ pub struct LimitsConfig {
     /// client's socket until replies are written (back-pressure, not buffering).
     #[serde(default = "defaults::max_pipeline")]
     pub max_pipeline: usize,
+    /// Replies held for one client before they are written out mid-burst; a client that
+    /// does not read then stops being read (back-pressure), never buffered without bound.
+    #[serde(default = "defaults::max_output_bytes")]
+    pub max_output_bytes: usize,
+    /// Close a client that sends nothing for this long; "0s" never (Redis's `timeout 0`).
+    #[serde(default = "defaults::idle_timeout")]
+    pub idle_timeout: HumanDuration,
 }
 
 impl Default for LimitsConfig {
@@ -192,6 +242,8 @@ impl Default for LimitsConfig {
             max_inline_len: defaults::max_inline_len(),
             max_request_bytes: defaults::max_request_bytes(),
             max_pipeline: defaults::max_pipeline(),
+            max_output_bytes: defaults::max_output_bytes(),
+            idle_timeout: defaults::idle_timeout(),
         }
     }
 }
@@ -370,6 +422,12 @@ mod defaults {
     pub fn max_pipeline() -> usize {
         1024
     }
+    pub fn max_output_bytes() -> usize {
+        64 * 1024 * 1024
+    }
+    pub fn idle_timeout() -> HumanDuration {
+        HumanDuration(Duration::ZERO)
+    }
     pub fn mode() -> CounterMode {
         CounterMode::Batched
     }
@@ -433,6 +491,28 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("config: cannot read {}: {e}", path.display())))?;
         Config::from_toml_str(&text).map_err(|e| ConfigError(format!("{}: {}", path.display(), e)))
+    }
+
+    /// The AUTH arguments for the shard named `name`: its own credentials, else
+    /// `[backend]`'s; None when it needs none. Secrets were checked by `validate`.
+    pub fn shard_auth(&self, name: &str) -> Option<Vec<String>> {
+        let own = self
+            .shards
+            .iter()
+            .find(|s| s.resolved_name() == name)
+            .filter(|s| s.password.is_some());
+        let (user, pw) = match own {
+            Some(s) => (s.username.clone(), s.password.as_ref()?),
+            None => (
+                self.backend.username.clone(),
+                self.backend.password.as_ref()?,
+            ),
+        };
+        let pw = pw.resolve("password").ok()?;
+        let mut args = vec!["AUTH".to_string()];
+        args.extend(user);
+        args.push(pw);
+        Some(args)
     }
 
     /// Checks what serde cannot: uniqueness, ranges, and that values fit together.
@@ -518,6 +598,39 @@ impl Config {
         }
         if self.rebalance.keys_per_second == 0 {
             return err("rebalance.keys_per_second must be at least 1");
+        }
+        let mut user_names = HashSet::new();
+        for u in &self.users {
+            if u.name.is_empty()
+                || u.name == "default"
+                || !u.name.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return err(format!(
+                    "users: name {:?} must be printable and not \"default\" (use requirepass)",
+                    u.name
+                ));
+            }
+            if !user_names.insert(u.name.clone()) {
+                return err(format!("users: duplicate user {:?}", u.name));
+            }
+            u.password
+                .resolve(&format!("users.{}.password", u.name))
+                .map_err(ConfigError)?;
+        }
+        for s in &self.shards {
+            if let Some(p) = &s.password {
+                p.resolve(&format!("shards.{}.password", s.resolved_name()))
+                    .map_err(ConfigError)?;
+            }
+        }
+        if let Some(p) = &self.backend.password {
+            p.resolve("backend.password").map_err(ConfigError)?;
+        }
+        if let Some(p) = &self.requirepass {
+            p.resolve("requirepass").map_err(ConfigError)?;
+        }
+        if self.limits.max_output_bytes < 4096 {
+            return err("limits.max_output_bytes must be at least 4096");
         }
         if let Some(t) = &self.admin_token {
             if t.len() < 16 {

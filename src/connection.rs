@@ -85,6 +85,8 @@ pub struct Client {
     pub logged: bool,
     /// Keys with a deferred increment in the queue; a later command on one of them waits.
     pub deferred: Vec<Bytes>,
+    /// AUTH (or HELLO AUTH) succeeded, or no password is configured.
+    pub authenticated: bool,
 }
 
 impl Client {
@@ -96,6 +98,7 @@ impl Client {
             writes_in_flight: false,
             logged: false,
             deferred: Vec::new(),
+            authenticated: true,
         }
     }
 }
@@ -105,6 +108,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut client = Client::new(ctx.next_client_id.fetch_add(1, Ordering::Relaxed));
+    client.authenticated = !ctx.users.required();
     let mut rbuf = BytesMut::with_capacity(16 * 1024);
     let mut wbuf = BytesMut::with_capacity(16 * 1024);
     // Each reply not yet written, with its command's name (for the per-command figures).
@@ -188,6 +192,23 @@ where
             if !name.is_empty() {
                 burst.command(name, wbuf.get(start) == Some(&b'-'), Class::Backend);
             }
+            // Large replies go out before the burst ends, so that one client's output is
+            // bounded; a client that does not read then stops being read.
+            if wbuf.len() > ctx.config.limits.max_output_bytes {
+                if let (Some(wal), true) = (&ctx.engine.wal, client.logged) {
+                    if wal.commit().await.is_err() {
+                        client.close = true;
+                        wbuf.clear();
+                        break;
+                    }
+                }
+                if stream.write_all(&wbuf).await.is_err() {
+                    client.close = true;
+                    wbuf.clear();
+                    break;
+                }
+                wbuf.clear();
+            }
         }
         burst.finish(burst_start.elapsed());
         client.writes_in_flight = false;
@@ -229,10 +250,22 @@ where
         if rbuf.capacity() - rbuf.len() < 4096 {
             rbuf.reserve(16 * 1024);
         }
+        let idle = ctx.config.limits.idle_timeout.0;
+        let read = async {
+            if idle.is_zero() {
+                Ok(stream.read_buf(&mut rbuf).await)
+            } else {
+                tokio::time::timeout(idle, stream.read_buf(&mut rbuf)).await
+            }
+        };
         tokio::select! {
-            r = stream.read_buf(&mut rbuf) => match r {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
+            r = read => match r {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(_)) => {}
+                Err(_) => {
+                    tracing::debug!(client = client.id, "idle timeout, closing");
+                    break;
+                }
             },
             _ = shutdown.wait() => break,
         }
@@ -406,6 +439,10 @@ fn dispatch_spec(
         reply::error(out, &command::unknown_command_error(&args));
         return None;
     };
+    if !client.authenticated && !matches!(spec.name, "auth" | "hello" | "quit") {
+        reply::error(out, crate::auth::NOAUTH);
+        return None;
+    }
     if !spec.arity_ok(args.len()) {
         crate::metrics::global()
             .command_errors

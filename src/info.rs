@@ -93,6 +93,7 @@ fn stats(ctx: &Context) -> Lines {
         line("rejected_connections", m.connections_refused.load(Relaxed)),
         line("total_error_replies", m.command_errors.load(Relaxed)),
         line("protocol_errors", m.protocol_errors.load(Relaxed)),
+        line("auth_failures", ctx.users.failures.load(Relaxed)),
         line("shard_state_changes", m.shard_transitions.load(Relaxed)),
     ]
 }

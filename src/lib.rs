@@ -18,6 +18,7 @@
 //! - [`shutdown`]: the signal every task holds.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod backend;
 pub mod command;
 pub mod config;

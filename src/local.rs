@@ -48,12 +48,20 @@ pub fn run(
         // No password is configured (as Redis with the default user on `nopass`): a bare
         // password is an error, `AUTH default <anything>` succeeds, other users do not exist.
         "auth" => match args.len() {
-            2 => reply::error(
-                out,
-                "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
-            ),
-            3 if &args[1][..] == b"default" => reply::ok(out),
-            3 => reply::error(out, "WRONGPASS invalid username-password pair or user is disabled."),
+            2 | 3 => {
+                let (user, pw) = if args.len() == 2 {
+                    (None, &args[1])
+                } else {
+                    (Some(&args[1][..]), &args[2])
+                };
+                match authenticate(ctx, user, pw) {
+                    Ok(()) => {
+                        client.authenticated = true;
+                        reply::ok(out)
+                    }
+                    Err(e) => reply::error(out, e),
+                }
+            }
             _ => reply::error(out, "ERR syntax error"),
         },
         "hello" => hello(ctx, client, &args, out),
@@ -70,7 +78,9 @@ pub fn run(
         }
         "lastsave" => reply::int(out, ctx.started_unix as i64),
         "info" => {
-            let section = args.get(1).map(|s| String::from_utf8_lossy(s).to_ascii_lowercase());
+            let section = args
+                .get(1)
+                .map(|s| String::from_utf8_lossy(s).to_ascii_lowercase());
             let text = crate::info::render(ctx, section.as_deref());
             reply::bulk(out, text.as_bytes());
         }
@@ -78,6 +88,23 @@ pub fn run(
         other => reply::error(out, &format!("ERR command '{other}' is not answered here")),
     }
     None
+}
+
+/// AUTH's rule, as Redis's: with no password configured, a bare password is an error and
+/// `default` with any password succeeds; otherwise name and password must match.
+fn authenticate(ctx: &Context, user: Option<&[u8]>, password: &[u8]) -> Result<(), &'static str> {
+    if !ctx.users.required() {
+        return match user {
+            None => Err("ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?"),
+            Some(b"default") => Ok(()),
+            Some(_) => Err(crate::auth::WRONGPASS),
+        };
+    }
+    if ctx.users.check(user, password) {
+        Ok(())
+    } else {
+        Err(crate::auth::WRONGPASS)
+    }
 }
 
 fn hello(ctx: &Context, client: &mut Client, args: &[Bytes], out: &mut BytesMut) {
@@ -99,13 +126,11 @@ fn hello(ctx: &Context, client: &mut Client, args: &[Bytes], out: &mut BytesMut)
     while i < args.len() {
         match upper(&args[i]).as_str() {
             "AUTH" if i + 2 < args.len() => {
-                if &args[i + 1][..] != b"default" {
-                    reply::error(
-                        out,
-                        "WRONGPASS invalid username-password pair or user is disabled.",
-                    );
+                if let Err(e) = authenticate(ctx, Some(&args[i + 1]), &args[i + 2]) {
+                    reply::error(out, e);
                     return;
                 }
+                client.authenticated = true;
                 i += 3;
             }
             "SETNAME" if i + 1 < args.len() => {
@@ -124,7 +149,10 @@ fn hello(ctx: &Context, client: &mut Client, args: &[Bytes], out: &mut BytesMut)
             }
         }
     }
-    let _ = ctx;
+    if !client.authenticated {
+        reply::error(out, "NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time");
+        return;
+    }
     reply::array(out, 14);
     reply::bulk(out, b"server");
     reply::bulk(out, b"redis");

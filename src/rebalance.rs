@@ -133,17 +133,25 @@ fn build_topology(
             .map_err(|_| Refused(format!("addr {:?} is not an ip:port address", s.addr)))?;
         let shard = match reuse.iter().find(|r| r.name == s.name && r.addr == addr) {
             Some(r) => r.clone(),
-            None => Shard::new(s.name.clone(), addr, s.weight, &ctx.config.backend),
+            None => Shard::new(s.name.clone(), addr, s.weight, &ctx.config),
         };
         shards.push(shard);
     }
     Ok(Topology::new(version, shards, ctx.config.ring.vnodes))
 }
 
-async fn reachable(addr: &str, timeout: Duration) -> bool {
+async fn reachable(addr: &str, auth: Option<Bytes>, timeout: Duration) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let attempt = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        if let Some(auth) = auth {
+            s.write_all(&auth).await.ok()?;
+            let mut ok = [0u8; 5];
+            s.read_exact(&mut ok).await.ok()?;
+            if &ok != b"+OK\r\n" {
+                return None;
+            }
+        }
         s.write_all(b"PING\r\n").await.ok()?;
         let mut buf = [0u8; 7];
         s.read_exact(&mut buf).await.ok()?;
@@ -209,7 +217,8 @@ pub async fn change(ctx: &Arc<Context>, specs: Vec<ShardSpec>) -> Result<Progres
         let known = old_specs
             .iter()
             .any(|o| o.name == s.name && o.addr == s.addr);
-        if !known && !reachable(&s.addr, ctx.config.backend.connect_timeout.0 * 4).await {
+        let auth = ctx.config.shard_auth(&s.name).map(|a| encode_command(&a));
+        if !known && !reachable(&s.addr, auth, ctx.config.backend.connect_timeout.0 * 4).await {
             return Err(Refused(format!(
                 "shard {} at {} does not answer PING",
                 s.name, s.addr

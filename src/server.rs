@@ -33,6 +33,7 @@ pub struct Context {
     pub next_client_id: AtomicU64,
     pub shutdown: ShutdownTrigger,
     pub rebalancer: crate::rebalance::Rebalancer,
+    pub users: crate::auth::Users,
     /// What the log said about shards at start-up, consumed by `run`.
     startup: parking_lot::Mutex<Option<Startup>>,
 }
@@ -120,7 +121,7 @@ pub async fn build(config: Config, shutdown: ShutdownTrigger) -> std::io::Result
                 s.name.clone(),
                 s.addr.parse().expect("validated when recorded"),
                 s.weight,
-                &config.backend,
+                &config,
             )
         })
         .collect();
@@ -149,6 +150,7 @@ pub async fn build(config: Config, shutdown: ShutdownTrigger) -> std::io::Result
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    let config_users = config.clone();
     Ok(Arc::new(Context {
         limits: Limits::from(&config.limits),
         config,
@@ -159,6 +161,7 @@ pub async fn build(config: Config, shutdown: ShutdownTrigger) -> std::io::Result
         next_client_id: AtomicU64::new(1),
         shutdown,
         rebalancer: Default::default(),
+        users: crate::auth::Users::from_config(&config_users).map_err(std::io::Error::other)?,
         startup: parking_lot::Mutex::new(Some(Startup {
             configured,
             placement,

@@ -23,7 +23,7 @@ pub fn spawn_checker(
         connect_timeout,
         request_timeout: interval,
         queue_depth: 4,
-        on_connect: Vec::new(),
+        on_connect: shard.auth.iter().cloned().collect(),
     });
     tokio::spawn(async move {
         let ping = encode_command(&["PING"]);

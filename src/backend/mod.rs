@@ -107,6 +107,8 @@ pub struct Shard {
     pub timeout: Duration,
     /// Health as the checker last saw it; see `health`.
     pub up: AtomicBool,
+    /// AUTH sent on every (re)connect, when the shard needs one.
+    pub auth: Option<Bytes>,
     /// Removed from the ring by a rebalance: its health checker stops.
     pub retired: AtomicBool,
     pub stats: ShardStats,
@@ -115,18 +117,22 @@ pub struct Shard {
 }
 
 impl Shard {
+    /// A shard with its connections. The shard's credentials (its own, else `[backend]`'s)
+    /// come from `config`; a shard the config does not name uses `[backend]`'s.
     pub fn new(
         name: String,
         addr: SocketAddr,
         weight: u32,
-        cfg: &crate::config::BackendConfig,
+        config: &crate::config::Config,
     ) -> Arc<Shard> {
+        let cfg = &config.backend;
+        let auth = config.shard_auth(&name).map(|args| encode_command(&args));
         let opts = ConnOptions {
             addr,
             connect_timeout: cfg.connect_timeout.0,
             request_timeout: cfg.timeout.0,
             queue_depth: cfg.queue_depth,
-            on_connect: Vec::new(),
+            on_connect: auth.iter().cloned().collect(),
         };
         let pool = (0..cfg.pool_size)
             .map(|_| BackendConn::spawn(opts.clone()))
@@ -144,6 +150,7 @@ impl Shard {
             timeout: cfg.timeout.0,
             up: AtomicBool::new(true),
             retired: AtomicBool::new(false),
+            auth,
             stats: ShardStats::default(),
             latency,
         })

@@ -81,6 +81,12 @@ pub fn render(ctx: &Context) -> String {
         m.http_requests.load(Relaxed) as f64,
     );
 
+    o.one(
+        "auth_failures_total",
+        "counter",
+        "AUTH and HELLO AUTH attempts refused.",
+        ctx.users.failures.load(Relaxed) as f64,
+    );
     let topo = ctx.router.topology();
     let label = |name: &str| format!("{{shard=\"{name}\"}}");
     let per = |f: &dyn Fn(&crate::backend::Shard) -> f64| -> Vec<(String, f64)> {

@@ -159,19 +159,23 @@ fn parse_multibulk(buf: &mut BytesMut, lim: &Limits) -> Result<Option<Vec<Bytes>
 }
 
 fn parse_inline(buf: &mut BytesMut, lim: &Limits) -> Result<Option<Vec<Bytes>>, ProtocolError> {
-        // The limit is on the line without its CRLF, judged the same whether or not the
+    // The limit is on the line without its CRLF, judged the same whether or not the
     // newline has arrived yet (a pending `\r` does not count), so that segmentation never
     // changes the outcome.
     let scan = buf.len().min(lim.max_inline_len + 2);
     let Some(nl) = buf[..scan].iter().position(|&b| b == b'\n') else {
         let line_len = buf.len() - usize::from(buf.last() == Some(&b'\r'));
-        return if line_len > lim.max_inline_len { perr("too big inline request") } else { Ok(None) };
+        return if line_len > lim.max_inline_len {
+            perr("too big inline request")
+        } else {
+            Ok(None)
+        };
     };
     let line_len = nl - usize::from(nl > 0 && buf[nl - 1] == b'\r');
     if line_len > lim.max_inline_len {
         return perr("too big inline request");
     }
-let line = buf.split_to(nl + 1).freeze();
+    let line = buf.split_to(nl + 1).freeze();
     let text = line.slice(..nl);
     let text = match text.last() {
         Some(b'\r') => text.slice(..text.len() - 1),
@@ -301,7 +305,7 @@ mod tests {
             let got = parse(input).unwrap_err().0;
             assert_eq!(&got, want, "input {:?}", String::from_utf8_lossy(input));
         }
-                let long_line = vec![b'a'; 100];
+        let long_line = vec![b'a'; 100];
         assert_eq!(parse(&long_line).unwrap_err().0, "too big inline request");
         // At the limit (64 here), whole or in pieces, the same answer.
         let mut at = vec![b'a'; 64];
