@@ -224,6 +224,9 @@ async fn lossy_relay(target: u16) -> (u16, Arc<AtomicBool>) {
             tokio::spawn(async move {
                 let (mut cr, mut cw) = client.into_split();
                 let (mut sr, mut sw) = server.into_split();
+                // Set once a flush batch has been forwarded: its reply is then swallowed and
+                // both connections dropped, so the proxy cannot know whether it ran.
+                let cut = Arc::new(AtomicBool::new(false));
                 let up = async {
                     let mut buf = vec![0u8; 64 * 1024];
                     loop {
@@ -231,15 +234,20 @@ async fn lossy_relay(target: u16) -> (u16, Arc<AtomicBool>) {
                             Ok(0) | Err(_) => return,
                             Ok(n) => n,
                         };
-                        let is_batch = buf[..n].windows(4).any(|w| w == b"EVAL")
-                            && buf[..n].windows(6).any(|w| w == b"INCRBY");
-                        if sw.write_all(&buf[..n]).await.is_err() {
+                        let data = &buf[..n];
+                        // A lane batch is an EVAL; a read-only one carries empty deltas
+                        // ("$0\r\n\r\n"), a flush batch carries none.
+                        let is_flush = data.windows(6).any(|w| w == b"\r\nEVAL")
+                            && !data.windows(6).any(|w| w == b"$0\r\n\r\n");
+                        if is_flush && !flag.load(Ordering::SeqCst) {
+                            cut.store(true, Ordering::SeqCst);
+                        }
+                        if sw.write_all(data).await.is_err() {
                             return;
                         }
-                        if is_batch && !flag.swap(true, Ordering::SeqCst) {
-                            // Let Redis run it, then lose the reply.
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            return;
+                        if cut.load(Ordering::SeqCst) {
+                            // Stay until the reply has been swallowed below.
+                            std::future::pending::<()>().await;
                         }
                     }
                 };
@@ -250,6 +258,10 @@ async fn lossy_relay(target: u16) -> (u16, Arc<AtomicBool>) {
                             Ok(0) | Err(_) => return,
                             Ok(n) => n,
                         };
+                        if cut.load(Ordering::SeqCst) {
+                            flag.store(true, Ordering::SeqCst);
+                            return; // the flush's reply, lost
+                        }
                         if cw.write_all(&buf[..n]).await.is_err() {
                             return;
                         }
