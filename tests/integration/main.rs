@@ -8,3 +8,4 @@ mod counters;
 mod durability;
 mod ops;
 mod rebalance;
+mod security;
