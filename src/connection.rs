@@ -157,13 +157,15 @@ where
                         None if direct => {}
                         None => queue.push_back((Pending::Ready(scratch.freeze()), "")),
                         Some(p) => {
-                            if matches!(
-                                p,
+                            let writes = match &p {
                                 Pending::Forward {
                                     after: After::Invalidate(_),
                                     ..
-                                }
-                            ) {
+                                } => true,
+                                Pending::Gather(g) => g.is_write(),
+                                _ => false,
+                            };
+                            if writes {
                                 client.writes_in_flight = true;
                             }
                             let barrier = matches!(p, Pending::Task(_));

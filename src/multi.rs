@@ -43,6 +43,13 @@ struct Part {
     slots: Vec<usize>,
 }
 
+impl Gather {
+    /// Whether the command may change counter keys (anything but MGET).
+    pub fn is_write(&self) -> bool {
+        self.merge != Merge::Values
+    }
+}
+
 /// Where each key goes: answered now, through its lane, or as a plain piece per shard.
 struct Plan {
     keys: Vec<Bytes>,

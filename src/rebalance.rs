@@ -210,7 +210,15 @@ pub async fn change(ctx: &Arc<Context>, specs: Vec<ShardSpec>) -> Result<Progres
     validate(&specs)?;
     let old = ctx.router.topology();
     let old_specs = specs_of(&old);
-    if old_specs == specs {
+    let sorted = |v: &[ShardSpec]| {
+        let mut v: Vec<_> = v
+            .iter()
+            .map(|s| (s.name.clone(), s.addr.clone(), s.weight))
+            .collect();
+        v.sort();
+        v
+    };
+    if sorted(&old_specs) == sorted(&specs) {
         return Err(Refused("the shard list is unchanged".into()));
     }
     for s in &specs {
@@ -386,38 +394,40 @@ async fn move_key(
     to: &Arc<Shard>,
 ) -> Result<bool, String> {
     let tomb = tombstone(id, key);
-    let mut moved = false;
     if engine.is_batched(key) {
-        // At most twice: a tombstone left by a crash, then the key itself.
-        for _ in 0..3 {
-            let eval: [&[u8]; 5] = [b"EVAL", MOVE_SCRIPT.as_bytes(), b"2", key, &tomb];
-            let r = call(from, &eval).await?;
-            let BytesFrame::Array(parts) = r else {
-                return Err(format!("unexpected move reply {r:?}"));
-            };
-            match parts.as_slice() {
-                [BytesFrame::Integer(0)] => {
-                    engine.mark_moved(key);
-                    return Ok(moved);
-                }
-                [BytesFrame::Integer(1), BytesFrame::BulkString(v)] => {
-                    let Some(v) = crate::counter::parse_i64(v) else {
-                        // Digits but past i64: not a counter Redis could increment.
-                        call(from, &[&b"RENAME"[..], &tomb[..], key]).await?;
-                        break;
-                    };
-                    engine.apply_moved(id, key, v);
-                    if let Some(w) = &engine.wal {
-                        w.commit()
-                            .await
-                            .map_err(|_| "the write-ahead log failed".to_string())?;
-                    }
-                    call(from, &[&b"DEL"[..], &tomb[..]]).await?;
-                    moved = true;
-                }
-                [BytesFrame::Integer(2)] => break,
-                other => return Err(format!("unexpected move reply {other:?}")),
+        // One decision: the tombstone a crash left behind (its value was not logged yet),
+        // or the key itself, renamed to its tombstone. Tombstones stay until the rebalance
+        // ends with the log synced (see `finish`), so that no fsync mode can lose a value
+        // between its `Moved` record and the tombstone's deletion.
+        let eval: [&[u8]; 5] = [b"EVAL", MOVE_SCRIPT.as_bytes(), b"2", key, &tomb];
+        let r = call(from, &eval).await?;
+        let BytesFrame::Array(parts) = r else {
+            return Err(format!("unexpected move reply {r:?}"));
+        };
+        match parts.as_slice() {
+            [BytesFrame::Integer(0)] => {
+                engine.mark_moved(key);
+                return Ok(false);
             }
+            [BytesFrame::Integer(1), BytesFrame::BulkString(v)] => {
+                match crate::counter::parse_i64(v) {
+                    Some(v) => {
+                        engine.apply_moved(id, key, v);
+                        if let Some(w) = &engine.wal {
+                            w.commit()
+                                .await
+                                .map_err(|_| "the write-ahead log failed".to_string())?;
+                        }
+                        return Ok(true);
+                    }
+                    // Digits but past i64: not a counter Redis could increment; move it as is.
+                    None => {
+                        call(from, &[&b"RENAME"[..], &tomb[..], key]).await?;
+                    }
+                }
+            }
+            [BytesFrame::Integer(2)] => {}
+            other => return Err(format!("unexpected move reply {other:?}")),
         }
     }
     // Not a counter (or not an integer): Redis moves it, TTL and all.
@@ -431,15 +441,17 @@ async fn move_key(
         b"0",
         timeout_ms.as_bytes(),
     ];
-    match call(from, &migrate).await {
-        Ok(BytesFrame::SimpleString(s)) if &s[..] == b"NOKEY" => {}
-        Ok(_) => moved = true,
+    let moved = match call(from, &migrate).await {
+        Ok(BytesFrame::SimpleString(s)) if &s[..] == b"NOKEY" => false,
+        Ok(_) => true,
         // The new owner already holds the key: it was written there since, and is newer.
-        Err(e) if e.starts_with("BUSYKEY") => {
+        // MIGRATE relays the target's refusal: "ERR Target instance replied with error: BUSYKEY".
+        Err(e) if e.contains("BUSYKEY") => {
             call(from, &[&b"DEL"[..], key]).await?;
+            false
         }
         Err(e) => return Err(e),
-    }
+    };
     engine.mark_moved(key);
     Ok(moved)
 }
@@ -452,8 +464,18 @@ async fn mover(ctx: Arc<Context>, m: Arc<Migration>) {
     let mut shutdown = ctx.shutdown.subscribe();
     let started = Instant::now();
     let mut done: u64 = 0;
-    // Batches that were in flight to old owners land before anything moves.
-    let _ = tokio::time::timeout(Duration::from_secs(10), engine.flush_all()).await;
+    // Batches taken before the new ring (for old owners) must land before anything moves:
+    // one landing after its key moved would recreate the key on the old owner.
+    let mut backoff = Duration::from_millis(50);
+    while !engine.flush_all().await {
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.wait() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+    // Keys whose move failed (a shard briefly unreachable): retried after the scan.
+    let mut failed: Vec<(Arc<Shard>, Bytes)> = Vec::new();
     let prefix = format!("tally:mv:{}:", m.id).into_bytes();
     for from in m.old.shards.iter() {
         let mut cursor = b"0".to_vec();
@@ -493,9 +515,10 @@ async fn mover(ctx: Arc<Context>, m: Arc<Migration>) {
             for key in keys {
                 ctx.rebalancer.progress.lock().keys_scanned += 1;
                 let result = if let Some(k) = key.strip_prefix(&prefix[..]) {
-                    // A tombstone: finish its move, or just delete it if the log has it.
+                    // A tombstone: finish its move if the log does not have it yet (it
+                    // is deleted with the others when the rebalance ends).
                     if engine.is_moved(k) {
-                        call(from, &[&b"DEL"[..], &key[..]]).await.map(|_| false)
+                        Ok(false)
                     } else {
                         move_once(engine, &m, k, from).await
                     }
@@ -519,7 +542,13 @@ async fn mover(ctx: Arc<Context>, m: Arc<Migration>) {
                     }
                     Ok(false) => {}
                     Err(e) => {
+                        tracing::warn!(key = %String::from_utf8_lossy(&key), from = %from.name, error = %e, "rebalance: move failed; will retry");
                         ctx.rebalancer.progress.lock().error = Some(e);
+                        let k = key
+                            .strip_prefix(&prefix[..])
+                            .map(Bytes::copy_from_slice)
+                            .unwrap_or(key.clone());
+                        failed.push((from.clone(), k));
                     }
                 }
             }
@@ -530,7 +559,72 @@ async fn mover(ctx: Arc<Context>, m: Arc<Migration>) {
         }
         tracing::info!(id = m.id, shard = %from.name, moved = done, "rebalance: shard scanned");
     }
-    finish(&ctx, &m).await;
+    // The rebalance is not done while any value is stranded on an old owner.
+    let mut backoff = Duration::from_millis(100);
+    while !failed.is_empty() {
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.wait() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+        let mut still = Vec::new();
+        for (from, key) in failed {
+            if let Err(e) = move_once(engine, &m, &key, &from).await {
+                ctx.rebalancer.progress.lock().error = Some(e);
+                still.push((from, key));
+            }
+        }
+        failed = still;
+    }
+    ctx.rebalancer.progress.lock().error = None;
+    finish(&ctx, &m, &mut shutdown).await;
+}
+
+/// Deletes this rebalance's tombstones on every old shard (after the log is synced).
+async fn delete_tombstones(m: &Migration, shutdown: &mut crate::shutdown::Shutdown) -> bool {
+    let pattern = format!("tally:mv:{}:*", m.id);
+    for from in m.old.shards.iter() {
+        let mut cursor = b"0".to_vec();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let scan: [&[u8]; 6] = [
+                b"SCAN",
+                &cursor,
+                b"MATCH",
+                pattern.as_bytes(),
+                b"COUNT",
+                b"500",
+            ];
+            let page = match call(from, &scan).await {
+                Ok(BytesFrame::Array(parts)) if parts.len() == 2 => parts,
+                _ => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.wait() => return false,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            let (BytesFrame::BulkString(next), BytesFrame::Array(keys)) = (&page[0], &page[1])
+            else {
+                return false;
+            };
+            let mut del: Vec<&[u8]> = vec![b"DEL"];
+            del.extend(keys.iter().filter_map(|k| match k {
+                BytesFrame::BulkString(b) => Some(&b[..]),
+                _ => None,
+            }));
+            if del.len() > 1 && call(from, &del).await.is_err() {
+                continue;
+            }
+            cursor = next.to_vec();
+            if cursor == b"0" {
+                break;
+            }
+        }
+    }
+    true
 }
 
 async fn move_once(
@@ -551,7 +645,14 @@ async fn move_once(
     Ok(moved)
 }
 
-async fn finish(ctx: &Arc<Context>, m: &Migration) {
+async fn finish(ctx: &Arc<Context>, m: &Migration, shutdown: &mut crate::shutdown::Shutdown) {
+    // Every Moved record on disk first; then the tombstones can go.
+    if let Some(w) = &ctx.engine.wal {
+        w.sync_now().await;
+    }
+    if !delete_tombstones(m, shutdown).await {
+        return;
+    }
     let placement = Placement {
         version: m.new.version,
         shards: specs_of(&m.new),

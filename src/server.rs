@@ -44,6 +44,16 @@ struct Startup {
     moved: std::collections::HashSet<bytes::Bytes>,
 }
 
+/// Whether two shard lists are the same set (order in the file does not matter).
+fn same_shards(a: &[ShardSpec], b: &[ShardSpec]) -> bool {
+    let key = |s: &ShardSpec| (s.name.clone(), s.addr.clone(), s.weight);
+    let mut a: Vec<_> = a.iter().map(key).collect();
+    let mut b: Vec<_> = b.iter().map(key).collect();
+    a.sort();
+    b.sort();
+    a == b
+}
+
 /// Records the shard list at first start, resumes a rebalance a restart interrupted, and
 /// applies a config whose shard list differs from the recorded one, as a rebalance.
 async fn settle_shards(ctx: &Arc<Context>) {
@@ -56,11 +66,11 @@ async fn settle_shards(ctx: &Arc<Context>) {
     match &st.placement {
         Some(p) if p.migration.is_some() => {
             crate::rebalance::resume(ctx, p, st.moved).await;
-            if p.shards != st.configured {
+            if !same_shards(&p.shards, &st.configured) {
                 tracing::warn!("the config's shard list differs from the rebalance under way; apply it with SIGHUP once GET /admin/rebalance says done");
             }
         }
-        Some(p) if p.shards != st.configured => {
+        Some(p) if !same_shards(&p.shards, &st.configured) => {
             tracing::info!(
                 "the config's shard list differs from the recorded one; applying it as a rebalance"
             );

@@ -266,6 +266,9 @@ async fn round(
                 .await
                 .is_err()
             {
+                for b in &batches {
+                    engine.untake(&b.items);
+                }
                 // A batch that is not in the log must not be sent: after a restart the
                 // replay would count its deltas again. They stay in flight in memory, and
                 // the log up to its failure holds every increment that was acknowledged.
@@ -327,6 +330,7 @@ async fn send_batch(
     let mut attempts = 0u32;
     loop {
         attempts += 1;
+        let epoch = engine.invalidation_epoch();
         match attempt(lane, &batch).await {
             Ok(results) => {
                 let _gate = match &engine.wal {
@@ -346,7 +350,7 @@ async fn send_batch(
                     if let (Some(d), KeyValue::Other(_) | KeyValue::Error(_)) = (delta, &value) {
                         engine.drop_delta(key, *d, &format!("{value:?}"));
                     }
-                    engine.settle(key, *delta, &value);
+                    engine.settle(key, *delta, &value, epoch);
                     if let Some(ws) = waiters.remove(key) {
                         for w in ws {
                             let _ = w.send(Ok(value.clone()));

@@ -694,8 +694,17 @@ impl Engine {
 
     /// Applies a round trip's result for `key`: `delta` (what was in flight) has landed and
     /// the shard now holds `value`.
-    pub(crate) fn settle(&self, key: &[u8], delta: Option<i64>, value: &KeyValue) {
-        let now = self.now_ms();
+    /// `epoch` is the invalidation epoch when the round trip was sent: if a write to a
+    /// counter key ran since, the value may predate it, so it answers this read but is
+    /// not cached as fresh.
+    pub(crate) fn settle(&self, key: &[u8], delta: Option<i64>, value: &KeyValue, epoch: u64) {
+        let now = if self.invalidation_epoch() == epoch {
+            self.now_ms()
+        } else {
+            self.now_ms()
+                .wrapping_sub(self.ttl_ms as u32)
+                .wrapping_sub(1)
+        };
         let mut shard = self.lock(key);
         let e = shard.map.entry(key.into()).or_insert(Entry::NEW);
         if let Some(d) = delta {
@@ -730,6 +739,26 @@ impl Engine {
     pub(crate) fn drop_delta(&self, key: &[u8], delta: i64, why: &str) {
         self.stats.dropped_deltas.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(key = %String::from_utf8_lossy(key), delta, error = why, "increment could not be applied and was dropped");
+    }
+
+    /// Returns deltas taken for a batch that could not be logged to pending (the batch is
+    /// never sent), so that they are neither lost nor reported as landed.
+    pub(crate) fn untake(&self, items: &[(Bytes, Option<i64>)]) {
+        for (k, d) in items {
+            let Some(d) = d else { continue };
+            let mut shard = self.lock(k);
+            if let Some(e) = shard.map.get_mut(&k[..]) {
+                e.inflight -= d;
+                e.pending = e.pending.wrapping_add(*d);
+                if e.inflight == 0 {
+                    e.flags &= !INFLIGHT;
+                }
+                if e.flags & DIRTY == 0 {
+                    e.flags |= DIRTY;
+                    self.dirty_keys.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
     }
 
     /// Forgets entries that are clean and stale, bounding the cache to what was used

@@ -9,8 +9,7 @@
 //! | GET    | /healthz            | the process is alive                                      |
 //! | GET    | /readyz             | every shard is reachable (503 otherwise)                  |
 //! | GET    | /metrics            | Prometheus text                                           |
-//! | GET    | /admin/shards       | the ring and each shard's health                          |
-//! | POST   | /admin/shutdown     | orderly shutdown, as SIGTERM (loopback peers only)        |
+//! | *      | /admin/...          | shards, rebalance, shutdown: see `admin` (token or loopback) |
 //!
 //! Owns HTTP framing and JSON. Does not own counting: it calls the engine exactly as the
 //! RESP path does, so `POST /visits/home` and `INCR visits:home` count the same thing.
@@ -36,7 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
-/// Largest request body accepted (no route needs one).
+/// Largest request body accepted (only `POST /admin/shards` reads one).
 const MAX_BODY: usize = 64 * 1024;
 /// Longest page id, in bytes after percent-decoding.
 pub const MAX_PAGE_ID: usize = 256;
@@ -212,6 +211,10 @@ async fn post_visit(ctx: &Context, key: Bytes) -> Resp {
             json_response(StatusCode::OK, json!({"visits": v, "served_via": via}))
         }
         Err(IncrError::Unavailable(m)) => error(StatusCode::SERVICE_UNAVAILABLE, m),
+        // A failed log is the proxy's trouble, not the request's: retry elsewhere or later.
+        Err(IncrError::Refused(m)) if m == crate::counter::LOG_FAILED => {
+            error(StatusCode::SERVICE_UNAVAILABLE, m)
+        }
         Err(IncrError::Refused(m)) => error(StatusCode::CONFLICT, m),
     }
 }

@@ -574,7 +574,12 @@ async fn a_client_sees_its_own_write_to_a_counter_key_while_others_read_it() {
     };
     let mut c = s.proxy.conn().await;
     for i in 0..300 {
-        let mut burst = encode(&["SET", "own", &i.to_string()]);
+        // Alternately a single-key and a split multi-key write.
+        let mut burst = if i % 2 == 0 {
+            encode(&["SET", "own", &i.to_string()])
+        } else {
+            encode(&["MSET", "own", &i.to_string(), "own:other", "x"])
+        };
         burst.extend(encode(&["INCR", "own"]));
         c.send(&burst).await;
         assert_eq!(c.reply().await, "+OK\r\n");
