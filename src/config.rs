@@ -78,6 +78,8 @@ pub struct Config {
     /// Named users (`AUTH <name> <password>`), ACL-style but without per-command rules.
     #[serde(default)]
     pub users: Vec<UserConfig>,
+    /// TLS on the RESP listener: with it, `listen` speaks TLS only.
+    pub tls: Option<TlsConfig>,
     /// How long an orderly shutdown may take in all (finish commands, final flush, drain HTTP).
     #[serde(default = "defaults::shutdown_timeout")]
     pub shutdown_timeout: HumanDuration,
@@ -108,6 +110,17 @@ impl Secret {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain presented to clients.
+    pub cert_file: PathBuf,
+    /// PEM private key of that certificate.
+    pub key_file: PathBuf,
+    /// When set, clients must present a certificate chaining to this CA (mutual TLS).
+    pub client_ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
     pub password: Secret,
@@ -125,6 +138,10 @@ pub struct ShardConfig {
     /// Credentials sent on every (re)connect to this shard; default `[backend]`'s.
     pub username: Option<String>,
     pub password: Option<Secret>,
+    /// Speak TLS to this shard; default `[backend] tls`.
+    pub tls: Option<bool>,
+    /// Name the shard's certificate must carry; default its IP address.
+    pub tls_server_name: Option<String>,
 }
 
 impl ShardConfig {
@@ -189,6 +206,11 @@ pub struct BackendConfig {
     /// Credentials for shards that name none (also used for shards added at run time).
     pub username: Option<String>,
     pub password: Option<Secret>,
+    /// Speak TLS to shards (each may override with its own `tls`).
+    #[serde(default)]
+    pub tls: bool,
+    /// PEM CA that shard certificates must chain to; required when any shard uses TLS.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl Default for BackendConfig {
@@ -202,6 +224,8 @@ impl Default for BackendConfig {
             health_failures: defaults::health_failures(),
             username: None,
             password: None,
+            tls: false,
+            tls_ca_file: None,
         }
     }
 }
@@ -515,6 +539,26 @@ impl Config {
         Some(args)
     }
 
+    /// The TLS connector and server name for the shard named `name`, when it speaks TLS.
+    pub fn shard_tls(
+        &self,
+        name: &str,
+        addr: SocketAddr,
+    ) -> Option<(
+        tokio_rustls::TlsConnector,
+        tokio_rustls::rustls::pki_types::ServerName<'static>,
+    )> {
+        let own = self.shards.iter().find(|s| s.resolved_name() == name);
+        let on = own.and_then(|s| s.tls).unwrap_or(self.backend.tls);
+        if !on {
+            return None;
+        }
+        let connector = crate::tls::connector(self.backend.tls_ca_file.as_ref()?).ok()?;
+        let server =
+            crate::tls::server_name(own.and_then(|s| s.tls_server_name.as_deref()), addr).ok()?;
+        Some((connector, server))
+    }
+
     /// Checks what serde cannot: uniqueness, ranges, and that values fit together.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut names = HashSet::new();
@@ -628,6 +672,17 @@ impl Config {
         }
         if let Some(p) = &self.requirepass {
             p.resolve("requirepass").map_err(ConfigError)?;
+        }
+        if let Some(t) = &self.tls {
+            crate::tls::acceptor(t).map_err(ConfigError)?;
+        }
+        let any_tls = self.backend.tls || self.shards.iter().any(|s| s.tls == Some(true));
+        match (&self.backend.tls_ca_file, any_tls) {
+            (Some(ca), _) => {
+                crate::tls::connector(ca).map_err(ConfigError)?;
+            }
+            (None, true) => return err("backend.tls_ca_file is required when a shard uses TLS"),
+            (None, false) => {}
         }
         if self.limits.max_output_bytes < 4096 {
             return err("limits.max_output_bytes must be at least 4096");

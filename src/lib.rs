@@ -36,6 +36,7 @@ pub mod resp;
 pub mod router;
 pub mod server;
 pub mod shutdown;
+pub mod tls;
 
 pub use config::Config;
 pub use server::run;

@@ -140,24 +140,19 @@ fn build_topology(
     Ok(Topology::new(version, shards, ctx.config.ring.vnodes))
 }
 
-async fn reachable(addr: &str, auth: Option<Bytes>, timeout: Duration) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let attempt = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        if let Some(auth) = auth {
-            s.write_all(&auth).await.ok()?;
-            let mut ok = [0u8; 5];
-            s.read_exact(&mut ok).await.ok()?;
-            if &ok != b"+OK\r\n" {
-                return None;
-            }
-        }
-        s.write_all(b"PING\r\n").await.ok()?;
-        let mut buf = [0u8; 7];
-        s.read_exact(&mut buf).await.ok()?;
-        (&buf == b"+PONG\r\n").then_some(())
+/// Whether a shard about to join answers PING, connecting as the proxy will (credentials,
+/// TLS), through a throwaway connection.
+async fn reachable(ctx: &Context, s: &ShardSpec) -> bool {
+    let Ok(addr) = s.addr.parse() else {
+        return false;
     };
-    matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(())))
+    let probe = Shard::new(s.name.clone(), addr, s.weight, &ctx.config);
+    let wait = ctx.config.backend.connect_timeout.0 * 4 + ctx.config.backend.timeout.0;
+    let ping = encode_command(&["PING"]);
+    let Some(rx) = probe.send(0, ping) else {
+        return false;
+    };
+    matches!(tokio::time::timeout(wait, rx).await, Ok(Ok(Ok(r))) if r.error().is_none())
 }
 
 fn validate(specs: &[ShardSpec]) -> Result<(), Refused> {
@@ -225,8 +220,7 @@ pub async fn change(ctx: &Arc<Context>, specs: Vec<ShardSpec>) -> Result<Progres
         let known = old_specs
             .iter()
             .any(|o| o.name == s.name && o.addr == s.addr);
-        let auth = ctx.config.shard_auth(&s.name).map(|a| encode_command(&a));
-        if !known && !reachable(&s.addr, auth, ctx.config.backend.connect_timeout.0 * 4).await {
+        if !known && !reachable(ctx, s).await {
             return Err(Refused(format!(
                 "shard {} at {} does not answer PING",
                 s.name, s.addr

@@ -311,6 +311,11 @@ async fn accept_loop(
     mut shutdown: Shutdown,
 ) {
     let metrics = crate::metrics::global();
+    let tls = ctx
+        .config
+        .tls
+        .as_ref()
+        .map(|t| crate::tls::acceptor(t).expect("validated with the config"));
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -345,9 +350,23 @@ async fn accept_loop(
         metrics.connections_current.fetch_add(1, Ordering::Relaxed);
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             tracing::trace!(%peer, "client connected");
-            crate::connection::handle(stream, ctx, shutdown).await;
+            match tls {
+                // The handshake runs in the connection's own task, bounded, so that a slow
+                // or silent client holds nothing but its own slot.
+                Some(acceptor) => {
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(tls)) => crate::connection::handle(tls, ctx, shutdown).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+                None => crate::connection::handle(stream, ctx, shutdown).await,
+            }
             crate::metrics::global()
                 .connections_current
                 .fetch_sub(1, Ordering::Relaxed);

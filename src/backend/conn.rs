@@ -34,7 +34,11 @@ pub struct Request {
     pub respond_to: Responder,
 }
 
-#[derive(Debug, Clone)]
+/// A connected socket: plain TCP or TLS over it.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
+#[derive(Clone)]
 pub struct ConnOptions {
     pub addr: SocketAddr,
     pub connect_timeout: Duration,
@@ -42,6 +46,11 @@ pub struct ConnOptions {
     pub queue_depth: usize,
     /// Commands sent on every (re)connect before any request, e.g. AUTH.
     pub on_connect: Vec<Bytes>,
+    /// TLS to the shard: the connector and the name its certificate must carry.
+    pub tls: Option<(
+        tokio_rustls::TlsConnector,
+        tokio_rustls::rustls::pki_types::ServerName<'static>,
+    )>,
 }
 
 /// A handle to the actor. Cheap to clone; the actor ends when every handle is dropped.
@@ -116,12 +125,25 @@ async fn actor(opts: ConnOptions, mut rx: mpsc::Receiver<Request>, connected: Ar
     }
 }
 
-async fn connect(opts: &ConnOptions) -> std::io::Result<TcpStream> {
+async fn connect(opts: &ConnOptions) -> std::io::Result<Box<dyn Io>> {
     let stream = tokio::time::timeout(opts.connect_timeout, TcpStream::connect(opts.addr))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     stream.set_nodelay(true)?;
-    let mut stream = stream;
+    let mut stream: Box<dyn Io> = match &opts.tls {
+        Some((connector, name)) => {
+            let tls = tokio::time::timeout(
+                opts.connect_timeout,
+                connector.connect(name.clone(), stream),
+            )
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
+            })??;
+            Box::new(tls)
+        }
+        None => Box::new(stream),
+    };
     for cmd in &opts.on_connect {
         stream.write_all(cmd).await?;
         let mut buf = BytesMut::with_capacity(256);
@@ -159,8 +181,8 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Reply>, String> {
 }
 
 /// Serves one connected socket until it breaks (false) or every handle is gone (true).
-async fn run(stream: TcpStream, opts: &ConnOptions, rx: &mut mpsc::Receiver<Request>) -> bool {
-    let (mut rd, mut wr) = stream.into_split();
+async fn run(stream: Box<dyn Io>, opts: &ConnOptions, rx: &mut mpsc::Receiver<Request>) -> bool {
+    let (mut rd, mut wr) = tokio::io::split(stream);
     let inflight: Arc<Mutex<VecDeque<Inflight>>> = Arc::new(Mutex::new(VecDeque::new()));
     let queued = Arc::new(Notify::new());
     let stall_limit = opts.request_timeout * 2;

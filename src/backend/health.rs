@@ -19,11 +19,10 @@ pub fn spawn_checker(
     mut shutdown: Shutdown,
 ) {
     let conn = BackendConn::spawn(ConnOptions {
-        addr: shard.addr,
         connect_timeout,
         request_timeout: interval,
         queue_depth: 4,
-        on_connect: shard.auth.iter().cloned().collect(),
+        ..shard.conn_opts.clone()
     });
     tokio::spawn(async move {
         let ping = encode_command(&["PING"]);

@@ -107,8 +107,8 @@ pub struct Shard {
     pub timeout: Duration,
     /// Health as the checker last saw it; see `health`.
     pub up: AtomicBool,
-    /// AUTH sent on every (re)connect, when the shard needs one.
-    pub auth: Option<Bytes>,
+    /// How to connect (address, credentials, TLS), for connections made later (health).
+    pub conn_opts: ConnOptions,
     /// Removed from the ring by a rebalance: its health checker stops.
     pub retired: AtomicBool,
     pub stats: ShardStats,
@@ -133,6 +133,7 @@ impl Shard {
             request_timeout: cfg.timeout.0,
             queue_depth: cfg.queue_depth,
             on_connect: auth.iter().cloned().collect(),
+            tls: config.shard_tls(&name, addr),
         };
         let pool = (0..cfg.pool_size)
             .map(|_| BackendConn::spawn(opts.clone()))
@@ -146,11 +147,11 @@ impl Shard {
             addr,
             weight,
             pool,
-            lane_conn: BackendConn::spawn(opts),
+            lane_conn: BackendConn::spawn(opts.clone()),
             timeout: cfg.timeout.0,
             up: AtomicBool::new(true),
             retired: AtomicBool::new(false),
-            auth,
+            conn_opts: opts.clone(),
             stats: ShardStats::default(),
             latency,
         })
