@@ -97,6 +97,14 @@ pub enum Secret {
 impl Secret {
     /// The secret's value; `what` names the key in errors (never the value).
     pub fn resolve(&self, what: &str) -> Result<String, String> {
+        let v = self.read(what)?;
+        if v.is_empty() {
+            return Err(format!("{what}: must not be empty"));
+        }
+        Ok(v)
+    }
+
+    fn read(&self, what: &str) -> Result<String, String> {
         match self {
             Secret::Plain(s) => Ok(s.clone()),
             Secret::Env { env } => std::env::var(env)
@@ -256,6 +264,9 @@ pub struct LimitsConfig {
     /// Close a client that sends nothing for this long; "0s" never (Redis's `timeout 0`).
     #[serde(default = "defaults::idle_timeout")]
     pub idle_timeout: HumanDuration,
+    /// Close a client that has not taken its replies within this long.
+    #[serde(default = "defaults::write_timeout")]
+    pub write_timeout: HumanDuration,
 }
 
 impl Default for LimitsConfig {
@@ -268,6 +279,7 @@ impl Default for LimitsConfig {
             max_pipeline: defaults::max_pipeline(),
             max_output_bytes: defaults::max_output_bytes(),
             idle_timeout: defaults::idle_timeout(),
+            write_timeout: defaults::write_timeout(),
         }
     }
 }
@@ -452,6 +464,9 @@ mod defaults {
     pub fn idle_timeout() -> HumanDuration {
         HumanDuration(Duration::ZERO)
     }
+    pub fn write_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(30))
+    }
     pub fn mode() -> CounterMode {
         CounterMode::Batched
     }
@@ -518,45 +533,58 @@ impl Config {
     }
 
     /// The AUTH arguments for the shard named `name`: its own credentials, else
-    /// `[backend]`'s; None when it needs none. Secrets were checked by `validate`.
-    pub fn shard_auth(&self, name: &str) -> Option<Vec<String>> {
-        let own = self
-            .shards
-            .iter()
-            .find(|s| s.resolved_name() == name)
-            .filter(|s| s.password.is_some());
+    /// `[backend]`'s; None when it needs none. A secret that cannot be read is an error,
+    /// never a silent connection without AUTH.
+    pub fn shard_auth(&self, name: &str) -> Result<Option<Vec<String>>, String> {
+        let own = self.shards.iter().find(|s| s.resolved_name() == name);
         let (user, pw) = match own {
-            Some(s) => (s.username.clone(), s.password.as_ref()?),
-            None => (
+            Some(s) if s.password.is_some() || s.username.is_some() => {
+                (s.username.clone(), s.password.as_ref())
+            }
+            _ => (
                 self.backend.username.clone(),
-                self.backend.password.as_ref()?,
+                self.backend.password.as_ref(),
             ),
         };
-        let pw = pw.resolve("password").ok()?;
+        let Some(pw) = pw else {
+            return match user {
+                Some(_) => Err(format!("shard {name}: a username needs a password")),
+                None => Ok(None),
+            };
+        };
+        let pw = pw.resolve(&format!("password of shard {name}"))?;
         let mut args = vec!["AUTH".to_string()];
         args.extend(user);
         args.push(pw);
-        Some(args)
+        Ok(Some(args))
     }
 
     /// The TLS connector and server name for the shard named `name`, when it speaks TLS.
+    /// A TLS setting that cannot be honoured is an error, never a silent plain connection.
+    #[allow(clippy::type_complexity)]
     pub fn shard_tls(
         &self,
         name: &str,
         addr: SocketAddr,
-    ) -> Option<(
-        tokio_rustls::TlsConnector,
-        tokio_rustls::rustls::pki_types::ServerName<'static>,
-    )> {
+    ) -> Result<
+        Option<(
+            tokio_rustls::TlsConnector,
+            tokio_rustls::rustls::pki_types::ServerName<'static>,
+        )>,
+        String,
+    > {
         let own = self.shards.iter().find(|s| s.resolved_name() == name);
-        let on = own.and_then(|s| s.tls).unwrap_or(self.backend.tls);
-        if !on {
-            return None;
+        if !own.and_then(|s| s.tls).unwrap_or(self.backend.tls) {
+            return Ok(None);
         }
-        let connector = crate::tls::connector(self.backend.tls_ca_file.as_ref()?).ok()?;
-        let server =
-            crate::tls::server_name(own.and_then(|s| s.tls_server_name.as_deref()), addr).ok()?;
-        Some((connector, server))
+        let ca = self
+            .backend
+            .tls_ca_file
+            .as_ref()
+            .ok_or("backend.tls_ca_file is required when a shard uses TLS")?;
+        let connector = crate::tls::connector(ca)?;
+        let server = crate::tls::server_name(own.and_then(|s| s.tls_server_name.as_deref()), addr)?;
+        Ok(Some((connector, server)))
     }
 
     /// Checks what serde cannot: uniqueness, ranges, and that values fit together.
@@ -676,13 +704,20 @@ impl Config {
         if let Some(t) = &self.tls {
             crate::tls::acceptor(t).map_err(ConfigError)?;
         }
-        let any_tls = self.backend.tls || self.shards.iter().any(|s| s.tls == Some(true));
-        match (&self.backend.tls_ca_file, any_tls) {
-            (Some(ca), _) => {
-                crate::tls::connector(ca).map_err(ConfigError)?;
-            }
-            (None, true) => return err("backend.tls_ca_file is required when a shard uses TLS"),
-            (None, false) => {}
+        if let Some(ca) = &self.backend.tls_ca_file {
+            crate::tls::connector(ca).map_err(ConfigError)?;
+        }
+        for s in &self.shards {
+            let name = s.resolved_name();
+            self.shard_tls(&name, s.socket_addr()?)
+                .map_err(ConfigError)?;
+            self.shard_auth(&name).map_err(ConfigError)?;
+        }
+        if self.backend.tls && self.backend.tls_ca_file.is_none() {
+            return err("backend.tls_ca_file is required when a shard uses TLS");
+        }
+        if self.limits.write_timeout.0.is_zero() {
+            return err("limits.write_timeout must be above zero");
         }
         if self.limits.max_output_bytes < 4096 {
             return err("limits.max_output_bytes must be at least 4096");

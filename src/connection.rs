@@ -204,7 +204,7 @@ where
                         break;
                     }
                 }
-                if stream.write_all(&wbuf).await.is_err() {
+                if !write_out(&mut stream, &wbuf, &ctx).await {
                     client.close = true;
                     wbuf.clear();
                     break;
@@ -235,7 +235,7 @@ where
                 }
             }
             client.logged = false;
-            if stream.write_all(&wbuf).await.is_err() {
+            if !write_out(&mut stream, &wbuf, &ctx).await {
                 break;
             }
             wbuf.clear();
@@ -273,6 +273,15 @@ where
         }
     }
     let _ = stream.shutdown().await;
+}
+
+/// Writes replies; false when the client is gone or has not read them within
+/// `limits.write_timeout` (a client that never reads must not hold its slot for ever).
+async fn write_out<S: AsyncWrite + Unpin>(stream: &mut S, buf: &[u8], ctx: &Context) -> bool {
+    matches!(
+        tokio::time::timeout(ctx.config.limits.write_timeout.0, stream.write_all(buf)).await,
+        Ok(Ok(()))
+    )
 }
 
 /// Whether `args` names a key that has a deferred increment in this client's queue.
@@ -413,6 +422,7 @@ pub(crate) fn error_bytes(msg: &str) -> BytesMut {
     o
 }
 
+pub(crate) const RESERVED: &str = "ERR keys starting with 'tally:' are reserved by tallyproxy";
 pub(crate) const MEMORY_MODE: &str = "ERR only counter commands (GET, MGET, INCR, INCRBY, DECR, DECRBY) are served in memory mode: no shards are configured";
 
 /// Runs or starts one command. Immediate replies go to `out`; anything that must wait is
@@ -443,6 +453,13 @@ fn dispatch_spec(
     };
     if !client.authenticated && !matches!(spec.name, "auth" | "hello" | "quit") {
         reply::error(out, crate::auth::NOAUTH);
+        return None;
+    }
+    // The proxy's own keys (exactly-once records, rebalance tombstones) are off limits.
+    if !matches!(spec.kind, Kind::Local | Kind::Refused(_))
+        && args[1..].iter().any(|a| a.starts_with(b"tally:"))
+    {
+        reply::error(out, RESERVED);
         return None;
     }
     if !spec.arity_ok(args.len()) {

@@ -15,6 +15,7 @@
 //! - [`backend`]: pipelined connections to shards, timeouts, health.
 //! - [`http`]: the sidecar: /visits, /healthz, /readyz, /metrics, /admin.
 //! - [`info`], [`metrics`]: figures for INFO and /metrics.
+//! - [`auth`], [`tls`]: who may connect, and encryption on both sides.
 //! - [`shutdown`]: the signal every task holds.
 #![forbid(unsafe_code)]
 

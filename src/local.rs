@@ -42,6 +42,7 @@ pub fn run(
         },
         "reset" => {
             client.name = None;
+            client.authenticated = !ctx.users.required();
             reply::simple(out, "RESET");
         }
         "readonly" | "readwrite" => reply::ok(out),

@@ -131,8 +131,9 @@ impl Burst {
         }
     }
 
-    /// Records the burst: each command took `elapsed` from the burst's read to its reply
-    /// being ready (what a pipelining client sees, less the network).
+    /// Records the burst: every command in it is recorded with the burst's time, from its
+    /// read to its replies being ready (what a pipelining client sees, less the network and
+    /// the log commit), not its own service time.
     pub fn finish(&mut self, elapsed: Duration) {
         if self.by_command.is_empty() {
             return;

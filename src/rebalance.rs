@@ -22,6 +22,7 @@
 //! counting itself (`counter`).
 
 use crate::backend::{encode_command, health, Shard};
+use crate::config::Config;
 use crate::counter::lane::LaneError;
 use crate::counter::wal::{Placement, ShardSpec};
 use crate::counter::Engine;
@@ -120,7 +121,7 @@ pub fn specs_of(t: &Topology) -> Vec<ShardSpec> {
 
 /// Builds a topology from specs, reusing the shards (and their connections) that stay.
 fn build_topology(
-    ctx: &Context,
+    cfg: &Config,
     version: u64,
     specs: &[ShardSpec],
     reuse: &[Arc<Shard>],
@@ -133,26 +134,32 @@ fn build_topology(
             .map_err(|_| Refused(format!("addr {:?} is not an ip:port address", s.addr)))?;
         let shard = match reuse.iter().find(|r| r.name == s.name && r.addr == addr) {
             Some(r) => r.clone(),
-            None => Shard::new(s.name.clone(), addr, s.weight, &ctx.config),
+            None => Shard::new(s.name.clone(), addr, s.weight, cfg).map_err(Refused)?,
         };
         shards.push(shard);
     }
-    Ok(Topology::new(version, shards, ctx.config.ring.vnodes))
+    Ok(Topology::new(version, shards, cfg.ring.vnodes))
 }
 
 /// Whether a shard about to join answers PING, connecting as the proxy will (credentials,
 /// TLS), through a throwaway connection.
-async fn reachable(ctx: &Context, s: &ShardSpec) -> bool {
-    let Ok(addr) = s.addr.parse() else {
-        return false;
+async fn reachable(cfg: &Config, s: &ShardSpec) -> Result<(), Refused> {
+    let unreachable = || {
+        Refused(format!(
+            "shard {} at {} does not answer PING",
+            s.name, s.addr
+        ))
     };
-    let probe = Shard::new(s.name.clone(), addr, s.weight, &ctx.config);
-    let wait = ctx.config.backend.connect_timeout.0 * 4 + ctx.config.backend.timeout.0;
-    let ping = encode_command(&["PING"]);
-    let Some(rx) = probe.send(0, ping) else {
-        return false;
-    };
-    matches!(tokio::time::timeout(wait, rx).await, Ok(Ok(Ok(r))) if r.error().is_none())
+    let addr = s.addr.parse().map_err(|_| unreachable())?;
+    let probe = Shard::new(s.name.clone(), addr, s.weight, cfg).map_err(Refused)?;
+    let wait = cfg.backend.connect_timeout.0 * 4 + cfg.backend.timeout.0;
+    let rx = probe
+        .send(0, encode_command(&["PING"]))
+        .ok_or_else(unreachable)?;
+    match tokio::time::timeout(wait, rx).await {
+        Ok(Ok(Ok(r))) if r.error().is_none() => Ok(()),
+        _ => Err(unreachable()),
+    }
 }
 
 fn validate(specs: &[ShardSpec]) -> Result<(), Refused> {
@@ -186,7 +193,13 @@ fn validate(specs: &[ShardSpec]) -> Result<(), Refused> {
 
 /// Changes the shard list to `specs`: validates, records, publishes the new ring, and
 /// starts moving keys. Returns once the rebalance has started (see [`Rebalancer::progress`]).
-pub async fn change(ctx: &Arc<Context>, specs: Vec<ShardSpec>) -> Result<Progress, Refused> {
+/// `cfg` gives the credentials and TLS settings of shards that join (the running config,
+/// or the re-read one on SIGHUP).
+pub async fn change(
+    ctx: &Arc<Context>,
+    specs: Vec<ShardSpec>,
+    cfg: &Config,
+) -> Result<Progress, Refused> {
     let _busy = ctx
         .rebalancer
         .busy
@@ -220,11 +233,8 @@ pub async fn change(ctx: &Arc<Context>, specs: Vec<ShardSpec>) -> Result<Progres
         let known = old_specs
             .iter()
             .any(|o| o.name == s.name && o.addr == s.addr);
-        if !known && !reachable(ctx, s).await {
-            return Err(Refused(format!(
-                "shard {} at {} does not answer PING",
-                s.name, s.addr
-            )));
+        if !known {
+            reachable(cfg, s).await?;
         }
         if let Some(o) = old_specs.iter().find(|o| o.name == s.name) {
             if o.addr != s.addr || o.weight != s.weight {
@@ -236,7 +246,7 @@ pub async fn change(ctx: &Arc<Context>, specs: Vec<ShardSpec>) -> Result<Progres
         }
     }
     let id = crate::counter::now_micros();
-    let new = build_topology(ctx, old.version + 1, &specs, &old.shards)?;
+    let new = build_topology(cfg, old.version + 1, &specs, &old.shards)?;
     let placement = Placement {
         version: new.version,
         shards: specs.clone(),
@@ -306,7 +316,7 @@ pub async fn resume(ctx: &Arc<Context>, placement: &Placement, moved: HashSet<By
     };
     let current = ctx.router.topology();
     let old = match build_topology(
-        ctx,
+        &ctx.config,
         placement.version.saturating_sub(1),
         from,
         &current.shards,
@@ -427,7 +437,7 @@ async fn move_key(
     // Not a counter (or not an integer): Redis moves it, TTL and all.
     let (host, port) = (to.addr.ip().to_string(), to.addr.port().to_string());
     let timeout_ms = (from.timeout.as_millis() * 4).to_string();
-    let migrate: [&[u8]; 6] = [
+    let mut migrate: Vec<&[u8]> = vec![
         b"MIGRATE",
         host.as_bytes(),
         port.as_bytes(),
@@ -435,6 +445,12 @@ async fn move_key(
         b"0",
         timeout_ms.as_bytes(),
     ];
+    // The old shard logs into the new one as the proxy does.
+    match to.auth_args.as_deref() {
+        Some([_, pw]) => migrate.extend([&b"AUTH"[..], pw.as_bytes()]),
+        Some([_, user, pw]) => migrate.extend([&b"AUTH2"[..], user.as_bytes(), pw.as_bytes()]),
+        _ => {}
+    }
     let moved = match call(from, &migrate).await {
         Ok(BytesFrame::SimpleString(s)) if &s[..] == b"NOKEY" => false,
         Ok(_) => true,

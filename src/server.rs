@@ -74,7 +74,7 @@ async fn settle_shards(ctx: &Arc<Context>) {
             tracing::info!(
                 "the config's shard list differs from the recorded one; applying it as a rebalance"
             );
-            if let Err(e) = crate::rebalance::change(ctx, st.configured).await {
+            if let Err(e) = crate::rebalance::change(ctx, st.configured, &ctx.config).await {
                 tracing::error!(error = %e.0, "the config's shard list was not applied; the recorded one stays in force");
             }
         }
@@ -134,7 +134,8 @@ pub async fn build(config: Config, shutdown: ShutdownTrigger) -> std::io::Result
                 &config,
             )
         })
-        .collect();
+        .collect::<Result<_, String>>()
+        .map_err(std::io::Error::other)?;
     let router = Arc::new(Router::new(Topology::new(
         version,
         shards.clone(),
@@ -246,7 +247,7 @@ pub async fn run_with_reload(
                         weight: s.weight,
                     })
                     .collect();
-                match crate::rebalance::change(&ctx, specs).await {
+                match crate::rebalance::change(&ctx, specs, &cfg).await {
                     Ok(p) => tracing::info!(
                         id = p.id,
                         to = p.to_version,

@@ -109,6 +109,8 @@ pub struct Shard {
     pub up: AtomicBool,
     /// How to connect (address, credentials, TLS), for connections made later (health).
     pub conn_opts: ConnOptions,
+    /// `AUTH [user] password` for this shard, for MIGRATE into it during a rebalance.
+    pub auth_args: Option<Vec<String>>,
     /// Removed from the ring by a rebalance: its health checker stops.
     pub retired: AtomicBool,
     pub stats: ShardStats,
@@ -124,16 +126,18 @@ impl Shard {
         addr: SocketAddr,
         weight: u32,
         config: &crate::config::Config,
-    ) -> Arc<Shard> {
+    ) -> Result<Arc<Shard>, String> {
         let cfg = &config.backend;
-        let auth = config.shard_auth(&name).map(|args| encode_command(&args));
+        let auth_args = config.shard_auth(&name)?;
+        let auth = auth_args.as_ref().map(|args| encode_command(args));
+        let tls = config.shard_tls(&name, addr)?;
         let opts = ConnOptions {
             addr,
             connect_timeout: cfg.connect_timeout.0,
             request_timeout: cfg.timeout.0,
             queue_depth: cfg.queue_depth,
             on_connect: auth.iter().cloned().collect(),
-            tls: config.shard_tls(&name, addr),
+            tls,
         };
         let pool = (0..cfg.pool_size)
             .map(|_| BackendConn::spawn(opts.clone()))
@@ -142,7 +146,7 @@ impl Shard {
             crate::metrics::prometheus();
             metrics::histogram!("tallyproxy_shard_request_duration_seconds", "shard" => name.clone())
         };
-        Arc::new(Shard {
+        Ok(Arc::new(Shard {
             name,
             addr,
             weight,
@@ -152,9 +156,10 @@ impl Shard {
             up: AtomicBool::new(true),
             retired: AtomicBool::new(false),
             conn_opts: opts.clone(),
+            auth_args,
             stats: ShardStats::default(),
             latency,
-        })
+        }))
     }
 
     pub fn retire(&self) {

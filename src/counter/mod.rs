@@ -858,12 +858,16 @@ impl Engine {
     }
 
     pub async fn flush_all(&self) -> bool {
-        self.last_flush_ms.store(unix_ms(), Ordering::Relaxed);
+        let started = unix_ms();
         let lanes = self.lanes();
         let waits: Vec<_> = lanes.iter().map(|l| l.flush()).collect();
         let mut ok = true;
         for w in waits {
             ok &= w.await;
+        }
+        // Only a flush that landed everything bounds the age of what is pending.
+        if ok {
+            self.last_flush_ms.store(started, Ordering::Relaxed);
         }
         ok
     }

@@ -114,7 +114,7 @@ pub async fn route(ctx: &Arc<Context>, method: &Method, rest: &str, body: Bytes)
 }
 
 async fn apply(ctx: &Arc<Context>, specs: Vec<ShardSpec>) -> Resp {
-    match rebalance::change(ctx, specs).await {
+    match rebalance::change(ctx, specs, &ctx.config).await {
         Ok(p) => json_response(
             StatusCode::ACCEPTED,
             json!({"status": "rebalancing", "rebalance": p}),

@@ -51,7 +51,7 @@ pub fn render(ctx: &Context) -> String {
         m.connections_refused.load(Relaxed) as f64,
     );
     o.one(
-        "commands_total",
+        "commands_received_total",
         "counter",
         "RESP commands received.",
         m.commands.load(Relaxed) as f64,

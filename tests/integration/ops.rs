@@ -20,7 +20,10 @@ fn parse_prometheus(text: &str) -> HashMap<String, f64> {
                 ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
                 "{line}"
             );
-            types.insert(name.to_string(), kind.to_string());
+            assert!(
+                types.insert(name.to_string(), kind.to_string()).is_none(),
+                "{name} declared twice"
+            );
             continue;
         }
         if line.starts_with('#') {

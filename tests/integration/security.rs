@@ -359,3 +359,150 @@ async fn shards_can_be_reached_over_tls() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxys_own_keys_are_reserved() {
+    let a = Redis::start();
+    let wal = TempDir::new("reserved");
+    let proxy = proxy_with("", &[&a], &wal).await;
+    let mut c = proxy.conn().await;
+    let reserved = "-ERR keys starting with 'tally:' are reserved by tallyproxy\r\n";
+    assert_eq!(
+        c.cmd(&["HSET", "tally:applied", "p1", "99999999999999"])
+            .await,
+        reserved
+    );
+    assert_eq!(c.cmd(&["DEL", "x", "tally:applied"]).await, reserved);
+    assert_eq!(c.cmd(&["INCR", "tally:mv:1:k"]).await, reserved);
+    assert_eq!(c.cmd(&["INCR", "fine"]).await, ":1\r\n");
+    proxy.stop().await;
+}
+
+#[test]
+fn tls_and_credentials_that_cannot_be_honoured_stop_start_up() {
+    let errors = [
+        (
+            "[[shards]]\naddr = \"127.0.0.1:1\"\ntls = true\n",
+            "tls_ca_file is required",
+        ),
+        ("[backend]\ntls = true\n", "tls_ca_file is required"),
+        (
+            "[[shards]]\naddr = \"127.0.0.1:1\"\npassword = { env = \"TALLY_NO_SUCH_VAR\" }\n",
+            "TALLY_NO_SUCH_VAR",
+        ),
+        (
+            "[[shards]]\naddr = \"127.0.0.1:1\"\nusername = \"u\"\n",
+            "needs a password",
+        ),
+        ("requirepass = \"\"\n", "must not be empty"),
+        (
+            "[tls]\ncert_file = \"/nonexistent/c.pem\"\nkey_file = \"/nonexistent/k.pem\"\n",
+            "tls.cert_file",
+        ),
+    ];
+    for (toml, want) in errors {
+        let e = tallyproxy::Config::from_toml_str(toml).unwrap_err().0;
+        assert!(e.contains(want), "{toml}: {e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_between_password_protected_shards_authenticates_its_moves() {
+    let dir = TempDir::new("pw-shards");
+    let mut children = Vec::new();
+    let mut ports = Vec::new();
+    for _ in 0..3 {
+        let port = support::free_port();
+        children.push(
+            std::process::Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--requirepass",
+                    "pw",
+                ])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        ports.push(port);
+    }
+    for p in &ports {
+        assert!(support::wait_until(Duration::from_secs(5), || {
+            std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok()
+        }));
+    }
+    let wal = TempDir::new("wal");
+    let toml = format!(
+        "listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n[[shards]]\naddr = \"127.0.0.1:{}\"\n[[shards]]\naddr = \"127.0.0.1:{}\"\n\
+         [backend]\npassword = \"pw\"\n[durability]\nwal_dir = \"{}\"\n",
+        ports[0],
+        ports[1],
+        wal.path().display()
+    );
+    let proxy = Proxy::start(tallyproxy::Config::from_toml_str(&toml).unwrap()).await;
+    let mut c = proxy.conn().await;
+    for i in 0..60 {
+        assert_eq!(c.cmd(&["SET", &format!("plain:{i}"), "v"]).await, "+OK\r\n");
+        assert!(c
+            .cmd(&["INCRBY", &format!("count:{i}"), "3"])
+            .await
+            .starts_with(':'));
+    }
+    proxy.stop().await;
+    let proxy = Proxy::start(tallyproxy::Config::from_toml_str(&toml).unwrap()).await;
+    let body = format!("{{\"addr\": \"127.0.0.1:{}\"}}", ports[2]);
+    let mut s = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(format!("POST /admin/shards HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 202"), "{out}");
+    let done = async {
+        for _ in 0..300 {
+            let (_, p) = proxy.http("GET", "/admin/rebalance").await;
+            if p.contains("\"state\":\"done\"") {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    };
+    assert!(done.await, "the rebalance finished (MIGRATE authenticated)");
+    let mut c = proxy.conn().await;
+    for i in 0..60 {
+        assert_eq!(c.cmd(&["GET", &format!("plain:{i}")]).await, "$1\r\nv\r\n");
+        assert_eq!(c.cmd(&["GET", &format!("count:{i}")]).await, "$1\r\n3\r\n");
+    }
+    let moved_to_third = String::from_utf8_lossy(
+        &std::process::Command::new("redis-cli")
+            .args([
+                "-p",
+                &ports[2].to_string(),
+                "-a",
+                "pw",
+                "--no-auth-warning",
+                "DBSIZE",
+            ])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .trim()
+    .parse::<u64>()
+    .unwrap();
+    assert!(moved_to_third > 0);
+    proxy.stop().await;
+    for mut ch in children {
+        let _ = ch.kill();
+        let _ = ch.wait();
+    }
+}
