@@ -30,10 +30,10 @@ const CONFIG: &str = r#"
 listen = "127.0.0.1:0"
 http_listen = "127.0.0.1:0"
 [limits]
-max_bulk_len = 512
+max_bulk_len = 256
 max_array_len = 32
-max_inline_len = 256
-max_request_bytes = 2048
+max_inline_len = 128
+max_request_bytes = 1024
 max_pipeline = 4
 [durability]
 enabled = false
@@ -48,8 +48,12 @@ const PARSE_LIMITS: Limits = Limits {
 };
 
 /// Memory mode keeps every counter for ever: the context is rebuilt past this many keys so
-/// that millions of runs do not grow without bound.
-const MAX_KEYS: usize = 50_000;
+/// that millions of runs do not grow without bound (and INFO, which walks every key, stays
+/// cheap).
+const MAX_KEYS: usize = 4096;
+
+/// Runs between drains of the metrics recorder's histogram buffers.
+const UPKEEP_EVERY: u64 = 1024;
 
 /// Longest a connection may take for one input. Everything is in memory; a connection
 /// still open after this is a hang, and is reported as a crash.
@@ -59,6 +63,7 @@ struct Harness {
     rt: tokio::runtime::Runtime,
     ctx: Arc<Context>,
     trigger: ShutdownTrigger,
+    runs: u64,
 }
 
 impl Harness {
@@ -68,7 +73,12 @@ impl Harness {
             .build()
             .expect("a tokio runtime");
         let (ctx, trigger) = rt.block_on(build_context());
-        Harness { rt, ctx, trigger }
+        Harness {
+            rt,
+            ctx,
+            trigger,
+            runs: 0,
+        }
     }
 }
 
@@ -87,48 +97,27 @@ thread_local! {
 }
 
 /// Runs one fuzz input: through the parser directly, then as a whole client session.
-/// Panics on any finding, except the known, still unfixed ones listed in [`known`];
-/// returns for every input, in bounded time.
+/// Panics on any finding; returns for every input, in bounded time.
 pub fn run_one(data: &[u8]) {
-    run(data, true)
-}
-
-/// [`run_one`] without the allowance for [`known`] findings: what a regression test of a
-/// finding runs once it is fixed.
-pub fn run_one_strict(data: &[u8]) {
-    run(data, false)
-}
-
-fn run(data: &[u8], tolerate_known: bool) {
-    check_parser(data, tolerate_known);
+    check_parser(data);
     HARNESS.with(|h| {
         let mut h = h.borrow_mut();
         let h = h.get_or_insert_with(Harness::new);
+        h.runs += 1;
+        if h.runs % UPKEEP_EVERY == 0 {
+            // What the proxy's background task does every few seconds: without it the
+            // latency histograms keep every sample.
+            crate::metrics::upkeep();
+        }
         if h.ctx.engine.len() > MAX_KEYS {
             let (ctx, trigger) = h.rt.block_on(build_context());
             h.ctx = ctx;
             h.trigger = trigger;
         }
         let (ctx, shutdown) = (h.ctx.clone(), h.trigger.subscribe());
-        h.rt.block_on(session(ctx, shutdown, data, tolerate_known));
+        h.rt.block_on(session(ctx, shutdown, data));
     });
 }
-
-/// Findings of the fuzzer that are not fixed yet, described precisely enough that the
-/// harness lets exactly them through (so that a run can look for other ones).
-pub mod known {
-    /// `resp::parse` (inline commands): with a newline in the buffer, a line of
-    /// `max_inline_len + 1` bytes before its `\n` is accepted; when the same bytes arrive
-    /// in pieces, the first `max_inline_len + 1` of them (no newline yet) are refused with
-    /// `too big inline request`. Whether a request is accepted then depends on how TCP
-    /// split it. True when the request starting at `at` is such a line.
-    pub fn inline_line_at_the_limit(data: &[u8], at: usize, max_inline_len: usize) -> bool {
-        data.get(at).is_some_and(|&b| b != b'*')
-            && data[at..].iter().position(|&b| b == b'\n') == Some(max_inline_len + 1)
-    }
-}
-
-const TOO_BIG_INLINE: &str = "too big inline request";
 
 /// What parsing a whole byte string yields: the requests in order, then how it ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -148,17 +137,6 @@ enum End {
     /// Bytes were left that do not yet make a request (this many).
     Incomplete(usize),
     Error(ProtocolError),
-}
-
-impl Parsed {
-    /// Offsets at which a request (or the refused bytes) starts in the input.
-    fn boundaries(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
-        self.starts
-            .iter()
-            .copied()
-            .enumerate()
-            .chain(matches!(self.end, End::Error(_)).then_some((self.requests.len(), self.end_at)))
-    }
 }
 
 /// Parses `data` as if it arrived in pieces of `chunk` bytes (0: all at once).
@@ -184,7 +162,7 @@ fn parse_all(data: &[u8], chunk: usize, lim: &Limits) -> Parsed {
                         "a request was returned but nothing was consumed"
                     );
                     for a in &args {
-                        assert!(a.len() <= lim.max_bulk_len.max(lim.max_inline_len + 1));
+                        assert!(a.len() <= lim.max_bulk_len.max(lim.max_inline_len));
                     }
                     assert!(args.len() <= lim.max_array_len);
                     requests.push(args);
@@ -219,34 +197,65 @@ fn parse_all(data: &[u8], chunk: usize, lim: &Limits) -> Parsed {
 }
 
 /// The parser alone: with small limits, at once and in pieces, must agree.
-fn check_parser(data: &[u8], tolerate_known: bool) {
+fn check_parser(data: &[u8]) {
     let lim = &PARSE_LIMITS;
     let whole = parse_all(data, 0, lim);
     let chunk = 1 + data.first().map_or(0, |b| (b % 16) as usize);
     let pieces = parse_all(data, chunk, lim);
-    if whole == pieces {
-        return;
-    }
-    let known = tolerate_known
-        && pieces.end == End::Error(ProtocolError(TOO_BIG_INLINE.into()))
-        && known::inline_line_at_the_limit(data, pieces.end_at, lim.max_inline_len)
-        && whole.requests.starts_with(&pieces.requests);
     assert!(
-        known,
+        whole == pieces,
         "the parser's result depends on how the bytes arrive (pieces of {chunk}):\n\
          at once: {whole:?}\nin pieces: {pieces:?}"
     );
 }
 
+/// What a client sending some bytes must see.
+#[derive(Debug, PartialEq, Eq)]
+struct Outcome {
+    /// One per request, and one for the protocol error if any.
+    replies: usize,
+    /// The protocol error that ends the replies.
+    error: Option<String>,
+    /// The proxy closes the connection by itself (a protocol error, QUIT); otherwise it
+    /// stays open until the client closes its side.
+    closes: bool,
+}
+
+/// What the requests in `data` call for, by the parser alone (the handler gets the same
+/// bytes; how they are split does not matter: see `check_parser`).
+fn expected(data: &[u8], lim: &Limits) -> Outcome {
+    let parsed = parse_all(data, 0, lim);
+    let mut replies = 0;
+    for r in parsed.requests.iter().filter(|r| !r.is_empty()) {
+        replies += 1;
+        if r[0].eq_ignore_ascii_case(b"quit") {
+            return Outcome {
+                replies,
+                error: None,
+                closes: true,
+            };
+        }
+    }
+    match parsed.end {
+        End::Error(e) => Outcome {
+            replies: replies + 1,
+            error: Some(format!("-ERR Protocol error: {}\r\n", e.0)),
+            closes: true,
+        },
+        _ => Outcome {
+            replies,
+            error: None,
+            closes: false,
+        },
+    }
+}
+
 /// One client session: the input written (in pieces, with the handler running between
-/// them), the client's write side closed, every reply read until the proxy closes.
-async fn session(
-    ctx: Arc<Context>,
-    shutdown: shutdown::Shutdown,
-    data: &[u8],
-    tolerate_known: bool,
-) {
-    let limits = ctx.limits;
+/// them), then every reply read until the proxy closes. The client closes its write side
+/// only when the proxy is not expected to close by itself.
+async fn session(ctx: Arc<Context>, shutdown: shutdown::Shutdown, data: &[u8]) {
+    let want = expected(data, &ctx.limits);
+    let closes = want.closes;
     let (client, server) = tokio::io::duplex(64 * 1024);
     let (mut rx, mut tx) = tokio::io::split(client);
     let chunk = 1 + data.last().map_or(0, |b| *b as usize) * 4;
@@ -258,7 +267,11 @@ async fn session(
             }
             tokio::task::yield_now().await;
         }
-        let _ = tx.shutdown().await;
+        if !closes {
+            let _ = tx.shutdown().await;
+        }
+        // Otherwise `tx` is dropped without a shutdown: the stream stays open (`rx` holds
+        // it) and only the proxy can end the session.
     };
     let read = async move {
         let mut out = Vec::new();
@@ -269,15 +282,19 @@ async fn session(
     let run = async { tokio::join!(handler, write, read).2 };
     let out = match tokio::time::timeout(DEADLINE, run).await {
         Ok(out) => out,
+        Err(_) if closes => panic!(
+            "the proxy did not close the connection within {DEADLINE:?} after {}",
+            want.error.as_deref().unwrap_or("QUIT")
+        ),
         Err(_) => {
             panic!("the connection did not end within {DEADLINE:?} of the client closing: a hang")
         }
     };
-    check_output(data, &out, &limits, tolerate_known);
+    check_output(&out, want);
 }
 
 /// What the client saw must be whole replies, one per request it sent.
-fn check_output(data: &[u8], out: &[u8], lim: &Limits, tolerate_known: bool) {
+fn check_output(out: &[u8], want: Outcome) {
     let mut replies = Vec::new();
     let mut at = 0;
     while at < out.len() {
@@ -299,51 +316,20 @@ fn check_output(data: &[u8], out: &[u8], lim: &Limits, tolerate_known: bool) {
             "a reply was written after the protocol error"
         );
     }
-    let seen = (
-        replies.len(),
-        replies
+    let seen = Outcome {
+        replies: replies.len(),
+        error: replies
             .last()
             .filter(|r| protocol_error(r))
             .map(|r| String::from_utf8_lossy(r).into_owned()),
-    );
-    // What the requests call for (the handler got the same bytes; how they were split
-    // does not matter: see `check_parser`).
-    let parsed = parse_all(data, 0, lim);
-    let error = match &parsed.end {
-        End::Error(e) => Some(e.0.as_str()),
-        _ => None,
+        closes: want.closes,
     };
-    let want = outcome(&parsed.requests, error);
-    if seen == want {
-        return;
-    }
-    let known = tolerate_known
-        && parsed.boundaries().any(|(i, at)| {
-            known::inline_line_at_the_limit(data, at, lim.max_inline_len)
-                && seen == outcome(&parsed.requests[..i], Some(TOO_BIG_INLINE))
-        });
     assert!(
-        known,
-        "one reply per request, then the protocol error if any: want (replies, error) \
-         {want:?}, got {seen:?}; output {:?}",
+        seen == want,
+        "one reply per request, then the protocol error if any: want {want:?}, got {seen:?}; \
+         output {:?}",
         String::from_utf8_lossy(&out[..out.len().min(400)])
     );
-}
-
-/// The replies `requests` call for, and the protocol error that ends them (`error`, unless
-/// a QUIT came first).
-fn outcome(requests: &[Vec<Bytes>], error: Option<&str>) -> (usize, Option<String>) {
-    let mut count = 0;
-    for r in requests.iter().filter(|r| !r.is_empty()) {
-        count += 1;
-        if r[0].eq_ignore_ascii_case(b"quit") {
-            return (count, None);
-        }
-    }
-    match error {
-        Some(e) => (count + 1, Some(format!("-ERR Protocol error: {e}\r\n"))),
-        None => (count, None),
-    }
 }
 
 /// Where the RESP2 reply starting at `at` ends; the whole reply must be in `b`.
@@ -357,7 +343,7 @@ fn reply_end(b: &[u8], at: usize, depth: usize) -> Result<usize, String> {
         .position(|&c| c == b'\n')
         .ok_or("unterminated line")?
         + at;
-    if nl == at || b[nl - 1] != b'\r' {
+    if nl < at + 2 || b[nl - 1] != b'\r' {
         return Err("line not ended by CRLF".into());
     }
     let line = &b[at + 1..nl - 1];
@@ -440,37 +426,31 @@ mod tests {
         assert_eq!(reply_end(b"*2\r\n$1\r\na\r\n$-1\r\n", 0, 0), Ok(16));
     }
 
-    /// Fuzzer finding 1 (fuzz/artifacts crash-affd2a22...): an inline line of
-    /// `max_inline_len + 1` bytes before its newline is accepted when it arrives at once
-    /// and refused (`too big inline request`) when it arrives in pieces.
+    /// Fuzzer finding 1 (fixed in `resp::parse`): an inline line of `max_inline_len + 1`
+    /// bytes before its newline was accepted when it arrived at once and refused (`too big
+    /// inline request`) when it arrived in pieces, so TCP segmentation decided.
     const INLINE_AT_THE_LIMIT: &[u8] = b"PING\r\nEC\x82\x82\x82\x82\x82\x82\x82\x82\x82\x82\x82\x82\x82\x82*0\r\n$0912\r\nao \"hello wor\x01ld\" k \"unbalanced\r2\n";
 
     #[test]
-    fn finding_inline_at_the_limit_is_recognised_and_survived() {
-        let at = INLINE_AT_THE_LIMIT.len() - 34;
-        assert!(known::inline_line_at_the_limit(
-            INLINE_AT_THE_LIMIT,
-            at,
-            PARSE_LIMITS.max_inline_len
-        ));
+    fn finding_inline_limit_does_not_depend_on_segmentation() {
         run_one(INLINE_AT_THE_LIMIT);
-    }
-
-    /// Fails until `resp::parse` applies the inline limit the same way with and without
-    /// the newline in the buffer; then drop the `ignore` and `known::inline_line_at_the_limit`.
-    #[test]
-    #[ignore = "known finding: inline limit off by one depending on segmentation (resp/parse.rs)"]
-    fn finding_inline_at_the_limit_strict() {
-        run_one_strict(INLINE_AT_THE_LIMIT);
-        let line = [b'a'; 33];
-        let mut whole = BytesMut::from(&line[..]);
-        whole.extend_from_slice(b"\n");
-        let at_once = parse_request(&mut whole, &PARSE_LIMITS).map(|r| r.is_some());
-        let mut piece = BytesMut::from(&line[..]);
-        let in_pieces = parse_request(&mut piece, &PARSE_LIMITS).map(|r| r.is_some());
-        assert!(
-            at_once.is_err() || in_pieces == Ok(false),
-            "at once: {at_once:?}, in pieces: {in_pieces:?}"
-        );
+        let max = PARSE_LIMITS.max_inline_len;
+        for len in [max - 1, max, max + 1, max + 2] {
+            for ending in [&b"\n"[..], b"\r\n"] {
+                let mut line = vec![b'a'; len];
+                line.extend_from_slice(ending);
+                let at_once = parse_all(&line, 0, &PARSE_LIMITS);
+                assert_eq!(
+                    at_once,
+                    parse_all(&line, 1, &PARSE_LIMITS),
+                    "{len} {ending:?}"
+                );
+                assert_eq!(
+                    matches!(at_once.end, End::Error(_)),
+                    len > max,
+                    "{len} {ending:?}"
+                );
+            }
+        }
     }
 }

@@ -6,6 +6,7 @@ mod support;
 mod core;
 mod counters;
 mod durability;
+mod hostile;
 mod ops;
 mod rebalance;
 mod security;
