@@ -36,12 +36,14 @@ for arg in "$@"; do
   esac
 done
 
-REDIS_A=17070
-REDIS_B=17071
-TWEM_PORT=17072
-TWEM_STATS=17222
-TALLY_PORT=16380
-TALLY_HTTP=18080
+# BENCH_PORT_BASE (default 17070) moves every port, so that two runs can share a machine.
+BASE="${BENCH_PORT_BASE:-17070}"
+REDIS_A=$BASE
+REDIS_B=$((BASE + 1))
+TWEM_PORT=$((BASE + 2))
+TWEM_STATS=$((BASE + 152))
+TALLY_PORT=$((BASE - 690))
+TALLY_HTTP=$((BASE + 1010))
 CLIENTS=50
 KEYSPACE=10000
 
