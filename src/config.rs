@@ -532,6 +532,18 @@ impl Config {
         Config::from_toml_str(&text).map_err(|e| ConfigError(format!("{}: {}", path.display(), e)))
     }
 
+    /// The `[[shards]]` list as the log and the ring see it.
+    pub fn shard_specs(&self) -> Vec<crate::counter::wal::ShardSpec> {
+        self.shards
+            .iter()
+            .map(|s| crate::counter::wal::ShardSpec {
+                name: s.resolved_name(),
+                addr: s.socket_addr().expect("validated").to_string(),
+                weight: s.weight,
+            })
+            .collect()
+    }
+
     /// The AUTH arguments for the shard named `name`: its own credentials, else
     /// `[backend]`'s; None when it needs none. A secret that cannot be read is an error,
     /// never a silent connection without AUTH.

@@ -94,15 +94,7 @@ async fn settle_shards(ctx: &Arc<Context>) {
 
 /// Builds the shards, the engine and its lanes, and replays the log. Nothing listens yet.
 pub async fn build(config: Config, shutdown: ShutdownTrigger) -> std::io::Result<Arc<Context>> {
-    let configured: Vec<ShardSpec> = config
-        .shards
-        .iter()
-        .map(|s| ShardSpec {
-            name: s.resolved_name(),
-            addr: s.socket_addr().expect("validated").to_string(),
-            weight: s.weight,
-        })
-        .collect();
+    let configured = config.shard_specs();
     let (wal, mut recovered) = if config.durability.enabled {
         let (w, r) = counter::wal::Wal::open(&config.durability)?;
         (Some(w), Some(r))
@@ -238,15 +230,7 @@ pub async fn run_with_reload(
         let ctx = ctx.clone();
         tokio::spawn(async move {
             while let Some(cfg) = reload.recv().await {
-                let specs = cfg
-                    .shards
-                    .iter()
-                    .map(|s| ShardSpec {
-                        name: s.resolved_name(),
-                        addr: s.socket_addr().expect("validated").to_string(),
-                        weight: s.weight,
-                    })
-                    .collect();
+                let specs = cfg.shard_specs();
                 match crate::rebalance::change(&ctx, specs, &cfg).await {
                     Ok(p) => tracing::info!(
                         id = p.id,

@@ -4,6 +4,7 @@
 //! configured, and is answered only to loopback peers when it is not.
 
 use super::{error, json_response, Resp};
+use crate::auth::constant_time_eq;
 use crate::counter::wal::ShardSpec;
 use crate::rebalance::{self, specs_of};
 use crate::server::Context;
@@ -38,12 +39,6 @@ pub fn refused(ctx: &Context, peer: SocketAddr, headers: &HeaderMap) -> Option<R
             "admin routes answer loopback peers only (no admin_token is configured)",
         )),
     }
-}
-
-/// Compares without an early exit, so that timing does not tell how much of a guess was
-/// right (the length is not secret).
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[derive(Deserialize)]
@@ -146,18 +141,4 @@ fn shards(ctx: &Context) -> Resp {
         StatusCode::OK,
         json!({"ring_version": topo.version, "rebalancing": ctx.router.migration().is_some(), "shards": shards}),
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::constant_time_eq;
-
-    #[test]
-    fn tokens_compare_exactly() {
-        assert!(constant_time_eq(b"secret-token-123", b"secret-token-123"));
-        assert!(!constant_time_eq(b"secret-token-124", b"secret-token-123"));
-        assert!(!constant_time_eq(b"secret", b"secret-token-123"));
-        assert!(!constant_time_eq(b"", b"x"));
-        assert!(!constant_time_eq(b"secret-token-1234", b"secret-token-123"));
-    }
 }
