@@ -249,9 +249,11 @@ async fn round(
     let mut waiters: HashMap<Bytes, Vec<Waiter>> =
         reads.into_iter().map(|(k, (_, w))| (k, w)).collect();
     let mut batches = Vec::new();
-    while !items.is_empty() {
-        let rest = items.split_off(items.len().min(limit.max(1)));
-        let chunk = std::mem::replace(&mut items, rest);
+    // Chunks taken front to back in one pass (split_off copied the remainder per chunk:
+    // quadratic in the number of pending keys, minutes at a million).
+    let mut rest = items.into_iter().peekable();
+    while rest.peek().is_some() {
+        let chunk: Vec<_> = rest.by_ref().take(limit.max(1)).collect();
         let seq = if chunk.iter().any(|(_, d)| d.is_some()) {
             engine.next_seq()
         } else {
