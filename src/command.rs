@@ -18,6 +18,8 @@ pub enum Kind {
     Multi(Merge),
     /// A counter operation; on a batched counter key the engine answers it.
     Counter(CounterOp),
+    /// A time-window query of the key at argument 1 (see `counter::windows`).
+    Window(WindowOp),
     /// Known but not served, with the reason.
     Refused(&'static str),
 }
@@ -39,6 +41,16 @@ pub enum CounterOp {
     IncrBy,
     Decr,
     DecrBy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowOp {
+    /// `TALLY.RANGE key from to`: the count in [from, to).
+    Range,
+    /// `TALLY.LAST key duration`: the count in the last `duration`, this second included.
+    Last,
+    /// `TALLY.SERIES key from to step`: `[t, count]` per step.
+    Series,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -174,6 +186,12 @@ const COUNTER: &[(&str, i32, CounterOp)] = &[
     ("incrby", 3, CounterOp::IncrBy),
     ("decr", 2, CounterOp::Decr),
     ("decrby", 3, CounterOp::DecrBy),
+];
+
+const WINDOW: &[(&str, i32, WindowOp)] = &[
+    ("tally.range", 4, WindowOp::Range),
+    ("tally.last", 3, WindowOp::Last),
+    ("tally.series", 5, WindowOp::Series),
 ];
 
 const LOCAL: &[(&str, i32)] = &[
@@ -316,6 +334,9 @@ fn table() -> &'static Table {
         }
         for &(n, a, op) in COUNTER {
             add(n, a, Kind::Counter(op));
+        }
+        for &(n, a, op) in WINDOW {
+            add(n, a, Kind::Window(op));
         }
         for &(n, a) in LOCAL {
             add(n, a, Kind::Local);

@@ -68,6 +68,8 @@ pub struct Config {
     #[serde(default)]
     pub durability: DurabilityConfig,
     #[serde(default)]
+    pub windows: WindowsConfig,
+    #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
     pub rebalance: RebalanceConfig,
@@ -83,6 +85,9 @@ pub struct Config {
     /// How long an orderly shutdown may take in all (finish commands, final flush, drain HTTP).
     #[serde(default = "defaults::shutdown_timeout")]
     pub shutdown_timeout: HumanDuration,
+    /// The wall clock for time windows: the system's, or a test's (never from the file).
+    #[serde(skip)]
+    pub clock: crate::clock::Clock,
 }
 
 /// A secret: the value itself, or where to read it, so that it need not sit in the file.
@@ -284,6 +289,64 @@ impl Default for LimitsConfig {
     }
 }
 
+/// Time-windowed counts (see `counter::windows`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowsConfig {
+    /// Glob patterns of the counter keys that also count into time buckets. Empty: none.
+    #[serde(rename = "match", default = "defaults::windows_match")]
+    pub patterns: Vec<String>,
+    /// How long per-second buckets are kept.
+    #[serde(default = "defaults::keep_seconds")]
+    pub seconds: Retention,
+    /// How long per-minute buckets are kept.
+    #[serde(default = "defaults::keep_minutes")]
+    pub minutes: Retention,
+    /// How long per-hour buckets are kept.
+    #[serde(default = "defaults::keep_hours")]
+    pub hours: Retention,
+    /// How long per-day buckets are kept.
+    #[serde(default = "defaults::keep_days")]
+    pub days: Retention,
+}
+
+impl Default for WindowsConfig {
+    fn default() -> Self {
+        WindowsConfig {
+            patterns: defaults::windows_match(),
+            seconds: defaults::keep_seconds(),
+            minutes: defaults::keep_minutes(),
+            hours: defaults::keep_hours(),
+            days: defaults::keep_days(),
+        }
+    }
+}
+
+/// How long one granularity of buckets is kept: `"off"`, `"forever"`, or a duration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retention {
+    Off,
+    For(Duration),
+    Forever,
+}
+
+impl<'de> Deserialize<'de> for Retention {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.as_str() {
+            "off" => Ok(Retention::Off),
+            "forever" => Ok(Retention::Forever),
+            _ => humantime::parse_duration(&s)
+                .map(Retention::For)
+                .map_err(|e| {
+                    serde::de::Error::custom(format!(
+                        "invalid retention {s:?} (a duration, \"off\" or \"forever\"): {e}"
+                    ))
+                }),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CounterMode {
@@ -470,6 +533,21 @@ mod defaults {
     pub fn mode() -> CounterMode {
         CounterMode::Batched
     }
+    pub fn windows_match() -> Vec<String> {
+        vec!["visits:*".into()]
+    }
+    pub fn keep_seconds() -> Retention {
+        Retention::For(Duration::from_secs(3600))
+    }
+    pub fn keep_minutes() -> Retention {
+        Retention::For(Duration::from_secs(7 * 86400))
+    }
+    pub fn keep_hours() -> Retention {
+        Retention::For(Duration::from_secs(90 * 86400))
+    }
+    pub fn keep_days() -> Retention {
+        Retention::Forever
+    }
     pub fn counter_match() -> Vec<CounterPattern> {
         vec![CounterPattern {
             pattern: "*".into(),
@@ -626,6 +704,24 @@ impl Config {
         }
         if self.maxclients == 0 {
             return err("maxclients must be at least 1");
+        }
+        let w = &self.windows;
+        for (name, r, unit) in [
+            ("seconds", w.seconds, 1),
+            ("minutes", w.minutes, 60),
+            ("hours", w.hours, 3600),
+            ("days", w.days, 86400),
+        ] {
+            if let Retention::For(d) = r {
+                if d.as_secs() < unit {
+                    return err(format!(
+                        "windows.{name} must keep at least one bucket ({unit}s), \"off\" or \"forever\""
+                    ));
+                }
+            }
+        }
+        if w.patterns.iter().any(|p| p.is_empty()) {
+            return err("windows.match: patterns must not be empty");
         }
         let b = &self.backend;
         if b.pool_size == 0 || b.pool_size > 64 {

@@ -494,6 +494,56 @@ fn dispatch_spec(
             counter(ctx, client, op, args, out)
         }
         Kind::Multi(m) => crate::multi::dispatch(ctx, client, spec, m, args, out),
+        Kind::Window(op) => {
+            let ctx = ctx.clone();
+            Some(Pending::Task(Box::pin(async move {
+                let mut o = BytesMut::new();
+                window(&ctx, op, &args, &mut o).await;
+                o
+            })))
+        }
+    }
+}
+
+/// TALLY.RANGE, TALLY.LAST and TALLY.SERIES (see `counter::windows`).
+async fn window(ctx: &Arc<Context>, op: command::WindowOp, args: &[Bytes], out: &mut BytesMut) {
+    use crate::counter::windows::{self, QueryError};
+    let text = |i: usize| String::from_utf8_lossy(&args[i]).into_owned();
+    let now = ctx.engine.wall_clock().now_secs();
+    let ranges = match op {
+        command::WindowOp::Range => windows::parse_time(&text(2))
+            .and_then(|from| Ok(vec![(from, windows::parse_time(&text(3))?)]))
+            .map_err(QueryError::Invalid),
+        command::WindowOp::Last => windows::parse_span(&text(2))
+            .map(|span| vec![((now + 1).saturating_sub(span), now + 1)])
+            .map_err(QueryError::Invalid),
+        command::WindowOp::Series => (|| {
+            let from = windows::parse_time(&text(2)).map_err(QueryError::Invalid)?;
+            let to = windows::parse_time(&text(3)).map_err(QueryError::Invalid)?;
+            let step = windows::parse_span(&text(4)).map_err(QueryError::Invalid)?;
+            windows::series_ranges(from, to, step)
+        })(),
+    };
+    let answer = match ranges {
+        Ok(r) if r.iter().any(|(a, b)| a >= b) => Err(QueryError::Invalid(
+            "the range must end after it starts".into(),
+        )),
+        Ok(r) => windows::query(&ctx.engine, &args[1], &r)
+            .await
+            .map(|a| (r, a)),
+        Err(e) => Err(e),
+    };
+    match answer {
+        Ok((ranges, a)) if op == command::WindowOp::Series => {
+            reply::array(out, ranges.len());
+            for ((from, _), n) in ranges.iter().zip(&a.counts) {
+                reply::array(out, 2);
+                reply::int(out, *from as i64);
+                reply::int(out, *n);
+            }
+        }
+        Ok((_, a)) => reply::int(out, a.counts[0]),
+        Err(e) => reply::error(out, &e.message()),
     }
 }
 

@@ -17,10 +17,12 @@
 //! - [`info`], [`metrics`]: figures for INFO and /metrics.
 //! - [`auth`], [`tls`]: who may connect, and encryption on both sides.
 //! - [`shutdown`]: the signal every task holds.
+//! - [`clock`]: the wall clock of time windows (a test's own, in tests).
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod backend;
+pub mod clock;
 pub mod command;
 pub mod config;
 pub mod connection;

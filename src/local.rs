@@ -219,7 +219,7 @@ fn client_cmd(client: &mut Client, args: &[Bytes], out: &mut BytesMut) {
 /// One COMMAND entry in Redis 7's ten-field shape.
 fn command_entry(out: &mut BytesMut, spec: &Spec) {
     let (first, last, step) = match spec.kind {
-        Kind::Single | Kind::Counter(_) => (1, 1, 1),
+        Kind::Single | Kind::Counter(_) | Kind::Window(_) => (1, 1, 1),
         Kind::Multi(command::Merge::Pairs) => (1, -1, 2),
         Kind::Multi(_) => (1, -1, 1),
         Kind::Local | Kind::Refused(_) => (0, 0, 0),

@@ -25,6 +25,7 @@ use crate::backend::{encode_command, health, Shard};
 use crate::config::Config;
 use crate::counter::lane::LaneError;
 use crate::counter::wal::{Placement, ShardSpec};
+use crate::counter::windows;
 use crate::counter::Engine;
 use crate::router::{Migration, Topology};
 use crate::server::Context;
@@ -48,6 +49,19 @@ if not v then return {0} end
 if not string.match(v, '^%-?%d+$') then return {2} end
 redis.call('RENAME', KEYS[1], KEYS[2])
 return {1, v}
+"#;
+
+/// Renames a bucket hash (time windows) to its tombstone and returns its fields, or those
+/// of a tombstone a crash left behind. {0}: nothing to move; {1, fields}: move them; {2}:
+/// not a hash, move the key as it is.
+const MOVE_BUCKET_SCRIPT: &str = r#"
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  local t = redis.call('TYPE', KEYS[1])['ok']
+  if t == 'none' then return {0} end
+  if t ~= 'hash' then return {2} end
+  redis.call('RENAME', KEYS[1], KEYS[2])
+end
+return {1, redis.call('HGETALL', KEYS[2])}
 "#;
 
 /// What `GET /admin/rebalance` shows.
@@ -389,6 +403,83 @@ pub async fn ensure_moved(engine: &Engine, m: &Migration, key: &[u8]) -> Result<
     }
 }
 
+/// Makes sure the bucket hashes of `key` that a window read needs have no counts left on
+/// its old owner (see `counter::windows`).
+pub async fn ensure_buckets_moved(
+    engine: &Engine,
+    m: &Migration,
+    key: &[u8],
+    buckets: &[(usize, u64)],
+) -> Result<(), LaneError> {
+    if !m.owner_changed(key) {
+        return Ok(());
+    }
+    let mut seen = HashSet::new();
+    for &(g, t) in buckets {
+        let bk = windows::bucket_key(key, g, t);
+        if !seen.insert(bk.clone()) || engine.is_moved(&bk) {
+            continue;
+        }
+        let from = m.old.shard_for(key).clone();
+        move_once(engine, m, &bk, &from).await.map_err(|e| {
+            tracing::warn!(key = %String::from_utf8_lossy(&bk), from = %from.name, error = %e, "rebalance: bucket move failed");
+            LaneError::Unavailable
+        })?;
+    }
+    Ok(())
+}
+
+/// Moves a bucket hash: its fields become window deltas of the proxy (logged), which the
+/// next flush adds to the same hash on the new owner. Counts merge, as counters do.
+async fn move_bucket(
+    engine: &Engine,
+    id: u64,
+    bk: &[u8],
+    from: &Arc<Shard>,
+    to: &Arc<Shard>,
+) -> Result<bool, String> {
+    let Some((g, _, key)) = windows::parse_bucket_key(bk) else {
+        return Err("not a bucket key".into());
+    };
+    let tomb = tombstone(id, bk);
+    let eval: [&[u8]; 5] = [b"EVAL", MOVE_BUCKET_SCRIPT.as_bytes(), b"2", bk, &tomb];
+    let r = call(from, &eval).await?;
+    let BytesFrame::Array(parts) = r else {
+        return Err(format!("unexpected bucket move reply {r:?}"));
+    };
+    match parts.as_slice() {
+        [BytesFrame::Integer(0)] => {
+            engine.mark_moved(bk);
+            Ok(false)
+        }
+        [BytesFrame::Integer(1), BytesFrame::Array(flat)] => {
+            let mut fields = Vec::with_capacity(flat.len() / 2);
+            for pair in flat.chunks(2) {
+                let [BytesFrame::BulkString(f), BytesFrame::BulkString(v)] = pair else {
+                    return Err(format!("unexpected bucket field {pair:?}"));
+                };
+                let t = std::str::from_utf8(f)
+                    .ok()
+                    .and_then(|f| f.parse::<u64>().ok());
+                match (t, crate::counter::parse_i64(v)) {
+                    (Some(t), Some(v)) => fields.push((t, v)),
+                    // Not written by the proxy: nothing to count.
+                    _ => continue,
+                }
+            }
+            engine.apply_moved_bucket(id, key, g, bk, &fields);
+            if let Some(w) = &engine.wal {
+                w.commit()
+                    .await
+                    .map_err(|_| "the write-ahead log failed".to_string())?;
+            }
+            Ok(true)
+        }
+        [BytesFrame::Integer(2)] => migrate(engine, bk, from, to).await,
+        other => Err(format!("unexpected bucket move reply {other:?}")),
+    }
+}
+
 /// Moves one key from `from` to `to`; true when something was moved.
 async fn move_key(
     engine: &Engine,
@@ -397,6 +488,9 @@ async fn move_key(
     from: &Arc<Shard>,
     to: &Arc<Shard>,
 ) -> Result<bool, String> {
+    if key.starts_with(windows::BUCKET_PREFIX) {
+        return move_bucket(engine, id, key, from, to).await;
+    }
     let tomb = tombstone(id, key);
     if engine.is_batched(key) {
         // One decision: the tombstone a crash left behind (its value was not logged yet),
@@ -435,6 +529,17 @@ async fn move_key(
         }
     }
     // Not a counter (or not an integer): Redis moves it, TTL and all.
+    migrate(engine, key, from, to).await
+}
+
+/// Moves `key` with Redis's `MIGRATE` (TTL kept); a key the new owner already holds is newer
+/// and wins. True when something was moved.
+async fn migrate(
+    engine: &Engine,
+    key: &[u8],
+    from: &Arc<Shard>,
+    to: &Arc<Shard>,
+) -> Result<bool, String> {
     let (host, port) = (to.addr.ip().to_string(), to.addr.port().to_string());
     let timeout_ms = (from.timeout.as_millis() * 4).to_string();
     let mut migrate: Vec<&[u8]> = vec![
@@ -532,6 +637,12 @@ async fn mover(ctx: Arc<Context>, m: Arc<Migration>) {
                     } else {
                         move_once(engine, &m, k, from).await
                     }
+                } else if windows::parse_bucket_key(&key).is_some()
+                    && m.old.shard_for(&key).name == from.name
+                    && m.owner_changed(&key)
+                {
+                    // A bucket hash of time windows: merged into the new owner's.
+                    move_once(engine, &m, &key, from).await
                 } else if key.starts_with(b"tally:")
                     || m.old.shard_for(&key).name != from.name
                     || !m.owner_changed(&key)

@@ -139,7 +139,14 @@ pub async fn build(config: Config, shutdown: ShutdownTrigger) -> std::io::Result
         (None, None) => format!("p{:x}", counter::now_micros()),
     };
     let first_seq = recovered.as_ref().map(|r| r.next_seq).unwrap_or(0);
-    let mut engine = Engine::new(&config.counters, router.clone(), proxy_id, first_seq);
+    let mut engine = Engine::new(
+        &config.counters,
+        counter::windows::Windows::from_config(&config.windows),
+        config.clock.clone(),
+        router.clone(),
+        proxy_id,
+        first_seq,
+    );
     if let Some(w) = &wal {
         engine.set_wal(w.clone());
     }

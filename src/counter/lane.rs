@@ -15,12 +15,13 @@
 //! Owns the exactly-once protocol. Does not own the deltas themselves (the engine does;
 //! the lane takes them, and settles them with the shard's reply).
 
+use super::windows::Windows;
 use super::{parse_i64, Engine};
 use crate::backend::{BackendError, Reply, Shard};
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use redis_protocol::resp2::types::BytesFrame;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -29,10 +30,14 @@ use tokio::sync::{oneshot, Notify};
 /// The hash on each shard holding, per proxy id, the last batch sequence number applied.
 pub const APPLIED_KEY: &str = "tally:applied";
 
-/// KEYS = [APPLIED_KEY, k1..kn]; ARGV = [proxy id, seq, d1..dn] where a delta of "" means
-/// "read only". seq 0: a read-only batch that leaves the watermark alone.
+/// KEYS = [APPLIED_KEY, k1..kn, b1..bm]; ARGV = [proxy id, seq, n, d1..dn, then per
+/// bucket hash b: expire-at (0: never), field count, field value pairs], where a delta of
+/// "" means "read only". seq 0: a read-only batch that leaves the watermark alone. The
+/// bucket hashes (time windows, see `windows`) are written under the same watermark as the
+/// counters: a batch lands whole, once.
 pub const SCRIPT: &str = r#"
 local seq = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
 local fresh = false
 if seq > 0 then
   local seen = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
@@ -42,12 +47,27 @@ if seq > 0 then
   end
 end
 local out = {}
-for i = 2, #KEYS do
-  local d = ARGV[i + 1]
+for i = 1, n do
+  local d = ARGV[i + 3]
   if fresh and d ~= '' then
-    out[i - 1] = redis.pcall('INCRBY', KEYS[i], d)
+    out[i] = redis.pcall('INCRBY', KEYS[i + 1], d)
   else
-    out[i - 1] = redis.pcall('GET', KEYS[i])
+    out[i] = redis.pcall('GET', KEYS[i + 1])
+  end
+end
+if fresh then
+  local a = n + 4
+  for j = n + 2, #KEYS do
+    local at = ARGV[a]
+    local f = tonumber(ARGV[a + 1])
+    a = a + 2
+    for _ = 1, f do
+      redis.pcall('HINCRBY', KEYS[j], ARGV[a], ARGV[a + 1])
+      a = a + 2
+    end
+    if at ~= '0' then
+      redis.pcall('EXPIREAT', KEYS[j], at)
+    end
   end
 end
 return {fresh and 1 or 0, out}
@@ -83,6 +103,9 @@ impl LaneError {
 
 type Waiter = oneshot::Sender<Result<KeyValue, LaneError>>;
 
+/// Called on the lane's task with the reply to a [`Lane::read_between`] request.
+pub type OnReply = Box<dyn FnOnce(Result<BytesFrame, LaneError>) + Send>;
+
 #[derive(Default)]
 struct Queue {
     /// Keys to read in the next round trip; `true` when their delta must land too.
@@ -90,6 +113,8 @@ struct Queue {
     flush: Vec<oneshot::Sender<bool>>,
     /// Batches recovered from the log, re-sent with their ids before anything else.
     replay: Vec<(u64, Vec<(Bytes, i64)>)>,
+    /// Commands sent between round trips (window reads), each with what to do on reply.
+    between: Vec<(Bytes, OnReply)>,
 }
 
 pub struct Lane {
@@ -105,6 +130,8 @@ struct Batch {
     /// (key, delta): None for a read.
     items: Vec<(Bytes, Option<i64>)>,
     frame: Bytes,
+    /// Counter deltas and bucket fields it writes (for the economy figures).
+    writes: u64,
 }
 
 impl Lane {
@@ -144,6 +171,14 @@ impl Lane {
         rx
     }
 
+    /// Sends `frame` between two round trips, when no batch of this lane is in flight, and
+    /// calls `on_reply` on the lane's task as soon as the reply comes: whatever the engine
+    /// still holds for this shard at that moment has not reached the shard.
+    pub fn read_between(&self, frame: Bytes, on_reply: OnReply) {
+        self.queue.lock().between.push((frame, on_reply));
+        self.wake.notify_one();
+    }
+
     /// Queues a batch recovered from the log; it goes before any new work.
     pub fn replay(&self, seq: u64, items: Vec<(Bytes, i64)>) {
         self.queue.lock().replay.push((seq, items));
@@ -166,27 +201,39 @@ async fn run(lane: Arc<Lane>) {
             return;
         };
         loop {
-            let (reads, flushers, replay) = {
+            let (reads, flushers, replay, between) = {
                 let mut q = lane.queue.lock();
                 (
                     std::mem::take(&mut q.reads),
                     std::mem::take(&mut q.flush),
                     std::mem::take(&mut q.replay),
+                    std::mem::take(&mut q.between),
                 )
             };
-            if reads.is_empty() && flushers.is_empty() && replay.is_empty() {
+            if reads.is_empty() && flushers.is_empty() && replay.is_empty() && between.is_empty() {
                 break;
             }
             for (seq, items) in replay {
                 let items = items.into_iter().map(|(k, d)| (k, Some(d))).collect();
-                let batch = Batch::new(&engine.proxy_id, seq, items);
+                let batch = Batch::new(&engine, seq, items);
                 send_batch(&lane, &engine, batch, &mut HashMap::new(), &mut Vec::new()).await;
             }
-            let mut flushers = flushers;
-            let flush = !flushers.is_empty();
-            let ok = round(&lane, &engine, reads, flush, &mut flushers).await;
-            for f in flushers {
-                let _ = f.send(ok);
+            if !reads.is_empty() || !flushers.is_empty() {
+                let mut flushers = flushers;
+                let flush = !flushers.is_empty();
+                let ok = round(&lane, &engine, reads, flush, &mut flushers).await;
+                for f in flushers {
+                    let _ = f.send(ok);
+                }
+            }
+            for (frame, on_reply) in between {
+                let rx = lane.shard.lane_send(frame);
+                let r = match tokio::time::timeout(lane.shard.timeout, rx).await {
+                    Ok(Ok(Ok(reply))) => Ok(reply.frame),
+                    Ok(Ok(Err(BackendError::Timeout))) | Err(_) => Err(LaneError::Timeout),
+                    Ok(_) => Err(LaneError::Unavailable),
+                };
+                on_reply(r);
             }
         }
     }
@@ -259,7 +306,7 @@ async fn round(
         } else {
             0
         };
-        batches.push(Batch::new(&engine.proxy_id, seq, chunk));
+        batches.push(Batch::new(engine, seq, chunk));
     }
     if let Some(wal) = &engine.wal {
         for b in batches.iter().filter(|b| b.seq != 0) {
@@ -343,12 +390,18 @@ async fn send_batch(
                     if let Some(wal) = &engine.wal {
                         wal.log_applied(batch.seq);
                     }
-                    engine.stats.backend_writes.fetch_add(
-                        batch.items.iter().filter(|i| i.1.is_some()).count() as u64,
-                        Ordering::Relaxed,
-                    );
+                    engine
+                        .stats
+                        .backend_writes
+                        .fetch_add(batch.writes, Ordering::Relaxed);
                 }
-                for ((key, delta), value) in batch.items.iter().zip(results) {
+                let mut results = results.into_iter();
+                for (key, delta) in &batch.items {
+                    if super::windows::parse_pending(key).is_some() {
+                        engine.settle(key, *delta, &KeyValue::Nil, epoch);
+                        continue;
+                    }
+                    let value = results.next().unwrap_or(KeyValue::Nil);
                     if let (Some(d), KeyValue::Other(_) | KeyValue::Error(_)) = (delta, &value) {
                         engine.drop_delta(key, *d, &format!("{value:?}"));
                     }
@@ -399,6 +452,8 @@ async fn send_batch(
                             // Flush waiters learn the shard is down; the batch keeps trying.
                             let flushers = std::mem::take(&mut lane.queue.lock().flush);
                             for f in flushers { let _ = f.send(false); }
+                            let between = std::mem::take(&mut lane.queue.lock().between);
+                            for (_, on_reply) in between { on_reply(Err(LaneError::Unavailable)); }
                         }
                     }
                 }
@@ -409,11 +464,13 @@ async fn send_batch(
 }
 
 impl Batch {
-    fn new(proxy_id: &str, seq: u64, items: Vec<(Bytes, Option<i64>)>) -> Batch {
+    fn new(engine: &Engine, seq: u64, items: Vec<(Bytes, Option<i64>)>) -> Batch {
+        let (frame, writes) = encode_batch(&engine.proxy_id, engine.windows(), seq, &items);
         Batch {
             seq,
-            frame: encode_batch(proxy_id, seq, &items),
+            frame,
             items,
+            writes,
         }
     }
 }
@@ -425,7 +482,12 @@ async fn attempt(lane: &Lane, batch: &Batch) -> Result<Vec<KeyValue>, BackendErr
         Ok(Err(_)) => return Err(BackendError::Lost),
         Err(_) => return Err(BackendError::Timeout),
     };
-    parse_results(&reply, batch.items.len()).ok_or_else(|| {
+    let counters = batch
+        .items
+        .iter()
+        .filter(|(k, _)| super::windows::parse_pending(k).is_none())
+        .count();
+    parse_results(&reply, counters).ok_or_else(|| {
         tracing::warn!(shard = %lane.shard.name, reply = ?reply.frame, "unexpected flush reply");
         BackendError::Lost
     })
@@ -462,25 +524,74 @@ fn parse_results(reply: &Reply, n: usize) -> Option<Vec<KeyValue>> {
     )
 }
 
-fn encode_batch(proxy_id: &str, seq: u64, items: &[(Bytes, Option<i64>)]) -> Bytes {
-    let mut out = BytesMut::with_capacity(SCRIPT.len() + 64 + items.len() * 48);
-    let n = items.len();
-    crate::resp::reply::array(&mut out, 3 + 2 * n + 2 + 1);
+/// A bucket hash's part of a batch: when it expires, and field -> delta.
+type BucketWrite = (Option<u64>, BTreeMap<u64, i64>);
+
+/// The `EVAL` of a batch, and how many counter deltas and bucket fields it writes.
+/// Window deltas (see `windows`) become `HINCRBY`s of the buckets of every kept granularity,
+/// merged per bucket, so the frame is the same however often it is rebuilt (a replay).
+fn encode_batch(
+    proxy_id: &str,
+    windows: &Windows,
+    seq: u64,
+    items: &[(Bytes, Option<i64>)],
+) -> (Bytes, u64) {
+    let (wins, counters): (Vec<_>, Vec<_>) = items
+        .iter()
+        .partition(|(k, _)| super::windows::parse_pending(k).is_some());
+    // bucket hash -> (expire at, field -> delta)
+    let mut buckets: BTreeMap<Vec<u8>, BucketWrite> = BTreeMap::new();
+    for (k, d) in &wins {
+        let (Some(d), Some((letter, t, key))) = (d, super::windows::parse_pending(k)) else {
+            continue;
+        };
+        for g in 0..super::windows::GRANULARITIES {
+            let wanted = letter == super::windows::ALL || letter == super::windows::LETTER[g];
+            if !wanted || !windows.kept(g) {
+                continue;
+            }
+            let bucket = t - t % super::windows::SIZE[g];
+            let period = bucket - bucket % super::windows::PERIOD[g];
+            let slot = buckets
+                .entry(super::windows::bucket_key(key, g, bucket))
+                .or_insert_with(|| (windows.expire_at(g, period), BTreeMap::new()));
+            let f = slot.1.entry(bucket).or_insert(0);
+            *f = f.wrapping_add(*d);
+        }
+    }
+    let fields: usize = buckets.values().map(|b| b.1.len()).sum();
+    let n = counters.len();
+    let mut out = BytesMut::with_capacity(SCRIPT.len() + 64 + n * 48 + fields * 80);
+    let writes = (counters.iter().filter(|(_, d)| d.is_some()).count() + fields) as u64;
+    let args = 4 + n + 3 + n + buckets.len() * 3 + fields * 2;
+    crate::resp::reply::array(&mut out, args);
     let mut num = itoa::Buffer::new();
     crate::resp::reply::bulk(&mut out, b"EVAL");
     crate::resp::reply::bulk(&mut out, SCRIPT.as_bytes());
-    crate::resp::reply::bulk(&mut out, num.format(n + 1).as_bytes());
+    crate::resp::reply::bulk(&mut out, num.format(1 + n + buckets.len()).as_bytes());
     crate::resp::reply::bulk(&mut out, APPLIED_KEY.as_bytes());
-    for (k, _) in items {
+    for (k, _) in &counters {
         crate::resp::reply::bulk(&mut out, k);
+    }
+    for b in buckets.keys() {
+        crate::resp::reply::bulk(&mut out, b);
     }
     crate::resp::reply::bulk(&mut out, proxy_id.as_bytes());
     crate::resp::reply::bulk(&mut out, num.format(seq).as_bytes());
-    for (_, d) in items {
+    crate::resp::reply::bulk(&mut out, num.format(n).as_bytes());
+    for (_, d) in &counters {
         match d {
             Some(d) => crate::resp::reply::bulk(&mut out, num.format(*d).as_bytes()),
             None => crate::resp::reply::bulk(&mut out, b""),
         }
     }
-    out.freeze()
+    for (expire, fields) in buckets.values() {
+        crate::resp::reply::bulk(&mut out, num.format(expire.unwrap_or(0)).as_bytes());
+        crate::resp::reply::bulk(&mut out, num.format(fields.len()).as_bytes());
+        for (f, d) in fields {
+            crate::resp::reply::bulk(&mut out, num.format(*f).as_bytes());
+            crate::resp::reply::bulk(&mut out, num.format(*d).as_bytes());
+        }
+    }
+    (out.freeze(), writes)
 }

@@ -23,6 +23,7 @@
 pub mod glob;
 pub mod lane;
 pub mod wal;
+pub mod windows;
 
 use crate::config::{CounterMode, CountersConfig};
 use crate::router::Router;
@@ -189,15 +190,29 @@ pub struct Engine {
     next_seq: AtomicU64,
     pub proxy_id: String,
     pub stats: CounterStats,
+    /// Which keys count into time buckets, and for how long buckets are kept.
+    windows: windows::Windows,
+    /// The wall clock window buckets are stamped with.
+    clock_wall: crate::clock::Clock,
+    /// No window delta of an increment stamped before this second is in the proxy: every
+    /// one older has landed (raised by each flush that landed everything).
+    window_floor: AtomicU64,
+    /// Whether window deltas of single granularities (moved by a rebalance) may exist.
+    moved_windows: AtomicBool,
 }
 
+/// The map shard of an entry; a window delta lives with its counter key, so that one lock
+/// covers an increment and its window delta.
 pub fn shard_of(key: &[u8]) -> usize {
+    let key = windows::placement_key(key);
     (crate::router::ring::key_hash(key) as usize ^ (key.len() << 3)) % SHARDS
 }
 
 impl Engine {
     pub fn new(
         cfg: &CountersConfig,
+        windows: windows::Windows,
+        clock: crate::clock::Clock,
         router: Arc<Router>,
         proxy_id: String,
         first_seq: u64,
@@ -239,6 +254,10 @@ impl Engine {
             next_seq: AtomicU64::new(first_seq.max(now_micros())),
             proxy_id,
             stats: CounterStats::default(),
+            windows,
+            window_floor: AtomicU64::new(clock.now_secs()),
+            clock_wall: clock,
+            moved_windows: AtomicBool::new(false),
         });
         engine
     }
@@ -257,6 +276,20 @@ impl Engine {
             .iter()
             .find(|(p, _)| glob::matches(p, key))
             .map(|(_, m)| *m)
+    }
+
+    /// Whether increments of `key` also count into time buckets (never in memory mode:
+    /// buckets live on the shards).
+    pub fn is_windowed(&self, key: &[u8]) -> bool {
+        !self.memory_mode && self.windows.matches(key) && self.is_batched(key)
+    }
+
+    pub fn windows(&self) -> &windows::Windows {
+        &self.windows
+    }
+
+    pub fn wall_clock(&self) -> &crate::clock::Clock {
+        &self.clock_wall
     }
 
     /// Whether the engine answers INCR/GET for `key` (a batched counter key).
@@ -313,6 +346,9 @@ impl Engine {
         if self.wal.as_ref().is_some_and(|w| w.failed()) {
             return Incr::Refused(LOG_FAILED);
         }
+        let window = self
+            .is_windowed(key)
+            .then(|| windows::pending_key(windows::ALL, self.clock_wall.now_secs(), key));
         let now = self.now_ms();
         let cell = &self.shards[shard_of(key)];
         let mut guard = cell.lock.lock();
@@ -367,6 +403,22 @@ impl Engine {
         if self.wal.is_some() {
             wal::encode_incr(&mut shard.log, key, delta);
             cell.has_log.store(true, Ordering::SeqCst);
+        }
+        if let Some(wk) = window {
+            // Same map shard, same lock, same log buffer: the increment and its window
+            // delta reach the log in one write, or neither does.
+            if self.wal.is_some() {
+                wal::encode_incr(&mut shard.log, &wk, delta);
+            }
+            let w = match shard.map.get_mut(&wk[..]) {
+                Some(w) => w,
+                None => shard.map.entry(wk.into()).or_insert(Entry::NEW),
+            };
+            w.pending = w.pending.wrapping_add(delta);
+            if w.flags & DIRTY == 0 {
+                w.flags |= DIRTY;
+                self.note_dirty();
+            }
         }
         shard.increments += 1;
         drop(guard);
@@ -501,6 +553,45 @@ impl Engine {
         self.moved.lock().insert(Bytes::copy_from_slice(key));
         drop(guard);
         if newly_dirty {
+            self.note_dirty();
+        }
+    }
+
+    /// Adds the counts of bucket hash `bk` (granularity `g` of `key`), moved off its old
+    /// owner by rebalance `id`, to window deltas, logged in the same step with a record that
+    /// the hash has moved.
+    pub fn apply_moved_bucket(
+        &self,
+        id: u64,
+        key: &[u8],
+        g: usize,
+        bk: &[u8],
+        fields: &[(u64, i64)],
+    ) {
+        let cell = &self.shards[shard_of(key)];
+        let mut guard = cell.lock.lock();
+        let shard = &mut *guard;
+        let mut newly_dirty = 0;
+        for &(t, v) in fields {
+            let pk = windows::pending_key(windows::LETTER[g], t, key);
+            if self.wal.is_some() {
+                wal::encode_moved(&mut shard.log, id, &pk, v);
+            }
+            let e = shard.map.entry(pk.into()).or_insert(Entry::NEW);
+            e.pending = e.pending.wrapping_add(v);
+            if e.flags & DIRTY == 0 {
+                e.flags |= DIRTY;
+                newly_dirty += 1;
+            }
+        }
+        if self.wal.is_some() {
+            wal::encode_moved(&mut shard.log, id, bk, 0);
+            cell.has_log.store(true, Ordering::SeqCst);
+        }
+        self.moved_windows.store(true, Ordering::Relaxed);
+        self.moved.lock().insert(Bytes::copy_from_slice(bk));
+        drop(guard);
+        for _ in 0..newly_dirty {
             self.note_dirty();
         }
     }
@@ -678,7 +769,9 @@ impl Engine {
                         if out.len() >= limit {
                             break;
                         }
-                        if e.flags & DIRTY != 0 && topo.shard_index(k) == idx {
+                        if e.flags & DIRTY != 0
+                            && topo.shard_index(windows::placement_key(k)) == idx
+                        {
                             take_entry(k, e, &mut out);
                         }
                     }
@@ -706,6 +799,19 @@ impl Engine {
                 .wrapping_sub(1)
         };
         let mut shard = self.lock(key);
+        if windows::parse_pending(key).is_some() {
+            // A window delta has no value of its own: once landed, it is gone.
+            if let (Some(d), Some(e)) = (delta, shard.map.get_mut(key)) {
+                e.inflight -= d;
+                if e.inflight == 0 {
+                    e.flags &= !INFLIGHT;
+                }
+                if e.flags == 0 {
+                    shard.map.remove(key);
+                }
+            }
+            return;
+        }
         let e = shard.map.entry(key.into()).or_insert(Entry::NEW);
         if let Some(d) = delta {
             e.inflight -= d;
@@ -820,8 +926,20 @@ impl Engine {
         out
     }
 
+    /// Lowers the window floor for a window delta restored from the log.
+    fn note_window(&self, key: &[u8]) {
+        if let Some((g, t, _)) = windows::parse_pending(key) {
+            if g == windows::ALL {
+                self.window_floor.fetch_min(t, Ordering::Relaxed);
+            } else {
+                self.moved_windows.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Restores a delta from the log at start-up (before any client connects).
     pub fn restore_pending(&self, key: &[u8], delta: i64) {
+        self.note_window(key);
         let mut shard = self.lock(key);
         let e = shard.map.entry(key.into()).or_insert(Entry {
             state: if self.memory_mode {
@@ -859,6 +977,7 @@ impl Engine {
 
     pub async fn flush_all(&self) -> bool {
         let started = unix_ms();
+        let started_wall = self.clock_wall.now_secs();
         let lanes = self.lanes();
         let waits: Vec<_> = lanes.iter().map(|l| l.flush()).collect();
         let mut ok = true;
@@ -868,8 +987,62 @@ impl Engine {
         // Only a flush that landed everything bounds the age of what is pending.
         if ok {
             self.last_flush_ms.store(started, Ordering::Relaxed);
+            // Every window delta stamped before the flush started has landed.
+            self.window_floor.fetch_max(started_wall, Ordering::Relaxed);
         }
         ok
+    }
+
+    /// The window deltas of `key` still in the proxy (pending or in flight) that fall in
+    /// [lo, hi): per second (increments), and per bucket of `buckets` (moved by a
+    /// rebalance). Called by the key's lane between round trips, so none of them is on its
+    /// way to the shard meanwhile.
+    pub(crate) fn window_deltas(
+        &self,
+        key: &[u8],
+        lo: u64,
+        hi: u64,
+        buckets: &[(usize, u64)],
+    ) -> windows::Deltas {
+        let now = self.clock_wall.now_secs();
+        let lo = lo.max(self.window_floor.load(Ordering::Relaxed));
+        let hi = hi.min(now.saturating_add(2));
+        let moved = self.moved_windows.load(Ordering::Relaxed);
+        let shard = self.lock(key);
+        let mut seconds = Vec::new();
+        let value = |e: &Entry| e.pending.wrapping_add(e.inflight);
+        if lo < hi {
+            let probes = hi - lo;
+            if probes as usize <= shard.map.len() {
+                let mut k = windows::pending_key(windows::ALL, lo, key);
+                for t in lo..hi {
+                    k[9..17].copy_from_slice(&t.to_be_bytes());
+                    if let Some(e) = shard.map.get(&k[..]) {
+                        seconds.push((t, value(e)));
+                    }
+                }
+            } else {
+                // Fewer entries than seconds to probe (a long outage): walk the entries.
+                for (k, e) in shard.map.iter() {
+                    if let Some((windows::ALL, t, of)) = windows::parse_pending(k) {
+                        if of == key && (lo..hi).contains(&t) {
+                            seconds.push((t, value(e)));
+                        }
+                    }
+                }
+                seconds.sort_unstable();
+            }
+        }
+        let mut per_bucket = HashMap::new();
+        if moved {
+            for &(g, t) in buckets {
+                let k = windows::pending_key(windows::LETTER[g], t, key);
+                if let Some(e) = shard.map.get(&k[..]) {
+                    per_bucket.insert((g, t), value(e));
+                }
+            }
+        }
+        (seconds, per_bucket)
     }
 
     pub fn set_wal(self: &mut Arc<Self>, wal: Arc<wal::Wal>) {
@@ -933,6 +1106,7 @@ impl Engine {
     /// Marks replayed batch deltas as in flight (their batch is queued for re-sending).
     pub fn restore_inflight(&self, items: &[(Bytes, i64)]) {
         for (k, d) in items {
+            self.note_window(k);
             let mut shard = self.lock(k);
             let e = shard.map.entry(k[..].into()).or_insert(Entry::NEW);
             e.inflight = e.inflight.wrapping_add(*d);
@@ -1052,7 +1226,14 @@ mod tests {
 
     fn memory_engine() -> Arc<Engine> {
         let router = Arc::new(Router::new(crate::router::Topology::new(0, vec![], 160)));
-        Engine::new(&CountersConfig::default(), router, "test".into(), 1)
+        Engine::new(
+            &CountersConfig::default(),
+            windows::Windows::from_config(&Default::default()),
+            crate::clock::Clock::system(),
+            router,
+            "test".into(),
+            1,
+        )
     }
 
     #[test]

@@ -749,9 +749,15 @@ fn apply(rec: &mut Recovered, kind: u8, payload: &[u8]) -> Option<()> {
             let _id = c.u64()?;
             let k = Bytes::copy_from_slice(c.str()?);
             let v = c.i64()?;
-            let e = rec.pending.entry(k.clone()).or_insert(0);
-            *e = e.wrapping_add(v);
-            rec.moved.insert(k);
+            // A bucket hash is only marked moved (its counts follow as window deltas); a
+            // window delta only counts; a counter key does both.
+            if !k.starts_with(super::windows::BUCKET_PREFIX) {
+                let e = rec.pending.entry(k.clone()).or_insert(0);
+                *e = e.wrapping_add(v);
+            }
+            if !k.starts_with(super::windows::PENDING_PREFIX) {
+                rec.moved.insert(k);
+            }
         }
         _ => return None,
     }

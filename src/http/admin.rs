@@ -93,12 +93,26 @@ pub async fn route(ctx: &Arc<Context>, method: &Method, rest: &str, body: Bytes)
             StatusCode::OK,
             json!(ctx.rebalancer.progress(ctx.router.migration().as_deref())),
         ),
+        (&Method::POST, "flush") => {
+            // Lands every pending increment now (before maintenance, or in tests); 503 when
+            // a shard did not take its batch (it stays pending and is retried).
+            let ok = ctx.engine.flush_all().await;
+            let status = if ok {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            json_response(
+                status,
+                json!({"flushed": ok, "pending_keys": ctx.engine.dirty_keys()}),
+            )
+        }
         (&Method::POST, "shutdown") => {
             tracing::info!("shutdown requested over http");
             ctx.shutdown.trigger();
             json_response(StatusCode::ACCEPTED, json!({"status": "shutting down"}))
         }
-        (_, "shards" | "rebalance" | "shutdown") => {
+        (_, "shards" | "rebalance" | "shutdown" | "flush") => {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
         (_, p) if p.starts_with("shards/") => {

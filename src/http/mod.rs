@@ -93,6 +93,7 @@ pub async fn route(req: Request<Incoming>, ctx: &Arc<Context>, peer: SocketAddr)
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let query = req.uri().query().map(str::to_string);
     let headers = req.headers().clone();
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
@@ -104,10 +105,17 @@ pub async fn route(req: Request<Incoming>, ctx: &Arc<Context>, peer: SocketAddr)
             Ok(key) => post_visit(ctx, key).await,
             Err(e) => error(StatusCode::BAD_REQUEST, e),
         },
-        (Method::GET, ["visits", raw]) => match page_key(raw) {
-            Ok(key) => get_visits(ctx, key).await,
-            Err(e) => error(StatusCode::BAD_REQUEST, e),
-        },
+        (Method::GET, ["visits", raw]) => {
+            let (raw, series) = match raw.strip_suffix("/series") {
+                Some(page) => (page, true),
+                None => (*raw, false),
+            };
+            match (page_key(raw), query) {
+                (Err(e), _) => error(StatusCode::BAD_REQUEST, e),
+                (Ok(key), None) if !series => get_visits(ctx, key).await,
+                (Ok(key), q) => get_window(ctx, key, q.as_deref().unwrap_or(""), series).await,
+            }
+        }
         (_, ["visits", _]) => error(StatusCode::METHOD_NOT_ALLOWED, "use GET or POST"),
         (Method::GET, ["healthz"]) => json_response(StatusCode::OK, json!({"status": "ok"})),
         (Method::GET, ["readyz"]) => readyz(ctx),
@@ -267,6 +275,115 @@ async fn get_visits(ctx: &Context, key: Bytes) -> Resp {
             None => error(StatusCode::SERVICE_UNAVAILABLE, e.client_message(&via)),
         },
     }
+}
+
+/// `GET /visits/{page_id}?from=&to=`, `?last=`, and `/visits/{page_id}/series?from=&to=&step=`.
+async fn get_window(ctx: &Context, key: Bytes, query: &str, series: bool) -> Resp {
+    use crate::counter::windows::{self, QueryError};
+    let bad = |m: String| error(StatusCode::BAD_REQUEST, m);
+    let mut params = std::collections::HashMap::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let Some(value) = percent_decode(value.as_bytes()).and_then(|v| String::from_utf8(v).ok())
+        else {
+            return bad(format!(
+                "query parameter {name:?} is not valid percent-encoded UTF-8"
+            ));
+        };
+        let known = if series {
+            ["from", "to", "step"].contains(&name)
+        } else {
+            ["from", "to", "last"].contains(&name)
+        };
+        if !known {
+            return bad(format!("unknown query parameter {name:?}"));
+        }
+        if params.insert(name.to_string(), value).is_some() {
+            return bad(format!("query parameter {name:?} given twice"));
+        }
+    }
+    let now = ctx.engine.wall_clock().now_secs();
+    let time = |name: &str| params.get(name).map(|v| windows::parse_time(v)).transpose();
+    let (from, to) = match (time("from"), time("to"), params.get("last")) {
+        (Err(e), _, _) | (_, Err(e), _) => return bad(e),
+        (Ok(None), _, None) => {
+            return bad(if series {
+                "a series needs from (and optionally to, step)".into()
+            } else {
+                "give from (and optionally to), or last".into()
+            })
+        }
+        (Ok(Some(_)), _, Some(_)) | (_, Ok(Some(_)), Some(_)) => {
+            return bad("give either from/to or last, not both".into())
+        }
+        (Ok(None), Ok(None), Some(last)) => match windows::parse_span(last) {
+            Ok(span) => ((now + 1).saturating_sub(span), now + 1),
+            Err(e) => return bad(e),
+        },
+        (Ok(Some(from)), to, None) => (from, to.ok().flatten().unwrap_or(now + 1)),
+    };
+    let ranges = if series {
+        let step = match params.get("step").map(|s| windows::parse_span(s)) {
+            None => 60,
+            Some(Ok(s)) => s,
+            Some(Err(e)) => return bad(e),
+        };
+        windows::series_ranges(from, to, step)
+    } else if from >= to {
+        Err(QueryError::Invalid(format!(
+            "the range must end after it starts ({} >= {})",
+            windows::format_time(from),
+            windows::format_time(to)
+        )))
+    } else {
+        Ok(vec![(from, to)])
+    };
+    let answer = match ranges {
+        Ok(r) => windows::query(&ctx.engine, &key, &r).await.map(|a| (r, a)),
+        Err(e) => Err(e),
+    };
+    let (ranges, a) = match answer {
+        Ok(ok) => ok,
+        Err(e) => {
+            let status = match e {
+                QueryError::Invalid(_) | QueryError::NotWindowed => StatusCode::BAD_REQUEST,
+                QueryError::MemoryMode => StatusCode::NOT_IMPLEMENTED,
+                QueryError::Shard(_) => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            return error(status, e.message());
+        }
+    };
+    let uncovered: Vec<_> = a
+        .uncovered
+        .iter()
+        .flatten()
+        .map(|(f, t)| json!({"from": windows::format_time(*f), "to": windows::format_time(*t)}))
+        .collect();
+    let mut body = if series {
+        let points: Vec<_> = ranges
+            .iter()
+            .zip(&a.counts)
+            .map(|((t, _), n)| json!({"t": windows::format_time(*t), "visits": n}))
+            .collect();
+        json!({
+            "from": windows::format_time(from),
+            "to": windows::format_time(to),
+            "step": ranges[0].1 - ranges[0].0,
+            "points": points,
+        })
+    } else {
+        json!({
+            "visits": a.counts[0],
+            "from": windows::format_time(from),
+            "to": windows::format_time(to),
+        })
+    };
+    body["served_via"] = json!(a.served_via);
+    body["complete"] = json!(uncovered.is_empty());
+    if !uncovered.is_empty() {
+        body["uncovered"] = json!(uncovered);
+    }
+    json_response(StatusCode::OK, body)
 }
 
 fn readyz(ctx: &Context) -> Resp {

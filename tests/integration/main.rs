@@ -10,3 +10,4 @@ mod hostile;
 mod ops;
 mod rebalance;
 mod security;
+mod windows;

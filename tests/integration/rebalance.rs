@@ -1,38 +1,13 @@
 //! Scale out at run time: a third shard added and removed under concurrent increments,
 //! the proxy killed mid-move, reads during a move, refused changes.
 
-use crate::support::{self, ring_owner, Proxy, ProxyProcess, Redis, TempDir};
+use crate::support::{self, http_json as http, ring_owner, Proxy, ProxyProcess, Redis, TempDir};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// An HTTP request with a JSON body: (status, parsed body).
-async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out).to_string();
-    let status = text.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = text
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or("")
-        .trim()
-        .to_string();
-    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
-}
 
 async fn wait_done(addr: SocketAddr, limit: Duration) -> Value {
     let start = std::time::Instant::now();

@@ -1,0 +1,791 @@
+//! Time-windowed counts: every increment of a windowed key also counts into per-second,
+//! per-minute, per-hour and per-day buckets, which answer "how many between these times".
+//!
+//! **In the proxy** an increment at second `t` of key `K` adds its delta to a second,
+//! internal entry of the engine, the *window delta* `tally:p:a<t>K` (see [`pending_key`]),
+//! beside `K`'s own. Window deltas are entries like any other: logged in the same record
+//! stream, taken into the same flush batches, sent under the same sequence number, replayed
+//! after a crash the same way. Nothing in the exactly-once protocol is new.
+//!
+//! **In Redis**, on `K`'s own shard, the flush expands a window delta into one `HINCRBY`
+//! per kept granularity, into hashes named [`bucket_key`]:
+//! `tally:w:{<K's hash part>}:<g>:<period start>:<K>`, field = bucket start (Unix seconds),
+//! value = count. The hash tag keeps the buckets on `K`'s shard (and slot). A hash holds one
+//! period (an hour of seconds, a day of minutes, 30 days of hours, 365 days of days) and
+//! expires (`EXPIREAT`) when its last bucket passes the granularity's retention.
+//!
+//! **A read** plans the range ([`Windows::plan`]): the coarsest kept buckets that fit the
+//! range exactly, finer ones at the edges; parts no kept granularity can answer exactly are
+//! reported as uncovered, never guessed. The planned fields are read in one round trip on
+//! the key's lane, so no flush of that shard is in flight meanwhile, and the window deltas
+//! still in the proxy are added: the answer includes the last second's increments.
+//!
+//! Owns the bucket layout, the retention rules and query planning. Does not own the
+//! flush (the lane does) or the wire (`connection`, `http`).
+
+use crate::config::{Retention, WindowsConfig};
+use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
+
+/// Granularities, finest first: seconds, minutes, hours, days.
+pub const GRANULARITIES: usize = 4;
+/// Bucket length, in seconds.
+pub const SIZE: [u64; GRANULARITIES] = [1, 60, 3600, 86400];
+/// Period one Redis hash holds, in seconds.
+pub const PERIOD: [u64; GRANULARITIES] = [3600, 86400, 30 * 86400, 365 * 86400];
+/// Letter of each granularity in key names.
+pub const LETTER: [u8; GRANULARITIES] = [b's', b'm', b'h', b'd'];
+/// Letter of a window delta that counts into every kept granularity (an increment).
+pub const ALL: u8 = b'a';
+/// Most buckets one query may read (a range or a whole series).
+pub const MAX_BUCKETS: usize = 100_000;
+/// Most points one series may have.
+pub const MAX_POINTS: usize = 10_000;
+
+/// Prefix of window deltas in the engine (never sent to Redis as keys).
+pub const PENDING_PREFIX: &[u8] = b"tally:p:";
+/// Prefix of bucket hashes in Redis.
+pub const BUCKET_PREFIX: &[u8] = b"tally:w:";
+const PENDING_HEADER: usize = 8 + 1 + 8;
+
+/// The window delta entry of `key` for granularity letter `g` (or [`ALL`]) at bucket `t`.
+pub fn pending_key(g: u8, t: u64, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(PENDING_HEADER + key.len());
+    k.extend_from_slice(PENDING_PREFIX);
+    k.push(g);
+    k.extend_from_slice(&t.to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
+/// (letter, bucket start, counter key) of a window delta entry; None for any other key.
+pub fn parse_pending(k: &[u8]) -> Option<(u8, u64, &[u8])> {
+    if k.len() < PENDING_HEADER || !k.starts_with(PENDING_PREFIX) {
+        return None;
+    }
+    let t = u64::from_be_bytes(k[9..17].try_into().ok()?);
+    Some((k[8], t, &k[PENDING_HEADER..]))
+}
+
+/// The key whose placement (shard, map shard) an engine entry follows: a window delta
+/// lives with its counter key.
+pub fn placement_key(k: &[u8]) -> &[u8] {
+    match parse_pending(k) {
+        Some((_, _, key)) => key,
+        None => k,
+    }
+}
+
+/// Whether `key` can have buckets: its hash part, wrapped in braces, must be a hash tag
+/// again (it cannot contain `}`).
+pub fn taggable(key: &[u8]) -> bool {
+    !crate::router::ring::hash_slice(key).contains(&b'}')
+}
+
+/// The Redis hash holding `key`'s bucket at `t` of granularity `g` (an index into [`SIZE`]).
+pub fn bucket_key(key: &[u8], g: usize, t: u64) -> Vec<u8> {
+    let period = t - t % PERIOD[g];
+    let tag = crate::router::ring::hash_slice(key);
+    let mut k = Vec::with_capacity(BUCKET_PREFIX.len() + tag.len() + key.len() + 20);
+    k.extend_from_slice(BUCKET_PREFIX);
+    k.push(b'{');
+    k.extend_from_slice(tag);
+    k.extend_from_slice(b"}:");
+    k.push(LETTER[g]);
+    k.push(b':');
+    k.extend_from_slice(itoa::Buffer::new().format(period).as_bytes());
+    k.push(b':');
+    k.extend_from_slice(key);
+    k
+}
+
+/// (granularity, period start, counter key) of a bucket hash's name.
+pub fn parse_bucket_key(k: &[u8]) -> Option<(usize, u64, &[u8])> {
+    let rest = k.strip_prefix(BUCKET_PREFIX)?.strip_prefix(b"{")?;
+    let close = rest.iter().position(|&b| b == b'}')?;
+    let rest = rest[close + 1..].strip_prefix(b":")?;
+    let g = LETTER.iter().position(|&l| Some(&l) == rest.first())?;
+    let rest = rest.get(1..)?.strip_prefix(b":")?;
+    let colon = rest.iter().position(|&b| b == b':')?;
+    let period = std::str::from_utf8(&rest[..colon]).ok()?.parse().ok()?;
+    Some((g, period, &rest[colon + 1..]))
+}
+
+/// The window rules in force.
+#[derive(Debug, Clone)]
+pub struct Windows {
+    patterns: Vec<Vec<u8>>,
+    /// Seconds each granularity is kept: None off, Some(u64::MAX) forever.
+    keep: [Option<u64>; GRANULARITIES],
+}
+
+/// Which buckets answer a range, and what no kept bucket can answer.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Plan {
+    /// (granularity, bucket start), in time order.
+    pub buckets: Vec<(usize, u64)>,
+    /// Half-open spans [from, to) left out, merged, in time order.
+    pub uncovered: Vec<(u64, u64)>,
+}
+
+impl Windows {
+    pub fn from_config(cfg: &WindowsConfig) -> Windows {
+        let keep = |r: Retention| match r {
+            Retention::Off => None,
+            Retention::For(d) => Some(d.as_secs()),
+            Retention::Forever => Some(u64::MAX),
+        };
+        Windows {
+            patterns: cfg.patterns.iter().map(|p| p.as_bytes().to_vec()).collect(),
+            keep: [
+                keep(cfg.seconds),
+                keep(cfg.minutes),
+                keep(cfg.hours),
+                keep(cfg.days),
+            ],
+        }
+    }
+
+    /// Whether any key can be windowed.
+    pub fn enabled(&self) -> bool {
+        !self.patterns.is_empty() && self.keep.iter().any(Option::is_some)
+    }
+
+    /// Whether increments of `key` count into buckets.
+    pub fn matches(&self, key: &[u8]) -> bool {
+        self.keep.iter().any(Option::is_some)
+            && self.patterns.iter().any(|p| super::glob::matches(p, key))
+            && taggable(key)
+    }
+
+    pub fn kept(&self, g: usize) -> bool {
+        self.keep[g].is_some()
+    }
+
+    /// Whether bucket `t` of granularity `g` is still kept at `now` (its whole span is
+    /// younger than the retention). Conservative: a kept bucket has not expired in Redis.
+    pub fn retained(&self, g: usize, t: u64, now: u64) -> bool {
+        match self.keep[g] {
+            None => false,
+            Some(k) => t.saturating_add(SIZE[g]).saturating_add(k) > now,
+        }
+    }
+
+    /// When the hash of period `period` of granularity `g` may go: after its last bucket
+    /// has passed the retention. None: kept forever.
+    pub fn expire_at(&self, g: usize, period: u64) -> Option<u64> {
+        match self.keep[g]? {
+            u64::MAX => None,
+            k => Some(period + PERIOD[g] + k),
+        }
+    }
+
+    /// The buckets that answer [from, to) at `now`; Err when more than [`MAX_BUCKETS`].
+    pub fn plan(&self, from: u64, to: u64, now: u64) -> Result<Plan, String> {
+        let mut plan = Plan::default();
+        self.cover(from, to, GRANULARITIES as i32 - 1, now, &mut plan)?;
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(plan.uncovered.len());
+        for (a, b) in plan.uncovered.drain(..) {
+            match merged.last_mut() {
+                Some(last) if last.1 == a => last.1 = b,
+                _ => merged.push((a, b)),
+            }
+        }
+        plan.uncovered = merged;
+        Ok(plan)
+    }
+
+    /// Whether some granularity finer than `g` keeps anything of [a, b).
+    fn finer_keeps(&self, g: usize, b: u64, now: u64) -> bool {
+        (0..g).any(|f| {
+            b.checked_sub(SIZE[f])
+                .is_some_and(|last| self.retained(f, last, now))
+        })
+    }
+
+    fn cover(&self, a: u64, b: u64, level: i32, now: u64, out: &mut Plan) -> Result<(), String> {
+        if a >= b {
+            return Ok(());
+        }
+        if level < 0 {
+            out.uncovered.push((a, b));
+            return Ok(());
+        }
+        let g = level as usize;
+        if !self.kept(g) {
+            return self.cover(a, b, level - 1, now, out);
+        }
+        let size = SIZE[g];
+        let first = a.div_ceil(size).saturating_mul(size);
+        let last = b / size * size;
+        if first >= last {
+            return self.cover(a, b, level - 1, now, out);
+        }
+        self.cover(a, first, level - 1, now, out)?;
+        let mut t = first;
+        while t < last {
+            if self.retained(g, t, now) {
+                if out.buckets.len() >= MAX_BUCKETS {
+                    return Err(format!(
+                        "the range needs more than {MAX_BUCKETS} buckets; ask for less"
+                    ));
+                }
+                out.buckets.push((g, t));
+                t += size;
+            } else if !self.finer_keeps(g, t + size, now) {
+                // Nothing finer keeps this span either (finer buckets go sooner, usually):
+                // the whole run of such buckets is uncovered at once.
+                let mut end = t + size;
+                while end < last
+                    && !self.retained(g, end, now)
+                    && !self.finer_keeps(g, end + size, now)
+                {
+                    end += size;
+                }
+                out.uncovered.push((t, end));
+                t = end;
+            } else {
+                self.cover(t, t + size, level - 1, now, out)?;
+                t += size;
+            }
+        }
+        self.cover(last, b, level - 1, now, out)
+    }
+}
+
+/// `EVAL` of [`READ_SCRIPT`] for `fields` grouped by bucket hash (in order).
+pub const READ_SCRIPT: &str = r#"
+local out = {}
+local a = 1
+for i = 1, #KEYS do
+  local n = tonumber(ARGV[a])
+  local v = redis.call('HMGET', KEYS[i], unpack(ARGV, a + 1, a + n))
+  for j = 1, n do out[#out + 1] = v[j] or '0' end
+  a = a + n + 1
+end
+return out
+"#;
+
+/// The read of `buckets` of `key`: the frame, and the buckets in the order of its reply.
+pub fn read_frame(key: &[u8], buckets: &[(usize, u64)]) -> (Bytes, Vec<(usize, u64)>) {
+    let mut groups: std::collections::BTreeMap<Vec<u8>, Vec<(usize, u64)>> = Default::default();
+    for &(g, t) in buckets {
+        groups
+            .entry(bucket_key(key, g, t))
+            .or_default()
+            .push((g, t));
+    }
+    let mut out = BytesMut::new();
+    let n_args = 3 + groups.len() * 2 + buckets.len();
+    crate::resp::reply::array(&mut out, n_args);
+    crate::resp::reply::bulk(&mut out, b"EVAL");
+    crate::resp::reply::bulk(&mut out, READ_SCRIPT.as_bytes());
+    let mut num = itoa::Buffer::new();
+    crate::resp::reply::bulk(&mut out, num.format(groups.len()).as_bytes());
+    for k in groups.keys() {
+        crate::resp::reply::bulk(&mut out, k);
+    }
+    let mut order = Vec::with_capacity(buckets.len());
+    for fields in groups.values() {
+        crate::resp::reply::bulk(&mut out, num.format(fields.len()).as_bytes());
+        for &(g, t) in fields {
+            crate::resp::reply::bulk(&mut out, num.format(t).as_bytes());
+            order.push((g, t));
+        }
+    }
+    (out.freeze(), order)
+}
+
+/// Window deltas still in the proxy: per second (increments), and per bucket (moved).
+pub type Deltas = (Vec<(u64, i64)>, HashMap<(usize, u64), i64>);
+
+/// The answer to a window query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// One count per range asked, in order.
+    pub counts: Vec<i64>,
+    /// Per range, the spans no kept bucket could answer (left out of its count).
+    pub uncovered: Vec<Vec<(u64, u64)>>,
+    /// The shard that was read.
+    pub served_via: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueryError {
+    /// The key does not count into buckets (`[windows] match`, or a `}` in its hash part).
+    NotWindowed,
+    /// No shards: buckets live on shards.
+    MemoryMode,
+    /// A range that cannot be answered as asked.
+    Invalid(String),
+    /// The shard could not answer; the message is for the client (`TRYAGAIN ...`, `ERR ...`).
+    Shard(String),
+}
+
+impl QueryError {
+    pub fn message(&self) -> String {
+        match self {
+            QueryError::NotWindowed => {
+                "ERR the key does not count into time windows (see [windows] match)".into()
+            }
+            QueryError::MemoryMode => {
+                "ERR time windows need shards: buckets are kept in Redis, and no shards are configured".into()
+            }
+            QueryError::Invalid(m) => format!("ERR {m}"),
+            QueryError::Shard(m) => m.clone(),
+        }
+    }
+}
+
+/// Counts of `key` over each of `ranges` (half-open [from, to) in Unix seconds, in time
+/// order, not overlapping): the kept buckets on its shard plus what the proxy still holds.
+pub async fn query(
+    engine: &std::sync::Arc<super::Engine>,
+    key: &Bytes,
+    ranges: &[(u64, u64)],
+) -> Result<Answer, QueryError> {
+    if engine.is_memory_mode() {
+        return Err(QueryError::MemoryMode);
+    }
+    if !engine.is_windowed(key) {
+        return Err(QueryError::NotWindowed);
+    }
+    let w = engine.windows();
+    let now = engine.wall_clock().now_secs();
+    let mut plans = Vec::with_capacity(ranges.len());
+    let mut all = std::collections::BTreeSet::new();
+    for &(from, to) in ranges {
+        if from >= to {
+            return Err(QueryError::Invalid(format!(
+                "the range must end after it starts ({} >= {})",
+                format_time(from),
+                format_time(to)
+            )));
+        }
+        let plan = w.plan(from, to, now).map_err(QueryError::Invalid)?;
+        all.extend(plan.buckets.iter().copied());
+        if all.len() > MAX_BUCKETS {
+            return Err(QueryError::Invalid(format!(
+                "the query needs more than {MAX_BUCKETS} buckets; ask for less"
+            )));
+        }
+        plans.push(plan);
+    }
+    let buckets: Vec<(usize, u64)> = all.into_iter().collect();
+    if let Some(m) = engine.router().migration() {
+        crate::rebalance::ensure_buckets_moved(engine, &m, key, &buckets)
+            .await
+            .map_err(|e| QueryError::Shard(e.client_message(&engine.owner_name(key))))?;
+    }
+    let topo = engine.router().topology();
+    let shard = topo.shard_for(key).name.clone();
+    let lane = engine
+        .lane(&shard)
+        .ok_or_else(|| QueryError::Shard(format!("TRYAGAIN shard {shard} is unavailable")))?;
+    let (frame, order) = read_frame(key, &buckets);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (engine2, key2, ranges2, shard2) =
+        (engine.clone(), key.clone(), ranges.to_vec(), shard.clone());
+    lane.read_between(
+        frame,
+        Box::new(move |reply| {
+            let r = reply
+                .map_err(|e| QueryError::Shard(e.client_message(&shard2)))
+                .and_then(|frame| stored_values(frame, &order))
+                .map(|stored| {
+                    let lo = ranges2.first().map(|r| r.0).unwrap_or(0);
+                    let hi = ranges2.last().map(|r| r.1).unwrap_or(0);
+                    let (seconds, moved) = engine2.window_deltas(&key2, lo, hi, &buckets);
+                    combine(&ranges2, plans, &stored, &seconds, &moved)
+                });
+            let _ = tx.send(r);
+        }),
+    );
+    let (counts, uncovered) = rx.await.unwrap_or_else(|_| {
+        Err(QueryError::Shard(format!(
+            "TRYAGAIN shard {shard} is unavailable"
+        )))
+    })?;
+    Ok(Answer {
+        counts,
+        uncovered,
+        served_via: shard,
+    })
+}
+
+/// The shard's reply to [`read_frame`], per bucket.
+fn stored_values(
+    frame: redis_protocol::resp2::types::BytesFrame,
+    order: &[(usize, u64)],
+) -> Result<HashMap<(usize, u64), i64>, QueryError> {
+    use redis_protocol::resp2::types::BytesFrame as F;
+    let values = match frame {
+        F::Array(v) if v.len() == order.len() => v,
+        F::Error(e) => return Err(QueryError::Shard(e.to_string())),
+        other => {
+            return Err(QueryError::Shard(format!(
+                "ERR unexpected reply to a window read: {other:?}"
+            )))
+        }
+    };
+    let mut out = HashMap::with_capacity(order.len());
+    for (b, v) in order.iter().zip(values) {
+        let n = match &v {
+            F::BulkString(s) => super::parse_i64(s).unwrap_or(0),
+            F::Integer(i) => *i,
+            _ => 0,
+        };
+        out.insert(*b, n);
+    }
+    Ok(out)
+}
+
+type Counts = (Vec<i64>, Vec<Vec<(u64, u64)>>);
+
+/// Per range: stored buckets, plus moved deltas of those buckets, plus the pending seconds
+/// the range covers.
+fn combine(
+    ranges: &[(u64, u64)],
+    plans: Vec<Plan>,
+    stored: &HashMap<(usize, u64), i64>,
+    seconds: &[(u64, i64)],
+    moved: &HashMap<(usize, u64), i64>,
+) -> Counts {
+    let mut counts: Vec<i64> = plans
+        .iter()
+        .map(|p| {
+            p.buckets.iter().fold(0i64, |acc, b| {
+                acc.wrapping_add(stored.get(b).copied().unwrap_or(0))
+                    .wrapping_add(moved.get(b).copied().unwrap_or(0))
+            })
+        })
+        .collect();
+    for &(t, d) in seconds {
+        let i = ranges.partition_point(|r| r.1 <= t);
+        let Some(&(from, to)) = ranges.get(i) else {
+            continue;
+        };
+        if (from..to).contains(&t) && !plans[i].uncovered.iter().any(|u| (u.0..u.1).contains(&t)) {
+            counts[i] = counts[i].wrapping_add(d);
+        }
+    }
+    (counts, plans.into_iter().map(|p| p.uncovered).collect())
+}
+
+/// The ranges of a series: [from, to) cut into `step`s (the last one may be shorter).
+pub fn series_ranges(from: u64, to: u64, step: u64) -> Result<Vec<(u64, u64)>, QueryError> {
+    if from >= to {
+        return Err(QueryError::Invalid(format!(
+            "the range must end after it starts ({} >= {})",
+            format_time(from),
+            format_time(to)
+        )));
+    }
+    let points = (to - from).div_ceil(step);
+    if points > MAX_POINTS as u64 {
+        return Err(QueryError::Invalid(format!(
+            "the series would have {points} points; at most {MAX_POINTS} (use a larger step)"
+        )));
+    }
+    Ok((0..points)
+        .map(|i| (from + i * step, (from + (i + 1) * step).min(to)))
+        .collect())
+}
+
+/// Parses a time: Unix seconds, or RFC 3339 (`2026-11-23T17:00:00Z`, `...+01:00`, with
+/// optional fractional seconds, which are dropped).
+pub fn parse_time(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s
+            .parse::<u64>()
+            .ok()
+            .filter(|&v| v < 1 << 40)
+            .ok_or_else(|| format!("time {s:?} is out of range"));
+    }
+    parse_rfc3339(s).ok_or_else(|| {
+        format!("invalid time {s:?}: use Unix seconds or RFC 3339 (2026-11-23T17:00:00Z)")
+    })
+}
+
+fn parse_rfc3339(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let part = b.get(r)?;
+        if !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(part).ok()?.parse().ok()
+    };
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    if !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || d < 1 || d > days_in_month(y, mo) || h > 23 || mi > 59 || sec > 60
+    {
+        return None;
+    }
+    let mut at = 19;
+    if b.get(at) == Some(&b'.') {
+        at += 1;
+        let start = at;
+        while b.get(at).is_some_and(u8::is_ascii_digit) {
+            at += 1;
+        }
+        if at == start {
+            return None;
+        }
+    }
+    let offset = match b.get(at)? {
+        b'Z' | b'z' if at + 1 == b.len() => 0,
+        sign @ (b'+' | b'-') if at + 6 == b.len() && b[at + 3] == b':' => {
+            let (oh, om) = (num(at + 1..at + 3)?, num(at + 4..at + 6)?);
+            if oh > 23 || om > 59 {
+                return None;
+            }
+            let o = oh * 3600 + om * 60;
+            if *sign == b'+' {
+                o
+            } else {
+                -o
+            }
+        }
+        _ => return None,
+    };
+    let secs = days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + sec.min(59) - offset;
+    u64::try_from(secs).ok()
+}
+
+fn days_in_month(y: i64, m: i64) -> i64 {
+    match m {
+        4 | 6 | 9 | 11 => 30,
+        2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
+        2 => 28,
+        _ => 31,
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146097 + doe - 719468
+}
+
+/// RFC 3339 in UTC, whole seconds: `2026-11-23T17:00:00Z`.
+pub fn format_time(t: u64) -> String {
+    let days = (t / 86400) as i64;
+    let rem = t % 86400;
+    // Inverse of days_from_civil.
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Parses a window length or step: whole seconds (`60`) or a duration (`60s`, `1h30m`,
+/// `7d`); at least one second.
+pub fn parse_span(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let secs = if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        s.parse::<u64>()
+            .map_err(|e| format!("invalid duration {s:?}: {e}"))?
+    } else {
+        humantime::parse_duration(s)
+            .map_err(|e| format!("invalid duration {s:?}: {e}"))?
+            .as_secs()
+    };
+    if secs == 0 || secs >= 1 << 40 {
+        return Err(format!("duration {s:?} must be between 1s and 30000 years"));
+    }
+    Ok(secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn windows(keep: [Retention; 4]) -> Windows {
+        Windows::from_config(&WindowsConfig {
+            patterns: vec!["visits:*".into()],
+            seconds: keep[0],
+            minutes: keep[1],
+            hours: keep[2],
+            days: keep[3],
+        })
+    }
+
+    fn defaults() -> Windows {
+        Windows::from_config(&WindowsConfig::default())
+    }
+
+    const DAY0: u64 = 1_763_856_000; // 2025-11-23T00:00:00Z
+
+    #[test]
+    fn times_parse_and_print_in_utc() {
+        assert_eq!(format_time(DAY0), "2025-11-23T00:00:00Z");
+        assert_eq!(parse_time("2025-11-23T00:00:00Z"), Ok(DAY0));
+        assert_eq!(parse_time("1763856000"), Ok(DAY0));
+        assert_eq!(parse_time("2025-11-23T01:30:00+01:30"), Ok(DAY0));
+        assert_eq!(parse_time("2025-11-22T23:00:00.750-01:00"), Ok(DAY0));
+        assert_eq!(parse_time("2024-02-29T12:00:00Z"), Ok(1_709_208_000));
+        assert_eq!(format_time(1_709_208_000), "2024-02-29T12:00:00Z");
+        assert_eq!(format_time(0), "1970-01-01T00:00:00Z");
+        for bad in [
+            "",
+            "2025-02-29T00:00:00Z",
+            "2025-11-23",
+            "2025-11-23T24:00:00Z",
+            "2025-11-23T00:00:00",
+            "2025-11-23T00:00:00+0100",
+            "yesterday",
+            "-5",
+            "2025-11-23T00:00:00.Z",
+        ] {
+            assert!(parse_time(bad).is_err(), "{bad:?}");
+        }
+        for t in [0, 59, 86399, 951_782_400, DAY0 + 12345, 4_102_444_800] {
+            assert_eq!(parse_time(&format_time(t)), Ok(t), "{t}");
+        }
+    }
+
+    #[test]
+    fn spans_take_seconds_or_durations() {
+        assert_eq!(parse_span("60"), Ok(60));
+        assert_eq!(parse_span("60s"), Ok(60));
+        assert_eq!(parse_span("1h 30m"), Ok(5400));
+        assert_eq!(parse_span("7d"), Ok(7 * 86400));
+        assert!(parse_span("0s").is_err());
+        assert!(parse_span("500ms").is_err());
+        assert!(parse_span("soon").is_err());
+    }
+
+    #[test]
+    fn keys_name_their_counter_and_keep_its_hash_tag() {
+        let k = bucket_key(b"visits:home", 1, DAY0 + 3600 + 60);
+        assert_eq!(
+            k,
+            format!("tally:w:{{visits:home}}:m:{DAY0}:visits:home").as_bytes()
+        );
+        assert_eq!(parse_bucket_key(&k), Some((1, DAY0, &b"visits:home"[..])));
+        assert_eq!(
+            crate::router::ring::key_hash(&k),
+            crate::router::ring::key_hash(b"visits:home")
+        );
+        let tagged = bucket_key(b"visits:{eu}:home", 0, DAY0 + 7);
+        assert_eq!(
+            tagged,
+            format!("tally:w:{{eu}}:s:{DAY0}:visits:{{eu}}:home").as_bytes()
+        );
+        assert_eq!(
+            crate::router::ring::key_hash(&tagged),
+            crate::router::ring::key_hash(b"visits:{eu}:home")
+        );
+        assert!(taggable(b"visits:a{b") && taggable(b"visits:{x}}"));
+        assert!(!taggable(b"visits:a}b") && !taggable(b"{}x}"));
+        let p = pending_key(ALL, DAY0, b"visits:home");
+        assert_eq!(parse_pending(&p), Some((ALL, DAY0, &b"visits:home"[..])));
+        assert_eq!(placement_key(&p), b"visits:home");
+        assert_eq!(placement_key(b"visits:home"), b"visits:home");
+        assert_eq!(parse_pending(b"tally:p:short"), None);
+    }
+
+    #[test]
+    fn a_range_uses_the_coarsest_buckets_that_fit_and_finer_ones_at_the_edges() {
+        let w = defaults();
+        let now = DAY0 + 3 * 86400;
+        // 2 days + 1 h + 1 min + 1 s, starting 1 s before a minute, within every retention
+        // but the seconds' (the left edge is 3 days old): seconds there are not kept.
+        let from = DAY0 + 86400 - 3600 - 61;
+        let to = DAY0 + 3 * 86400 + 1;
+        let plan = w.plan(from, to, now).unwrap();
+        let count = |g| plan.buckets.iter().filter(|b| b.0 == g).count();
+        assert_eq!(count(3), 2, "{plan:?}");
+        assert_eq!(count(2), 1);
+        assert_eq!(count(1), 1);
+        // The left edge [from, next minute) is 1 s of a minute that seconds no longer keep.
+        assert_eq!(plan.uncovered, vec![(from, from + 1)]);
+        // The right second (now) is kept.
+        assert_eq!(plan.buckets.last(), Some(&(0, DAY0 + 3 * 86400)));
+        // Buckets tile the covered part exactly.
+        let covered: u64 = plan.buckets.iter().map(|&(g, _)| SIZE[g]).sum();
+        assert_eq!(covered + 1, to - from);
+    }
+
+    #[test]
+    fn a_recent_range_is_exact_and_mixes_granularities() {
+        let w = defaults();
+        // Seconds are kept for an hour: the left edge is 1 h 56 min old at `now`.
+        let now = DAY0 + 7000;
+        let plan = w.plan(DAY0 + 3600 - 5, DAY0 + 3 * 3600 + 125, now).unwrap();
+        assert!(plan.uncovered.is_empty());
+        assert_eq!(
+            plan.buckets.iter().map(|b| b.0).collect::<Vec<_>>(),
+            [vec![0; 5], vec![2, 2], vec![1, 1], vec![0; 5]].concat()
+        );
+    }
+
+    #[test]
+    fn what_no_granularity_keeps_is_reported_not_guessed() {
+        let w = windows([
+            Retention::For(Duration::from_secs(3600)),
+            Retention::Off,
+            Retention::For(Duration::from_secs(86400)),
+            Retention::Off,
+        ]);
+        let now = DAY0 + 30 * 86400;
+        let plan = w.plan(DAY0, now, now).unwrap();
+        // Hours keep a bucket while its end is younger than a day: the last 24.
+        assert_eq!(plan.uncovered, vec![(DAY0, now - 86400)]);
+        assert_eq!(plan.buckets.len(), 24);
+        // Everything off: all uncovered.
+        let none = windows([Retention::Off; 4]);
+        let plan = none.plan(DAY0, DAY0 + 100, now).unwrap();
+        assert_eq!(plan.uncovered, vec![(DAY0, DAY0 + 100)]);
+        assert!(plan.buckets.is_empty());
+        // Too many buckets is an error, not a slow answer.
+        let secs = windows([
+            Retention::Forever,
+            Retention::Off,
+            Retention::Off,
+            Retention::Off,
+        ]);
+        assert!(secs.plan(0, 200_000, 200_000).is_err());
+    }
+
+    #[test]
+    fn hashes_expire_after_their_last_bucket_passes_retention() {
+        let w = defaults();
+        assert_eq!(w.expire_at(0, DAY0), Some(DAY0 + 3600 + 3600));
+        assert_eq!(w.expire_at(1, DAY0), Some(DAY0 + 86400 + 7 * 86400));
+        assert_eq!(w.expire_at(3, DAY0), None);
+        // Kept means not yet expired in Redis.
+        for g in 0..3 {
+            let period = DAY0 - DAY0 % PERIOD[g];
+            let last = period + PERIOD[g] - SIZE[g];
+            let exp = w.expire_at(g, period).unwrap();
+            assert!(w.retained(g, last, exp - 1));
+            assert!(!w.retained(g, last, exp));
+        }
+    }
+}
