@@ -472,6 +472,87 @@ econ_merge=$(per "$ECON_N" "$econ_incrby")
 ((econ_landed == ECON_N)) || log "WARNING: the shards hold $econ_landed increments, expected $ECON_N"
 
 # ---------------------------------------------------------------------------------------------
+# 3b. Time windows: INCR of windowed keys (visits:*, the default [windows] match) next to
+#     INCR of plain counter keys, on the same proxy; then the economy run on windowed keys
+# ---------------------------------------------------------------------------------------------
+WIN_RAW="$WORK/windows.csv" # round,kind,P,rps,p50,p99
+: >"$WIN_RAW"
+log "time windows: $ROUNDS round(s), INCR counter:* vs INCR visits:* (windowed), -P 16 and -P 1"
+for ((round = 1; round <= ROUNDS; round++)); do
+  write_tally_conf "windows" 30s on everysec 100000
+  start_tally "$TALLY_CONF"
+  for p in 16 1; do
+    if ((p == 16)); then n=$N_P16; else n=$N_P1; fi
+    kinds=(plain windowed)
+    ((round % 2 == 0)) && kinds=(windowed plain)
+    for kind in "${kinds[@]}"; do
+      key="counter:__rand_int__"
+      [[ $kind == windowed ]] && key="visits:__rand_int__"
+      res=$(bench "$TALLY_PORT" "$p" "$n" "$KEYSPACE" INCR "$key")
+      read -r rps p50 p99 <<<"$res"
+      echo "$round,$kind,$p,$rps,$p50,$p99" >>"$WIN_RAW"
+      log "round $round  windows $kind  INCR -P $p: $rps rps, p50 $p50 ms, p99 $p99 ms"
+    done
+  done
+  stop_tally
+done
+WIN_TABLE="$WORK/windows.md"
+{
+  echo "| keys | INCR -P 16 rps | vs plain | INCR -P 1 rps | vs plain | INCR -P 1 p50/p99 ms |"
+  echo "|---|---:|---:|---:|---:|---:|"
+  plain16=$(awk -F, '$2 == "plain" && $3 == 16 {print $4}' "$WIN_RAW" | median)
+  plain1=$(awk -F, '$2 == "plain" && $3 == 1 {print $4}' "$WIN_RAW" | median)
+  for kind in plain windowed; do
+    r16=$(awk -F, -v k="$kind" '$2 == k && $3 == 16 {print $4}' "$WIN_RAW" | median)
+    r1=$(awk -F, -v k="$kind" '$2 == k && $3 == 1 {print $4}' "$WIN_RAW" | median)
+    p50=$(awk -F, -v k="$kind" '$2 == k && $3 == 1 {print $5}' "$WIN_RAW" | median)
+    p99=$(awk -F, -v k="$kind" '$2 == k && $3 == 1 {print $6}' "$WIN_RAW" | median)
+    desc="\`counter:*\` (not windowed)"
+    [[ $kind == windowed ]] && desc="\`visits:*\` (windowed)"
+    echo "| $desc | $(fmt_rps "$r16") | $(ratio "$r16" "$plain16") | $(fmt_rps "$r1") | $(ratio "$r1" "$plain1") | $(fmt_ms "$p50") / $(fmt_ms "$p99") |"
+  done
+} >"$WIN_TABLE"
+
+log "windows economy: $ECON_N INCRs over $ECON_KEYS windowed keys, 30 s flush interval, then SIGTERM"
+for port in $REDIS_A $REDIS_B; do cli -p "$port" FLUSHALL >/dev/null; done
+write_tally_conf windows-economy 30s on everysec 100000
+start_tally "$TALLY_CONF"
+for port in $REDIS_A $REDIS_B; do cli -p "$port" CONFIG RESETSTAT >/dev/null; done
+win_start=$(date +%s.%N)
+res=$(bench "$TALLY_PORT" 16 "$ECON_N" "$ECON_KEYS" INCR "visits:__rand_int__")
+read -r win_rps _ _ <<<"$res"
+win_secs=$(elapsed "$win_start")
+win_received=$(info_field "$TALLY_PORT" counters increments_received)
+stop_tally
+win_clean=$((STOP_FORCED == 0 && STOP_RC == 0))
+ECON_STATS="$WORK/commandstats-windows.txt"
+: >"$ECON_STATS"
+for port in $REDIS_A $REDIS_B; do
+  cli -p "$port" INFO commandstats | tr -d '\r' | grep '^cmdstat_' |
+    sed "s/^/$port /" >>"$ECON_STATS"
+done
+win_total=$(($(cmd_calls '*') - $(cmd_calls 'config|resetstat') - $(cmd_calls info)))
+win_eval=$(cmd_calls eval)
+win_incrby=$(cmd_calls incrby)
+win_hincrby=$(cmd_calls hincrby)
+win_expireat=$(cmd_calls expireat)
+win_breakdown=$(awk '{split($2, a, ":"); name = substr(a[1], 9)
+    if (name == "config|resetstat" || name == "info") next
+    match($2, /calls=[0-9]+/); s[name] += substr($2, RSTART + 6, RLENGTH - 6)}
+  END {for (n in s) printf "%s=%d\n", n, s[n]}' "$ECON_STATS" | sort | paste -sd' ' -)
+# What landed: the totals, and the per-day buckets (every increment counts into one day).
+win_landed=0
+win_days=0
+for port in $REDIS_A $REDIS_B; do
+  v=$(cli -p "$port" EVAL "local s = 0 for _, k in ipairs(redis.call('KEYS', 'visits:*')) do s = s + tonumber(redis.call('GET', k)) end return s" 0)
+  d=$(cli -p "$port" EVAL "local s = 0 for _, k in ipairs(redis.call('KEYS', 'tally:w:*:d:*')) do for _, v in ipairs(redis.call('HVALS', k)) do s = s + tonumber(v) end end return s" 0)
+  win_landed=$((win_landed + v))
+  win_days=$((win_days + d))
+done
+((win_landed == ECON_N)) || log "WARNING: the shards hold $win_landed windowed increments, expected $ECON_N"
+((win_days == ECON_N)) || log "WARNING: the day buckets hold $win_days increments, expected $ECON_N"
+
+# ---------------------------------------------------------------------------------------------
 # 4. Memory per pending key: MEM_KEYS distinct keys, one INCR each, nothing flushed
 # ---------------------------------------------------------------------------------------------
 MEM_CONNS=8 # parallel redis-cli --pipe connections, key i on connection i % MEM_CONNS
@@ -561,6 +642,28 @@ wal_fs=$(df -T "$WORK" | awk 'NR == 2 {print $2}')
   echo "| increments landed on the shards (sum of all counters) | $econ_landed |"
   echo
   echo "Per command: $econ_breakdown. (Direct Redis or twemproxy: $ECON_N INCR commands.)"
+  echo
+  echo "## Time windows"
+  echo
+  echo "INCR through one tallyproxy (defaults, \`[windows] match = [\"visits:*\"]\`), windowed and plain keys alternating, restarted per round; medians of $ROUNDS:"
+  echo
+  cat "$WIN_TABLE"
+  echo
+  echo "Economy with windows: $ECON_N INCRs of \`visits:__rand_int__\` (\`-r $ECON_KEYS -c $CLIENTS -P 16\`, $win_rps rps, ${win_secs} s), 30 s flush interval, then SIGTERM$( ((win_clean)) || echo ' **which did not end cleanly**')."
+  echo
+  echo "| Figure | Value |"
+  echo "|---|---:|"
+  echo "| increments received by the proxy | $win_received |"
+  echo "| Redis commands on both shards | $win_total |"
+  echo "| of which EVAL round trips | $win_eval |"
+  echo "| of which INCRBY (totals) | $win_incrby |"
+  echo "| of which HINCRBY (bucket fields) | $win_hincrby |"
+  echo "| of which EXPIREAT | $win_expireat |"
+  echo "| **Redis commands per EVAL batch** | **$(per "$win_total" "$win_eval")** |"
+  echo "| client INCRs per Redis command | $(per "$ECON_N" "$win_total") |"
+  echo "| increments landed (sum of the totals / of the day buckets) | $win_landed / $win_days |"
+  echo
+  echo "Per command: $win_breakdown."
   echo
   echo "## Memory per pending key"
   echo
