@@ -20,7 +20,7 @@ use crate::command::{self, CounterOp, Kind};
 use crate::counter::lane::{KeyValue, LaneError};
 use crate::counter::{Cached, Engine, Incr, NOT_INTEGER};
 use crate::metrics::Class;
-use crate::resp::{parse_request, reply};
+use crate::resp::{reply, RequestParser};
 use crate::server::Context;
 use crate::shutdown::Shutdown;
 use bytes::{Bytes, BytesMut};
@@ -110,6 +110,7 @@ where
     let mut client = Client::new(ctx.next_client_id.fetch_add(1, Ordering::Relaxed));
     client.authenticated = !ctx.users.required();
     let mut rbuf = BytesMut::with_capacity(16 * 1024);
+    let mut parser = RequestParser::default();
     let mut wbuf = BytesMut::with_capacity(16 * 1024);
     // Each reply not yet written, with its command's name (for the per-command figures).
     let mut queue: VecDeque<(Pending, &'static str)> = VecDeque::new();
@@ -132,7 +133,7 @@ where
             }
             let next = match stashed.take() {
                 Some(args) => Ok(Some(args)),
-                None => parse_request(&mut rbuf, &ctx.limits),
+                None => parser.parse(&mut rbuf, &ctx.limits),
             };
             match next {
                 Ok(Some(args)) if args.is_empty() => continue,

@@ -15,7 +15,7 @@
 //! - a connection always ends once the client has closed its side.
 
 use crate::config::Config;
-use crate::resp::{parse_request, Limits, ProtocolError};
+use crate::resp::{Limits, ProtocolError, RequestParser};
 use crate::server::{self, Context};
 use crate::shutdown::{self, ShutdownTrigger};
 use bytes::{Bytes, BytesMut};
@@ -141,6 +141,7 @@ enum End {
 
 /// Parses `data` as if it arrived in pieces of `chunk` bytes (0: all at once).
 fn parse_all(data: &[u8], chunk: usize, lim: &Limits) -> Parsed {
+    let mut parser = RequestParser::default();
     let mut buf = BytesMut::new();
     let mut requests = Vec::new();
     let mut starts = Vec::new();
@@ -155,7 +156,7 @@ fn parse_all(data: &[u8], chunk: usize, lim: &Limits) -> Parsed {
         fed += piece.len();
         loop {
             let before = buf.len();
-            match parse_request(&mut buf, lim) {
+            match parser.parse(&mut buf, lim) {
                 Ok(Some(args)) => {
                     assert!(
                         buf.len() < before,

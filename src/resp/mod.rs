@@ -6,4 +6,4 @@
 pub mod parse;
 pub mod reply;
 
-pub use parse::{parse_request, Limits, ProtocolError};
+pub use parse::{parse_request, Limits, ProtocolError, RequestParser};
