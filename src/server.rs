@@ -331,6 +331,12 @@ async fn accept_loop(
         metrics.connections_total.fetch_add(1, Ordering::Relaxed);
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+            if tls.is_some() {
+                // No TLS session to write the error in, and no handshake for a refused
+                // client (see `maxclients` in docs/security.md): closed at once, as Redis does.
+                close_unread(stream);
+                continue;
+            }
             tokio::spawn(async move {
                 let _ = stream
                     .write_all(b"-ERR max number of clients reached\r\n")
@@ -364,5 +370,22 @@ async fn accept_loop(
                 .fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
+    }
+}
+
+/// Closes a refused connection without writing anything, in the accept loop (no task, no
+/// wait). What the client has already sent (its ClientHello, usually) is read and dropped
+/// first, without waiting, so that the close reaches it as an end of stream, not a reset.
+fn close_unread(stream: tokio::net::TcpStream) {
+    use std::io::Read;
+    // `into_std` leaves the socket non-blocking.
+    if let Ok(mut s) = stream.into_std() {
+        let mut sink = [0u8; 4096];
+        for _ in 0..4 {
+            match s.read(&mut sink) {
+                Ok(n) if n > 0 => continue,
+                _ => break,
+            }
+        }
     }
 }

@@ -297,6 +297,111 @@ async fn clients_speak_tls_to_the_listener() {
     assert_eq!(a.get("tls:k").as_deref(), Some("5"));
 }
 
+/// A TLS client of the proxy at 127.0.0.1:`port` (certificates from `certificates`): the
+/// stream once the handshake is done.
+async fn tls_connect(
+    ca: &std::path::Path,
+    port: u16,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let connector = tallyproxy::tls::connector(ca).unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    connector.connect(name, tcp).await
+}
+
+/// PING over `s`; true on PONG.
+async fn tls_ping<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &mut S) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if s.write_all(&encode(&["PING"])).await.is_err() || s.flush().await.is_err() {
+        return false;
+    }
+    let mut got = [0u8; 7];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await,
+        Ok(Ok(_))
+    ) && &got == b"+PONG\r\n"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maxclients_on_a_tls_listener_closes_without_writing() {
+    use tokio::io::AsyncReadExt;
+    let certs = TempDir::new("tls-maxclients");
+    let (ca, cert, key) = certificates(&certs);
+    let toml = format!(
+        "listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\nmaxclients = 1\n\
+         [tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n[durability]\nenabled = false\n",
+        cert.display(),
+        key.display()
+    );
+    let config = tallyproxy::Config::from_toml_str(&toml).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (trigger, _) = tallyproxy::shutdown::channel();
+    let task = tokio::spawn(tallyproxy::run(config, listener, http, trigger.clone()));
+    // The one client, connected and served (so it holds the only slot).
+    let mut first = None;
+    for _ in 0..50 {
+        if let Ok(mut s) = tls_connect(&ca, port).await {
+            if tls_ping(&mut s).await {
+                first = Some(s);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut first = first.expect("PING over TLS");
+
+    // The next connection gets nothing at all (no plain-text error in place of a TLS
+    // record), and a clean end of stream.
+    let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut got)).await;
+    assert_eq!(
+        read.expect("closed at once").map_err(|e| e.kind()),
+        Ok(0),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    // A TLS client sees its handshake cut short by the close: an I/O error (end of stream;
+    // a reset if its ClientHello came in just after the close), not a TLS protocol error
+    // (which is what a plain-text `-ERR` in place of the ServerHello gives).
+    let refused = tokio::time::timeout(Duration::from_secs(5), tls_connect(&ca, port))
+        .await
+        .expect("refused at once");
+    let kind = refused.expect_err("refused").kind();
+    assert!(
+        matches!(
+            kind,
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+        ),
+        "{kind:?}"
+    );
+    // The refusals took no slot: the first client is still served, and once it leaves
+    // another one is.
+    assert!(tls_ping(&mut first).await);
+    drop(first);
+    let mut served = false;
+    for _ in 0..50 {
+        if let Ok(mut s) = tls_connect(&ca, port).await {
+            if tls_ping(&mut s).await {
+                served = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "a slot freed is taken again");
+    trigger.trigger();
+    tokio::time::timeout(Duration::from_secs(15), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shards_can_be_reached_over_tls() {
     let certs = TempDir::new("tls-shard");
