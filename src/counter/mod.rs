@@ -21,6 +21,7 @@
 //! placement (`router`).
 
 pub mod glob;
+pub mod key;
 pub mod lane;
 pub mod wal;
 pub mod windows;
@@ -101,7 +102,7 @@ impl Entry {
     }
 }
 
-type Map = HashMap<Box<[u8]>, Entry, ahash::RandomState>;
+type Map = HashMap<key::Key, Entry, ahash::RandomState>;
 
 struct Shard {
     map: Map,
