@@ -85,6 +85,9 @@ pub struct Config {
     /// How long an orderly shutdown may take in all (finish commands, final flush, drain HTTP).
     #[serde(default = "defaults::shutdown_timeout")]
     pub shutdown_timeout: HumanDuration,
+    /// Threads that run connections and lanes; 0: one fewer than the CPUs, at least one.
+    #[serde(default)]
+    pub worker_threads: usize,
     /// The wall clock for time windows: the system's, or a test's (never from the file).
     #[serde(skip)]
     pub clock: crate::clock::Clock,
@@ -596,6 +599,18 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The runtime's worker threads: `worker_threads`, or with 0 one fewer than the CPUs
+    /// (at least one). The proxy shares its machine with at least a shard or its clients
+    /// (see docs/performance.md for the measurement behind the default).
+    pub fn runtime_threads(&self) -> usize {
+        match self.worker_threads {
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get().saturating_sub(1).max(1))
+                .unwrap_or(1),
+            n => n,
+        }
+    }
+
     /// Parses and validates a whole config file's text.
     pub fn from_toml_str(s: &str) -> Result<Config, ConfigError> {
         let cfg: Config = toml::from_str(s).map_err(|e| ConfigError(format!("config: {e}")))?;
@@ -704,6 +719,9 @@ impl Config {
         }
         if self.maxclients == 0 {
             return err("maxclients must be at least 1");
+        }
+        if self.worker_threads > 1024 {
+            return err("worker_threads must be 0 (automatic) to 1024");
         }
         let w = &self.windows;
         for (name, r, unit) in [

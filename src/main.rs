@@ -35,6 +35,7 @@ fn main() -> ExitCode {
     }
     init_tracing(&config, args.log_json);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.runtime_threads())
         .enable_all()
         .build()
     {

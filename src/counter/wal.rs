@@ -247,6 +247,13 @@ impl Wal {
         if self.done.load(Ordering::SeqCst) > ticket {
             return Ok(());
         }
+        // Let the other connections this worker has ready append their records first: the
+        // first of them to reach the lock then writes for all (one write per scheduler pass,
+        // not one per client), and the rest find their records already written.
+        tokio::task::yield_now().await;
+        if self.done.load(Ordering::SeqCst) > ticket {
+            return Ok(());
+        }
         let mut seg = self.segment.lock().await;
         if self.done.load(Ordering::SeqCst) > ticket {
             return Ok(());
