@@ -146,10 +146,14 @@ fn counters(ctx: &Context) -> Lines {
         ),
         line("cache_hits", s.cache_hits.load(Relaxed)),
         line("cache_misses", s.cache_misses.load(Relaxed)),
+        line("cache_refreshes", s.refreshes.load(Relaxed)),
         line("flushes", s.flushes.load(Relaxed)),
         line("flush_failures", s.flush_failures.load(Relaxed)),
         line("batch_retries", s.batch_retries.load(Relaxed)),
         line("dropped_deltas", s.dropped_deltas.load(Relaxed)),
+        line("window_writes", s.window_writes.load(Relaxed)),
+        line("window_queries", s.window_queries.load(Relaxed)),
+        line("window_query_errors", s.window_query_errors.load(Relaxed)),
     ]
 }
 

@@ -131,7 +131,7 @@ struct Batch {
     items: Vec<(Bytes, Option<i64>)>,
     frame: Bytes,
     /// Counter deltas and bucket fields it writes (for the economy figures).
-    writes: u64,
+    writes: (u64, u64),
 }
 
 impl Lane {
@@ -393,7 +393,11 @@ async fn send_batch(
                     engine
                         .stats
                         .backend_writes
-                        .fetch_add(batch.writes, Ordering::Relaxed);
+                        .fetch_add(batch.writes.0, Ordering::Relaxed);
+                    engine
+                        .stats
+                        .window_writes
+                        .fetch_add(batch.writes.1, Ordering::Relaxed);
                 }
                 let mut results = results.into_iter();
                 for (key, delta) in &batch.items {
@@ -535,7 +539,7 @@ fn encode_batch(
     windows: &Windows,
     seq: u64,
     items: &[(Bytes, Option<i64>)],
-) -> (Bytes, u64) {
+) -> (Bytes, (u64, u64)) {
     let (wins, counters): (Vec<_>, Vec<_>) = items
         .iter()
         .partition(|(k, _)| super::windows::parse_pending(k).is_some());
@@ -562,7 +566,10 @@ fn encode_batch(
     let fields: usize = buckets.values().map(|b| b.1.len()).sum();
     let n = counters.len();
     let mut out = BytesMut::with_capacity(SCRIPT.len() + 64 + n * 48 + fields * 80);
-    let writes = (counters.iter().filter(|(_, d)| d.is_some()).count() + fields) as u64;
+    let writes = (
+        counters.iter().filter(|(_, d)| d.is_some()).count() as u64,
+        fields as u64,
+    );
     let args = 4 + n + 3 + n + buckets.len() * 3 + fields * 2;
     crate::resp::reply::array(&mut out, args);
     let mut num = itoa::Buffer::new();

@@ -75,6 +75,8 @@ struct Entry {
     base_at: u32,
     state: BaseState,
     flags: u8,
+    /// A read-ahead of the base is queued on the lane (see [`Engine::refresh_ahead`]).
+    refreshing: bool,
 }
 
 impl Entry {
@@ -85,6 +87,7 @@ impl Entry {
         base_at: 0,
         state: BaseState::Unknown,
         flags: 0,
+        refreshing: false,
     };
 
     fn exists(&self) -> bool {
@@ -110,6 +113,9 @@ struct Shard {
     log: Vec<u8>,
     /// Increments buffered here (summed for INFO; no shared counter on the hot path).
     increments: u64,
+    /// Σ (pending + inflight) of this shard's counter entries (window deltas excluded): kept
+    /// as it changes, so that INFO and /metrics never walk the keys under the lock.
+    unflushed: i64,
 }
 
 /// A map shard and, beside its lock, whether its log buffer has bytes, so that a commit
@@ -162,6 +168,12 @@ pub struct CounterStats {
     pub backend_writes: AtomicU64,
     pub dropped_deltas: AtomicU64,
     pub flush_micros: AtomicU64,
+    /// Bases re-read in the background before they went stale.
+    pub refreshes: AtomicU64,
+    /// Bucket fields (time windows) written by flushes.
+    pub window_writes: AtomicU64,
+    pub window_queries: AtomicU64,
+    pub window_query_errors: AtomicU64,
 }
 
 pub struct Engine {
@@ -227,6 +239,7 @@ impl Engine {
                         map: HashMap::with_hasher(state.clone()),
                         log: Vec::new(),
                         increments: 0,
+                        unflushed: 0,
                     }),
                     has_log: AtomicBool::new(false),
                 })
@@ -323,6 +336,29 @@ impl Engine {
         e.state != BaseState::Unknown && (now.wrapping_sub(e.base_at) as u64) < self.ttl_ms
     }
 
+    /// Whether a fresh entry's base is past half its TTL and no read-ahead is queued yet;
+    /// marks it queued. A key in use is then re-read in the background before it goes stale,
+    /// so its reads and increments never wait for the shard.
+    fn wants_refresh(&self, e: &mut Entry, now: u32) -> bool {
+        if self.memory_mode
+            || e.refreshing
+            || !matches!(e.state, BaseState::Int | BaseState::Absent)
+            || (now.wrapping_sub(e.base_at) as u64) < self.ttl_ms / 2
+        {
+            return false;
+        }
+        e.refreshing = true;
+        true
+    }
+
+    /// Queues a read of `key`'s base on its lane without waiting for it: the reply settles
+    /// the base (and clears `refreshing`) like any read. A lost reply leaves the entry to go
+    /// stale, and the next use reads it the usual way.
+    fn refresh_ahead(&self, key: &[u8]) {
+        self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
+        drop(self.read_now(&Bytes::copy_from_slice(key), false));
+    }
+
     fn lock(&self, key: &[u8]) -> parking_lot::MutexGuard<'_, Shard> {
         self.shards[shard_of(key)].lock.lock()
     }
@@ -347,9 +383,20 @@ impl Engine {
         if self.wal.as_ref().is_some_and(|w| w.failed()) {
             return Incr::Refused(LOG_FAILED);
         }
-        let window = self
-            .is_windowed(key)
-            .then(|| windows::pending_key(windows::ALL, self.clock_wall.now_secs(), key));
+        let (mut stack, heap);
+        let window = if self.is_windowed(key) {
+            let t = self.clock_wall.now_secs();
+            stack = [0u8; 96];
+            match windows::pending_key_in(&mut stack, windows::ALL, t, key) {
+                Some(k) => Some(k),
+                None => {
+                    heap = windows::pending_key(windows::ALL, t, key);
+                    Some(&heap[..])
+                }
+            }
+        } else {
+            None
+        };
         let now = self.now_ms();
         let cell = &self.shards[shard_of(key)];
         let mut guard = cell.lock.lock();
@@ -385,6 +432,7 @@ impl Engine {
         if !usable {
             return Incr::NeedBase;
         }
+        let refresh = matches!(need, Base::Fresh) && self.wants_refresh(e, now);
         match e.state {
             BaseState::NotInt => return Incr::Refused(NOT_INTEGER),
             BaseState::WrongType => return Incr::Refused(WRONGTYPE),
@@ -409,9 +457,9 @@ impl Engine {
             // Same map shard, same lock, same log buffer: the increment and its window
             // delta reach the log in one write, or neither does.
             if self.wal.is_some() {
-                wal::encode_incr(&mut shard.log, &wk, delta);
+                wal::encode_incr(&mut shard.log, wk, delta);
             }
-            let w = match shard.map.get_mut(&wk[..]) {
+            let w = match shard.map.get_mut(wk) {
                 Some(w) => w,
                 None => shard.map.entry(wk.into()).or_insert(Entry::NEW),
             };
@@ -422,7 +470,11 @@ impl Engine {
             }
         }
         shard.increments += 1;
+        shard.unflushed = shard.unflushed.wrapping_add(delta);
         drop(guard);
+        if refresh {
+            self.refresh_ahead(key);
+        }
         if known {
             Incr::Value(new)
         } else {
@@ -443,19 +495,24 @@ impl Engine {
     /// A cache read for GET.
     pub fn cached(&self, key: &[u8]) -> Cached {
         let now = self.now_ms();
-        let shard = self.lock(key);
-        let r = match shard.map.get(key) {
+        let mut shard = self.lock(key);
+        let mut refresh = false;
+        let r = match shard.map.get_mut(key) {
             None if self.memory_mode => Cached::Hit(None),
             None => Cached::Absent,
             Some(e)
                 if self.is_fresh(e, now)
                     && matches!(e.state, BaseState::Int | BaseState::Absent) =>
             {
+                refresh = self.wants_refresh(e, now);
                 Cached::Hit(if e.exists() { e.value() } else { None })
             }
             Some(_) => Cached::Stale,
         };
         drop(shard);
+        if refresh {
+            self.refresh_ahead(key);
+        }
         let counter = if matches!(r, Cached::Hit(_)) {
             &self.stats.cache_hits
         } else {
@@ -546,6 +603,7 @@ impl Engine {
         let e = shard.map.entry(key.into()).or_insert(Entry::NEW);
         e.pending = e.pending.wrapping_add(value);
         let newly_dirty = e.flags & DIRTY == 0;
+        shard.unflushed = shard.unflushed.wrapping_add(value);
         e.flags |= DIRTY;
         if self.wal.is_some() {
             wal::encode_moved(&mut shard.log, id, key, value);
@@ -813,7 +871,12 @@ impl Engine {
             }
             return;
         }
+        let shard = &mut *shard;
+        if let Some(d) = delta {
+            shard.unflushed = shard.unflushed.wrapping_sub(d);
+        }
         let e = shard.map.entry(key.into()).or_insert(Entry::NEW);
+        e.refreshing = false;
         if let Some(d) = delta {
             e.inflight -= d;
             if e.inflight == 0 {
@@ -899,19 +962,14 @@ impl Engine {
         self.len() == 0
     }
 
-    /// Sum of unflushed deltas, for INFO.
+    /// Keys (and window deltas) with a delta not yet taken by a flush, and the sum of the
+    /// counters' unflushed deltas, for INFO and /metrics: 32 locks, no walk over the keys.
     pub fn pending_total(&self) -> (usize, i64) {
-        let mut keys = 0;
-        let mut sum = 0i64;
-        for s in self.shards.iter() {
-            for e in s.lock.lock().map.values() {
-                if e.flags != 0 {
-                    keys += 1;
-                    sum = sum.saturating_add(e.pending.saturating_add(e.inflight));
-                }
-            }
-        }
-        (keys, sum)
+        let sum = self
+            .shards
+            .iter()
+            .fold(0i64, |acc, s| acc.wrapping_add(s.lock.lock().unflushed));
+        (self.dirty_keys(), sum)
     }
 
     /// Every key and value, for memory mode's log checkpoints and tests.
@@ -942,6 +1000,9 @@ impl Engine {
     pub fn restore_pending(&self, key: &[u8], delta: i64) {
         self.note_window(key);
         let mut shard = self.lock(key);
+        if windows::parse_pending(key).is_none() {
+            shard.unflushed = shard.unflushed.wrapping_add(delta);
+        }
         let e = shard.map.entry(key.into()).or_insert(Entry {
             state: if self.memory_mode {
                 BaseState::Absent
@@ -1109,6 +1170,9 @@ impl Engine {
         for (k, d) in items {
             self.note_window(k);
             let mut shard = self.lock(k);
+            if windows::parse_pending(k).is_none() {
+                shard.unflushed = shard.unflushed.wrapping_add(*d);
+            }
             let e = shard.map.entry(k[..].into()).or_insert(Entry::NEW);
             e.inflight = e.inflight.wrapping_add(*d);
             e.flags |= INFLIGHT;

@@ -26,6 +26,7 @@
 use crate::config::{Retention, WindowsConfig};
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 
 /// Granularities, finest first: seconds, minutes, hours, days.
 pub const GRANULARITIES: usize = 4;
@@ -56,6 +57,17 @@ pub fn pending_key(g: u8, t: u64, key: &[u8]) -> Vec<u8> {
     k.extend_from_slice(&t.to_be_bytes());
     k.extend_from_slice(key);
     k
+}
+
+/// [`pending_key`] written into `buf` when it fits (no allocation on the hot path).
+pub fn pending_key_in<'a>(buf: &'a mut [u8], g: u8, t: u64, key: &[u8]) -> Option<&'a [u8]> {
+    let n = PENDING_HEADER + key.len();
+    let out = buf.get_mut(..n)?;
+    out[..8].copy_from_slice(PENDING_PREFIX);
+    out[8] = g;
+    out[9..17].copy_from_slice(&t.to_be_bytes());
+    out[PENDING_HEADER..].copy_from_slice(key);
+    Some(out)
 }
 
 /// (letter, bucket start, counter key) of a window delta entry; None for any other key.
@@ -340,6 +352,20 @@ impl QueryError {
 /// Counts of `key` over each of `ranges` (half-open [from, to) in Unix seconds, in time
 /// order, not overlapping): the kept buckets on its shard plus what the proxy still holds.
 pub async fn query(
+    engine: &std::sync::Arc<super::Engine>,
+    key: &Bytes,
+    ranges: &[(u64, u64)],
+) -> Result<Answer, QueryError> {
+    let r = query_inner(engine, key, ranges).await;
+    let stats = &engine.stats;
+    stats.window_queries.fetch_add(1, Ordering::Relaxed);
+    if r.is_err() {
+        stats.window_query_errors.fetch_add(1, Ordering::Relaxed);
+    }
+    r
+}
+
+async fn query_inner(
     engine: &std::sync::Arc<super::Engine>,
     key: &Bytes,
     ranges: &[(u64, u64)],
@@ -705,6 +731,15 @@ mod tests {
         assert!(!taggable(b"visits:a}b") && !taggable(b"{}x}"));
         let p = pending_key(ALL, DAY0, b"visits:home");
         assert_eq!(parse_pending(&p), Some((ALL, DAY0, &b"visits:home"[..])));
+        let mut buf = [0u8; 32];
+        assert_eq!(
+            pending_key_in(&mut buf, ALL, DAY0, b"visits:home"),
+            Some(&p[..])
+        );
+        assert_eq!(
+            pending_key_in(&mut buf, ALL, DAY0, b"visits:a-longer-page-id"),
+            None
+        );
         assert_eq!(placement_key(&p), b"visits:home");
         assert_eq!(placement_key(b"visits:home"), b"visits:home");
         assert_eq!(parse_pending(b"tally:p:short"), None);

@@ -199,10 +199,34 @@ pub fn render(ctx: &Context) -> String {
         s.backend_writes.load(Relaxed) as f64,
     );
     o.one(
+        "window_writes_total",
+        "counter",
+        "Time-window bucket fields (HINCRBY) written by flushes.",
+        s.window_writes.load(Relaxed) as f64,
+    );
+    o.one(
+        "window_queries_total",
+        "counter",
+        "Time-window queries (TALLY.* and HTTP ?from/?last/series).",
+        s.window_queries.load(Relaxed) as f64,
+    );
+    o.one(
+        "window_query_errors_total",
+        "counter",
+        "Time-window queries answered with an error.",
+        s.window_query_errors.load(Relaxed) as f64,
+    );
+    o.one(
         "counter_cache_hits_total",
         "counter",
         "Counter reads answered from memory.",
         s.cache_hits.load(Relaxed) as f64,
+    );
+    o.one(
+        "counter_cache_refreshes_total",
+        "counter",
+        "Cached bases re-read in the background after half their TTL, before going stale.",
+        s.refreshes.load(Relaxed) as f64,
     );
     o.one(
         "counter_cache_misses_total",

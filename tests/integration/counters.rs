@@ -169,7 +169,9 @@ async fn reads_within_the_ttl_come_from_memory_and_after_it_from_the_owning_shar
     let (a, b) = (Redis::start(), Redis::start());
     let shards = [&a, &b];
     let wal = TempDir::new("counters-ttl");
-    let ttl = ms(500);
+    // Past half the TTL a read queues a read-ahead (see the next test): the in-TTL checks
+    // below must finish before that.
+    let ttl = ms(2000);
     let proxy = Proxy::start(config_with(&shards, &wal, ttl, Duration::from_secs(3600))).await;
     let key = "visits:cached";
     let shard = owner(&shards, key);
@@ -200,8 +202,8 @@ async fn reads_within_the_ttl_come_from_memory_and_after_it_from_the_owning_shar
     assert_eq!(shard.calls("get"), gets, "cached reads made GET calls");
     assert_eq!(shard.calls("eval"), evals, "cached reads made EVAL calls");
     assert!(
-        read_at.elapsed() < ttl,
-        "the in-TTL checks took {:?}, longer than the TTL",
+        read_at.elapsed() < ttl / 2,
+        "the in-TTL checks took {:?}, longer than half the TTL",
         read_at.elapsed()
     );
 
@@ -225,6 +227,60 @@ async fn reads_within_the_ttl_come_from_memory_and_after_it_from_the_owning_shar
     assert_eq!(
         visits(&proxy, "GET", "cached").await,
         json!({"visits": 43, "served_via": "in_memory"})
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_in_use_is_re_read_before_its_base_goes_stale() {
+    let (a, b) = (Redis::start(), Redis::start());
+    let shards = [&a, &b];
+    let wal = TempDir::new("counters-refresh");
+    let ttl = ms(4000);
+    let proxy = Proxy::start(config_with(&shards, &wal, ttl, Duration::from_secs(3600))).await;
+    let key = "visits:ahead";
+    let shard = owner(&shards, key);
+    shard.cmd(&["SET", key, "10"]);
+    let mut raw = proxy.conn().await;
+    let start = Instant::now();
+    assert_eq!(raw.cmd(&["INCR", key]).await, ":11\r\n");
+    // Before half the TTL: no read-ahead.
+    assert_eq!(raw.cmd(&["GET", key]).await, bulk("11"));
+    let refreshes = |info: String| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix("cache_refreshes:"))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap()
+    };
+    let info = raw.cmd(&["INFO", "counters"]).await;
+    assert_eq!(refreshes(info), 0);
+    shard.cmd(&["INCRBY", key, "100"]);
+    // Past half the TTL, a read is answered from memory and queues a read-ahead.
+    tokio::time::sleep((ttl / 2 + ms(200)).saturating_sub(start.elapsed())).await;
+    assert_eq!(
+        visits(&proxy, "GET", "ahead").await,
+        json!({"visits": 11, "served_via": "in_memory"})
+    );
+    let mut seen = false;
+    for _ in 0..50 {
+        if refreshes(raw.cmd(&["INFO", "counters"]).await) == 1 {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(ms(20)).await;
+    }
+    assert!(seen, "a read-ahead was queued");
+    // Past the first base's TTL, the key is still fresh (re-read in the background) and
+    // the shard's change is in it: no read waits for the shard.
+    tokio::time::sleep((ttl + ms(300)).saturating_sub(start.elapsed())).await;
+    assert!(
+        start.elapsed() < ttl / 2 + ttl,
+        "slept too long to check: {:?}",
+        start.elapsed()
+    );
+    assert_eq!(
+        visits(&proxy, "GET", "ahead").await,
+        json!({"visits": 111, "served_via": "in_memory"})
     );
     proxy.stop().await;
 }

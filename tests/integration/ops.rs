@@ -164,6 +164,8 @@ async fn info_parses_into_sections_with_the_proxys_figures() {
             >= 5
     );
     assert_eq!(sections["counters"]["pending_keys"], "1");
+    assert_eq!(sections["counters"]["pending_increments"], "5");
+    assert_eq!(sections["counters"]["window_queries"], "0");
     assert_eq!(sections["persistence"]["wal_enabled"], "1");
     assert!(sections["shards"]["shard0"].contains("status=up"));
     // One section on request, as Redis does.
