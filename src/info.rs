@@ -168,7 +168,7 @@ fn keyspace(ctx: &Context) -> Lines {
     if ctx.engine.is_memory_mode() {
         return vec![line(
             "db0",
-            format!("keys={},expires=0,avg_ttl=0", ctx.engine.len()),
+            format!("keys={},expires=0,avg_ttl=0", ctx.engine.key_count()),
         )];
     }
     Vec::new()

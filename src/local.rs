@@ -307,7 +307,7 @@ fn dbsize(ctx: Arc<Context>, client: u64) -> super::connection::PendingTask {
         let mut out = BytesMut::new();
         let topo = ctx.router.topology();
         if topo.is_empty() {
-            reply::int(&mut out, ctx.engine.len() as i64);
+            reply::int(&mut out, ctx.engine.key_count() as i64);
             return out;
         }
         let cmd = encode_command(&["DBSIZE"]);

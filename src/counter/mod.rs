@@ -271,7 +271,8 @@ impl Engine {
             windows,
             window_floor: AtomicU64::new(clock.now_secs()),
             clock_wall: clock,
-            moved_windows: AtomicBool::new(false),
+            // In memory mode every window entry is per bucket (see `incr`).
+            moved_windows: AtomicBool::new(memory_mode),
         });
         engine
     }
@@ -292,10 +293,9 @@ impl Engine {
             .map(|(_, m)| *m)
     }
 
-    /// Whether increments of `key` also count into time buckets (never in memory mode:
-    /// buckets live on the shards).
+    /// Whether increments of `key` also count into time buckets.
     pub fn is_windowed(&self, key: &[u8]) -> bool {
-        !self.memory_mode && self.windows.matches(key) && self.is_batched(key)
+        self.windows.matches(key) && self.is_batched(key)
     }
 
     pub fn windows(&self) -> &windows::Windows {
@@ -384,7 +384,7 @@ impl Engine {
             return Incr::Refused(LOG_FAILED);
         }
         let (mut stack, heap);
-        let window = if self.is_windowed(key) {
+        let window = if self.is_windowed(key) && !self.memory_mode {
             let t = self.clock_wall.now_secs();
             stack = [0u8; 96];
             match windows::pending_key_in(&mut stack, windows::ALL, t, key) {
@@ -467,6 +467,20 @@ impl Engine {
             if w.flags & DIRTY == 0 {
                 w.flags |= DIRTY;
                 self.note_dirty();
+            }
+        }
+        if self.memory_mode && self.is_windowed(key) {
+            // No shard to expand a window delta into buckets: the buckets are entries here,
+            // one per kept granularity, and `sweep_windows` drops them past retention.
+            let t = self.clock_wall.now_secs();
+            for g in (0..windows::GRANULARITIES).filter(|&g| self.windows.kept(g)) {
+                let wk = windows::pending_key(windows::LETTER[g], t - t % windows::SIZE[g], key);
+                if self.wal.is_some() {
+                    wal::encode_incr(&mut shard.log, &wk, delta);
+                }
+                let w = shard.map.entry(wk.into()).or_insert(Entry::NEW);
+                w.pending = w.pending.wrapping_add(delta);
+                w.flags |= DIRTY;
             }
         }
         shard.increments += 1;
@@ -958,6 +972,54 @@ impl Engine {
         self.shards.iter().map(|s| s.lock.lock().map.len()).sum()
     }
 
+    /// Counter keys held, window entries left out (DBSIZE in memory mode): a walk.
+    pub fn key_count(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| {
+                let shard = s.lock.lock();
+                shard
+                    .map
+                    .keys()
+                    .filter(|k| windows::parse_pending(k).is_none())
+                    .count()
+            })
+            .sum()
+    }
+
+    /// Memory mode: drops the bucket entries no longer kept (logged as their inverse, so a
+    /// replay does not bring them back). Returns how many went.
+    pub fn sweep_windows(&self) -> usize {
+        let now = self.clock_wall.now_secs();
+        let mut gone = 0;
+        for cell in self.shards.iter() {
+            let mut guard = cell.lock.lock();
+            let shard = &mut *guard;
+            let expired: Vec<key::Key> = shard
+                .map
+                .keys()
+                .filter(|k| match windows::parse_pending(k) {
+                    Some((letter, t, _)) => windows::LETTER
+                        .iter()
+                        .position(|&l| l == letter)
+                        .is_some_and(|g| !self.windows.retained(g, t, now)),
+                    None => false,
+                })
+                .cloned()
+                .collect();
+            for k in expired {
+                if let Some(e) = shard.map.remove(&k[..]) {
+                    if self.wal.is_some() {
+                        wal::encode_incr(&mut shard.log, &k, e.pending.wrapping_neg());
+                        cell.has_log.store(true, Ordering::SeqCst);
+                    }
+                    gone += 1;
+                }
+            }
+        }
+        gone
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -998,6 +1060,10 @@ impl Engine {
 
     /// Restores a delta from the log at start-up (before any client connects).
     pub fn restore_pending(&self, key: &[u8], delta: i64) {
+        if delta == 0 && windows::parse_pending(key).is_some() {
+            // A window entry whose records cancel out (swept past retention).
+            return;
+        }
         self.note_window(key);
         let mut shard = self.lock(key);
         if windows::parse_pending(key).is_none() {
@@ -1245,6 +1311,17 @@ pub fn spawn_background(
         }
     });
     if engine.is_memory_mode() {
+        if engine.windows().enabled() {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => { engine.sweep_windows(); }
+                        _ = shutdown.wait() => return,
+                    }
+                }
+            });
+        }
         return;
     }
     tokio::spawn(async move {
@@ -1299,6 +1376,32 @@ mod tests {
             "test".into(),
             1,
         )
+    }
+
+    #[test]
+    fn memory_mode_window_buckets_go_once_past_retention() {
+        let router = Arc::new(Router::new(crate::router::Topology::new(0, vec![], 160)));
+        let t0 = 1_763_856_000;
+        let clock = crate::clock::Clock::manual(t0 * 1000);
+        let e = Engine::new(
+            &CountersConfig::default(),
+            windows::Windows::from_config(&Default::default()),
+            clock.clone(),
+            router,
+            "test".into(),
+            1,
+        );
+        assert_eq!(e.try_incr(b"visits:a", 2), Incr::Value(2));
+        assert_eq!(e.try_incr(b"other", 1), Incr::Value(1));
+        // visits:a, other, and one bucket per granularity of visits:a.
+        assert_eq!((e.len(), e.key_count()), (6, 2));
+        assert_eq!(e.sweep_windows(), 0);
+        clock.advance(3600 + 1);
+        assert_eq!(e.sweep_windows(), 1, "the second's bucket");
+        clock.advance(8 * 86400);
+        assert_eq!(e.sweep_windows(), 1, "the minute's bucket");
+        assert_eq!((e.len(), e.key_count()), (4, 2));
+        assert_eq!(e.cached(b"visits:a"), Cached::Hit(Some(2)));
     }
 
     #[test]

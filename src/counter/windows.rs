@@ -326,8 +326,6 @@ pub struct Answer {
 pub enum QueryError {
     /// The key does not count into buckets (`[windows] match`, or a `}` in its hash part).
     NotWindowed,
-    /// No shards: buckets live on shards.
-    MemoryMode,
     /// A range that cannot be answered as asked.
     Invalid(String),
     /// The shard could not answer; the message is for the client (`TRYAGAIN ...`, `ERR ...`).
@@ -339,9 +337,6 @@ impl QueryError {
         match self {
             QueryError::NotWindowed => {
                 "ERR the key does not count into time windows (see [windows] match)".into()
-            }
-            QueryError::MemoryMode => {
-                "ERR time windows need shards: buckets are kept in Redis, and no shards are configured".into()
             }
             QueryError::Invalid(m) => format!("ERR {m}"),
             QueryError::Shard(m) => m.clone(),
@@ -370,9 +365,6 @@ async fn query_inner(
     key: &Bytes,
     ranges: &[(u64, u64)],
 ) -> Result<Answer, QueryError> {
-    if engine.is_memory_mode() {
-        return Err(QueryError::MemoryMode);
-    }
     if !engine.is_windowed(key) {
         return Err(QueryError::NotWindowed);
     }
@@ -398,6 +390,16 @@ async fn query_inner(
         plans.push(plan);
     }
     let buckets: Vec<(usize, u64)> = all.into_iter().collect();
+    if engine.is_memory_mode() {
+        // The buckets are the engine's own entries.
+        let (_, per_bucket) = engine.window_deltas(key, 0, 0, &buckets);
+        let (counts, uncovered) = combine(ranges, plans, &HashMap::new(), &[], &per_bucket);
+        return Ok(Answer {
+            counts,
+            uncovered,
+            served_via: "in_memory".into(),
+        });
+    }
     if let Some(m) = engine.router().migration() {
         crate::rebalance::ensure_buckets_moved(engine, &m, key, &buckets)
             .await

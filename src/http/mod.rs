@@ -347,7 +347,6 @@ async fn get_window(ctx: &Context, key: Bytes, query: &str, series: bool) -> Res
         Err(e) => {
             let status = match e {
                 QueryError::Invalid(_) | QueryError::NotWindowed => StatusCode::BAD_REQUEST,
-                QueryError::MemoryMode => StatusCode::NOT_IMPLEMENTED,
                 QueryError::Shard(_) => StatusCode::SERVICE_UNAVAILABLE,
             };
             return error(status, e.message());

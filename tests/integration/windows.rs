@@ -297,16 +297,44 @@ async fn resp_queries_refuse_what_they_cannot_answer() {
     assert_eq!(c.reply().await, ":1\r\n");
     assert_eq!(c.reply().await, ":1\r\n");
     proxy.stop().await;
+}
 
-    // Memory mode keeps no buckets: the query says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_mode_keeps_the_buckets_in_the_proxy_and_its_log() {
     let wal = TempDir::new("win-memory");
-    let mem = Proxy::start(support::config(&[], &wal)).await;
+    let t0 = 1_763_856_000; // an hour boundary; no Redis to expire anything
+    let clock = Clock::manual(t0 * 1000);
+    let mem = Proxy::start(config_at(&[], &wal, &clock)).await;
     let mut c = mem.conn().await;
-    incr(&mut c, "visits:m", 1).await;
-    assert!(c
-        .cmd(&["TALLY.LAST", "visits:m", "5"])
-        .await
-        .starts_with("-ERR time windows need shards"));
+    incr(&mut c, "visits:m", 3).await;
+    clock.advance(61);
+    incr(&mut c, "visits:m", 2).await;
+    assert_eq!(range(&mut c, "visits:m", t0, t0 + 1).await, 3);
+    assert_eq!(int(&c.cmd(&["TALLY.LAST", "visits:m", "61"]).await), 2);
+    assert_eq!(range(&mut c, "visits:m", t0, t0 + 120).await, 5);
+    assert_eq!(range(&mut c, "visits:m", t0 - 86400, t0 + 86400).await, 5);
+    let (s, v) = json(&mem, "GET", "/visits/m?last=1h").await;
+    assert_eq!((s, v["visits"].clone()), (200, Value::from(5)), "{v}");
+    assert_eq!(v["served_via"], "in_memory");
+    assert_eq!(
+        c.cmd(&["DBSIZE"]).await,
+        ":1\r\n",
+        "window entries are not keys"
+    );
+    drop(c);
+    mem.stop().await;
+
+    // The log brings them back.
+    let mem = Proxy::start(config_at(&[], &wal, &clock)).await;
+    let mut c = mem.conn().await;
+    assert_eq!(range(&mut c, "visits:m", t0, t0 + 1).await, 3);
+    assert_eq!(range(&mut c, "visits:m", t0 + 60, t0 + 62).await, 2);
+    // Two hours on, seconds are gone: a sub-minute range is not kept, whole minutes are.
+    clock.advance(2 * 3600);
+    assert_eq!(range(&mut c, "visits:m", t0, t0 + 1).await, 0);
+    assert_eq!(range(&mut c, "visits:m", t0, t0 + 60).await, 3);
+    let (_, v) = json(&mem, "GET", &format!("/visits/m?from={t0}&to={}", t0 + 1)).await;
+    assert_eq!(v["complete"], false, "{v}");
     mem.stop().await;
 }
 
