@@ -440,13 +440,17 @@ econ_received=$(info_field "$TALLY_PORT" counters increments_received)
 econ_flushes_before_stop=$(info_field "$TALLY_PORT" counters flushes)
 stop_tally
 econ_clean=$((STOP_FORCED == 0 && STOP_RC == 0))
-ECON_STATS="$WORK/commandstats.txt"
-: >"$ECON_STATS"
-for port in $REDIS_A $REDIS_B; do
-  # INFO does not count itself; CONFIG RESETSTAT counts itself once (after the reset).
-  cli -p "$port" INFO commandstats | tr -d '\r' | grep '^cmdstat_' |
-    sed "s/^/$port /" >>"$ECON_STATS"
-done
+# collect_commandstats FILE: both shards' INFO commandstats into FILE, which cmd_calls reads.
+# INFO does not count itself; CONFIG RESETSTAT counts itself once (after the reset).
+collect_commandstats() {
+  ECON_STATS=$1
+  : >"$ECON_STATS"
+  for port in $REDIS_A $REDIS_B; do
+    cli -p "$port" INFO commandstats | tr -d '\r' | grep '^cmdstat_' |
+      sed "s/^/$port /" >>"$ECON_STATS"
+  done
+}
+collect_commandstats "$WORK/commandstats.txt"
 cmd_calls() { # cmd_calls NAME -> calls summed over both shards (NAME "*" = all)
   awk -v c="$1" '{
     split($2, a, ":"); name = substr(a[1], 9)
@@ -454,13 +458,19 @@ cmd_calls() { # cmd_calls NAME -> calls summed over both shards (NAME "*" = all)
     if (match($2, /calls=[0-9]+/)) s += substr($2, RSTART + 6, RLENGTH - 6)
   } END { print s + 0 }' "$ECON_STATS"
 }
-econ_total=$(($(cmd_calls '*') - $(cmd_calls 'config|resetstat') - $(cmd_calls info)))
-econ_eval=$(cmd_calls eval)
-econ_incrby=$(cmd_calls incrby)
-econ_breakdown=$(awk '{split($2, a, ":"); name = substr(a[1], 9)
+# all_calls: every command but the script's own INFO and CONFIG RESETSTAT.
+all_calls() { echo $(($(cmd_calls '*') - $(cmd_calls 'config|resetstat') - $(cmd_calls info))); }
+# calls_breakdown: "name=calls ..." for those commands.
+calls_breakdown() {
+  awk '{split($2, a, ":"); name = substr(a[1], 9)
     if (name == "config|resetstat" || name == "info") next
     match($2, /calls=[0-9]+/); s[name] += substr($2, RSTART + 6, RLENGTH - 6)}
-  END {for (n in s) printf "%s=%d\n", n, s[n]}' "$ECON_STATS" | sort | paste -sd' ' -)
+  END {for (n in s) printf "%s=%d\n", n, s[n]}' "$ECON_STATS" | sort | paste -sd' ' -
+}
+econ_total=$(all_calls)
+econ_eval=$(cmd_calls eval)
+econ_incrby=$(cmd_calls incrby)
+econ_breakdown=$(calls_breakdown)
 # What landed: the sum of every counter on both shards (read after the stats above).
 econ_landed=0
 for port in $REDIS_A $REDIS_B; do
@@ -525,21 +535,13 @@ win_secs=$(elapsed "$win_start")
 win_received=$(info_field "$TALLY_PORT" counters increments_received)
 stop_tally
 win_clean=$((STOP_FORCED == 0 && STOP_RC == 0))
-ECON_STATS="$WORK/commandstats-windows.txt"
-: >"$ECON_STATS"
-for port in $REDIS_A $REDIS_B; do
-  cli -p "$port" INFO commandstats | tr -d '\r' | grep '^cmdstat_' |
-    sed "s/^/$port /" >>"$ECON_STATS"
-done
-win_total=$(($(cmd_calls '*') - $(cmd_calls 'config|resetstat') - $(cmd_calls info)))
+collect_commandstats "$WORK/commandstats-windows.txt"
+win_total=$(all_calls)
 win_eval=$(cmd_calls eval)
 win_incrby=$(cmd_calls incrby)
 win_hincrby=$(cmd_calls hincrby)
 win_expireat=$(cmd_calls expireat)
-win_breakdown=$(awk '{split($2, a, ":"); name = substr(a[1], 9)
-    if (name == "config|resetstat" || name == "info") next
-    match($2, /calls=[0-9]+/); s[name] += substr($2, RSTART + 6, RLENGTH - 6)}
-  END {for (n in s) printf "%s=%d\n", n, s[n]}' "$ECON_STATS" | sort | paste -sd' ' -)
+win_breakdown=$(calls_breakdown)
 # What landed: the totals, and the per-day buckets (every increment counts into one day).
 win_landed=0
 win_days=0

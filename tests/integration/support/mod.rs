@@ -296,13 +296,24 @@ impl Drop for Proxy {
 
 /// A bare HTTP/1.1 request (no client dependency): (status, body).
 pub async fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    http_with_body(addr, method, path, "").await
+}
+
+/// An HTTP/1.1 request with a JSON body (may be empty): (status, body).
+pub async fn http_with_body(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out))
         .await
         .unwrap()
         .unwrap();
@@ -522,27 +533,9 @@ pub async fn http_json(
     path: &str,
     body: &str,
 ) -> (u16, serde_json::Value) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out).to_string();
-    let status = text.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = text
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or("")
-        .trim()
-        .to_string();
+    let (status, body) = http_with_body(addr, method, path, body).await;
     (
         status,
-        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+        serde_json::from_str(body.trim()).unwrap_or(serde_json::Value::Null),
     )
 }
