@@ -81,6 +81,8 @@ pub struct Progress {
     pub error: Option<String>,
     /// Keys moved in, per shard name, over the life of the process.
     pub moved_into: HashMap<String, u64>,
+    /// Old shards declared lost in the rebalance under way (nothing is moved off them).
+    pub lost: Vec<String>,
 }
 
 #[derive(Default)]
@@ -100,6 +102,8 @@ impl Rebalancer {
                 *p.moved_into.entry(k).or_default() += v;
             }
             p.keys_moved = m.moved_into().values().sum();
+            p.lost = m.lost();
+            p.lost = m.lost();
         }
         if p.state.is_empty() {
             p.state = "idle".into();
@@ -272,7 +276,7 @@ pub async fn change(
             .map_err(|_| Refused("the write-ahead log failed".into()))?;
     }
     tracing::info!(id, from = old.version, to = new.version, shards = ?specs.iter().map(|s| &s.name).collect::<Vec<_>>(), "rebalance: new ring published");
-    Ok(start(ctx, id, old, Arc::new(new), HashSet::new()).await)
+    Ok(start(ctx, id, old, Arc::new(new), HashSet::new(), &[]).await)
 }
 
 /// Publishes `new` with a migration from `old`, and starts the mover. Also used to resume.
@@ -282,6 +286,7 @@ async fn start(
     old: Arc<Topology>,
     new: Arc<Topology>,
     moved: HashSet<Bytes>,
+    lost: &[String],
 ) -> Progress {
     let engine = &ctx.engine;
     for s in &new.shards {
@@ -299,6 +304,12 @@ async fn start(
     }
     engine.set_moved(moved);
     let m = Arc::new(Migration::new(id, old.clone(), new.clone()));
+    for name in lost {
+        m.set_lost(name);
+        if let Some(lane) = engine.lane(name) {
+            lane.abandon();
+        }
+    }
     ctx.router.set_migration(Some(m.clone()));
     ctx.router.publish_arc(new.clone());
     engine.invalidate_all_bases();
@@ -323,11 +334,82 @@ async fn start(
     ctx.rebalancer.progress(Some(&m))
 }
 
+/// Marks an old shard of a recorded rebalance as lost (see [`declare_lost`]); stripped off
+/// the weight when the rebalance is resumed. Weights are 1-100, so the bit is free.
+const LOST_BIT: u32 = 1 << 31;
+
+/// Declares `name`, a shard the rebalance under way removes, lost: an operator's statement
+/// that its data is gone for good (the machine died, the disk is lost). Recorded in the log
+/// first; then nothing is moved off it, keys it owned start from what this proxy still holds
+/// for them (its unlanded increments land on their new owners), its lane gives up the batch
+/// it was retrying (the deltas go back to pending, logged), and the rebalance can finish.
+/// Without it, a dead old shard holds the rebalance (and the keys it owned) forever.
+pub async fn declare_lost(ctx: &Arc<Context>, name: &str) -> Result<Progress, Refused> {
+    let m = ctx
+        .router
+        .migration()
+        .ok_or_else(|| Refused("no rebalance is under way".into()))?;
+    if m.old.by_name(name).is_none() {
+        return Err(Refused(format!(
+            "shard {name:?} is not in the old shard list of the rebalance under way"
+        )));
+    }
+    if m.new.by_name(name).is_some() {
+        return Err(Refused(format!(
+            "shard {name:?} stays in the ring; only a shard being removed can be declared lost"
+        )));
+    }
+    if !m.is_lost(name) {
+        let old_specs = specs_of(&m.old)
+            .into_iter()
+            .map(|mut s| {
+                if s.name == name || m.is_lost(&s.name) {
+                    s.weight |= LOST_BIT;
+                }
+                s
+            })
+            .collect();
+        let placement = Placement {
+            version: m.new.version,
+            shards: specs_of(&m.new),
+            migration: Some((m.id, old_specs)),
+        };
+        if let Some(w) = &ctx.engine.wal {
+            w.log_placement(&placement)
+                .await
+                .map_err(|_| Refused("the write-ahead log failed".into()))?;
+        }
+        m.set_lost(name);
+        if let Some(lane) = ctx.engine.lane(name) {
+            lane.abandon();
+        }
+        tracing::warn!(
+            id = m.id,
+            shard = name,
+            "rebalance: shard declared lost; its values are not moved"
+        );
+    }
+    Ok(ctx.rebalancer.progress(Some(&m)))
+}
+
 /// Resumes a rebalance recorded in the log (called at start-up).
 pub async fn resume(ctx: &Arc<Context>, placement: &Placement, moved: HashSet<Bytes>) {
     let Some((id, from)) = &placement.migration else {
         return;
     };
+    let lost: Vec<String> = from
+        .iter()
+        .filter(|s| s.weight & LOST_BIT != 0)
+        .map(|s| s.name.clone())
+        .collect();
+    let from: Vec<ShardSpec> = from
+        .iter()
+        .map(|s| ShardSpec {
+            weight: s.weight & !LOST_BIT,
+            ..s.clone()
+        })
+        .collect();
+    let from = &from;
     let current = ctx.router.topology();
     let old = match build_topology(
         &ctx.config,
@@ -346,7 +428,7 @@ pub async fn resume(ctx: &Arc<Context>, placement: &Placement, moved: HashSet<By
         moved = moved.len(),
         "rebalance: resuming after a restart"
     );
-    start(ctx, *id, old, current, moved).await;
+    start(ctx, *id, old, current, moved, &lost).await;
 }
 
 async fn dbsize_sum(t: &Topology) -> u64 {
@@ -389,6 +471,10 @@ pub async fn ensure_moved(engine: &Engine, m: &Migration, key: &[u8]) -> Result<
         return Ok(());
     }
     let (from, to) = (m.old.shard_for(key).clone(), m.new.shard_for(key).clone());
+    if m.is_lost(&from.name) {
+        engine.mark_moved(key);
+        return Ok(());
+    }
     match move_key(engine, m.id, key, &from, &to).await {
         Ok(moved) => {
             if moved {
@@ -599,6 +685,10 @@ async fn mover(ctx: Arc<Context>, m: Arc<Migration>) {
             if shutdown.is_triggered() {
                 return;
             }
+            if m.is_lost(&from.name) {
+                tracing::warn!(id = m.id, shard = %from.name, "rebalance: shard declared lost; its keys are not scanned");
+                break;
+            }
             let scan: [&[u8]; 4] = [b"SCAN", &cursor, b"COUNT", b"100"];
             let reply = call(from, &scan).await;
             let (next, keys) = match reply {
@@ -690,6 +780,9 @@ async fn mover(ctx: Arc<Context>, m: Arc<Migration>) {
         backoff = (backoff * 2).min(Duration::from_secs(5));
         let mut still = Vec::new();
         for (from, key) in failed {
+            if m.is_lost(&from.name) {
+                continue;
+            }
             if let Err(e) = move_once(engine, &m, &key, &from).await {
                 ctx.rebalancer.progress.lock().error = Some(e);
                 still.push((from, key));
@@ -704,7 +797,7 @@ async fn mover(ctx: Arc<Context>, m: Arc<Migration>) {
 /// Deletes this rebalance's tombstones on every old shard (after the log is synced).
 async fn delete_tombstones(m: &Migration, shutdown: &mut crate::shutdown::Shutdown) -> bool {
     let pattern = format!("tally:mv:{}:*", m.id);
-    for from in m.old.shards.iter() {
+    for from in m.old.shards.iter().filter(|s| !m.is_lost(&s.name)) {
         let mut cursor = b"0".to_vec();
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -758,6 +851,10 @@ async fn move_once(
     if engine.is_moved(key) {
         return Ok(false);
     }
+    if m.is_lost(&from.name) {
+        engine.mark_moved(key);
+        return Ok(false);
+    }
     let to = m.new.shard_for(key);
     let moved = move_key(engine, m.id, key, from, to).await?;
     if moved {
@@ -789,7 +886,10 @@ async fn finish(ctx: &Arc<Context>, m: &Migration, shutdown: &mut crate::shutdow
     ctx.router.set_migration(None);
     ctx.engine.set_moved(HashSet::new());
     for s in &m.old.shards {
-        if m.new.by_name(&s.name).is_none() {
+        if m.new.by_name(&s.name).is_none() && m.is_lost(&s.name) {
+            ctx.engine.remove_lane(&s.name);
+            s.retire();
+        } else if m.new.by_name(&s.name).is_none() {
             // Its keys are gone; so is this proxy's exactly-once record there.
             let _ = call(
                 s,

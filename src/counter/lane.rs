@@ -122,6 +122,8 @@ pub struct Lane {
     engine: Weak<Engine>,
     queue: Mutex<Queue>,
     wake: Notify,
+    /// The shard was declared lost (see `rebalance::declare_lost`): nothing more is sent.
+    abandoned: std::sync::atomic::AtomicBool,
 }
 
 /// One batch: what is sent, and what each key carried.
@@ -141,6 +143,7 @@ impl Lane {
             engine: Arc::downgrade(engine),
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
+            abandoned: Default::default(),
         });
         tokio::spawn(run(lane.clone()));
         lane
@@ -179,6 +182,18 @@ impl Lane {
         self.wake.notify_one();
     }
 
+    /// Gives the shard up for lost: the batch being retried and any queued replay are
+    /// abandoned (their deltas go back to pending, logged, for the keys' new owners), reads
+    /// fail at once, and flushes succeed with nothing to land.
+    pub fn abandon(&self) {
+        self.abandoned.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    fn is_abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::SeqCst)
+    }
+
     /// Queues a batch recovered from the log; it goes before any new work.
     pub fn replay(&self, seq: u64, items: Vec<(Bytes, i64)>) {
         self.queue.lock().replay.push((seq, items));
@@ -212,6 +227,24 @@ async fn run(lane: Arc<Lane>) {
             };
             if reads.is_empty() && flushers.is_empty() && replay.is_empty() && between.is_empty() {
                 break;
+            }
+            if lane.is_abandoned() {
+                for (seq, items) in replay {
+                    let items: Vec<_> = items.into_iter().map(|(k, d)| (k, Some(d))).collect();
+                    engine.abandon_batch(seq, &items).await;
+                }
+                for (_, (_, ws)) in reads {
+                    for w in ws {
+                        let _ = w.send(Err(LaneError::Unavailable));
+                    }
+                }
+                for (_, on_reply) in between {
+                    on_reply(Err(LaneError::Unavailable));
+                }
+                for f in flushers {
+                    let _ = f.send(true);
+                }
+                continue;
             }
             for (seq, items) in replay {
                 let items = items.into_iter().map(|(k, d)| (k, Some(d))).collect();
@@ -378,6 +411,11 @@ async fn send_batch(
     let mut backoff = Duration::from_millis(50);
     let mut attempts = 0u32;
     loop {
+        if attempts > 0 && lane.is_abandoned() {
+            // Declared lost while backing off: no further attempt.
+            engine.abandon_batch(batch.seq, &batch.items).await;
+            return false;
+        }
         attempts += 1;
         let epoch = engine.invalidation_epoch();
         match attempt(lane, &batch).await {
@@ -434,6 +472,10 @@ async fn send_batch(
                 if !has_deltas {
                     return false;
                 }
+                if lane.is_abandoned() {
+                    engine.abandon_batch(batch.seq, &batch.items).await;
+                    return false;
+                }
                 // Whoever waits for this flush learns now that the shard is not taking it;
                 // the batch keeps trying, and other lanes are not held up.
                 for f in flushers.drain(..) {
@@ -445,7 +487,7 @@ async fn send_batch(
                 engine.stats.batch_retries.fetch_add(1, Ordering::Relaxed);
                 // Reads that queue up meanwhile are answered at once: the shard is down.
                 let deadline = tokio::time::Instant::now() + backoff;
-                loop {
+                while !lane.is_abandoned() {
                     tokio::select! {
                         _ = tokio::time::sleep_until(deadline) => break,
                         _ = lane.wake.notified() => {

@@ -945,6 +945,34 @@ impl Engine {
         }
     }
 
+    /// A batch whose shard was declared lost: its deltas go back to pending (for the keys'
+    /// new owners), logged as increments in the same commit as the batch's `Applied`
+    /// record, so that a replay neither re-sends the batch nor loses its deltas.
+    pub(crate) async fn abandon_batch(&self, seq: u64, items: &[(Bytes, Option<i64>)]) {
+        let _gate = match &self.wal {
+            Some(w) => Some(w.lane_gate.read().await),
+            None => None,
+        };
+        if self.wal.is_some() {
+            for (k, d) in items {
+                let Some(d) = d else { continue };
+                let cell = &self.shards[shard_of(k)];
+                wal::encode_incr(&mut cell.lock.lock().log, k, *d);
+                cell.has_log.store(true, Ordering::SeqCst);
+            }
+        }
+        self.untake(items);
+        if let Some(w) = &self.wal {
+            w.log_applied(seq);
+            let _ = w.commit().await;
+        }
+        tracing::warn!(
+            seq,
+            keys = items.len(),
+            "batch for a lost shard abandoned; its deltas go to the keys' new owners"
+        );
+    }
+
     /// Forgets entries that are clean and stale, bounding the cache to what was used
     /// within one TTL. Returns how many remain.
     pub fn sweep(&self) -> usize {

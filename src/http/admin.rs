@@ -93,6 +93,29 @@ pub async fn route(ctx: &Arc<Context>, method: &Method, rest: &str, body: Bytes)
             StatusCode::OK,
             json!(ctx.rebalancer.progress(ctx.router.migration().as_deref())),
         ),
+        (&Method::POST, "rebalance/lost") => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Lost {
+                shard: String,
+            }
+            let lost: Lost = match serde_json::from_slice(&body) {
+                Ok(l) => l,
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("body must be {{\"shard\": \"<name>\"}}: {e}"),
+                    )
+                }
+            };
+            match rebalance::declare_lost(ctx, &lost.shard).await {
+                Ok(p) => json_response(
+                    StatusCode::OK,
+                    json!({"status": "declared lost", "rebalance": p}),
+                ),
+                Err(e) => error(StatusCode::CONFLICT, e.0),
+            }
+        }
         (&Method::POST, "flush") => {
             // Lands every pending increment now (before maintenance, or in tests); 503 when
             // a shard did not take its batch (it stays pending and is retried).
@@ -112,7 +135,7 @@ pub async fn route(ctx: &Arc<Context>, method: &Method, rest: &str, body: Bytes)
             ctx.shutdown.trigger();
             json_response(StatusCode::ACCEPTED, json!({"status": "shutting down"}))
         }
-        (_, "shards" | "rebalance" | "shutdown" | "flush") => {
+        (_, "shards" | "rebalance" | "rebalance/lost" | "shutdown" | "flush") => {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
         (_, p) if p.starts_with("shards/") => {

@@ -66,6 +66,8 @@ pub struct Migration {
     stripes: Vec<tokio::sync::Mutex<()>>,
     /// Keys moved so far (by the mover or by a first touch), per new owner.
     moved_into: parking_lot::Mutex<std::collections::HashMap<String, u64>>,
+    /// Old shards an operator declared lost: nothing is moved off them.
+    lost: parking_lot::RwLock<std::collections::HashSet<String>>,
 }
 
 impl Migration {
@@ -76,7 +78,23 @@ impl Migration {
             new,
             stripes: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
             moved_into: Default::default(),
+            lost: Default::default(),
         }
+    }
+
+    /// Declares old shard `name` lost: its values are gone, nothing is moved off it.
+    pub fn set_lost(&self, name: &str) {
+        self.lost.write().insert(name.to_string());
+    }
+
+    pub fn is_lost(&self, name: &str) -> bool {
+        self.lost.read().contains(name)
+    }
+
+    pub fn lost(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.lost.read().iter().cloned().collect();
+        v.sort();
+        v
     }
 
     /// Whether `key` changes owner in this rebalance.

@@ -456,3 +456,80 @@ async fn a_refused_change_leaves_the_ring_untouched() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_shard_removed_and_declared_lost_lets_the_rebalance_finish() {
+    let (a, b, mut c) = (Redis::start(), Redis::start(), Redis::start());
+    let wal = TempDir::new("rebalance-lost");
+    let proxy = Proxy::start(support::config(&[&a, &b, &c], &wal)).await;
+    let mut conn = proxy.conn().await;
+    let keys: Vec<String> = (0..300).map(|i| format!("lost:{i}")).collect();
+    for k in &keys {
+        assert_eq!(conn.cmd(&["INCRBY", k, "5"]).await, ":5\r\n");
+    }
+    let (status, _) = http(proxy.http, "POST", "/admin/flush", "").await;
+    assert_eq!(status, 200);
+    let c_name = format!("redis_{}", c.port);
+    let on_c: Vec<bool> = keys
+        .iter()
+        .map(|k| ring_owner(&[&a, &b, &c], k) == c.port)
+        .collect();
+    assert!(on_c.iter().filter(|x| **x).count() > 50);
+    let (status, _) = http(
+        proxy.http,
+        "POST",
+        "/admin/rebalance/lost",
+        "{\"shard\": \"x\"}",
+    )
+    .await;
+    assert_eq!(status, 409, "no rebalance under way");
+
+    // c dies for good; increments of its keys are still taken (from the known base).
+    c.stop();
+    for k in &keys {
+        assert_eq!(conn.cmd(&["INCR", k]).await, ":6\r\n");
+    }
+    // A flush takes c's deltas into a batch that c never confirms: it is retried.
+    let (status, _) = http(proxy.http, "POST", "/admin/flush", "").await;
+    assert_eq!(status, 503);
+    let (status, body) = http(proxy.http, "DELETE", &format!("/admin/shards/{c_name}"), "").await;
+    assert_eq!(status, 202, "{body}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, p) = http(proxy.http, "GET", "/admin/rebalance", "").await;
+    assert_eq!(p["state"], "running", "held by the dead shard: {p}");
+    let (status, _) = http(
+        proxy.http,
+        "POST",
+        "/admin/rebalance/lost",
+        &format!("{{\"shard\": \"redis_{}\"}}", a.port),
+    )
+    .await;
+    assert_eq!(status, 409, "a shard that stays cannot be declared lost");
+
+    let (status, body) = http(
+        proxy.http,
+        "POST",
+        "/admin/rebalance/lost",
+        &format!("{{\"shard\": \"{c_name}\"}}"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["rebalance"]["lost"], serde_json::json!([c_name]));
+    wait_done(proxy.http, Duration::from_secs(30)).await;
+    let (status, body) = http(proxy.http, "POST", "/admin/flush", "").await;
+    assert_eq!(status, 200, "{body}");
+
+    // c's keys start over from what the proxy held for them (the increment after c died);
+    // every other key is whole.
+    for (k, lost) in keys.iter().zip(&on_c) {
+        let want = if *lost { 1 } else { 6 };
+        let (total, on) = value_on(&[&a, &b], k);
+        assert_eq!(total, want, "{k} on {on:?}");
+        assert_eq!(on.len(), 1, "{k} on {on:?}");
+        assert_eq!(
+            conn.cmd(&["GET", k]).await,
+            format!("${}\r\n{want}\r\n", want.to_string().len())
+        );
+    }
+    proxy.stop().await;
+}
