@@ -316,14 +316,14 @@ const REFUSED: &[(&str, &str)] = &[
     ("lolwut", ADMIN),
 ];
 
-type Table = HashMap<&'static str, Spec, ahash::RandomState>;
+type Table = HashMap<&'static [u8], Spec, ahash::RandomState>;
 
 fn table() -> &'static Table {
     static TABLE: OnceLock<Table> = OnceLock::new();
     TABLE.get_or_init(|| {
         let mut t = Table::default();
         let mut add = |name: &'static str, arity: i32, kind: Kind| {
-            let dup = t.insert(name, Spec { name, arity, kind });
+            let dup = t.insert(name.as_bytes(), Spec { name, arity, kind });
             assert!(dup.is_none(), "command {name} listed twice");
         };
         for &(n, a) in SINGLE {
@@ -357,8 +357,7 @@ pub fn lookup(name: &[u8]) -> Option<&'static Spec> {
     for (d, s) in lower.iter_mut().zip(name) {
         *d = s.to_ascii_lowercase();
     }
-    let lower = std::str::from_utf8(&lower[..name.len()]).ok()?;
-    table().get(lower)
+    table().get(&lower[..name.len()])
 }
 
 /// Every command the proxy knows, for `COMMAND` and `COMMAND COUNT`.

@@ -21,7 +21,11 @@ use crate::backend::{BackendError, Reply, Shard};
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use redis_protocol::resp2::types::BytesFrame;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+/// The lane's maps are keyed by counter keys: ahash with random seeds per map, as the
+/// engine's own maps (faster than SipHash, still keyed against chosen collisions).
+type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, ahash::RandomState>;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -249,7 +253,14 @@ async fn run(lane: Arc<Lane>) {
             for (seq, items) in replay {
                 let items = items.into_iter().map(|(k, d)| (k, Some(d))).collect();
                 let batch = Batch::new(&engine, seq, items);
-                send_batch(&lane, &engine, batch, &mut HashMap::new(), &mut Vec::new()).await;
+                send_batch(
+                    &lane,
+                    &engine,
+                    batch,
+                    &mut HashMap::default(),
+                    &mut Vec::new(),
+                )
+                .await;
             }
             if !reads.is_empty() || !flushers.is_empty() {
                 let mut flushers = flushers;
@@ -298,7 +309,7 @@ async fn round(
         .into_iter()
         .map(|(k, d)| (k, Some(d)))
         .collect();
-    let landed: std::collections::HashSet<Bytes> = items.iter().map(|(k, _)| k.clone()).collect();
+    let landed: HashSet<Bytes> = items.iter().map(|(k, _)| k.clone()).collect();
     for k in reads.keys() {
         if !landed.contains(k) {
             items.push((k.clone(), None));

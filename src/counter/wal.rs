@@ -518,19 +518,17 @@ fn frame(out: &mut Vec<u8>, kind: u8, payload: &[u8]) {
 /// Appends an `Incr` record (called by the engine under its map shard lock).
 pub fn encode_incr(out: &mut Vec<u8>, key: &[u8], delta: i64) {
     let len = (1 + 4 + key.len() + 8) as u32;
-    let mut h = crc32fast::Hasher::new();
-    let klen = (key.len() as u32).to_le_bytes();
-    let d = delta.to_le_bytes();
-    h.update(&[INCR]);
-    h.update(&klen);
-    h.update(key);
-    h.update(&d);
     out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&h.finalize().to_le_bytes());
+    let crc_at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    let body = out.len();
     out.push(INCR);
-    out.extend_from_slice(&klen);
+    out.extend_from_slice(&(key.len() as u32).to_le_bytes());
     out.extend_from_slice(key);
-    out.extend_from_slice(&d);
+    out.extend_from_slice(&delta.to_le_bytes());
+    // One pass over the record in place (the framing of `frame`, without a copy).
+    let crc = crc32fast::hash(&out[body..]);
+    out[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
 }
 
 fn put_items<'a>(p: &mut Vec<u8>, items: impl ExactSizeIterator<Item = (&'a [u8], i64)>) {
