@@ -288,12 +288,7 @@ async fn clients_speak_tls_to_the_listener() {
     let eof = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut got)).await;
     assert!(eof.is_ok(), "closed");
     assert!(!String::from_utf8_lossy(&got).contains("PONG"), "{got:?}");
-    trigger.trigger();
-    tokio::time::timeout(Duration::from_secs(15), task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    stop(trigger, task).await;
     assert_eq!(a.get("tls:k").as_deref(), Some("5"));
 }
 
@@ -394,12 +389,7 @@ async fn maxclients_on_a_tls_listener_closes_without_writing() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(served, "a slot freed is taken again");
-    trigger.trigger();
-    tokio::time::timeout(Duration::from_secs(15), task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    stop(trigger, task).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -610,4 +600,17 @@ async fn a_rebalance_between_password_protected_shards_authenticates_its_moves()
         let _ = ch.kill();
         let _ = ch.wait();
     }
+}
+
+/// Orderly shutdown of a proxy started with `tallyproxy::run`; waits for it to return.
+async fn stop(
+    trigger: tallyproxy::shutdown::ShutdownTrigger,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    trigger.trigger();
+    tokio::time::timeout(Duration::from_secs(15), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }
