@@ -512,23 +512,20 @@ async fn window(ctx: &Arc<Context>, op: command::WindowOp, args: &[Bytes], out: 
     let text = |i: usize| String::from_utf8_lossy(&args[i]).into_owned();
     let now = ctx.engine.wall_clock().now_secs();
     let ranges = match op {
-        command::WindowOp::Range => windows::parse_time(&text(2))
-            .and_then(|from| Ok(vec![(from, windows::parse_time(&text(3))?)]))
+        command::WindowOp::Range => crate::clock::parse_time(&text(2))
+            .and_then(|from| Ok(vec![(from, crate::clock::parse_time(&text(3))?)]))
             .map_err(QueryError::Invalid),
-        command::WindowOp::Last => windows::parse_span(&text(2))
-            .map(|span| vec![((now + 1).saturating_sub(span), now + 1)])
+        command::WindowOp::Last => crate::clock::parse_span(&text(2))
+            .map(|span| vec![windows::last(now, span)])
             .map_err(QueryError::Invalid),
         command::WindowOp::Series => (|| {
-            let from = windows::parse_time(&text(2)).map_err(QueryError::Invalid)?;
-            let to = windows::parse_time(&text(3)).map_err(QueryError::Invalid)?;
-            let step = windows::parse_span(&text(4)).map_err(QueryError::Invalid)?;
+            let from = crate::clock::parse_time(&text(2)).map_err(QueryError::Invalid)?;
+            let to = crate::clock::parse_time(&text(3)).map_err(QueryError::Invalid)?;
+            let step = crate::clock::parse_span(&text(4)).map_err(QueryError::Invalid)?;
             windows::series_ranges(from, to, step)
         })(),
     };
     let answer = match ranges {
-        Ok(r) if r.iter().any(|(a, b)| a >= b) => Err(QueryError::Invalid(
-            "the range must end after it starts".into(),
-        )),
         Ok(r) => windows::query(&ctx.engine, &args[1], &r)
             .await
             .map(|a| (r, a)),

@@ -17,7 +17,8 @@
 //! - [`info`], [`metrics`]: figures for INFO and /metrics.
 //! - [`auth`], [`tls`]: who may connect, and encryption on both sides.
 //! - [`shutdown`]: the signal every task holds.
-//! - [`clock`]: the wall clock of time windows (a test's own, in tests).
+//! - [`clock`]: the wall clock of time windows (a test's own, in tests), and the text forms
+//!   of times and spans.
 #![forbid(unsafe_code)]
 
 pub mod auth;

@@ -12,8 +12,14 @@
 //!   next flush, added to whatever increments reached it meanwhile: counters merge. A crash
 //!   at any point leaves the value in exactly one of: the key, the tombstone, the log;
 //!   resuming handles each (a tombstone whose key the log says moved is only deleted).
+//! - a bucket hash of time windows (`tally:w:...`) moves like a counter: tombstone, its
+//!   fields become window deltas of the proxy (logged), merged into the new owner's hash by
+//!   the next flush.
 //! - any other key moves with Redis's own `MIGRATE` (TTL kept; a key the new owner already
 //!   holds is newer and wins).
+//!
+//! An old shard that died for good can be declared lost ([`declare_lost`]): nothing is moved
+//! off it, and the rebalance can finish.
 //!
 //! Reads never see half a move: the first command that needs a key whole during a rebalance
 //! moves that key first ([`ensure_moved`]), serialised with the mover per key.
@@ -466,27 +472,11 @@ pub async fn ensure_moved(engine: &Engine, m: &Migration, key: &[u8]) -> Result<
     if !m.owner_changed(key) || engine.is_moved(key) {
         return Ok(());
     }
-    let _one = m.stripe(key).lock().await;
-    if engine.is_moved(key) {
-        return Ok(());
-    }
-    let (from, to) = (m.old.shard_for(key).clone(), m.new.shard_for(key).clone());
-    if m.is_lost(&from.name) {
-        engine.mark_moved(key);
-        return Ok(());
-    }
-    match move_key(engine, m.id, key, &from, &to).await {
-        Ok(moved) => {
-            if moved {
-                m.note_moved(&to.name);
-            }
-            Ok(())
-        }
-        Err(e) => {
-            tracing::warn!(key = %String::from_utf8_lossy(key), from = %from.name, to = %to.name, error = %e, "rebalance: move failed");
-            Err(LaneError::Unavailable)
-        }
-    }
+    let from = m.old.shard_for(key).clone();
+    move_once(engine, m, key, &from).await.map(|_| ()).map_err(|e| {
+        tracing::warn!(key = %String::from_utf8_lossy(key), from = %from.name, error = %e, "rebalance: move failed");
+        LaneError::Unavailable
+    })
 }
 
 /// Makes sure the bucket hashes of `key` that a window read needs have no counts left on
@@ -500,17 +490,12 @@ pub async fn ensure_buckets_moved(
     if !m.owner_changed(key) {
         return Ok(());
     }
-    let mut seen = HashSet::new();
-    for &(g, t) in buckets {
-        let bk = windows::bucket_key(key, g, t);
-        if !seen.insert(bk.clone()) || engine.is_moved(&bk) {
-            continue;
-        }
-        let from = m.old.shard_for(key).clone();
-        move_once(engine, m, &bk, &from).await.map_err(|e| {
-            tracing::warn!(key = %String::from_utf8_lossy(&bk), from = %from.name, error = %e, "rebalance: bucket move failed");
-            LaneError::Unavailable
-        })?;
+    let hashes: std::collections::BTreeSet<Vec<u8>> = buckets
+        .iter()
+        .map(|&(g, t)| windows::bucket_key(key, g, t))
+        .collect();
+    for bk in hashes {
+        ensure_moved(engine, m, &bk).await?;
     }
     Ok(())
 }

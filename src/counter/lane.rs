@@ -11,6 +11,10 @@
 //!
 //! Requests that arrive while a round trip is out wait for the next one and share it:
 //! concurrent first reads of one key cost one read, and many keys cost one round trip.
+//! Window deltas in a batch become `HINCRBY`s of bucket hashes in the same script, under the
+//! same number. A window read is sent between round trips ([`Lane::read_between`]), when no
+//! batch of the lane is in flight. A lane whose shard was declared lost ([`Lane::abandon`])
+//! gives its batches back to the engine and sends nothing more.
 //!
 //! Owns the exactly-once protocol. Does not own the deltas themselves (the engine does;
 //! the lane takes them, and settles them with the shard's reply).
@@ -121,6 +125,45 @@ struct Queue {
     between: Vec<(Bytes, OnReply)>,
 }
 
+impl Queue {
+    fn is_empty(&self) -> bool {
+        self.reads.is_empty()
+            && self.flush.is_empty()
+            && self.replay.is_empty()
+            && self.between.is_empty()
+    }
+
+    /// Takes everything a round trip would answer, leaving the replays.
+    fn take_requests(&mut self) -> Queue {
+        Queue {
+            reads: std::mem::take(&mut self.reads),
+            flush: std::mem::take(&mut self.flush),
+            replay: Vec::new(),
+            between: std::mem::take(&mut self.between),
+        }
+    }
+
+    /// Answers requests without the shard: reads fail, flush waiters learn `flushed`.
+    fn answer_without_shard(self, flushed: bool) {
+        fail_waiters(
+            self.reads.into_values().map(|(_, ws)| ws),
+            LaneError::Unavailable,
+        );
+        for (_, on_reply) in self.between {
+            on_reply(Err(LaneError::Unavailable));
+        }
+        for f in self.flush {
+            let _ = f.send(flushed);
+        }
+    }
+}
+
+fn fail_waiters(waiters: impl IntoIterator<Item = Vec<Waiter>>, e: LaneError) {
+    for w in waiters.into_iter().flatten() {
+        let _ = w.send(Err(e));
+    }
+}
+
 pub struct Lane {
     pub shard: Arc<Shard>,
     engine: Weak<Engine>,
@@ -220,36 +263,26 @@ async fn run(lane: Arc<Lane>) {
             return;
         };
         loop {
-            let (reads, flushers, replay, between) = {
-                let mut q = lane.queue.lock();
-                (
-                    std::mem::take(&mut q.reads),
-                    std::mem::take(&mut q.flush),
-                    std::mem::take(&mut q.replay),
-                    std::mem::take(&mut q.between),
-                )
-            };
-            if reads.is_empty() && flushers.is_empty() && replay.is_empty() && between.is_empty() {
+            let mut taken = std::mem::take(&mut *lane.queue.lock());
+            if taken.is_empty() {
                 break;
             }
+            let replay = std::mem::take(&mut taken.replay);
             if lane.is_abandoned() {
                 for (seq, items) in replay {
                     let items: Vec<_> = items.into_iter().map(|(k, d)| (k, Some(d))).collect();
                     engine.abandon_batch(seq, &items).await;
                 }
-                for (_, (_, ws)) in reads {
-                    for w in ws {
-                        let _ = w.send(Err(LaneError::Unavailable));
-                    }
-                }
-                for (_, on_reply) in between {
-                    on_reply(Err(LaneError::Unavailable));
-                }
-                for f in flushers {
-                    let _ = f.send(true);
-                }
+                // Nothing is left to land on a lost shard: flushes succeed.
+                taken.answer_without_shard(true);
                 continue;
             }
+            let Queue {
+                reads,
+                flush: flushers,
+                between,
+                ..
+            } = taken;
             for (seq, items) in replay {
                 let items = items.into_iter().map(|(k, d)| (k, Some(d))).collect();
                 let batch = Batch::new(&engine, seq, items);
@@ -366,11 +399,7 @@ async fn round(
                 // replay would count its deltas again. They stay in flight in memory, and
                 // the log up to its failure holds every increment that was acknowledged.
                 drop(gate);
-                for (_, ws) in waiters.drain() {
-                    for w in ws {
-                        let _ = w.send(Err(LaneError::Unavailable));
-                    }
-                }
+                fail_waiters(waiters.into_values(), LaneError::Unavailable);
                 return false;
             }
         }
@@ -380,11 +409,7 @@ async fn round(
     for b in batches {
         all_ok &= send_batch(lane, engine, b, &mut waiters, flushers).await;
     }
-    for (_, ws) in waiters.drain() {
-        for w in ws {
-            let _ = w.send(Err(LaneError::Unavailable));
-        }
-    }
+    fail_waiters(waiters.into_values(), LaneError::Unavailable);
     if flush {
         flush_histogram().record(started.elapsed().as_secs_f64());
         engine.stats.flushes.fetch_add(1, Ordering::Relaxed);
@@ -473,13 +498,10 @@ async fn send_batch(
                 } else {
                     LaneError::Unavailable
                 };
-                for (key, _) in &batch.items {
-                    if let Some(ws) = waiters.remove(key) {
-                        for w in ws {
-                            let _ = w.send(Err(lane_err));
-                        }
-                    }
-                }
+                fail_waiters(
+                    batch.items.iter().filter_map(|(k, _)| waiters.remove(k)),
+                    lane_err,
+                );
                 if !has_deltas {
                     return false;
                 }
@@ -502,15 +524,9 @@ async fn send_batch(
                     tokio::select! {
                         _ = tokio::time::sleep_until(deadline) => break,
                         _ = lane.wake.notified() => {
-                            let reads = std::mem::take(&mut lane.queue.lock().reads);
-                            for (_, (_, ws)) in reads {
-                                for w in ws { let _ = w.send(Err(LaneError::Unavailable)); }
-                            }
                             // Flush waiters learn the shard is down; the batch keeps trying.
-                            let flushers = std::mem::take(&mut lane.queue.lock().flush);
-                            for f in flushers { let _ = f.send(false); }
-                            let between = std::mem::take(&mut lane.queue.lock().between);
-                            for (_, on_reply) in between { on_reply(Err(LaneError::Unavailable)); }
+                            let requests = lane.queue.lock().take_requests();
+                            requests.answer_without_shard(false);
                         }
                     }
                 }

@@ -15,7 +15,14 @@
 //! connection, one round trip at a time, every write carrying a batch sequence number that
 //! the shard records, so a retried or replayed batch is applied exactly once.
 //!
-//! With no shards (memory mode) the entries are the counters themselves and never expire.
+//! A key used after half its TTL is re-read in the background (`refresh_ahead`), so keys in
+//! use do not go stale. An increment of a windowed key also adds to a *window delta* entry
+//! (see [`windows`]) in the same map shard, under the same lock: window deltas are entries
+//! like any other for the log, the flush and the replay. INFO's figures are running totals
+//! kept per map shard, never a walk over the keys.
+//!
+//! With no shards (memory mode) the entries are the counters themselves and never expire;
+//! window entries are the buckets, swept past retention.
 //!
 //! Owns counting and caching. Does not own the wire (`connection`, `http` call it) or
 //! placement (`router`).
@@ -106,6 +113,21 @@ impl Entry {
 }
 
 type Map = HashMap<key::Key, Entry, ahash::RandomState>;
+
+impl Shard {
+    /// Adds `delta` to `key`'s pending delta (a new entry if none); true when the entry was
+    /// not dirty before (the caller counts it).
+    fn add_pending(&mut self, key: &[u8], delta: i64) -> bool {
+        let e = match self.map.get_mut(key) {
+            Some(e) => e,
+            None => self.map.entry(key.into()).or_insert(Entry::NEW),
+        };
+        e.pending = e.pending.wrapping_add(delta);
+        let newly_dirty = e.flags & DIRTY == 0;
+        e.flags |= DIRTY;
+        newly_dirty
+    }
+}
 
 struct Shard {
     map: Map,
@@ -388,20 +410,7 @@ impl Engine {
         if self.wal.as_ref().is_some_and(|w| w.failed()) {
             return Incr::Refused(LOG_FAILED);
         }
-        let (mut stack, heap);
-        let window = if self.is_windowed(key) && !self.memory_mode {
-            let t = self.clock_wall.now_secs();
-            stack = [0u8; 96];
-            match windows::pending_key_in(&mut stack, windows::ALL, t, key) {
-                Some(k) => Some(k),
-                None => {
-                    heap = windows::pending_key(windows::ALL, t, key);
-                    Some(&heap[..])
-                }
-            }
-        } else {
-            None
-        };
+        let window_at = self.is_windowed(key).then(|| self.clock_wall.now_secs());
         let now = self.now_ms();
         let cell = &self.shards[shard_of(key)];
         let mut guard = cell.lock.lock();
@@ -458,34 +467,18 @@ impl Engine {
             wal::encode_incr(&mut shard.log, key, delta);
             cell.has_log.store(true, Ordering::SeqCst);
         }
-        if let Some(wk) = window {
+        if let Some(t) = window_at {
             // Same map shard, same lock, same log buffer: the increment and its window
             // delta reach the log in one write, or neither does.
-            if self.wal.is_some() {
-                wal::encode_incr(&mut shard.log, wk, delta);
-            }
-            let w = match shard.map.get_mut(wk) {
-                Some(w) => w,
-                None => shard.map.entry(wk.into()).or_insert(Entry::NEW),
-            };
-            w.pending = w.pending.wrapping_add(delta);
-            if w.flags & DIRTY == 0 {
-                w.flags |= DIRTY;
-                self.note_dirty();
-            }
-        }
-        if self.memory_mode && self.is_windowed(key) {
-            // No shard to expand a window delta into buckets: the buckets are entries here,
-            // one per kept granularity, and `sweep_windows` drops them past retention.
-            let t = self.clock_wall.now_secs();
-            for g in (0..windows::GRANULARITIES).filter(|&g| self.windows.kept(g)) {
-                let wk = windows::pending_key(windows::LETTER[g], t - t % windows::SIZE[g], key);
-                if self.wal.is_some() {
-                    wal::encode_incr(&mut shard.log, &wk, delta);
+            if self.memory_mode {
+                // No shard to expand a window delta into buckets: the buckets are entries
+                // here, one per kept granularity; `sweep_windows` drops them past retention.
+                for g in (0..windows::GRANULARITIES).filter(|&g| self.windows.kept(g)) {
+                    let bucket = t - t % windows::SIZE[g];
+                    self.add_window_delta(shard, windows::LETTER[g], bucket, key, delta);
                 }
-                let w = shard.map.entry(wk.into()).or_insert(Entry::NEW);
-                w.pending = w.pending.wrapping_add(delta);
-                w.flags |= DIRTY;
+            } else {
+                self.add_window_delta(shard, windows::ALL, t, key, delta);
             }
         }
         shard.increments += 1;
@@ -498,6 +491,26 @@ impl Engine {
             Incr::Value(new)
         } else {
             Incr::Pending
+        }
+    }
+
+    /// Adds `delta` to the window delta `g`/`t` of `key` in `shard` (its map shard, locked),
+    /// logged. The entry's key is built on the stack: no allocation unless it is new.
+    fn add_window_delta(&self, shard: &mut Shard, g: u8, t: u64, key: &[u8], delta: i64) {
+        let mut stack = [0u8; 96];
+        let heap;
+        let wk = match windows::pending_key_in(&mut stack, g, t, key) {
+            Some(k) => k,
+            None => {
+                heap = windows::pending_key(g, t, key);
+                &heap[..]
+            }
+        };
+        if self.wal.is_some() {
+            wal::encode_incr(&mut shard.log, wk, delta);
+        }
+        if shard.add_pending(wk, delta) {
+            self.note_dirty();
         }
     }
 
@@ -619,20 +632,15 @@ impl Engine {
         let cell = &self.shards[shard_of(key)];
         let mut guard = cell.lock.lock();
         let shard = &mut *guard;
-        let e = shard.map.entry(key.into()).or_insert(Entry::NEW);
-        e.pending = e.pending.wrapping_add(value);
-        let newly_dirty = e.flags & DIRTY == 0;
+        if shard.add_pending(key, value) {
+            self.note_dirty();
+        }
         shard.unflushed = shard.unflushed.wrapping_add(value);
-        e.flags |= DIRTY;
         if self.wal.is_some() {
             wal::encode_moved(&mut shard.log, id, key, value);
             cell.has_log.store(true, Ordering::SeqCst);
         }
         self.moved.lock().insert(Bytes::copy_from_slice(key));
-        drop(guard);
-        if newly_dirty {
-            self.note_dirty();
-        }
     }
 
     /// Adds the counts of bucket hash `bk` (granularity `g` of `key`), moved off its old
@@ -649,29 +657,21 @@ impl Engine {
         let cell = &self.shards[shard_of(key)];
         let mut guard = cell.lock.lock();
         let shard = &mut *guard;
-        let mut newly_dirty = 0;
         for &(t, v) in fields {
             let pk = windows::pending_key(windows::LETTER[g], t, key);
             if self.wal.is_some() {
                 wal::encode_moved(&mut shard.log, id, &pk, v);
             }
-            let e = shard.map.entry(pk.into()).or_insert(Entry::NEW);
-            e.pending = e.pending.wrapping_add(v);
-            if e.flags & DIRTY == 0 {
-                e.flags |= DIRTY;
-                newly_dirty += 1;
+            if shard.add_pending(&pk, v) {
+                self.note_dirty();
             }
         }
         if self.wal.is_some() {
-            wal::encode_moved(&mut shard.log, id, bk, 0);
+            wal::encode_marked(&mut shard.log, id, bk);
             cell.has_log.store(true, Ordering::SeqCst);
         }
         self.moved_windows.store(true, Ordering::Relaxed);
         self.moved.lock().insert(Bytes::copy_from_slice(bk));
-        drop(guard);
-        for _ in 0..newly_dirty {
-            self.note_dirty();
-        }
     }
 
     /// Marks a key as moved without a value (its old owner had nothing for it).

@@ -8,6 +8,9 @@
 //! - `Batch { seq, shard, items }`: deltas a lane took for a flush; written (and, with
 //!   `fsync = "always"`, synced) before the batch is sent.
 //! - `Applied { seq }`: the shard confirmed the batch.
+//! - `Moved { id, key, value }` / `Marked { id, key }`: a value taken off a key's old owner
+//!   by a rebalance (replay adds it to pending and marks the key moved), or a key marked
+//!   moved with nothing to add (a bucket hash, whose counts are `Moved` window deltas).
 //! - `Checkpoint { next_seq, pending, unapplied }`: the whole state at a cut; replay starts
 //!   over from it. Written as the first record of a new segment, after which older segments
 //!   are deleted, so the log does not grow without bound.
@@ -46,6 +49,7 @@ const APPLIED: u8 = 3;
 const CHECKPOINT: u8 = 4;
 const PLACEMENT: u8 = 5;
 const MOVED: u8 = 6;
+const MARKED: u8 = 7;
 /// Longest record accepted on replay; anything claiming more is corruption.
 const MAX_RECORD: usize = 1 << 30;
 
@@ -620,6 +624,15 @@ pub fn encode_moved(out: &mut Vec<u8>, id: u64, key: &[u8], value: i64) {
     frame(out, MOVED, &p);
 }
 
+/// Appends a `Marked` record: `key` (a bucket hash, whose counts were logged as `Moved`
+/// window deltas) has moved in rebalance `id`; nothing to add.
+pub fn encode_marked(out: &mut Vec<u8>, id: u64, key: &[u8]) {
+    let mut p = Vec::with_capacity(12 + key.len());
+    p.extend_from_slice(&id.to_le_bytes());
+    put_str(&mut p, key);
+    frame(out, MARKED, &p);
+}
+
 /// A cursor over a record's payload; every read is bounds-checked.
 struct Cursor<'a>(&'a [u8]);
 
@@ -754,15 +767,13 @@ fn apply(rec: &mut Recovered, kind: u8, payload: &[u8]) -> Option<()> {
             let _id = c.u64()?;
             let k = Bytes::copy_from_slice(c.str()?);
             let v = c.i64()?;
-            // A bucket hash is only marked moved (its counts follow as window deltas); a
-            // window delta only counts; a counter key does both.
-            if !k.starts_with(super::windows::BUCKET_PREFIX) {
-                let e = rec.pending.entry(k.clone()).or_insert(0);
-                *e = e.wrapping_add(v);
-            }
-            if !k.starts_with(super::windows::PENDING_PREFIX) {
-                rec.moved.insert(k);
-            }
+            let e = rec.pending.entry(k.clone()).or_insert(0);
+            *e = e.wrapping_add(v);
+            rec.moved.insert(k);
+        }
+        MARKED => {
+            let _id = c.u64()?;
+            rec.moved.insert(Bytes::copy_from_slice(c.str()?));
         }
         _ => return None,
     }
@@ -866,6 +877,36 @@ mod tests {
         assert_eq!(r.unapplied.keys().copied().collect::<Vec<_>>(), vec![11]);
         assert_eq!(r.next_seq, 12);
         assert_eq!(r.truncated_bytes, 0);
+    }
+
+    #[test]
+    fn moved_values_count_and_marked_keys_only_mark() {
+        let mut b = Vec::new();
+        encode_moved(&mut b, 7, b"k", 40);
+        encode_marked(&mut b, 7, b"tally:w:{k}:m:0:k");
+        let r = roundtrip(&b);
+        assert_eq!(r.pending.get(&Bytes::from_static(b"k")), Some(&40));
+        assert_eq!(
+            r.pending.len(),
+            1,
+            "a marked key adds nothing: {:?}",
+            r.pending
+        );
+        assert!(r.moved.contains(&Bytes::from_static(b"k")));
+        assert!(r.moved.contains(&Bytes::from_static(b"tally:w:{k}:m:0:k")));
+    }
+
+    #[test]
+    fn the_incr_record_is_framed_as_any_other() {
+        let mut fast = Vec::new();
+        encode_incr(&mut fast, b"visits:home", -3);
+        let mut payload = Vec::new();
+        payload.extend_from_slice(&11u32.to_le_bytes());
+        payload.extend_from_slice(b"visits:home");
+        payload.extend_from_slice(&(-3i64).to_le_bytes());
+        let mut framed = Vec::new();
+        frame(&mut framed, INCR, &payload);
+        assert_eq!(fast, framed);
     }
 
     #[test]

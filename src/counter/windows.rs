@@ -20,9 +20,11 @@
 //! the key's lane, so no flush of that shard is in flight meanwhile, and the window deltas
 //! still in the proxy are added: the answer includes the last second's increments.
 //!
-//! Owns the bucket layout, the retention rules and query planning. Does not own the
-//! flush (the lane does) or the wire (`connection`, `http`).
+//! Owns the bucket layout, the retention rules, query planning and answering ([`query`]).
+//! Does not own the flush (the lane does), the text forms of times (`clock`) or the wire
+//! (`connection`, `http`).
 
+use crate::clock::format_time;
 use crate::config::{Retention, WindowsConfig};
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
@@ -373,13 +375,7 @@ async fn query_inner(
     let mut plans = Vec::with_capacity(ranges.len());
     let mut all = std::collections::BTreeSet::new();
     for &(from, to) in ranges {
-        if from >= to {
-            return Err(QueryError::Invalid(format!(
-                "the range must end after it starts ({} >= {})",
-                format_time(from),
-                format_time(to)
-            )));
-        }
+        ordered(from, to)?;
         let plan = w.plan(from, to, now).map_err(QueryError::Invalid)?;
         all.extend(plan.buckets.iter().copied());
         if all.len() > MAX_BUCKETS {
@@ -500,8 +496,8 @@ fn combine(
     (counts, plans.into_iter().map(|p| p.uncovered).collect())
 }
 
-/// The ranges of a series: [from, to) cut into `step`s (the last one may be shorter).
-pub fn series_ranges(from: u64, to: u64, step: u64) -> Result<Vec<(u64, u64)>, QueryError> {
+/// Refuses a range that does not end after it starts.
+fn ordered(from: u64, to: u64) -> Result<(), QueryError> {
     if from >= to {
         return Err(QueryError::Invalid(format!(
             "the range must end after it starts ({} >= {})",
@@ -509,6 +505,17 @@ pub fn series_ranges(from: u64, to: u64, step: u64) -> Result<Vec<(u64, u64)>, Q
             format_time(to)
         )));
     }
+    Ok(())
+}
+
+/// The last `span` seconds at `now`, the current second included: [now + 1 - span, now + 1).
+pub fn last(now: u64, span: u64) -> (u64, u64) {
+    ((now + 1).saturating_sub(span), now + 1)
+}
+
+/// The ranges of a series: [from, to) cut into `step`s (the last one may be shorter).
+pub fn series_ranges(from: u64, to: u64, step: u64) -> Result<Vec<(u64, u64)>, QueryError> {
+    ordered(from, to)?;
     let points = (to - from).div_ceil(step);
     if points > MAX_POINTS as u64 {
         return Err(QueryError::Invalid(format!(
@@ -518,134 +525,6 @@ pub fn series_ranges(from: u64, to: u64, step: u64) -> Result<Vec<(u64, u64)>, Q
     Ok((0..points)
         .map(|i| (from + i * step, (from + (i + 1) * step).min(to)))
         .collect())
-}
-
-/// Parses a time: Unix seconds, or RFC 3339 (`2026-11-23T17:00:00Z`, `...+01:00`, with
-/// optional fractional seconds, which are dropped).
-pub fn parse_time(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
-        return s
-            .parse::<u64>()
-            .ok()
-            .filter(|&v| v < 1 << 40)
-            .ok_or_else(|| format!("time {s:?} is out of range"));
-    }
-    parse_rfc3339(s).ok_or_else(|| {
-        format!("invalid time {s:?}: use Unix seconds or RFC 3339 (2026-11-23T17:00:00Z)")
-    })
-}
-
-fn parse_rfc3339(s: &str) -> Option<u64> {
-    let b = s.as_bytes();
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        let part = b.get(r)?;
-        if !part.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        std::str::from_utf8(part).ok()?.parse().ok()
-    };
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[13] != b':' || b[16] != b':' {
-        return None;
-    }
-    if !matches!(b[10], b'T' | b't' | b' ') {
-        return None;
-    }
-    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&mo) || d < 1 || d > days_in_month(y, mo) || h > 23 || mi > 59 || sec > 60
-    {
-        return None;
-    }
-    let mut at = 19;
-    if b.get(at) == Some(&b'.') {
-        at += 1;
-        let start = at;
-        while b.get(at).is_some_and(u8::is_ascii_digit) {
-            at += 1;
-        }
-        if at == start {
-            return None;
-        }
-    }
-    let offset = match b.get(at)? {
-        b'Z' | b'z' if at + 1 == b.len() => 0,
-        sign @ (b'+' | b'-') if at + 6 == b.len() && b[at + 3] == b':' => {
-            let (oh, om) = (num(at + 1..at + 3)?, num(at + 4..at + 6)?);
-            if oh > 23 || om > 59 {
-                return None;
-            }
-            let o = oh * 3600 + om * 60;
-            if *sign == b'+' {
-                o
-            } else {
-                -o
-            }
-        }
-        _ => return None,
-    };
-    let secs = days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + sec.min(59) - offset;
-    u64::try_from(secs).ok()
-}
-
-fn days_in_month(y: i64, m: i64) -> i64 {
-    match m {
-        4 | 6 | 9 | 11 => 30,
-        2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
-        2 => 28,
-        _ => 31,
-    }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146097 + doe - 719468
-}
-
-/// RFC 3339 in UTC, whole seconds: `2026-11-23T17:00:00Z`.
-pub fn format_time(t: u64) -> String {
-    let days = (t / 86400) as i64;
-    let rem = t % 86400;
-    // Inverse of days_from_civil.
-    let z = days + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Parses a window length or step: whole seconds (`60`) or a duration (`60s`, `1h30m`,
-/// `7d`); at least one second.
-pub fn parse_span(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let secs = if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
-        s.parse::<u64>()
-            .map_err(|e| format!("invalid duration {s:?}: {e}"))?
-    } else {
-        humantime::parse_duration(s)
-            .map_err(|e| format!("invalid duration {s:?}: {e}"))?
-            .as_secs()
-    };
-    if secs == 0 || secs >= 1 << 40 {
-        return Err(format!("duration {s:?} must be between 1s and 30000 years"));
-    }
-    Ok(secs)
 }
 
 #[cfg(test)]
@@ -668,45 +547,6 @@ mod tests {
     }
 
     const DAY0: u64 = 1_763_856_000; // 2025-11-23T00:00:00Z
-
-    #[test]
-    fn times_parse_and_print_in_utc() {
-        assert_eq!(format_time(DAY0), "2025-11-23T00:00:00Z");
-        assert_eq!(parse_time("2025-11-23T00:00:00Z"), Ok(DAY0));
-        assert_eq!(parse_time("1763856000"), Ok(DAY0));
-        assert_eq!(parse_time("2025-11-23T01:30:00+01:30"), Ok(DAY0));
-        assert_eq!(parse_time("2025-11-22T23:00:00.750-01:00"), Ok(DAY0));
-        assert_eq!(parse_time("2024-02-29T12:00:00Z"), Ok(1_709_208_000));
-        assert_eq!(format_time(1_709_208_000), "2024-02-29T12:00:00Z");
-        assert_eq!(format_time(0), "1970-01-01T00:00:00Z");
-        for bad in [
-            "",
-            "2025-02-29T00:00:00Z",
-            "2025-11-23",
-            "2025-11-23T24:00:00Z",
-            "2025-11-23T00:00:00",
-            "2025-11-23T00:00:00+0100",
-            "yesterday",
-            "-5",
-            "2025-11-23T00:00:00.Z",
-        ] {
-            assert!(parse_time(bad).is_err(), "{bad:?}");
-        }
-        for t in [0, 59, 86399, 951_782_400, DAY0 + 12345, 4_102_444_800] {
-            assert_eq!(parse_time(&format_time(t)), Ok(t), "{t}");
-        }
-    }
-
-    #[test]
-    fn spans_take_seconds_or_durations() {
-        assert_eq!(parse_span("60"), Ok(60));
-        assert_eq!(parse_span("60s"), Ok(60));
-        assert_eq!(parse_span("1h 30m"), Ok(5400));
-        assert_eq!(parse_span("7d"), Ok(7 * 86400));
-        assert!(parse_span("0s").is_err());
-        assert!(parse_span("500ms").is_err());
-        assert!(parse_span("soon").is_err());
-    }
 
     #[test]
     fn keys_name_their_counter_and_keep_its_hash_tag() {

@@ -303,7 +303,12 @@ async fn get_window(ctx: &Context, key: Bytes, query: &str, series: bool) -> Res
         }
     }
     let now = ctx.engine.wall_clock().now_secs();
-    let time = |name: &str| params.get(name).map(|v| windows::parse_time(v)).transpose();
+    let time = |name: &str| {
+        params
+            .get(name)
+            .map(|v| crate::clock::parse_time(v))
+            .transpose()
+    };
     let (from, to) = match (time("from"), time("to"), params.get("last")) {
         (Err(e), _, _) | (_, Err(e), _) => return bad(e),
         (Ok(None), _, None) => {
@@ -316,26 +321,21 @@ async fn get_window(ctx: &Context, key: Bytes, query: &str, series: bool) -> Res
         (Ok(Some(_)), _, Some(_)) | (_, Ok(Some(_)), Some(_)) => {
             return bad("give either from/to or last, not both".into())
         }
-        (Ok(None), Ok(None), Some(last)) => match windows::parse_span(last) {
-            Ok(span) => ((now + 1).saturating_sub(span), now + 1),
+        (Ok(None), Ok(None), Some(last)) => match crate::clock::parse_span(last) {
+            Ok(span) => windows::last(now, span),
             Err(e) => return bad(e),
         },
         (Ok(Some(from)), to, None) => (from, to.ok().flatten().unwrap_or(now + 1)),
     };
     let ranges = if series {
-        let step = match params.get("step").map(|s| windows::parse_span(s)) {
+        let step = match params.get("step").map(|s| crate::clock::parse_span(s)) {
             None => 60,
             Some(Ok(s)) => s,
             Some(Err(e)) => return bad(e),
         };
         windows::series_ranges(from, to, step)
-    } else if from >= to {
-        Err(QueryError::Invalid(format!(
-            "the range must end after it starts ({} >= {})",
-            windows::format_time(from),
-            windows::format_time(to)
-        )))
     } else {
+        // `query` refuses a range that does not end after it starts.
         Ok(vec![(from, to)])
     };
     let answer = match ranges {
@@ -356,25 +356,25 @@ async fn get_window(ctx: &Context, key: Bytes, query: &str, series: bool) -> Res
         .uncovered
         .iter()
         .flatten()
-        .map(|(f, t)| json!({"from": windows::format_time(*f), "to": windows::format_time(*t)}))
+        .map(|(f, t)| json!({"from": crate::clock::format_time(*f), "to": crate::clock::format_time(*t)}))
         .collect();
     let mut body = if series {
         let points: Vec<_> = ranges
             .iter()
             .zip(&a.counts)
-            .map(|((t, _), n)| json!({"t": windows::format_time(*t), "visits": n}))
+            .map(|((t, _), n)| json!({"t": crate::clock::format_time(*t), "visits": n}))
             .collect();
         json!({
-            "from": windows::format_time(from),
-            "to": windows::format_time(to),
+            "from": crate::clock::format_time(from),
+            "to": crate::clock::format_time(to),
             "step": ranges[0].1 - ranges[0].0,
             "points": points,
         })
     } else {
         json!({
             "visits": a.counts[0],
-            "from": windows::format_time(from),
-            "to": windows::format_time(to),
+            "from": crate::clock::format_time(from),
+            "to": crate::clock::format_time(to),
         })
     };
     body["served_via"] = json!(a.served_via);

@@ -91,29 +91,8 @@ async fn clients_must_authenticate_when_a_password_is_set() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shards_with_a_password_are_authenticated_on_every_connect() {
-    let dir = TempDir::new("redis-auth");
-    let port = support::free_port();
-    let mut child = std::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--requirepass",
-            "shardpw",
-        ])
-        .arg("--dir")
-        .arg(dir.path())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    // Up once it answers (NOAUTH counts).
-    let up = support::wait_until(Duration::from_secs(5), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
-    assert!(up);
+    let shard = Redis::start_with(&["--requirepass", "shardpw"]);
+    let port = shard.port;
     let wal = TempDir::new("wal");
     let toml = format!(
         "listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n[[shards]]\naddr = \"127.0.0.1:{port}\"\npassword = \"shardpw\"\n\
@@ -146,8 +125,6 @@ async fn shards_with_a_password_are_authenticated_on_every_connect() {
         "1",
         "the flush authenticated"
     );
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -503,36 +480,10 @@ fn tls_and_credentials_that_cannot_be_honoured_stop_start_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebalance_between_password_protected_shards_authenticates_its_moves() {
-    let dir = TempDir::new("pw-shards");
-    let mut children = Vec::new();
-    let mut ports = Vec::new();
-    for _ in 0..3 {
-        let port = support::free_port();
-        children.push(
-            std::process::Command::new("redis-server")
-                .args([
-                    "--port",
-                    &port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--requirepass",
-                    "pw",
-                ])
-                .arg("--dir")
-                .arg(dir.path())
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        ports.push(port);
-    }
-    for p in &ports {
-        assert!(support::wait_until(Duration::from_secs(5), || {
-            std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok()
-        }));
-    }
+    let shards: Vec<Redis> = (0..3)
+        .map(|_| Redis::start_with(&["--requirepass", "pw"]))
+        .collect();
+    let ports: Vec<u16> = shards.iter().map(|r| r.port).collect();
     let wal = TempDir::new("wal");
     let toml = format!(
         "listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n[[shards]]\naddr = \"127.0.0.1:{}\"\n[[shards]]\naddr = \"127.0.0.1:{}\"\n\
@@ -553,14 +504,8 @@ async fn a_rebalance_between_password_protected_shards_authenticates_its_moves()
     proxy.stop().await;
     let proxy = Proxy::start(tallyproxy::Config::from_toml_str(&toml).unwrap()).await;
     let body = format!("{{\"addr\": \"127.0.0.1:{}\"}}", ports[2]);
-    let mut s = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    s.write_all(format!("POST /admin/shards HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    assert!(out.starts_with("HTTP/1.1 202"), "{out}");
+    let (status, out) = support::http_with_body(proxy.http, "POST", "/admin/shards", &body).await;
+    assert_eq!(status, 202, "{out}");
     let done = async {
         for _ in 0..300 {
             let (_, p) = proxy.http("GET", "/admin/rebalance").await;
@@ -596,10 +541,7 @@ async fn a_rebalance_between_password_protected_shards_authenticates_its_moves()
     .unwrap();
     assert!(moved_to_third > 0);
     proxy.stop().await;
-    for mut ch in children {
-        let _ = ch.kill();
-        let _ = ch.wait();
-    }
+    drop(shards);
 }
 
 /// Orderly shutdown of a proxy started with `tallyproxy::run`; waits for it to return.

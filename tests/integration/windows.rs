@@ -9,8 +9,9 @@
 use crate::support::{self, ring_owner, Proxy, ProxyProcess, Raw, Redis, TempDir};
 use serde_json::Value;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tallyproxy::clock::format_time;
 use tallyproxy::clock::Clock;
-use tallyproxy::counter::windows::{bucket_key, format_time};
+use tallyproxy::counter::windows::bucket_key;
 use tallyproxy::Config;
 
 fn real_now() -> u64 {

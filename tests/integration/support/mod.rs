@@ -54,6 +54,8 @@ pub struct Redis {
     pub port: u16,
     child: Option<Child>,
     dir: TempDir,
+    /// More redis-server arguments (e.g. `--requirepass pw`).
+    extra: Vec<String>,
 }
 
 impl Redis {
@@ -61,12 +63,22 @@ impl Redis {
         Self::start_on(free_port())
     }
 
+    /// A redis-server with more arguments.
+    pub fn start_with(extra: &[&str]) -> Redis {
+        Self::start_as(free_port(), extra)
+    }
+
     pub fn start_on(port: u16) -> Redis {
+        Self::start_as(port, &[])
+    }
+
+    fn start_as(port: u16, extra: &[&str]) -> Redis {
         let dir = TempDir::new("redis");
         let mut r = Redis {
             port,
             child: None,
             dir,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         r.spawn();
         r
@@ -87,6 +99,7 @@ impl Redis {
                 ])
                 .arg("--dir")
                 .arg(self.dir.path())
+                .args(&self.extra)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -183,8 +196,9 @@ pub fn ping(port: u16) -> bool {
     if s.write_all(b"PING\r\n").is_err() {
         return false;
     }
+    // A server that wants a password answers too (NOAUTH).
     let mut buf = [0u8; 7];
-    s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+    s.read_exact(&mut buf).is_ok() && (&buf == b"+PONG\r\n" || buf.starts_with(b"-NOAUTH"))
 }
 
 /// Polls `f` every 20 ms until it is true or `limit` passes.
