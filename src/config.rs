@@ -870,6 +870,61 @@ mod tests {
     use super::*;
 
     #[test]
+    fn window_retention_is_configurable_off_or_forever_and_checked() {
+        let d = Config::default();
+        assert_eq!(d.windows.patterns, vec!["visits:*".to_string()]);
+        assert_eq!(d.windows.seconds, Retention::For(Duration::from_secs(3600)));
+        assert_eq!(
+            d.windows.minutes,
+            Retention::For(Duration::from_secs(7 * 86400))
+        );
+        assert_eq!(
+            d.windows.hours,
+            Retention::For(Duration::from_secs(90 * 86400))
+        );
+        assert_eq!(d.windows.days, Retention::Forever);
+        let c = Config::from_toml_str(
+            "[windows]\nmatch = [\"page:*\", \"visits:*\"]\nseconds = \"off\"\nminutes = \"36h\"\ndays = \"400d\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.windows.patterns.len(), 2);
+        assert_eq!(c.windows.seconds, Retention::Off);
+        assert_eq!(
+            c.windows.minutes,
+            Retention::For(Duration::from_secs(36 * 3600))
+        );
+        assert_eq!(
+            c.windows.hours,
+            Retention::For(Duration::from_secs(90 * 86400))
+        );
+        assert_eq!(
+            c.windows.days,
+            Retention::For(Duration::from_secs(400 * 86400))
+        );
+        for (toml, err) in [
+            (
+                "[windows]\nminutes = \"30s\"\n",
+                "windows.minutes must keep at least one bucket (60s)",
+            ),
+            (
+                "[windows]\ndays = \"23h\"\n",
+                "windows.days must keep at least one bucket (86400s)",
+            ),
+            (
+                "[windows]\nhours = \"soon\"\n",
+                "invalid retention \"soon\"",
+            ),
+            (
+                "[windows]\nmatch = [\"\"]\n",
+                "windows.match: patterns must not be empty",
+            ),
+        ] {
+            let e = Config::from_toml_str(toml).unwrap_err().0;
+            assert!(e.contains(err), "{toml}: {e}");
+        }
+    }
+
+    #[test]
     fn the_empty_config_has_the_documented_defaults() {
         let c = Config::default();
         assert_eq!(c.listen.to_string(), "127.0.0.1:6380");

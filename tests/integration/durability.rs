@@ -207,7 +207,7 @@ async fn a_shard_stopped_under_load_ends_with_exact_counts() {
 
 /// A TCP relay in front of a shard that, once, forwards a flush batch (an EVAL that
 /// carries a delta) and then drops both connections before the reply can come back.
-async fn lossy_relay(target: u16) -> (u16, Arc<AtomicBool>) {
+pub(crate) async fn lossy_relay(target: u16) -> (u16, Arc<AtomicBool>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let dropped = Arc::new(AtomicBool::new(false));

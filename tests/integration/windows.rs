@@ -539,3 +539,69 @@ async fn a_rebalance_merges_buckets_into_their_new_owner() {
     assert!(moved > 20, "{moved} of 120 pages moved to the new shard");
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_flush_reply_does_not_double_count_the_buckets() {
+    let a = Redis::start();
+    let (relay, dropped) = crate::durability::lossy_relay(a.port).await;
+    let wal = TempDir::new("win-relay");
+    let toml = format!(
+        "listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n[[shards]]\nname = \"only\"\naddr = \"127.0.0.1:{relay}\"\n\
+         [backend]\ntimeout = \"300ms\"\n[counters]\nflush_interval = \"1h\"\n[durability]\nwal_dir = \"{}\"\n",
+        wal.path().display()
+    );
+    let mut cfg = Config::from_toml_str(&toml).unwrap();
+    let t0 = hour_ahead() + 5;
+    cfg.clock = Clock::manual(t0 * 1000);
+    let proxy = Proxy::start(cfg).await;
+    let mut c = proxy.conn().await;
+    incr(&mut c, "visits:relay", 250).await;
+    proxy.stop().await;
+    assert!(
+        std::sync::atomic::AtomicBool::load(&dropped, std::sync::atomic::Ordering::SeqCst),
+        "the relay dropped a flush reply"
+    );
+    // The batch was retried under the same id: the buckets hold each increment once.
+    for g in 0..4 {
+        let bucket = t0 - t0 % tallyproxy::counter::windows::SIZE[g];
+        let v: Option<String> = redis::cmd("HGET")
+            .arg(bucket_key(b"visits:relay", g, bucket))
+            .arg(bucket.to_string())
+            .query(&mut a.client())
+            .unwrap();
+        assert_eq!(v.as_deref(), Some("250"), "granularity {g}");
+    }
+    assert_eq!(a.get("visits:relay").as_deref(), Some("250"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_granularity_turned_off_is_neither_written_nor_used() {
+    let r = Redis::start();
+    let wal = TempDir::new("win-off");
+    let t0 = hour_ahead() + 10;
+    let clock = Clock::manual(t0 * 1000);
+    let mut cfg = config_at(&[&r], &wal, &clock);
+    cfg.windows.seconds = tallyproxy::config::Retention::Off;
+    let proxy = Proxy::start(cfg).await;
+    let mut c = proxy.conn().await;
+    incr(&mut c, "visits:off", 3).await;
+    flush(&proxy).await;
+    let exists =
+        |k: Vec<u8>| -> i64 { redis::cmd("EXISTS").arg(k).query(&mut r.client()).unwrap() };
+    assert_eq!(exists(bucket_key(b"visits:off", 0, t0)), 0, "no seconds");
+    assert_eq!(exists(bucket_key(b"visits:off", 1, t0)), 1, "minutes");
+    // Whole minutes are answered; a part of a minute has no bucket to answer it.
+    assert_eq!(range(&mut c, "visits:off", t0 - 10, t0 + 50).await, 3);
+    let (_, v) = json(
+        &proxy,
+        "GET",
+        &format!("/visits/off?from={t0}&to={}", t0 + 1),
+    )
+    .await;
+    assert_eq!(
+        (v["visits"].clone(), v["complete"].clone()),
+        (Value::from(0), Value::from(false)),
+        "{v}"
+    );
+    proxy.stop().await;
+}
