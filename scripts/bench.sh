@@ -534,6 +534,7 @@ res=$(bench "$TALLY_PORT" 16 "$ECON_N" "$ECON_KEYS" INCR "visits:__rand_int__")
 read -r win_rps _ _ <<<"$res"
 win_secs=$(elapsed "$win_start")
 win_received=$(info_field "$TALLY_PORT" counters increments_received)
+win_flushes_before_stop=$(info_field "$TALLY_PORT" counters flushes)
 stop_tally
 win_clean=$((STOP_FORCED == 0 && STOP_RC == 0))
 collect_commandstats "$WORK/commandstats-windows.txt"
@@ -542,6 +543,11 @@ win_eval=$(cmd_calls eval)
 win_incrby=$(cmd_calls incrby)
 win_hincrby=$(cmd_calls hincrby)
 win_expireat=$(cmd_calls expireat)
+# The flushes' own commands: the writes and the watermark's HGET/HSET per write batch. Each
+# lane counts a flush pass, so a flush of both shards is 2; the final flush at SIGTERM is 1
+# more per shard.
+win_flush_cmds=$((win_incrby + $(cmd_calls hincrby) + win_expireat + $(cmd_calls hget) + $(cmd_calls hset)))
+win_flushes=$(((win_flushes_before_stop + 2) / 2))
 win_breakdown=$(calls_breakdown)
 # What landed: the totals, and the per-day buckets (every increment counts into one day).
 win_landed=0
@@ -663,6 +669,8 @@ wal_fs=$(df -T "$WORK" | awk 'NR == 2 {print $2}')
   echo "| of which HINCRBY (bucket fields) | $win_hincrby |"
   echo "| of which EXPIREAT | $win_expireat |"
   echo "| **Redis commands per EVAL batch** | **$(per "$win_total" "$win_eval")** |"
+  echo "| flushes (periodic, plus the final one at SIGTERM) | $win_flushes |"
+  echo "| **Redis commands of the flushes, per flush** (INCRBY, HINCRBY, EXPIREAT, watermark HGET/HSET) | **$(per "$win_flush_cmds" "$win_flushes")** |"
   echo "| client INCRs per Redis command | $(per "$ECON_N" "$win_total") |"
   echo "| increments landed (sum of the totals / of the day buckets) | $win_landed / $win_days |"
   echo
