@@ -124,6 +124,7 @@ where
         // its cache line between cores.
         let mut commands = 0u64;
         let burst_start = std::time::Instant::now();
+        let log_epoch = ctx.engine.wal.as_ref().map_or(0, |w| w.epoch());
         let mut more = false;
         let mut protocol_error = None;
         while !client.close {
@@ -198,12 +199,10 @@ where
             // Large replies go out before the burst ends, so that one client's output is
             // bounded; a client that does not read then stops being read.
             if wbuf.len() > ctx.config.limits.max_output_bytes {
-                if let (Some(wal), true) = (&ctx.engine.wal, client.logged) {
-                    if wal.commit().await.is_err() {
-                        client.close = true;
-                        wbuf.clear();
-                        break;
-                    }
+                if !logged_durably(&ctx, &client, log_epoch).await {
+                    client.close = true;
+                    wbuf.clear();
+                    break;
                 }
                 if !write_out(&mut stream, &wbuf, &ctx).await {
                     client.close = true;
@@ -228,12 +227,10 @@ where
             // An increment is acknowledged only once its log record is durable (group
             // commit: one write, and with fsync=always one sync, for the whole burst and
             // every other client's burst that arrived meanwhile).
-            if let (Some(wal), true) = (&ctx.engine.wal, client.logged) {
-                if wal.commit().await.is_err() {
-                    // Not durable, so not acknowledged: close without the replies; the
-                    // client sees an unknown outcome, which is the truth.
-                    break;
-                }
+            if !logged_durably(&ctx, &client, log_epoch).await {
+                // Not durable, so not acknowledged: close without the replies; the client
+                // sees an unknown outcome, which is the truth.
+                break;
             }
             client.logged = false;
             if !write_out(&mut stream, &wbuf, &ctx).await {
@@ -778,9 +775,22 @@ fn get(
     }
 }
 
+/// Whether the replies in hand may go out: every increment they acknowledge is in the log
+/// (group commit). A burst that began with the log already failed, and saw no recovery,
+/// appended nothing (the engine refuses increments while the log is failed), so its
+/// replies, refusals included, go out without a commit.
+async fn logged_durably(ctx: &Context, client: &Client, log_epoch: u64) -> bool {
+    match &ctx.engine.wal {
+        Some(wal) if client.logged => {
+            wal.commit().await.is_ok() || wal.refused_throughout(log_epoch)
+        }
+        _ => true,
+    }
+}
+
 /// GET of a counter key through its lane (landing its delta), written as Redis would.
 pub(crate) async fn write_counter_read(engine: &Engine, key: &Bytes, o: &mut BytesMut) {
-    let land = engine.has_unflushed(key);
+    let land = engine.read_lands(key);
     let read = if engine.owner_up(key) {
         engine.refresh(key, land).await
     } else {

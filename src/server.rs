@@ -272,19 +272,31 @@ pub async fn run_with_reload(
     {
         tracing::warn!("shutdown: some connections did not finish in time");
     }
+    if let Some(w) = &ctx.engine.wal {
+        // A log that failed and has room again takes the final flush; one still failing
+        // keeps what it holds for the next start.
+        if w.recover(&ctx.engine).await.is_err() {
+            tracing::warn!("shutdown: the write-ahead log is failed; pending increments stay in it as they were");
+        }
+    }
     tracing::info!("shutdown: final flush");
     // Retried until it lands or the deadline: a batch whose reply was lost is re-sent with
     // its id and lands once; a shard that stays down keeps its deltas in the log.
     let flushed = async {
         loop {
             if ctx.engine.flush_all().await {
-                return;
+                return true;
+            }
+            if ctx.engine.wal.as_ref().is_some_and(|w| w.failed()) {
+                // Nothing can be logged, so nothing is sent: what the log holds stays there.
+                return false;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
     match tokio::time::timeout_at(deadline, flushed).await {
-        Ok(()) => tracing::info!("shutdown: every increment landed"),
+        Ok(true) => tracing::info!("shutdown: every increment landed"),
+        Ok(false) => tracing::warn!("shutdown: the write-ahead log is failed; pending increments stay in it for the next start"),
         Err(_) => tracing::warn!("shutdown: some shards did not take the final flush in time; their increments stay in the log"),
     }
     if let Some(w) = &ctx.engine.wal {

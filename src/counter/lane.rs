@@ -98,6 +98,9 @@ pub enum LaneError {
     Unavailable,
     /// The shard did not answer in time.
     Timeout,
+    /// The key's pending increments were to land first, but the write-ahead log is failed,
+    /// so no batch can be logged, so none is sent.
+    LogFailed,
 }
 
 impl LaneError {
@@ -105,9 +108,15 @@ impl LaneError {
         match self {
             LaneError::Unavailable => format!("TRYAGAIN shard {shard} is unavailable"),
             LaneError::Timeout => format!("TRYAGAIN shard {shard} timed out"),
+            LaneError::LogFailed => LOG_FAILED_LAND.to_string(),
         }
     }
 }
+
+/// The refusal of a command that needs a key's pending increments landed first while the
+/// log is failed.
+pub const LOG_FAILED_LAND: &str =
+    "TRYAGAIN the write-ahead log failed; this key's pending increments cannot land before the command";
 
 type Waiter = oneshot::Sender<Result<KeyValue, LaneError>>;
 
@@ -332,6 +341,22 @@ async fn round(
         Some(w) => Some(w.lane_gate.read().await),
         None => None,
     };
+    // With the log failed no batch can be logged, so none is sent: plain reads go read-only
+    // (the engine adds the pending delta to what the shard holds), landings are refused,
+    // and a flush reports failure.
+    let logging = engine.wal.as_ref().is_none_or(|w| !w.failed());
+    let mut reads = reads;
+    if !logging {
+        if flush {
+            engine.stats.flush_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        // Who needed a landing (a command ordered after the increments) is refused.
+        let (land, read): (HashMap<_, _>, HashMap<_, _>) =
+            reads.into_iter().partition(|(_, (land, _))| *land);
+        fail_waiters(land.into_values().map(|(_, w)| w), LaneError::LogFailed);
+        reads = read;
+    }
+    let flush = flush && logging;
     let land_keys: Vec<Bytes> = reads
         .iter()
         .filter(|(_, (land, _))| *land)
@@ -421,7 +446,7 @@ async fn round(
             engine.stats.flush_failures.fetch_add(1, Ordering::Relaxed);
         }
     }
-    all_ok
+    all_ok && logging
 }
 
 fn flush_histogram() -> &'static metrics::Histogram {

@@ -49,7 +49,7 @@ pub const SHARDS: usize = 32;
 pub const NOT_INTEGER: &str = "ERR value is not an integer or out of range";
 pub const OVERFLOW: &str = "ERR increment or decrement would overflow";
 pub const LOG_FAILED: &str =
-    "ERR the write-ahead log failed; increments are refused until the proxy is restarted";
+    "ERR the write-ahead log failed; increments are refused until it can be written again";
 pub const BUFFER_FULL: &str = "TRYAGAIN the pending buffer is full while a shard is down";
 pub const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
 
@@ -407,7 +407,7 @@ impl Engine {
     }
 
     fn incr(&self, key: &[u8], delta: i64, need: Base) -> Incr {
-        if self.wal.as_ref().is_some_and(|w| w.failed()) {
+        if self.log_failed() {
             return Incr::Refused(LOG_FAILED);
         }
         let window_at = self.is_windowed(key).then(|| self.clock_wall.now_secs());
@@ -734,7 +734,21 @@ impl Engine {
         if self.memory_mode || !self.has_unflushed(key) {
             return Ok(());
         }
+        if self.log_failed() {
+            return Err(LaneError::LogFailed);
+        }
         self.refresh(key, true).await.map(|_| ())
+    }
+
+    /// Whether the write-ahead log is failed: increments are refused and nothing lands.
+    pub fn log_failed(&self) -> bool {
+        self.wal.as_ref().is_some_and(|w| w.failed())
+    }
+
+    /// Whether a read of `key` should land its pending delta on the way: when it has one
+    /// and the log can record the batch (otherwise the read is served read-only).
+    pub fn read_lands(&self, key: &[u8]) -> bool {
+        self.has_unflushed(key) && !self.log_failed()
     }
 
     /// Current value for HTTP and GET after a refresh: (exists, value).

@@ -96,6 +96,10 @@ pub struct WalStats {
     pub fsyncs: AtomicU64,
     pub fsync_micros: AtomicU64,
     pub checkpoints: AtomicU64,
+    /// Times the log went from working to failed.
+    pub failures: AtomicU64,
+    /// Times a failed log was written again from a fresh checkpoint.
+    pub recoveries: AtomicU64,
 }
 
 struct Segment {
@@ -124,7 +128,12 @@ pub struct Wal {
     started: AtomicU64,
     /// The highest drain whose bytes are durable for the fsync mode.
     done: AtomicU64,
+    /// Set by a failed write, sync or checkpoint; cleared by [`Wal::recover`].
     failed: std::sync::atomic::AtomicBool,
+    /// Bumped when the log fails and when it recovers: odd while failed (see
+    /// [`Wal::refused_throughout`]).
+    epoch: AtomicU64,
+    last_error: Mutex<Option<String>>,
     meta: Mutex<Meta>,
     segment: tokio::sync::Mutex<Segment>,
     /// Lanes hold it (shared) from taking deltas to logging the batch, and from logging
@@ -219,6 +228,8 @@ impl Wal {
             started: AtomicU64::new(0),
             done: AtomicU64::new(0),
             failed: std::sync::atomic::AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
+            last_error: Mutex::new(None),
             meta: Mutex::new(Meta {
                 buf: Vec::new(),
                 unapplied: rec.unapplied.clone(),
@@ -244,22 +255,24 @@ impl Wal {
     /// the configured fsync mode: written to the OS, and with `always` synced. Concurrent
     /// callers share one write and one sync (group commit).
     ///
-    /// An error means the log can no longer be trusted: the caller must not acknowledge
-    /// what it appended, and from then on the engine refuses increments (see `failed`).
+    /// `Ok` means exactly that: the drain that covered the caller's records succeeded, or a
+    /// recovery checkpoint (see [`Wal::recover`]) took them in. Every caller whose records
+    /// were in a failed write, or are still buffered while the log is failed, gets
+    /// `WalFailed` and must not acknowledge them.
     pub async fn commit(&self) -> Result<(), WalFailed> {
         let ticket = self.started.load(Ordering::SeqCst);
-        if self.done.load(Ordering::SeqCst) > ticket {
+        if self.covered(ticket)? {
             return Ok(());
         }
         // Let the other connections this worker has ready append their records first: the
         // first of them to reach the lock then writes for all (one write per scheduler pass,
         // not one per client), and the rest find their records already written.
         tokio::task::yield_now().await;
-        if self.done.load(Ordering::SeqCst) > ticket {
+        if self.covered(ticket)? {
             return Ok(());
         }
         let mut seg = self.segment.lock().await;
-        if self.done.load(Ordering::SeqCst) > ticket {
+        if self.covered(ticket)? {
             return Ok(());
         }
         let n = self.started.fetch_add(1, Ordering::SeqCst) + 1;
@@ -268,17 +281,12 @@ impl Wal {
             engine.drain_logs(&mut buf);
         }
         buf.append(&mut self.meta.lock().buf);
-        if self.failed() {
-            // Nothing new to make durable is fine (increments are refused, so refusals can
-            // still be answered); anything new cannot be acknowledged.
-            return if buf.is_empty() {
-                Ok(())
-            } else {
-                Err(WalFailed)
-            };
-        }
         if !buf.is_empty() {
+            let at = seg.size;
             if let Err(e) = (&*seg.file).write_all(&buf) {
+                // A short write leaves a torn record: cut it off (best effort; replay would
+                // truncate it too), so that the segment ends on a whole record.
+                let _ = seg.file.set_len(at);
                 return Err(self.fail("write", &e));
             }
             seg.size += buf.len() as u64;
@@ -294,14 +302,52 @@ impl Wal {
         Ok(())
     }
 
+    /// Whether a drain after `ticket` has made the caller's records durable; an error when
+    /// none has and the log is failed (nothing buffered now can be made durable until a
+    /// recovery, which answers the callers that come after it).
+    fn covered(&self, ticket: u64) -> Result<bool, WalFailed> {
+        if self.done.load(Ordering::SeqCst) > ticket {
+            Ok(true)
+        } else if self.failed() {
+            Err(WalFailed)
+        } else {
+            Ok(false)
+        }
+    }
+
     /// Whether a write or sync has failed: the log is then closed for good (until restart).
     pub fn failed(&self) -> bool {
-        self.failed.load(Ordering::Relaxed)
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// The failure epoch, read before a burst of requests (see `refused_throughout`).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// Whether the log has been failed without a break since `epoch` was read: then the
+    /// engine refused every increment meanwhile (it checks before appending), so replies
+    /// given since acknowledge nothing and may go out without a commit.
+    pub fn refused_throughout(&self, epoch: u64) -> bool {
+        epoch % 2 == 1 && self.epoch() == epoch
+    }
+
+    /// Why the log failed, while it is failed (for INFO, /readyz and /metrics).
+    pub fn failure(&self) -> Option<String> {
+        if self.failed() {
+            self.last_error.lock().clone()
+        } else {
+            None
+        }
     }
 
     fn fail(&self, what: &str, e: &dyn std::fmt::Display) -> WalFailed {
-        if !self.failed.swap(true, Ordering::Relaxed) {
-            tracing::error!(error = %e, "write-ahead log {what} failed; increments are refused from now on");
+        let why = format!("{what}: {e}");
+        *self.last_error.lock() = Some(why.clone());
+        if !self.failed.swap(true, Ordering::SeqCst) {
+            self.epoch.fetch_add(1, Ordering::SeqCst);
+            self.stats.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %why, "write-ahead log failed; increments are refused until it can be written again");
         }
         WalFailed
     }
@@ -337,7 +383,13 @@ impl Wal {
             encode_batch(&mut m.buf, seq, shard, &deltas);
             m.unapplied.insert(seq, (shard.to_string(), deltas));
         }
-        self.commit().await
+        let r = self.commit().await;
+        if r.is_err() {
+            // Not logged, so it will not be sent: the lane gives its deltas back to pending,
+            // and a recovery checkpoint must not count them as in flight too.
+            self.meta.lock().unapplied.remove(&seq);
+        }
+        r
     }
 
     /// Records the shard list in force (and a rebalance under way), durably.
@@ -373,10 +425,46 @@ impl Wal {
         let _ = self.sync_file(file).await;
     }
 
-    /// Starts a new segment with a checkpoint and deletes the older ones.
-    pub async fn checkpoint(&self, engine: &Engine) -> std::io::Result<()> {
+    /// Starts a new segment with a checkpoint and deletes the older ones. Any failure marks
+    /// the log failed: records drained for the cut may be missing from the old segment.
+    pub async fn checkpoint(&self, engine: &Engine) -> Result<(), WalFailed> {
+        self.cut_over(engine, false).await
+    }
+
+    /// Brings a failed log back: a fresh segment whose first record is a checkpoint of the
+    /// engine's whole state, synced, after which the older segments (with their failed
+    /// tail) are deleted and increments are taken again. The checkpoint is what memory
+    /// holds, so increments whose records were lost in the failed write (their clients were
+    /// told nothing, an unknown outcome) are kept, and batches that were not logged were
+    /// not sent. Fails, and leaves the log failed, while the disk still refuses it.
+    pub async fn recover(&self, engine: &Engine) -> Result<(), WalFailed> {
+        if !self.failed() {
+            return Ok(());
+        }
+        self.cut_over(engine, true).await?;
+        *self.last_error.lock() = None;
+        self.failed.store(false, Ordering::SeqCst);
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.stats.recoveries.fetch_add(1, Ordering::Relaxed);
+        tracing::info!("write-ahead log recovered: increments are taken again");
+        Ok(())
+    }
+
+    /// The checkpoint cut: with the lanes between operations, the segment held and every
+    /// map stripe locked, snapshots the state into a new segment. `after_failure`: the old
+    /// segment is not trusted, so the records buffered since its last good write are
+    /// dropped (the snapshot holds their effect) instead of appended to it.
+    async fn cut_over(&self, engine: &Engine, after_failure: bool) -> Result<(), WalFailed> {
         let _gate = self.lane_gate.write().await;
         let mut seg = self.segment.lock().await;
+        if self.failed() != after_failure {
+            // Failed meanwhile (a checkpoint cannot write), or recovered meanwhile.
+            return if after_failure {
+                Ok(())
+            } else {
+                Err(WalFailed)
+            };
+        }
         let n = self.started.fetch_add(1, Ordering::SeqCst) + 1;
         let (tail, cp) = {
             let meta = &mut *self.meta.lock();
@@ -391,30 +479,59 @@ impl Wal {
             );
             (tail, cp)
         };
-        (&*seg.file).write_all(&tail)?;
+        if !after_failure {
+            if let Err(e) = (&*seg.file).write_all(&tail) {
+                return Err(self.fail("checkpoint write", &e));
+            }
+        }
         let old = seg.file.clone();
         let index = seg.index + 1;
         let path = segment_path(&self.dir, index);
-        let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
-        file.write_all(&cp)?;
-        *seg = Segment {
-            file: Arc::new(file),
-            index,
-            size: cp.len() as u64,
+        let file = (|| -> std::io::Result<File> {
+            // A leftover of an earlier failed attempt is not a segment to keep.
+            let _ = std::fs::remove_file(&path);
+            let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
+            file.write_all(&cp)?;
+            Ok(file)
+        })();
+        let file = match file {
+            Ok(f) => f,
+            Err(e) => {
+                // Nothing of the new segment counts: a replay must not meet half a checkpoint.
+                let _ = std::fs::remove_file(&path);
+                return Err(self.fail("checkpoint write", &e));
+            }
         };
-        let new = seg.file.clone();
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            old.sync_data()?;
+        let file = Arc::new(file);
+        let new = file.clone();
+        let synced = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            if !after_failure {
+                old.sync_data()?;
+            }
             new.sync_data()
         })
         .await
-        .map_err(std::io::Error::other)??;
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        if let Err(e) = synced {
+            let _ = std::fs::remove_file(&path);
+            return Err(self.fail("checkpoint sync", &e));
+        }
+        *seg = Segment {
+            file,
+            index,
+            size: cp.len() as u64,
+        };
         self.done.store(n, Ordering::SeqCst);
         drop(seg);
         sync_dir(&self.dir);
-        for (i, p) in segments(&self.dir)? {
-            if i < index {
-                std::fs::remove_file(p)?;
+        // Older segments are superseded; one that cannot be removed now is replayed before
+        // the checkpoint, which resets the state, so it does no harm.
+        if let Ok(segs) = segments(&self.dir) {
+            for (i, p) in segs {
+                if i < index {
+                    let _ = std::fs::remove_file(p);
+                }
             }
         }
         self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
@@ -426,7 +543,9 @@ impl Wal {
         Ok(())
     }
 
-    /// everysec syncs, and checkpoints when the segment passes `segment_bytes`.
+    /// everysec syncs, checkpoints when the segment passes `segment_bytes`, and recovery
+    /// of a failed log: tried after 1 s, then at doubling intervals up to 32 s (each try
+    /// snapshots the whole state, so a disk that stays full is not hammered).
     pub fn spawn_background(
         self: &Arc<Self>,
         engine: Arc<Engine>,
@@ -435,10 +554,28 @@ impl Wal {
         let wal = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let (mut wait, mut next_try) = (1u32, 0u32);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
                     _ = shutdown.wait() => return,
+                }
+                if wal.failed() {
+                    next_try = next_try.saturating_sub(1);
+                    if next_try == 0 {
+                        if wal.recover(&engine).await.is_ok() {
+                            wait = 1;
+                        } else {
+                            tracing::warn!(
+                                error = wal.failure().unwrap_or_default(),
+                                retry_in_secs = wait,
+                                "write-ahead log still cannot be written"
+                            );
+                            next_try = wait;
+                            wait = (wait * 2).min(32);
+                        }
+                    }
+                    continue;
                 }
                 if wal.fsync == Fsync::Everysec {
                     let _ = wal.commit().await;
@@ -447,9 +584,8 @@ impl Wal {
                 }
                 let size = wal.segment.lock().await.size;
                 if size > wal.segment_bytes {
-                    if let Err(e) = wal.checkpoint(&engine).await {
-                        tracing::error!(error = %e, "write-ahead log checkpoint failed");
-                    }
+                    // A failure is logged by `fail` and recovered from above.
+                    let _ = wal.checkpoint(&engine).await;
                 }
             }
         });
@@ -464,7 +600,23 @@ impl Wal {
         };
         vec![
             ("wal_enabled".into(), "1".into()),
+            ("wal_failed".into(), u8::from(self.failed()).to_string()),
+            (
+                "wal_failures_total".into(),
+                s.failures.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "wal_recoveries_total".into(),
+                s.recoveries.load(Ordering::Relaxed).to_string(),
+            ),
             ("wal_fsync".into(), fsync.into()),
+            (
+                "wal_status".into(),
+                match self.failure() {
+                    None => "ok".into(),
+                    Some(e) => format!("failed ({e})"),
+                },
+            ),
             (
                 "wal_bytes_written_total".into(),
                 s.bytes.load(Ordering::Relaxed).to_string(),
@@ -956,5 +1108,71 @@ mod tests {
         assert_eq!(r.pending[&Bytes::from_static(b"k")], 5);
         assert_eq!(r.unapplied[&3].1[0].1, 9);
         assert_eq!(r.next_seq, 50);
+    }
+    /// A log whose segment is `/dev/full`: every write fails with ENOSPC, as on a full disk.
+    async fn full_disk_log(tag: &str) -> (Arc<Wal>, PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "tally-wal-full-{tag}-{}-{}",
+            std::process::id(),
+            super::super::now_micros()
+        ));
+        let cfg = DurabilityConfig {
+            wal_dir: dir.clone(),
+            fsync: Fsync::Always,
+            ..DurabilityConfig::default()
+        };
+        let (wal, _) = Wal::open(&cfg).unwrap();
+        let full = OpenOptions::new().append(true).open("/dev/full").unwrap();
+        wal.segment.lock().await.file = Arc::new(full);
+        (wal, dir)
+    }
+
+    #[tokio::test]
+    async fn every_caller_whose_records_were_in_a_failed_write_is_told_so() {
+        let (wal, dir) = full_disk_log("shared").await;
+        // Two callers append before either commits: the first commit writes both records
+        // in one write, which fails. Neither may be told its record is durable.
+        wal.log_applied(1);
+        wal.log_applied(2);
+        assert_eq!(wal.commit().await, Err(WalFailed));
+        assert_eq!(
+            wal.commit().await,
+            Err(WalFailed),
+            "the second caller's record was in the failed write"
+        );
+        assert!(wal.failed());
+        assert!(
+            wal.failure().unwrap().contains("write"),
+            "{:?}",
+            wal.failure()
+        );
+        assert_eq!(wal.stats.failures.load(Ordering::Relaxed), 1);
+        // Concurrent callers, each with its own record, all see the failure.
+        let mut tasks = Vec::new();
+        for seq in 10..20 {
+            let w = wal.clone();
+            tasks.push(tokio::spawn(async move {
+                w.log_applied(seq);
+                w.commit().await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), Err(WalFailed));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_could_not_be_logged_is_not_counted_in_flight() {
+        let (wal, dir) = full_disk_log("batch").await;
+        let items = [(Bytes::from_static(b"k"), Some(3))];
+        assert_eq!(wal.log_batch(7, "s", &items).await, Err(WalFailed));
+        assert!(
+            wal.unapplied().is_empty(),
+            "a batch not logged is not sent, so not in flight"
+        );
+        assert!(wal.refused_throughout(wal.epoch()));
+        assert!(!wal.refused_throughout(0));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

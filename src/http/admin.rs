@@ -125,10 +125,12 @@ pub async fn route(ctx: &Arc<Context>, method: &Method, rest: &str, body: Bytes)
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
-            json_response(
-                status,
-                json!({"flushed": ok, "pending_keys": ctx.engine.dirty_keys()}),
-            )
+            let mut body = json!({"flushed": ok, "pending_keys": ctx.engine.dirty_keys()});
+            if let Some(e) = ctx.engine.wal.as_ref().and_then(|w| w.failure()) {
+                // Nothing is sent while the log cannot record it (see docs/guarantees.md).
+                body["wal_error"] = json!(e);
+            }
+            json_response(status, body)
         }
         (&Method::POST, "shutdown") => {
             tracing::info!("shutdown requested over http");

@@ -7,7 +7,7 @@
 //! | POST   | /visits/{page_id}   | count one visit of `visits:{page_id}`; the new total      |
 //! | GET    | /visits/{page_id}   | the total and where it was read (`served_via`)            |
 //! | GET    | /healthz            | the process is alive                                      |
-//! | GET    | /readyz             | every shard is reachable (503 otherwise)                  |
+//! | GET    | /readyz             | every shard reachable and the log writable (503 otherwise) |
 //! | GET    | /metrics            | Prometheus text                                           |
 //! | *      | /admin/...          | shards, rebalance, shutdown: see `admin` (token or loopback) |
 //!
@@ -249,7 +249,7 @@ async fn get_visits(ctx: &Context, key: Bytes) -> Resp {
     }
     let via = engine.owner_name(&key);
     let read = if engine.owner_up(&key) {
-        engine.refresh(&key, engine.has_unflushed(&key)).await
+        engine.refresh(&key, engine.read_lands(&key)).await
     } else {
         Err(LaneError::Unavailable)
     };
@@ -393,13 +393,16 @@ fn readyz(ctx: &Context) -> Resp {
         .filter(|s| !s.is_up())
         .map(|s| s.name.as_str())
         .collect();
-    if down.is_empty() {
+    // A failed log refuses every increment: a load balancer should send them elsewhere.
+    let log_error = ctx.engine.wal.as_ref().and_then(|w| w.failure());
+    if down.is_empty() && log_error.is_none() {
         json_response(StatusCode::OK, json!({"status": "ready"}))
     } else {
-        json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"status": "not ready", "down": down}),
-        )
+        let mut body = json!({"status": "not ready", "down": down});
+        if let Some(e) = log_error {
+            body["wal_error"] = json!(e);
+        }
+        json_response(StatusCode::SERVICE_UNAVAILABLE, body)
     }
 }
 

@@ -6,6 +6,7 @@ mod support;
 mod core;
 mod counters;
 mod durability;
+mod full_disk;
 mod hostile;
 mod ops;
 mod rebalance;

@@ -473,6 +473,18 @@ impl ProxyProcess {
         flush: &str,
         extra: &str,
     ) -> ProxyProcess {
+        Self::start_durable(shards, wal, fsync, flush, "", extra)
+    }
+
+    /// As [`ProxyProcess::start_with`], with more `[durability]` keys.
+    pub fn start_durable(
+        shards: &[String],
+        wal: &TempDir,
+        fsync: &str,
+        flush: &str,
+        durability: &str,
+        extra: &str,
+    ) -> ProxyProcess {
         let (port, http) = (free_port(), free_port());
         let mut toml =
             format!("listen = \"127.0.0.1:{port}\"\nhttp_listen = \"127.0.0.1:{http}\"\n");
@@ -481,7 +493,7 @@ impl ProxyProcess {
         }
         toml.push_str(&format!(
             "[backend]\ntimeout = \"500ms\"\nhealth_interval = \"100ms\"\n[counters]\nflush_interval = \"{flush}\"\n\
-             [durability]\nwal_dir = \"{}\"\nfsync = \"{fsync}\"\n[log]\nlevel = \"warn\"\n{extra}",
+             [durability]\nwal_dir = \"{}\"\nfsync = \"{fsync}\"\n{durability}\n[log]\nlevel = \"warn\"\n{extra}",
             wal.path().join("log").display()
         ));
         let cfg = wal.path().join("proxy.toml");
