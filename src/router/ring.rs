@@ -207,4 +207,62 @@ mod tests {
         assert!((s.iter().sum::<f64>() - 1.0).abs() < 1e-9);
         assert!(s[1] > 0.65 && s[1] < 0.85, "{s:?}");
     }
+
+    /// Placement is persisted (the log records the shard list) and shared between proxies,
+    /// so it must never change silently between versions: these owners are pinned, as
+    /// pingora-ketama pins nginx's. A change that moves any of them is a format change.
+    #[test]
+    fn golden_placement() {
+        let owners = |names: &[&str], keys: &[&str]| -> Vec<String> {
+            let r = ring(names);
+            keys.iter()
+                .map(|k| r.nodes()[r.locate(k.as_bytes())].name.clone())
+                .collect()
+        };
+        let keys = [
+            "visits:home",
+            "visits:about",
+            "visits:0",
+            "visits:1",
+            "visits:2",
+            "visits:3",
+            "{user1000}.following",
+            "{user1000}.followers",
+            "tally:w:{visits:home}:m:0:visits:home",
+            "",
+            "k",
+        ];
+        let two = owners(&["redis_7070", "redis_7071"], &keys);
+        let three = owners(&["redis_7070", "redis_7071", "redis_7072"], &keys);
+        let (a, b, c) = ("redis_7070", "redis_7071", "redis_7072");
+        assert_eq!(two, [b, a, b, a, b, b, b, b, b, a, b]);
+        // The third shard takes keys only to itself.
+        assert_eq!(three, [b, a, b, c, b, b, b, b, b, a, b]);
+        // One figure over many keys: the owners of 10,000 keys, folded.
+        let digest = |names: &[&str]| {
+            let r = ring(names);
+            let mut h = crc32fast::Hasher::new();
+            for i in 0..10_000 {
+                h.update(&(r.locate(format!("visits:page:{i}").as_bytes()) as u32).to_le_bytes());
+            }
+            h.finalize()
+        };
+        assert_eq!(digest(&["redis_7070", "redis_7071"]), 0xd94f_38e1);
+        assert_eq!(digest(&["a", "b", "c", "d"]), 0xb9c0_9c35);
+        let w = Ring::new(
+            vec![
+                Node {
+                    name: "a".into(),
+                    weight: 1,
+                },
+                Node {
+                    name: "b".into(),
+                    weight: 3,
+                },
+            ],
+            160,
+        );
+        let weighted: Vec<usize> = keys.iter().map(|k| w.locate(k.as_bytes())).collect();
+        assert_eq!(weighted, [1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1]);
+    }
 }
