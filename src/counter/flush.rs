@@ -1,0 +1,276 @@
+//! Landing deltas: a lane takes a shard's pending deltas (`take`), settles them with the
+//! shard's reply (`settle`) or gives them back (`untake`); periodic, early and whole flushes
+//! are started here, and the background jobs (clock tick, flush, sweep) are spawned here.
+//!
+//! Owns the engine's side of a flush. Does not own the exactly-once protocol (`lane`).
+
+use super::lane::KeyValue;
+use super::stripe::{stripe_of, BaseState, Entry, DIRTY, INFLIGHT};
+use super::{unix_ms, wal, windows, Engine};
+use bytes::Bytes;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+impl Engine {
+    /// Moves the pending deltas of `keys` (all dirty keys owned by `shard_index` when
+    /// `keys` is None) to in-flight, and returns them. Called by a lane building a batch.
+    pub(crate) fn take(
+        &self,
+        owner: Option<(&crate::router::Topology, usize)>,
+        keys: Option<&[Bytes]>,
+        limit: usize,
+    ) -> Vec<(Bytes, i64)> {
+        let mut out = Vec::new();
+        let mut taken = 0usize;
+        let mut take_entry = |key: &[u8], e: &mut Entry, out: &mut Vec<(Bytes, i64)>| {
+            if e.flags & DIRTY == 0 {
+                return;
+            }
+            out.push((Bytes::copy_from_slice(key), e.pending));
+            e.inflight += e.pending;
+            e.pending = 0;
+            e.flags = (e.flags & !DIRTY) | INFLIGHT;
+            taken += 1;
+        };
+        match keys {
+            Some(keys) => {
+                for k in keys {
+                    let mut stripe = self.lock(k);
+                    if let Some(e) = stripe.map.get_mut(&k[..]) {
+                        take_entry(k, e, &mut out);
+                    }
+                }
+            }
+            None => {
+                let (topo, idx) = owner.expect("an owner for a full take");
+                for s in self.stripes.iter() {
+                    if out.len() >= limit {
+                        break;
+                    }
+                    let mut stripe = s.lock.lock();
+                    for (k, e) in stripe.map.iter_mut() {
+                        if out.len() >= limit {
+                            break;
+                        }
+                        if e.flags & DIRTY != 0
+                            && topo.shard_index(windows::placement_key(k)) == idx
+                        {
+                            take_entry(k, e, &mut out);
+                        }
+                    }
+                }
+            }
+        }
+        self.dirty_keys.fetch_sub(taken, Ordering::Relaxed);
+        if self.dirty_keys.load(Ordering::Relaxed) <= self.max_pending_keys {
+            self.early_flush_armed.store(true, Ordering::Relaxed);
+        }
+        out
+    }
+
+    /// Applies a round trip's result for `key`: `delta` (what was in flight) has landed and
+    /// the shard now holds `value`.
+    /// `epoch` is the invalidation epoch when the round trip was sent: if a write to a
+    /// counter key ran since, the value may predate it, so it answers this read but is
+    /// not cached as fresh.
+    pub(crate) fn settle(&self, key: &[u8], delta: Option<i64>, value: &KeyValue, epoch: u64) {
+        let now = if self.invalidation_epoch() == epoch {
+            self.now_ms()
+        } else {
+            self.now_ms()
+                .wrapping_sub(self.ttl_ms as u32)
+                .wrapping_sub(1)
+        };
+        let mut stripe = self.lock(key);
+        if windows::parse_pending(key).is_some() {
+            // A window delta has no value of its own: once landed, it is gone.
+            if let (Some(d), Some(e)) = (delta, stripe.map.get_mut(key)) {
+                e.inflight -= d;
+                if e.inflight == 0 {
+                    e.flags &= !INFLIGHT;
+                }
+                if e.flags == 0 {
+                    stripe.map.remove(key);
+                }
+            }
+            return;
+        }
+        let stripe = &mut *stripe;
+        if let Some(d) = delta {
+            stripe.unflushed = stripe.unflushed.wrapping_sub(d);
+        }
+        let e = stripe.map.entry(key.into()).or_insert(Entry::NEW);
+        e.refreshing = false;
+        if let Some(d) = delta {
+            e.inflight -= d;
+            if e.inflight == 0 {
+                e.flags &= !INFLIGHT;
+            }
+        }
+        if e.flags & INFLIGHT != 0 {
+            // Another round trip for this key is still out; its reply will settle the base.
+            return;
+        }
+        if self.needs_move(key) {
+            // The shard's value is only part of the total until the key has moved.
+            e.state = BaseState::Unknown;
+            return;
+        }
+        let (state, base) = match value {
+            KeyValue::Int(v) => (BaseState::Int, *v),
+            KeyValue::Nil => (BaseState::Absent, 0),
+            KeyValue::Other(_) => (BaseState::NotInt, 0),
+            KeyValue::Error(msg) if msg.starts_with("WRONGTYPE") => (BaseState::WrongType, 0),
+            KeyValue::Error(_) => (BaseState::Unknown, 0),
+        };
+        e.state = state;
+        e.base = base;
+        e.base_at = now;
+    }
+
+    /// A batch whose deltas could not be applied (the key no longer holds an integer):
+    /// they are dropped, counted and logged. Redis would have refused them too.
+    pub(crate) fn drop_delta(&self, key: &[u8], delta: i64, why: &str) {
+        self.stats.dropped_deltas.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(key = %String::from_utf8_lossy(key), delta, error = why, "increment could not be applied and was dropped");
+    }
+
+    /// Returns deltas taken for a batch that could not be logged to pending (the batch is
+    /// never sent), so that they are neither lost nor reported as landed.
+    pub(crate) fn untake(&self, items: &[(Bytes, Option<i64>)]) {
+        for (k, d) in items {
+            let Some(d) = d else { continue };
+            let mut stripe = self.lock(k);
+            if let Some(e) = stripe.map.get_mut(&k[..]) {
+                e.inflight -= d;
+                e.pending = e.pending.wrapping_add(*d);
+                if e.inflight == 0 {
+                    e.flags &= !INFLIGHT;
+                }
+                if e.flags & DIRTY == 0 {
+                    e.flags |= DIRTY;
+                    self.dirty_keys.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// A batch whose shard was declared lost: its deltas go back to pending (for the keys'
+    /// new owners), logged as increments in the same commit as the batch's `Applied`
+    /// record, so that a replay neither re-sends the batch nor loses its deltas.
+    pub(crate) async fn abandon_batch(&self, seq: u64, items: &[(Bytes, Option<i64>)]) {
+        let _gate = match &self.wal {
+            Some(w) => Some(w.lane_gate.read().await),
+            None => None,
+        };
+        if self.wal.is_some() {
+            for (k, d) in items {
+                let Some(d) = d else { continue };
+                let cell = &self.stripes[stripe_of(k)];
+                wal::encode_incr(&mut cell.lock.lock().log, k, *d);
+                cell.has_log.store(true, Ordering::SeqCst);
+            }
+        }
+        self.untake(items);
+        if let Some(w) = &self.wal {
+            w.log_applied(seq);
+            let _ = w.commit().await;
+        }
+        tracing::warn!(
+            seq,
+            keys = items.len(),
+            "batch for a lost shard abandoned; its deltas go to the keys' new owners"
+        );
+    }
+
+    /// Waits until an early flush is due (the buffer passed `max_pending_keys`).
+    pub async fn early_flush_due(&self) {
+        self.early_flush.notified().await
+    }
+
+    /// Starts a flush on every lane and waits until each has landed what it took (or
+    /// gave up for now: a down shard keeps its deltas pending).
+    /// Seconds since the last flush started, while deltas are pending: an upper bound on
+    /// the age of the oldest pending increment (every flush takes every pending delta of
+    /// the shards that are up).
+    pub fn oldest_pending_seconds(&self) -> f64 {
+        if self.dirty_keys() == 0 {
+            return 0.0;
+        }
+        let last = self.last_flush_ms.load(Ordering::Relaxed);
+        let start = if last == 0 { self.epoch_unix_ms } else { last };
+        (unix_ms().saturating_sub(start)) as f64 / 1000.0
+    }
+
+    pub async fn flush_all(&self) -> bool {
+        let started = unix_ms();
+        let started_wall = self.clock_wall.now_secs();
+        let lanes = self.lanes();
+        let waits: Vec<_> = lanes.iter().map(|l| l.flush()).collect();
+        let mut ok = true;
+        for w in waits {
+            ok &= w.await;
+        }
+        // Only a flush that landed everything bounds the age of what is pending.
+        if ok {
+            self.last_flush_ms.store(started, Ordering::Relaxed);
+            // Every window delta stamped before the flush started has landed.
+            self.window_floor.fetch_max(started_wall, Ordering::Relaxed);
+        }
+        ok
+    }
+}
+
+/// Spawns the background jobs: periodic and early flushes, and the cache sweep.
+pub fn spawn_background(
+    engine: Arc<Engine>,
+    flush_interval: Duration,
+    cache_ttl: Duration,
+    mut shutdown: crate::shutdown::Shutdown,
+) {
+    let clock = Arc::downgrade(&engine);
+    let mut clock_stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(2));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = clock_stop.wait() => return,
+            }
+            match clock.upgrade() {
+                Some(e) => e.tick_clock(),
+                None => return,
+            }
+        }
+    });
+    if engine.is_memory_mode() {
+        if engine.windows().enabled() {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => { engine.sweep_windows(); }
+                        _ = shutdown.wait() => return,
+                    }
+                }
+            });
+        }
+        return;
+    }
+    tokio::spawn(async move {
+        let mut flush = tokio::time::interval(flush_interval);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        flush.tick().await;
+        let mut sweep = tokio::time::interval(cache_ttl.max(Duration::from_millis(100)));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = flush.tick() => { engine.flush_all().await; }
+                _ = engine.early_flush_due() => { engine.flush_all().await; }
+                _ = sweep.tick() => { engine.sweep(); }
+                _ = shutdown.wait() => return,
+            }
+        }
+    });
+}

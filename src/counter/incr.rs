@@ -1,0 +1,163 @@
+//! The hot increment: INCR/INCRBY/DECR/DECRBY buffered into a key's pending delta under
+//! its stripe's lock, answered `base + inflight + pending`, with its log record appended in
+//! the same critical section (and the window deltas of a windowed key beside it).
+//!
+//! Owns the decision to buffer or refuse. Does not own the base (`cache`) or landing
+//! (`flush`).
+
+use super::stripe::{stripe_of, BaseState, Entry, Stripe, DIRTY};
+use super::{
+    wal, windows, Engine, Incr, BUFFER_FULL, LOG_FAILED, NOT_INTEGER, OVERFLOW, WRONGTYPE,
+};
+use std::sync::atomic::Ordering;
+
+impl Engine {
+    /// INCRBY `delta` if the base is fresh; see [`Incr`].
+    pub fn try_incr(&self, key: &[u8], delta: i64) -> Incr {
+        self.incr(key, delta, Base::Fresh)
+    }
+
+    /// INCRBY on a key whose owner is down: a known base is used however old it is.
+    pub fn try_incr_stale(&self, key: &[u8], delta: i64) -> Incr {
+        self.incr(key, delta, Base::AnyKnown)
+    }
+
+    /// An increment accepted with no known base (its owner is down): buffered and logged,
+    /// the total unknown until the shard returns. Refused once the buffer is full.
+    pub fn incr_blind(&self, key: &[u8], delta: i64) -> Incr {
+        self.incr(key, delta, Base::NotNeeded)
+    }
+
+    fn incr(&self, key: &[u8], delta: i64, need: Base) -> Incr {
+        if self.log_failed() {
+            return Incr::Refused(LOG_FAILED);
+        }
+        let window_at = self.is_windowed(key).then(|| self.clock_wall.now_secs());
+        let now = self.now_ms();
+        let cell = &self.stripes[stripe_of(key)];
+        let mut guard = cell.lock.lock();
+        let stripe = &mut *guard;
+        // One lookup on the hot path; the key is copied only when it is new.
+        let e = match stripe.map.get_mut(key) {
+            Some(e) => e,
+            None => {
+                match need {
+                    _ if self.memory_mode => {}
+                    Base::NotNeeded
+                        if self.dirty_keys.load(Ordering::Relaxed) < self.max_pending_keys => {}
+                    Base::NotNeeded => return Incr::Refused(BUFFER_FULL),
+                    _ => return Incr::NeedBase,
+                }
+                let state = if self.memory_mode {
+                    BaseState::Absent
+                } else {
+                    BaseState::Unknown
+                };
+                stripe.map.entry(key.into()).or_insert(Entry {
+                    state,
+                    ..Entry::NEW
+                })
+            }
+        };
+        let known = !matches!(e.state, BaseState::Unknown);
+        let usable = match need {
+            Base::Fresh => self.is_fresh(e, now),
+            Base::AnyKnown => known,
+            Base::NotNeeded => true,
+        };
+        if !usable {
+            return Incr::NeedBase;
+        }
+        let refresh = matches!(need, Base::Fresh) && self.wants_refresh(e, now);
+        match e.state {
+            BaseState::NotInt => return Incr::Refused(NOT_INTEGER),
+            BaseState::WrongType => return Incr::Refused(WRONGTYPE),
+            _ => {}
+        }
+        let Some(new) = e.value().and_then(|v| v.checked_add(delta)) else {
+            return Incr::Refused(OVERFLOW);
+        };
+        let Some(pending) = e.pending.checked_add(delta) else {
+            return Incr::Refused(OVERFLOW);
+        };
+        e.pending = pending;
+        if e.flags & DIRTY == 0 {
+            e.flags |= DIRTY;
+            self.note_dirty();
+        }
+        if self.wal.is_some() {
+            wal::encode_incr(&mut stripe.log, key, delta);
+            cell.has_log.store(true, Ordering::SeqCst);
+        }
+        if let Some(t) = window_at {
+            // Same stripe, same lock, same log buffer: the increment and its window
+            // delta reach the log in one write, or neither does.
+            if self.memory_mode {
+                // No shard to expand a window delta into buckets: the buckets are entries
+                // here, one per kept granularity; `sweep_windows` drops them past retention.
+                for g in (0..windows::GRANULARITIES).filter(|&g| self.windows.kept(g)) {
+                    let bucket = t - t % windows::SIZE[g];
+                    self.add_window_delta(stripe, windows::LETTER[g], bucket, key, delta);
+                }
+            } else {
+                self.add_window_delta(stripe, windows::ALL, t, key, delta);
+            }
+        }
+        stripe.increments += 1;
+        stripe.unflushed = stripe.unflushed.wrapping_add(delta);
+        drop(guard);
+        if refresh {
+            self.refresh_ahead(key);
+        }
+        if known {
+            Incr::Value(new)
+        } else {
+            Incr::Pending
+        }
+    }
+
+    /// Adds `delta` to the window delta `g`/`t` of `key` in `stripe` (locked),
+    /// logged. The entry's key is built on the stack: no allocation unless it is new.
+    pub(super) fn add_window_delta(
+        &self,
+        stripe: &mut Stripe,
+        g: u8,
+        t: u64,
+        key: &[u8],
+        delta: i64,
+    ) {
+        let mut stack = [0u8; 96];
+        let heap;
+        let wk = match windows::pending_key_in(&mut stack, g, t, key) {
+            Some(k) => k,
+            None => {
+                heap = windows::pending_key(g, t, key);
+                &heap[..]
+            }
+        };
+        if self.wal.is_some() {
+            wal::encode_incr(&mut stripe.log, wk, delta);
+        }
+        if stripe.add_pending(wk, delta) {
+            self.note_dirty();
+        }
+    }
+
+    pub(super) fn note_dirty(&self) {
+        let n = self.dirty_keys.fetch_add(1, Ordering::Relaxed) + 1;
+        if n > self.max_pending_keys
+            && !self.memory_mode
+            && self.early_flush_armed.swap(false, Ordering::Relaxed)
+        {
+            self.early_flush.notify_one();
+        }
+    }
+}
+
+/// How much of a base an increment needs.
+#[derive(Clone, Copy)]
+enum Base {
+    Fresh,
+    AnyKnown,
+    NotNeeded,
+}
