@@ -6,6 +6,7 @@
 //!
 //! Every key is documented in `docs/configuration.md`; keep the two in step.
 
+pub use crate::tls::TlsConfig;
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -122,17 +123,6 @@ impl Secret {
                 .map_err(|e| format!("{what}: cannot read {}: {e}", file.display())),
         }
     }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// PEM certificate chain presented to clients.
-    pub cert_file: PathBuf,
-    /// PEM private key of that certificate.
-    pub key_file: PathBuf,
-    /// When set, clients must present a certificate chaining to this CA (mutual TLS).
-    pub client_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -626,10 +616,10 @@ impl Config {
     }
 
     /// The `[[shards]]` list as the log and the ring see it.
-    pub fn shard_specs(&self) -> Vec<crate::counter::wal::ShardSpec> {
+    pub fn shard_specs(&self) -> Vec<crate::spec::ShardSpec> {
         self.shards
             .iter()
-            .map(|s| crate::counter::wal::ShardSpec {
+            .map(|s| crate::spec::ShardSpec {
                 name: s.resolved_name(),
                 addr: s.socket_addr().expect("validated").to_string(),
                 weight: s.weight,

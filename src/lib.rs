@@ -17,6 +17,7 @@
 //! - [`info`], [`metrics`]: figures for INFO and /metrics.
 //! - [`auth`], [`tls`]: who may connect, and encryption on both sides.
 //! - [`shutdown`]: the signal every task holds.
+//! - [`spec`]: shard lists as data (config, log, rebalance).
 //! - [`clock`]: the wall clock of time windows (a test's own, in tests), and the text forms
 //!   of times and spans.
 #![forbid(unsafe_code)]
@@ -40,6 +41,7 @@ pub mod resp;
 pub mod router;
 pub mod server;
 pub mod shutdown;
+pub mod spec;
 pub mod tls;
 
 pub use config::Config;

@@ -30,11 +30,11 @@
 use crate::backend::{encode_command, health, Shard};
 use crate::config::Config;
 use crate::counter::lane::LaneError;
-use crate::counter::wal::{Placement, ShardSpec};
 use crate::counter::windows;
 use crate::counter::Engine;
 use crate::router::{Migration, Topology};
 use crate::server::Context;
+use crate::spec::{Placement, ShardSpec};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use redis_protocol::resp2::types::BytesFrame;

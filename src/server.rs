@@ -10,11 +10,11 @@
 
 use crate::backend::{health, Shard};
 use crate::config::Config;
-use crate::counter::wal::{Placement, ShardSpec};
 use crate::counter::{self, lane::Lane, Engine};
 use crate::resp::Limits;
 use crate::router::{Router, Topology};
 use crate::shutdown::{Shutdown, ShutdownTrigger};
+use crate::spec::{Placement, ShardSpec};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

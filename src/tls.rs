@@ -1,14 +1,30 @@
 //! TLS with rustls (ring provider): the client listener's server side, and connections to
 //! shards that speak TLS.
 //!
+//! A leaf: it names no other module of the crate (`config` embeds [`TlsConfig`] and uses
+//! these loaders to validate the files before any port is bound).
+//!
 //! Owns loading PEM files into rustls configs. Certificates are read once at start-up; a
 //! bad path or file stops start-up with a message naming the key.
 
-use crate::config::TlsConfig;
+use serde::Deserialize;
 use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+/// `[tls]`: the client listener's certificate (see docs/configuration.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain presented to clients.
+    pub cert_file: PathBuf,
+    /// PEM private key of that certificate.
+    pub key_file: PathBuf,
+    /// When set, clients must present a certificate chaining to this CA (mutual TLS).
+    pub client_ca_file: Option<PathBuf>,
+}
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())

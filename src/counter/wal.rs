@@ -33,6 +33,7 @@
 
 use super::Engine;
 use crate::config::{DurabilityConfig, Fsync};
+use crate::spec::{Placement, ShardSpec};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -55,22 +56,6 @@ const MAX_RECORD: usize = 1 << 30;
 
 pub type Unapplied = BTreeMap<u64, (String, Vec<(Bytes, i64)>)>;
 
-/// A shard as the log records it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ShardSpec {
-    pub name: String,
-    pub addr: String,
-    pub weight: u32,
-}
-
-/// The shard list in force and, while keys move, the list they move from.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Placement {
-    pub version: u64,
-    pub shards: Vec<ShardSpec>,
-    /// (rebalance id, the previous shard list) while a rebalance is under way.
-    pub migration: Option<(u64, Vec<ShardSpec>)>,
-}
 /// A logged batch: sequence number, shard name, (key, delta) items.
 type LoggedBatch = (u64, String, Vec<(Bytes, i64)>);
 

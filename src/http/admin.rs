@@ -5,9 +5,9 @@
 
 use super::{error, json_response, Resp};
 use crate::auth::constant_time_eq;
-use crate::counter::wal::ShardSpec;
 use crate::rebalance::{self, specs_of};
 use crate::server::Context;
+use crate::spec::ShardSpec;
 use bytes::Bytes;
 use hyper::{HeaderMap, Method, StatusCode};
 use serde::Deserialize;
