@@ -227,9 +227,15 @@ pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 /// A config for tests: the given shards, ports 0, a private log directory, short timers.
 pub fn config(shards: &[&Redis], wal: &TempDir) -> Config {
+    let addrs: Vec<String> = shards.iter().map(|s| s.addr()).collect();
+    config_for(&addrs, wal)
+}
+
+/// [`config`] with shards given by address (which need not be Redis servers).
+pub fn config_for(addrs: &[String], wal: &TempDir) -> Config {
     let mut toml = String::from("listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n");
-    for s in shards {
-        toml.push_str(&format!("[[shards]]\naddr = \"{}\"\n", s.addr()));
+    for a in addrs {
+        toml.push_str(&format!("[[shards]]\naddr = \"{a}\"\n"));
     }
     toml.push_str(&format!(
         "[backend]\ntimeout = \"2s\"\nhealth_interval = \"100ms\"\nhealth_failures = 2\n\
