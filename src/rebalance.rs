@@ -1,7 +1,8 @@
 //! Adding and removing shards at run time: a new ring at once, keys moved in the background.
 //!
-//! A change ([`change`]) is validated (unique names and addresses, new shards answer PING,
-//! at least one shard left, no rebalance already under way), recorded in the log, and
+//! A change ([`change`]) is validated (unique names and addresses, new shards are Redis
+//! servers (see `backend::identity`), at least one shard left, no rebalance already under
+//! way), recorded in the log, and
 //! published: the new ring takes every new increment and flush at once, and a [`Migration`]
 //! names the old ring until the keys whose owner changed have moved. A mover task scans
 //! each old shard (SCAN, rate-limited) and moves those keys:
@@ -89,6 +90,9 @@ pub struct Progress {
     pub moved_into: HashMap<String, u64>,
     /// Old shards declared lost in the rebalance under way (nothing is moved off them).
     pub lost: Vec<String>,
+    /// Of `keys_moved`, those moved before a restart (the rate counts this process's only).
+    #[serde(skip)]
+    pub moved_before_restart: u64,
 }
 
 #[derive(Default)]
@@ -120,7 +124,8 @@ impl Rebalancer {
             }
         }
         if p.elapsed_seconds > 0.0 {
-            p.rate_keys_per_second = p.keys_moved as f64 / p.elapsed_seconds;
+            p.rate_keys_per_second =
+                p.keys_moved.saturating_sub(p.moved_before_restart) as f64 / p.elapsed_seconds;
         }
         p.keys_remaining_estimate = p.keys_total_estimate.saturating_sub(p.keys_scanned);
         p
@@ -364,9 +369,11 @@ async fn start(
     // their new owners, so that `keys_moved` is the rebalance's whole and not what is left.
     // (The log's moved set also holds keys found with nothing to move, so this may count
     // a few more than carried a value.)
+    let mut moved_before_restart = 0;
     for key in &moved {
         if m.owner_changed(key) && !m.is_lost(&old.shard_for(key).name) {
             m.note_moved(&new.shard_for(key).name);
+            moved_before_restart += 1;
         }
     }
     engine.set_moved(moved);
@@ -384,6 +391,7 @@ async fn start(
             to_version: new.version,
             keys_total_estimate: total,
             moved_into,
+            moved_before_restart,
             ..Progress::default()
         };
         *ctx.rebalancer.started.lock() = Some(Instant::now());
