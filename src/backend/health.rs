@@ -55,7 +55,15 @@ pub fn spawn_checker(
                             tracing::info!(shard = %shard.name, "shard answers as a Redis server");
                         }
                     }
-                    Err(e) if e.is_unreachable() => ok = false,
+                    Err(e) if e.is_unreachable() => {
+                        ok = false;
+                        if matches!(e, identity::NotRedis::Refused(_))
+                            && refused.as_ref() != Some(&e)
+                        {
+                            tracing::warn!(shard = %shard.name, error = %e.message(shard.addr), "shard cannot be asked whether it is Redis; nothing is sent to it");
+                            refused = Some(e);
+                        }
+                    }
                     Err(e) => {
                         ok = false;
                         failed = failures;

@@ -20,6 +20,9 @@ pub enum NotRedis {
     /// Nothing usable answers there yet (refused, timed out, TLS or AUTH failed): it may
     /// still turn out to be Redis.
     Unreachable(String),
+    /// It refused the question (credentials, or an ACL user that may not run INFO): it may
+    /// be Redis, but it cannot be told from a tallyproxy, nor used as the proxy would.
+    Refused(String),
     /// A tallyproxy; `itself` when it is the very proxy asking.
     Tallyproxy { itself: bool },
     /// Something that answers, but not as Redis does.
@@ -31,6 +34,10 @@ impl NotRedis {
     pub fn message(&self, addr: SocketAddr) -> String {
         match self {
             NotRedis::Unreachable(why) => format!("{addr} is unreachable: {why}"),
+            NotRedis::Refused(e) => format!(
+                "{addr} refused INFO server, which tells a Redis server from a tallyproxy \
+                 (check the shard's credentials; an ACL user needs INFO): {e}"
+            ),
             NotRedis::Tallyproxy { itself: true } => {
                 format!("{addr} is a tallyproxy (this very proxy), not a Redis server")
             }
@@ -44,7 +51,7 @@ impl NotRedis {
     /// Whether the address may still prove to be Redis later (as opposed to having
     /// answered as something else).
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, NotRedis::Unreachable(_))
+        matches!(self, NotRedis::Unreachable(_) | NotRedis::Refused(_))
     }
 }
 
@@ -90,6 +97,13 @@ pub async fn verify(opts: &ConnOptions, own_proxy_id: &str) -> Result<(), NotRed
     match reply {
         Ok(Ok(Ok(r))) => match r.frame {
             BytesFrame::BulkString(b) => classify(&String::from_utf8_lossy(&b), own_proxy_id),
+            BytesFrame::Error(e)
+                if ["NOAUTH", "WRONGPASS", "NOPERM"]
+                    .iter()
+                    .any(|p| e.starts_with(p)) =>
+            {
+                Err(NotRedis::Refused(e.to_string()))
+            }
             BytesFrame::Error(e) => Err(NotRedis::Other(format!("INFO server answered {e}"))),
             other => Err(NotRedis::Other(format!(
                 "INFO server answered {}",

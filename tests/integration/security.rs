@@ -604,7 +604,11 @@ async fn a_shard_added_at_run_time_must_be_a_redis_server() {
     let proxy = Proxy::start(support::config(&[&a], &wal)).await;
     let other = Proxy::start(support::config(&[&a], &wal2)).await;
     let stranger = stranger().await;
+    // A Redis the proxy has no password for cannot be told from a tallyproxy.
+    let locked = Redis::start_with(&["--requirepass", "secret"]);
+    let locked_addr: std::net::SocketAddr = locked.addr().parse().unwrap();
     let cases = [
+        (locked_addr, format!("{locked_addr} refused INFO server")),
         (
             proxy.addr,
             format!(
