@@ -635,3 +635,53 @@ async fn a_rebalance_held_by_a_down_shard_says_why_until_it_moves_again() {
     }
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_scanned_shard_logs_the_keys_moved_off_it() {
+    let (a, b, c) = (Redis::start(), Redis::start(), Redis::start());
+    let wal = TempDir::new("rebalance-log");
+    let log = wal.path().join("stderr.jsonl");
+    let mut proxy = ProxyProcess::start_logged(&[a.addr(), b.addr()], &wal, "", &log);
+    let http_addr: SocketAddr = format!("127.0.0.1:{}", proxy.http).parse().unwrap();
+    let mut conn = support::Raw::connect(proxy.addr()).await;
+    for i in 0..200 {
+        assert_eq!(conn.cmd(&["INCR", &format!("logged:{i}")]).await, ":1\r\n");
+    }
+    let (status, _) = http(http_addr, "POST", "/admin/flush", "").await;
+    assert_eq!(status, 200);
+    let (status, body) = http(
+        http_addr,
+        "POST",
+        "/admin/shards",
+        &format!("{{\"addr\": \"{}\"}}", c.addr()),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let p = wait_done(http_addr, Duration::from_secs(30)).await;
+    proxy.terminate();
+    // One line per old shard, each with the keys moved off it: together, the whole.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let scanned: HashMap<String, u64> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "rebalance: shard scanned")
+        .map(|v| {
+            (
+                v["fields"]["shard"].as_str().unwrap().to_string(),
+                v["fields"]["moved"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(scanned.len(), 2, "{text}");
+    let off = |r: &Redis| {
+        (0..200)
+            .filter(|i| {
+                let k = format!("logged:{i}");
+                ring_owner(&[&a, &b], &k) == r.port && ring_owner(&[&a, &b, &c], &k) == c.port
+            })
+            .count() as u64
+    };
+    assert_eq!(scanned[&format!("redis_{}", a.port)], off(&a), "{text}");
+    assert_eq!(scanned[&format!("redis_{}", b.port)], off(&b), "{text}");
+    assert_eq!(off(&a) + off(&b), p["keys_moved"].as_u64().unwrap(), "{p}");
+}

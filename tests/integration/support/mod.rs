@@ -479,6 +479,22 @@ impl ProxyProcess {
         flush: &str,
         extra: &str,
     ) -> ProxyProcess {
+        Self::spawn(shards, wal, fsync, flush, extra, None)
+    }
+
+    /// As [`ProxyProcess::start_with`], logging JSON lines at `info` to `log` (the file).
+    pub fn start_logged(shards: &[String], wal: &TempDir, extra: &str, log: &Path) -> ProxyProcess {
+        Self::spawn(shards, wal, "always", "100ms", extra, Some(log))
+    }
+
+    fn spawn(
+        shards: &[String],
+        wal: &TempDir,
+        fsync: &str,
+        flush: &str,
+        extra: &str,
+        log: Option<&Path>,
+    ) -> ProxyProcess {
         let (port, http) = (free_port(), free_port());
         let mut toml =
             format!("listen = \"127.0.0.1:{port}\"\nhttp_listen = \"127.0.0.1:{http}\"\n");
@@ -492,13 +508,19 @@ impl ProxyProcess {
         ));
         let cfg = wal.path().join("proxy.toml");
         std::fs::write(&cfg, toml).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tallyproxy"))
-            .arg("--config")
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tallyproxy"));
+        cmd.arg("--config").arg(&cfg).stdout(Stdio::null());
+        match log {
+            Some(path) => {
+                cmd.arg("--log-json")
+                    .env("RUST_LOG", "info")
+                    .stderr(std::fs::File::create(path).unwrap());
+            }
+            None => {
+                cmd.stderr(Stdio::null());
+            }
+        }
+        let child = cmd.spawn().unwrap();
         let p = ProxyProcess {
             child: Some(child),
             port,
