@@ -679,6 +679,39 @@ async fn a_tallyproxy_or_a_stranger_in_the_shard_list_stops_start_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_that_names_a_tallyproxy_as_a_shard_changes_nothing() {
+    let a = Redis::start();
+    let (wal, wal2) = (TempDir::new("identity-hup"), TempDir::new("identity-hup-2"));
+    let other = Proxy::start(support::config(&[&a], &wal2)).await;
+    let log = wal.path().join("stderr.jsonl");
+    let mut proxy = support::ProxyProcess::start_logged(&[a.addr()], &wal, "", &log);
+    let http: std::net::SocketAddr = format!("127.0.0.1:{}", proxy.http).parse().unwrap();
+    let file = wal.path().join("proxy.toml");
+    let mut toml = std::fs::read_to_string(&file).unwrap();
+    toml.push_str(&format!("[[shards]]\naddr = \"{}\"\n", other.addr));
+    std::fs::write(&file, toml).unwrap();
+    proxy.signal("HUP");
+    let want = format!("{} is a tallyproxy, not a Redis server", other.addr);
+    assert!(
+        support::eventually(Duration::from_secs(10), || {
+            std::fs::read_to_string(&log)
+                .unwrap()
+                .lines()
+                .any(|l| l.contains("config reloaded: shard list not changed") && l.contains(&want))
+        })
+        .await,
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    let (_, shards) = support::http_json(http, "GET", "/admin/shards", "").await;
+    assert_eq!(shards["ring_version"], 1, "{shards}");
+    let (_, p) = support::http_json(http, "GET", "/admin/rebalance", "").await;
+    assert_eq!(p["state"], "idle", "{p}");
+    proxy.terminate();
+    other.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_down_at_start_up_is_used_only_once_it_answers_as_redis() {
     let a = Redis::start();
     let x_port = support::free_port();

@@ -544,6 +544,18 @@ impl ProxyProcess {
         }
     }
 
+    /// Sends `signal` (e.g. "HUP") to the process, by PID.
+    pub fn signal(&self, signal: &str) {
+        if let Some(c) = &self.child {
+            let ok = Command::new("kill")
+                .args([&format!("-{signal}"), &c.id().to_string()])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "kill -{signal}");
+        }
+    }
+
     /// SIGTERM by PID and wait: the orderly path, with its final flush.
     pub fn terminate(&mut self) {
         if let Some(mut c) = self.child.take() {
