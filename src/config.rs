@@ -684,6 +684,14 @@ impl Config {
 
     /// Checks what serde cannot: uniqueness, ranges, and that values fit together.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        /// Whether connecting to `addr` reaches the listener bound at `own`.
+        fn is_own(own: std::net::SocketAddr, addr: std::net::SocketAddr) -> bool {
+            own.port() != 0
+                && own.port() == addr.port()
+                && (own.ip() == addr.ip()
+                    || (own.ip().is_unspecified()
+                        && (addr.ip().is_loopback() || addr.ip().is_unspecified())))
+        }
         let mut names = HashSet::new();
         let mut addrs = HashSet::new();
         for s in &self.shards {
@@ -702,6 +710,15 @@ impl Config {
             }
             if s.weight == 0 || s.weight > 100 {
                 return err(format!("shards: weight of {name:?} must be 1-100"));
+            }
+            // The proxy's own ports are never Redis (start-up asks every shard that answers
+            // anyway, see `backend::identity`; this catches it before any port is bound).
+            for (what, own) in [("listen", self.listen), ("http_listen", self.http_listen)] {
+                if is_own(own, addr) {
+                    return err(format!(
+                        "shards: {name} at {addr} is this proxy's own {what} address, not a Redis server"
+                    ));
+                }
             }
         }
         if self.ring.vnodes == 0 || self.ring.vnodes > 10_000 {
@@ -950,6 +967,14 @@ mod tests {
         assert!(error_of(dup).contains("duplicate"));
         let dup_name = "[[shards]]\nname=\"a\"\naddr = \"127.0.0.1:1\"\n[[shards]]\nname=\"a\"\naddr = \"127.0.0.1:2\"";
         assert!(error_of(dup_name).contains("duplicate shard name"));
+        let own = "listen = \"127.0.0.1:6390\"\n[[shards]]\naddr = \"127.0.0.1:6390\"";
+        assert!(
+            error_of(own).contains("own listen address"),
+            "{}",
+            error_of(own)
+        );
+        let own = "http_listen = \"0.0.0.0:8090\"\n[[shards]]\naddr = \"127.0.0.1:8090\"";
+        assert!(error_of(own).contains("own http_listen address"));
         assert!(error_of("[counters]\ncache_ttl = \"5 parsecs\"").contains("duration"));
         assert!(error_of("[durability]\nfsync = \"sometimes\"").contains("fsync"));
     }

@@ -1,7 +1,8 @@
 //! Adding and removing shards at run time: a new ring at once, keys moved in the background.
 //!
-//! A change ([`change`]) is validated (unique names and addresses, new shards answer PING,
-//! at least one shard left, no rebalance already under way), recorded in the log, and
+//! A change ([`change`]) is validated (unique names and addresses, new shards are Redis
+//! servers (see `backend::identity`), at least one shard left, no rebalance already under
+//! way), recorded in the log, and
 //! published: the new ring takes every new increment and flush at once, and a [`Migration`]
 //! names the old ring until the keys whose owner changed have moved. A mover task scans
 //! each old shard (SCAN, rate-limited) and moves those keys:
@@ -89,6 +90,9 @@ pub struct Progress {
     pub moved_into: HashMap<String, u64>,
     /// Old shards declared lost in the rebalance under way (nothing is moved off them).
     pub lost: Vec<String>,
+    /// Of `keys_moved`, those moved before a restart (the rate counts this process's only).
+    #[serde(skip)]
+    pub moved_before_restart: u64,
 }
 
 #[derive(Default)]
@@ -120,10 +124,62 @@ impl Rebalancer {
             }
         }
         if p.elapsed_seconds > 0.0 {
-            p.rate_keys_per_second = p.keys_moved as f64 / p.elapsed_seconds;
+            p.rate_keys_per_second =
+                p.keys_moved.saturating_sub(p.moved_before_restart) as f64 / p.elapsed_seconds;
         }
         p.keys_remaining_estimate = p.keys_total_estimate.saturating_sub(p.keys_scanned);
         p
+    }
+}
+
+impl Rebalancer {
+    /// What holds the rebalance right now, shown until it is over.
+    fn set_error(&self, e: String) {
+        self.progress.lock().error = Some(e);
+    }
+
+    fn clear_error(&self) {
+        self.progress.lock().error = None;
+    }
+}
+
+/// Why `shard` cannot be used right now, when it cannot: down (with the operating system's
+/// reason when a connection fails) or not known to be Redis.
+async fn shard_trouble(shard: &Shard) -> Option<String> {
+    if !shard.is_verified() {
+        return Some(format!(
+            "shard {} is not known to be a Redis server",
+            shard.name
+        ));
+    }
+    if shard.is_up() {
+        return None;
+    }
+    let connect = tokio::net::TcpStream::connect(shard.addr);
+    Some(
+        match tokio::time::timeout(shard.conn_opts.connect_timeout, connect).await {
+            Ok(Err(e)) => format!("shard {} unreachable: {e}", shard.name),
+            Err(_) => format!("shard {} unreachable: connect timed out", shard.name),
+            Ok(Ok(_)) => format!("shard {} is down (no answer to PING)", shard.name),
+        },
+    )
+}
+
+/// What holds a rebalance that cannot land or move: the troubles of its shards, old and new.
+async fn holding(m: &Migration) -> String {
+    let mut seen = HashSet::new();
+    let mut troubles = Vec::new();
+    for s in m.old.shards.iter().chain(m.new.shards.iter()) {
+        if seen.insert(s.name.clone()) {
+            if let Some(t) = shard_trouble(s).await {
+                troubles.push(t);
+            }
+        }
+    }
+    if troubles.is_empty() {
+        "a shard did not take its batch".into()
+    } else {
+        troubles.join(", ")
     }
 }
 
@@ -165,25 +221,18 @@ fn build_topology(
     Ok(Topology::new(version, shards, cfg.ring.vnodes))
 }
 
-/// Whether a shard about to join answers PING, connecting as the proxy will (credentials,
-/// TLS), through a throwaway connection.
-async fn reachable(cfg: &Config, s: &ShardSpec) -> Result<(), Refused> {
-    let unreachable = || {
-        Refused(format!(
-            "shard {} at {} does not answer PING",
-            s.name, s.addr
-        ))
-    };
-    let addr = s.addr.parse().map_err(|_| unreachable())?;
-    let probe = Shard::new(s.name.clone(), addr, s.weight, cfg).map_err(Refused)?;
-    let wait = cfg.backend.connect_timeout.0 * 4 + cfg.backend.timeout.0;
-    let rx = probe
-        .send(0, encode_command(&["PING"]))
-        .ok_or_else(unreachable)?;
-    match tokio::time::timeout(wait, rx).await {
-        Ok(Ok(Ok(r))) if r.error().is_none() => Ok(()),
-        _ => Err(unreachable()),
-    }
+/// Whether a shard about to join is a Redis server (see `backend::identity`), asked as the
+/// proxy will connect (credentials, TLS), through a throwaway connection. A shard that
+/// cannot be asked is refused too: nothing could be moved into it.
+async fn verify(cfg: &Config, proxy_id: &str, s: &ShardSpec) -> Result<(), Refused> {
+    let addr = s
+        .addr
+        .parse()
+        .map_err(|_| Refused(format!("addr {:?} is not an ip:port address", s.addr)))?;
+    let opts = Shard::conn_options(&s.name, addr, cfg).map_err(Refused)?;
+    crate::backend::identity::verify(&opts, proxy_id)
+        .await
+        .map_err(|e| Refused(format!("shard {}: {}", s.name, e.message(addr))))
 }
 
 fn validate(specs: &[ShardSpec]) -> Result<(), Refused> {
@@ -258,7 +307,7 @@ pub async fn change(
             .iter()
             .any(|o| o.name == s.name && o.addr == s.addr);
         if !known {
-            reachable(cfg, s).await?;
+            verify(cfg, &ctx.engine.proxy_id, s).await?;
         }
         if let Some(o) = old_specs.iter().find(|o| o.name == s.name) {
             if o.addr != s.addr || o.weight != s.weight {
@@ -304,11 +353,11 @@ async fn start(
                 b.health_interval.0,
                 b.health_failures,
                 b.connect_timeout.0,
+                engine.proxy_id.clone(),
                 ctx.shutdown.subscribe(),
             );
         }
     }
-    engine.set_moved(moved);
     let m = Arc::new(Migration::new(id, old.clone(), new.clone()));
     for name in lost {
         m.set_lost(name);
@@ -316,6 +365,18 @@ async fn start(
             lane.abandon();
         }
     }
+    // Resumed: the keys the log says were moved before the restart count as moved, into
+    // their new owners, so that `keys_moved` is the rebalance's whole and not what is left.
+    // (The log's moved set also holds keys found with nothing to move, so this may count
+    // a few more than carried a value.)
+    let mut moved_before_restart = 0;
+    for key in &moved {
+        if m.owner_changed(key) && !m.is_lost(&old.shard_for(key).name) {
+            m.note_moved(&new.shard_for(key).name);
+            moved_before_restart += 1;
+        }
+    }
+    engine.set_moved(moved);
     ctx.router.set_migration(Some(m.clone()));
     ctx.router.publish_arc(new.clone());
     engine.invalidate_all_bases();
@@ -330,6 +391,7 @@ async fn start(
             to_version: new.version,
             keys_total_estimate: total,
             moved_into,
+            moved_before_restart,
             ..Progress::default()
         };
         *ctx.rebalancer.started.lock() = Some(Instant::now());
@@ -654,6 +716,10 @@ async fn mover(ctx: Arc<Context>, m: Arc<Migration>) {
     // one landing after its key moved would recreate the key on the old owner.
     let mut backoff = Duration::from_millis(50);
     while !engine.flush_all().await {
+        let why = holding(&m).await;
+        ctx.rebalancer.set_error(format!(
+            "landing pending increments before the move: {why}; retrying"
+        ));
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = shutdown.wait() => return,
@@ -666,6 +732,8 @@ async fn mover(ctx: Arc<Context>, m: Arc<Migration>) {
     for from in m.old.shards.iter() {
         let mut cursor = b"0".to_vec();
         let mut backoff = Duration::from_millis(100);
+        // Keys moved off this shard by the scan (`done` counts them all).
+        let mut moved_off: u64 = 0;
         loop {
             if shutdown.is_triggered() {
                 return;
@@ -690,9 +758,13 @@ async fn mover(ctx: Arc<Context>, m: Arc<Migration>) {
                     _ => (b"0".to_vec(), Vec::new()),
                 },
                 other => {
-                    let e = format!("{other:?}");
-                    ctx.rebalancer.progress.lock().error =
-                        Some(format!("scanning {}: {e}", from.name));
+                    let why = match (shard_trouble(from).await, other) {
+                        (Some(t), _) => t,
+                        (None, Err(e)) => e,
+                        (None, Ok(f)) => format!("unexpected SCAN reply {f:?}"),
+                    };
+                    ctx.rebalancer
+                        .set_error(format!("scanning {}: {why}; retrying", from.name));
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = shutdown.wait() => return,
@@ -702,6 +774,8 @@ async fn mover(ctx: Arc<Context>, m: Arc<Migration>) {
                 }
             };
             backoff = Duration::from_millis(100);
+            // The scan goes on: whatever held it is over (a failed move sets it again).
+            ctx.rebalancer.clear_error();
             for key in keys {
                 ctx.rebalancer.progress.lock().keys_scanned += 1;
                 let result = if let Some(k) = key.strip_prefix(&prefix[..]) {
@@ -729,6 +803,7 @@ async fn mover(ctx: Arc<Context>, m: Arc<Migration>) {
                 match result {
                     Ok(true) => {
                         done += 1;
+                        moved_off += 1;
                         // Rate limit: never ahead of `rate` keys per second.
                         let ahead = Duration::from_secs_f64(done as f64 / rate)
                             .saturating_sub(started.elapsed());
@@ -739,7 +814,11 @@ async fn mover(ctx: Arc<Context>, m: Arc<Migration>) {
                     Ok(false) => {}
                     Err(e) => {
                         tracing::warn!(key = %String::from_utf8_lossy(&key), from = %from.name, error = %e, "rebalance: move failed; will retry");
-                        ctx.rebalancer.progress.lock().error = Some(e);
+                        ctx.rebalancer.set_error(format!(
+                            "moving {} off {}: {e}; retrying",
+                            String::from_utf8_lossy(&key),
+                            from.name
+                        ));
                         let k = key
                             .strip_prefix(&prefix[..])
                             .map(Bytes::copy_from_slice)
@@ -753,7 +832,7 @@ async fn mover(ctx: Arc<Context>, m: Arc<Migration>) {
                 break;
             }
         }
-        tracing::info!(id = m.id, shard = %from.name, moved = done, "rebalance: shard scanned");
+        tracing::info!(id = m.id, shard = %from.name, moved = moved_off, "rebalance: shard scanned");
     }
     // The rebalance is not done while any value is stranded on an old owner.
     let mut backoff = Duration::from_millis(100);
@@ -769,18 +848,26 @@ async fn mover(ctx: Arc<Context>, m: Arc<Migration>) {
                 continue;
             }
             if let Err(e) = move_once(engine, &m, &key, &from).await {
-                ctx.rebalancer.progress.lock().error = Some(e);
+                ctx.rebalancer.set_error(format!(
+                    "moving {} off {}: {e}; retrying",
+                    String::from_utf8_lossy(&key),
+                    from.name
+                ));
                 still.push((from, key));
             }
         }
         failed = still;
     }
-    ctx.rebalancer.progress.lock().error = None;
+    ctx.rebalancer.clear_error();
     finish(&ctx, &m, &mut shutdown).await;
 }
 
 /// Deletes this rebalance's tombstones on every old shard (after the log is synced).
-async fn delete_tombstones(m: &Migration, shutdown: &mut crate::shutdown::Shutdown) -> bool {
+async fn delete_tombstones(
+    rebalancer: &Rebalancer,
+    m: &Migration,
+    shutdown: &mut crate::shutdown::Shutdown,
+) -> bool {
     let pattern = format!("tally:mv:{}:*", m.id);
     for from in m.old.shards.iter().filter(|s| !m.is_lost(&s.name)) {
         let mut cursor = b"0".to_vec();
@@ -796,7 +883,16 @@ async fn delete_tombstones(m: &Migration, shutdown: &mut crate::shutdown::Shutdo
             ];
             let page = match call(from, &scan).await {
                 Ok(BytesFrame::Array(parts)) if parts.len() == 2 => parts,
-                _ => {
+                other => {
+                    let why = match (shard_trouble(from).await, other) {
+                        (Some(t), _) => t,
+                        (None, Err(e)) => e,
+                        (None, Ok(f)) => format!("unexpected SCAN reply {f:?}"),
+                    };
+                    rebalancer.set_error(format!(
+                        "deleting tombstones on {}: {why}; retrying",
+                        from.name
+                    ));
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = shutdown.wait() => return false,
@@ -853,7 +949,7 @@ async fn finish(ctx: &Arc<Context>, m: &Migration, shutdown: &mut crate::shutdow
     if let Some(w) = &ctx.engine.wal {
         w.sync_now().await;
     }
-    if !delete_tombstones(m, shutdown).await {
+    if !delete_tombstones(&ctx.rebalancer, m, shutdown).await {
         return;
     }
     let placement = Placement {

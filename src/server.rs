@@ -92,6 +92,40 @@ async fn settle_shards(ctx: &Arc<Context>) {
     }
 }
 
+/// Asks every shard whether it is Redis (see `backend::identity`), all at once, before
+/// anything is sent to them. One that answers as something else (a tallyproxy, say) stops
+/// start-up. One that cannot be asked (down: a supported state) is allowed, marked down and
+/// unverified; the health checker asks it when it answers, and nothing is sent to it before.
+async fn verify_shards(shards: &[Arc<Shard>], proxy_id: &str) -> std::io::Result<()> {
+    let mut checks = tokio::task::JoinSet::new();
+    for s in shards {
+        let (s, id) = (s.clone(), proxy_id.to_string());
+        checks.spawn(async move {
+            let r = crate::backend::identity::verify(&s.conn_opts, &id).await;
+            (s, r)
+        });
+    }
+    let mut refused = Vec::new();
+    while let Some(done) = checks.join_next().await {
+        let Ok((s, r)) = done else { continue };
+        match r {
+            Ok(()) => {}
+            Err(e) if e.is_unreachable() => {
+                tracing::warn!(shard = %s.name, error = %e.message(s.addr), "shard cannot be asked whether it is Redis; it is used once it answers as Redis");
+                s.unverified.store(true, Ordering::Relaxed);
+                s.up.store(false, Ordering::Relaxed);
+            }
+            Err(e) => refused.push(format!("shard {}: {}", s.name, e.message(s.addr))),
+        }
+    }
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        refused.sort();
+        Err(std::io::Error::other(refused.join("; ")))
+    }
+}
+
 /// Builds the shards, the engine and its lanes, and replays the log. Nothing listens yet.
 pub async fn build(config: Config, shutdown: ShutdownTrigger) -> std::io::Result<Arc<Context>> {
     let configured = config.shard_specs();
@@ -128,16 +162,17 @@ pub async fn build(config: Config, shutdown: ShutdownTrigger) -> std::io::Result
         })
         .collect::<Result<_, String>>()
         .map_err(std::io::Error::other)?;
-    let router = Arc::new(Router::new(Topology::new(
-        version,
-        shards.clone(),
-        config.ring.vnodes,
-    )));
     let proxy_id = match (&config.durability.proxy_id, &recovered) {
         (Some(id), _) => id.clone(),
         (None, Some(r)) => r.proxy_id.clone(),
         (None, None) => format!("p{:x}", counter::now_micros()),
     };
+    verify_shards(&shards, &proxy_id).await?;
+    let router = Arc::new(Router::new(Topology::new(
+        version,
+        shards.clone(),
+        config.ring.vnodes,
+    )));
     let first_seq = recovered.as_ref().map(|r| r.next_seq).unwrap_or(0);
     let mut engine = Engine::new(
         &config.counters,
@@ -207,6 +242,7 @@ pub async fn run_with_reload(
             b.health_interval.0,
             b.health_failures,
             b.connect_timeout.0,
+            ctx.engine.proxy_id.clone(),
             shutdown.clone(),
         );
     }

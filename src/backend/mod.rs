@@ -6,6 +6,7 @@
 
 pub mod conn;
 pub mod health;
+pub mod identity;
 
 use bytes::{Bytes, BytesMut};
 pub use conn::{BackendConn, ConnOptions};
@@ -113,6 +114,10 @@ pub struct Shard {
     pub auth_args: Option<Vec<String>>,
     /// Removed from the ring by a rebalance: its health checker stops.
     pub retired: AtomicBool,
+    /// Not (yet) known to be Redis (see `identity`): nothing is sent to it. False only for a
+    /// shard that could not be asked at start-up or that answered as something else since;
+    /// the health checker asks again when it answers PING.
+    pub unverified: AtomicBool,
     pub stats: ShardStats,
     /// Round-trip time of forwarded requests.
     pub latency: metrics::Histogram,
@@ -129,16 +134,7 @@ impl Shard {
     ) -> Result<Arc<Shard>, String> {
         let cfg = &config.backend;
         let auth_args = config.shard_auth(&name)?;
-        let auth = auth_args.as_ref().map(|args| encode_command(args));
-        let tls = config.shard_tls(&name, addr)?;
-        let opts = ConnOptions {
-            addr,
-            connect_timeout: cfg.connect_timeout.0,
-            request_timeout: cfg.timeout.0,
-            queue_depth: cfg.queue_depth,
-            on_connect: auth.iter().cloned().collect(),
-            tls,
-        };
+        let opts = Shard::conn_options(&name, addr, config)?;
         let pool = (0..cfg.pool_size)
             .map(|_| BackendConn::spawn(opts.clone()))
             .collect();
@@ -155,11 +151,38 @@ impl Shard {
             timeout: cfg.timeout.0,
             up: AtomicBool::new(true),
             retired: AtomicBool::new(false),
+            unverified: AtomicBool::new(false),
             conn_opts: opts.clone(),
             auth_args,
             stats: ShardStats::default(),
             latency,
         }))
+    }
+
+    /// How the proxy connects to shard `name` at `addr`: credentials and TLS from `config`.
+    pub fn conn_options(
+        name: &str,
+        addr: SocketAddr,
+        config: &crate::config::Config,
+    ) -> Result<ConnOptions, String> {
+        let cfg = &config.backend;
+        let auth = config
+            .shard_auth(name)?
+            .as_ref()
+            .map(|args| encode_command(args));
+        Ok(ConnOptions {
+            addr,
+            connect_timeout: cfg.connect_timeout.0,
+            request_timeout: cfg.timeout.0,
+            queue_depth: cfg.queue_depth,
+            on_connect: auth.into_iter().collect(),
+            tls: config.shard_tls(name, addr)?,
+        })
+    }
+
+    /// Whether the shard is known to be Redis (see `unverified`).
+    pub fn is_verified(&self) -> bool {
+        !self.unverified.load(Ordering::Relaxed)
     }
 
     pub fn retire(&self) {
@@ -179,6 +202,9 @@ impl Shard {
         frame: Bytes,
     ) -> Option<tokio::sync::oneshot::Receiver<Result<Reply, BackendError>>> {
         let conn = &self.pool[(client as usize) % self.pool.len()];
+        if !self.is_verified() {
+            return None;
+        }
         if self.is_up() || conn.is_connected() {
             Some(conn.send(frame))
         } else {
@@ -192,6 +218,11 @@ impl Shard {
         &self,
         frame: Bytes,
     ) -> tokio::sync::oneshot::Receiver<Result<Reply, BackendError>> {
+        if !self.is_verified() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let _ = tx.send(Err(BackendError::Unavailable));
+            return rx;
+        }
         self.lane_conn.send(frame)
     }
 }

@@ -37,6 +37,13 @@ use tokio::net::TcpListener;
 
 /// Largest request body accepted (only `POST /admin/shards` reads one).
 const MAX_BODY: usize = 64 * 1024;
+/// Largest request head (request line and headers) accepted. hyper's `max_buf_size` bounds
+/// what it buffers between parses, but one read can carry a head past it whole, so the
+/// limit is also checked on the parsed head.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// How long a request body may take to arrive; a client that announces a body and does
+/// not send it holds nothing for longer.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest page id, in bytes after percent-decoding.
 pub const MAX_PAGE_ID: usize = 256;
 
@@ -62,7 +69,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>, mut shutdown: Shutd
             async move { Ok::<_, std::convert::Infallible>(route(req, &ctx, peer).await) }
         });
         let conn = http1::Builder::new()
-            .max_buf_size(64 * 1024)
+            .max_buf_size(MAX_HEAD)
             .header_read_timeout(Duration::from_secs(10))
             .timer(hyper_util::rt::TokioTimer::new())
             .serve_connection(TokioIo::new(stream), svc);
@@ -95,9 +102,34 @@ pub async fn route(req: Request<Incoming>, ctx: &Arc<Context>, peer: SocketAddr)
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_string);
     let headers = req.headers().clone();
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
+    if head_len(&req) > MAX_HEAD {
+        return closing(error(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request head larger than 64 KiB",
+        ));
+    }
+    // A body announced larger than the limit is refused before any of it is read.
+    if hyper::body::Body::size_hint(req.body()).lower() > MAX_BODY as u64 {
+        return closing(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body too large",
+        ));
+    }
+    let collect = Limited::new(req.into_body(), MAX_BODY).collect();
+    let body = match tokio::time::timeout(BODY_TIMEOUT, collect).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(_)) => {
+            return closing(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large",
+            ))
+        }
+        Err(_) => {
+            return closing(error(
+                StatusCode::REQUEST_TIMEOUT,
+                "request body not received within 10 s",
+            ))
+        }
     };
     let segments: Vec<&str> = path.trim_start_matches('/').splitn(2, '/').collect();
     match (method.clone(), segments.as_slice()) {
@@ -132,6 +164,26 @@ pub async fn route(req: Request<Incoming>, ctx: &Arc<Context>, peer: SocketAddr)
         }
         _ => error(StatusCode::NOT_FOUND, "not found"),
     }
+}
+
+/// The size of a request's head as sent: request line and header lines.
+fn head_len<B>(req: &Request<B>) -> usize {
+    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    req.headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + line
+}
+
+/// `resp` with the connection closed after it: the rest of the request (an unread body)
+/// is not worth reading.
+fn closing(mut resp: Resp) -> Resp {
+    resp.headers_mut().insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("close"),
+    );
+    resp
 }
 
 /// `visits:{page_id}` from the raw path segment: percent-decoded, 1-256 bytes, no `/`.

@@ -342,6 +342,11 @@ async fn the_proxy_killed_mid_move_resumes_and_loses_nothing() {
     let (_, p) = http(http_addr, "GET", "/admin/rebalance", "").await;
     assert_eq!(p["state"], "running", "killed mid-move: {p}");
     proxy.kill9();
+    let moved_before_kill = p["keys_moved"].as_u64().unwrap();
+    assert!(
+        moved_before_kill > 0,
+        "some keys moved before the kill: {p}"
+    );
     stop.store(true, Ordering::Relaxed);
     let acked = running.await.unwrap();
 
@@ -355,9 +360,27 @@ async fn the_proxy_killed_mid_move_resumes_and_loses_nothing() {
     );
     let http_addr: SocketAddr = format!("127.0.0.1:{}", again.http).parse().unwrap();
     let p = wait_done(http_addr, Duration::from_secs(30)).await;
-    assert!(p["keys_moved"].as_u64().unwrap() > 0);
-    again.terminate();
+    // The whole rebalance's count, not what was left after the restart: every key that
+    // changed owner held a value, so each moved once, before the kill or after it.
     let three = [&a, &b, &c];
+    let changed = keys
+        .iter()
+        .filter(|k| ring_owner(&three, k) == c.port)
+        .count() as u64;
+    assert!(changed > moved_before_kill, "{changed} {moved_before_kill}");
+    assert_eq!(p["keys_moved"].as_u64().unwrap(), changed, "{p}");
+    let (_, shards_json) = http(http_addr, "GET", "/admin/shards", "").await;
+    let c_name = format!("redis_{}", c.port);
+    let into_c = shards_json["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == c_name.as_str())
+        .unwrap()["keys_moved_in"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(into_c, changed, "{shards_json}");
+    again.terminate();
     for k in &keys {
         let (total, on) = value_on(&three, k);
         let acked_k = acked.get(k).copied().unwrap_or(0);
@@ -405,7 +428,7 @@ async fn a_refused_change_leaves_the_ring_untouched() {
             "POST",
             "/admin/shards".to_string(),
             format!("{{\"addr\": \"127.0.0.1:{}\"}}", support::free_port()),
-            "does not answer PING",
+            "is unreachable",
         ),
         (
             "POST",
@@ -532,4 +555,133 @@ async fn a_dead_shard_removed_and_declared_lost_lets_the_rebalance_finish() {
         );
     }
     proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_held_by_a_down_shard_says_why_until_it_moves_again() {
+    // a keeps its data over a restart, so that there is something to move once it is back.
+    let mut a = Redis::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let b = Redis::start();
+    let wal = TempDir::new("rebalance-held");
+    let mut cfg = support::config(&[&a], &wal);
+    cfg.rebalance.keys_per_second = 20; // slow, so that it is still running once a is back
+    let proxy = Proxy::start(cfg).await;
+    let mut conn = proxy.conn().await;
+    let keys: Vec<String> = (0..120).map(|i| format!("held:{i}")).collect();
+    for k in &keys {
+        assert_eq!(conn.cmd(&["INCRBY", k, "3"]).await, ":3\r\n");
+    }
+    let (status, _) = http(proxy.http, "POST", "/admin/flush", "").await;
+    assert_eq!(status, 200);
+    for k in &keys {
+        assert_eq!(conn.cmd(&["INCR", k]).await, ":4\r\n");
+    }
+    // a dies with an increment of every key pending: the move must land them first, and
+    // cannot.
+    a.stop();
+    let a_name = format!("redis_{}", a.port);
+    let (status, body) = http(
+        proxy.http,
+        "POST",
+        "/admin/shards",
+        &format!("{{\"addr\": \"{}\"}}", b.addr()),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let start = std::time::Instant::now();
+    let held = loop {
+        let (_, p) = http(proxy.http, "GET", "/admin/rebalance", "").await;
+        let e = p["error"].as_str().unwrap_or("").to_string();
+        if e.contains(&a_name) && e.contains("unreachable") {
+            break p;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the status should say what holds it: {p}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(held["state"], "running", "{held}");
+    assert_eq!(held["keys_scanned"], 0, "{held}");
+    assert!(
+        held["error"].as_str().unwrap().contains("retrying"),
+        "{held}"
+    );
+
+    // a is back: the increments land, the scan moves on, and the error is gone while the
+    // rebalance still runs.
+    a.restart();
+    let start = std::time::Instant::now();
+    loop {
+        let (_, p) = http(proxy.http, "GET", "/admin/rebalance", "").await;
+        if p["keys_scanned"].as_u64().unwrap_or(0) > 0 && p["state"] == "running" {
+            assert!(p["error"].is_null(), "moving again, no error: {p}");
+            break;
+        }
+        assert!(
+            p["state"] == "running" && start.elapsed() < Duration::from_secs(20),
+            "the rebalance moves again: {p}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let p = wait_done(proxy.http, Duration::from_secs(30)).await;
+    assert!(p["error"].is_null(), "{p}");
+    for k in &keys {
+        assert_eq!(
+            conn.cmd(&["GET", k]).await,
+            "$1\r\n4\r\n",
+            "{k} counted once"
+        );
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_scanned_shard_logs_the_keys_moved_off_it() {
+    let (a, b, c) = (Redis::start(), Redis::start(), Redis::start());
+    let wal = TempDir::new("rebalance-log");
+    let log = wal.path().join("stderr.jsonl");
+    let mut proxy = ProxyProcess::start_logged(&[a.addr(), b.addr()], &wal, "", &log);
+    let http_addr: SocketAddr = format!("127.0.0.1:{}", proxy.http).parse().unwrap();
+    let mut conn = support::Raw::connect(proxy.addr()).await;
+    for i in 0..200 {
+        assert_eq!(conn.cmd(&["INCR", &format!("logged:{i}")]).await, ":1\r\n");
+    }
+    let (status, _) = http(http_addr, "POST", "/admin/flush", "").await;
+    assert_eq!(status, 200);
+    let (status, body) = http(
+        http_addr,
+        "POST",
+        "/admin/shards",
+        &format!("{{\"addr\": \"{}\"}}", c.addr()),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let p = wait_done(http_addr, Duration::from_secs(30)).await;
+    proxy.terminate();
+    // One line per old shard, each with the keys moved off it: together, the whole.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let scanned: HashMap<String, u64> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "rebalance: shard scanned")
+        .map(|v| {
+            (
+                v["fields"]["shard"].as_str().unwrap().to_string(),
+                v["fields"]["moved"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(scanned.len(), 2, "{text}");
+    let off = |r: &Redis| {
+        (0..200)
+            .filter(|i| {
+                let k = format!("logged:{i}");
+                ring_owner(&[&a, &b], &k) == r.port && ring_owner(&[&a, &b, &c], &k) == c.port
+            })
+            .count() as u64
+    };
+    assert_eq!(scanned[&format!("redis_{}", a.port)], off(&a), "{text}");
+    assert_eq!(scanned[&format!("redis_{}", b.port)], off(&b), "{text}");
+    assert_eq!(off(&a) + off(&b), p["keys_moved"].as_u64().unwrap(), "{p}");
 }

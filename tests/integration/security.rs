@@ -556,3 +556,293 @@ async fn stop(
         .unwrap()
         .unwrap();
 }
+
+/// A TCP listener that answers anything with an HTTP error: it accepts, but is no Redis.
+async fn stranger() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0
+                        || s.write_all(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+                            .await
+                            .is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The proxy on bound listeners, as `tallyproxy::run` (the listener may be on a chosen port).
+fn run_on(
+    cfg: tallyproxy::Config,
+    listener: tokio::net::TcpListener,
+) -> (
+    tallyproxy::shutdown::ShutdownTrigger,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    http.set_nonblocking(true).unwrap();
+    let http = tokio::net::TcpListener::from_std(http).unwrap();
+    let (trigger, _) = tallyproxy::shutdown::channel();
+    let task = tokio::spawn(tallyproxy::run(cfg, listener, http, trigger.clone()));
+    (trigger, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_added_at_run_time_must_be_a_redis_server() {
+    let a = Redis::start();
+    let (wal, wal2) = (TempDir::new("identity"), TempDir::new("identity-2"));
+    let proxy = Proxy::start(support::config(&[&a], &wal)).await;
+    let other = Proxy::start(support::config(&[&a], &wal2)).await;
+    let stranger = stranger().await;
+    // A Redis the proxy has no password for cannot be told from a tallyproxy.
+    let locked = Redis::start_with(&["--requirepass", "secret"]);
+    let locked_addr: std::net::SocketAddr = locked.addr().parse().unwrap();
+    let cases = [
+        (locked_addr, format!("{locked_addr} refused INFO server")),
+        (
+            proxy.addr,
+            format!(
+                "{} is a tallyproxy (this very proxy), not a Redis server",
+                proxy.addr
+            ),
+        ),
+        (
+            other.addr,
+            format!("{} is a tallyproxy, not a Redis server", other.addr),
+        ),
+        (stranger, format!("{stranger} is not a Redis server")),
+    ];
+    for (addr, want) in cases {
+        let (status, body) = support::http_json(
+            proxy.http,
+            "POST",
+            "/admin/shards",
+            &format!("{{\"addr\": \"{addr}\"}}"),
+        )
+        .await;
+        assert_eq!(status, 409, "{addr}: {body}");
+        let error = body["error"].as_str().unwrap();
+        assert!(error.contains(&want), "{error} should say {want}");
+    }
+    // Nothing moved: the ring is the one it was, no rebalance ran, counts land on a.
+    let (_, shards) = support::http_json(proxy.http, "GET", "/admin/shards", "").await;
+    assert_eq!(shards["ring_version"], 1, "{shards}");
+    assert_eq!(shards["shards"].as_array().unwrap().len(), 1, "{shards}");
+    let (_, p) = support::http_json(proxy.http, "GET", "/admin/rebalance", "").await;
+    assert_eq!(p["state"], "idle", "{p}");
+    let mut conn = proxy.conn().await;
+    assert_eq!(conn.cmd(&["INCR", "identity:k"]).await, ":1\r\n");
+    let (status, _) = support::http_json(proxy.http, "POST", "/admin/flush", "").await;
+    assert_eq!(status, 200);
+    assert_eq!(a.get("identity:k").as_deref(), Some("1"));
+    other.stop().await;
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tallyproxy_or_a_stranger_in_the_shard_list_stops_start_up() {
+    let a = Redis::start();
+    let wal = TempDir::new("identity-start");
+    let other = Proxy::start(support::config(&[&a], &wal)).await;
+    let stranger = stranger().await;
+    for (addr, want) in [
+        (other.addr, "is a tallyproxy, not a Redis server"),
+        (stranger, "is not a Redis server"),
+    ] {
+        let wal = TempDir::new("identity-start-2");
+        let cfg = support::config_for(&[a.addr(), addr.to_string()], &wal);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (trigger, task) = run_on(cfg, listener);
+        let ended = tokio::time::timeout(Duration::from_secs(15), task).await;
+        trigger.trigger();
+        let err = ended
+            .expect("start-up refused, not a proxy running")
+            .unwrap()
+            .expect_err("start-up refused");
+        assert!(err.to_string().contains(want), "{err} should say {want}");
+    }
+    // The proxy's own ports are refused before anything is bound.
+    let own = "listen = \"127.0.0.1:6391\"\n[[shards]]\naddr = \"127.0.0.1:6391\"\n";
+    let err = tallyproxy::Config::from_toml_str(own).unwrap_err();
+    assert!(err.0.contains("own listen address"), "{}", err.0);
+    other.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_that_names_a_tallyproxy_as_a_shard_changes_nothing() {
+    let a = Redis::start();
+    let (wal, wal2) = (TempDir::new("identity-hup"), TempDir::new("identity-hup-2"));
+    let other = Proxy::start(support::config(&[&a], &wal2)).await;
+    let log = wal.path().join("stderr.jsonl");
+    let mut proxy = support::ProxyProcess::start_logged(&[a.addr()], &wal, "", &log);
+    let http: std::net::SocketAddr = format!("127.0.0.1:{}", proxy.http).parse().unwrap();
+    let file = wal.path().join("proxy.toml");
+    let mut toml = std::fs::read_to_string(&file).unwrap();
+    toml.push_str(&format!("[[shards]]\naddr = \"{}\"\n", other.addr));
+    std::fs::write(&file, toml).unwrap();
+    proxy.signal("HUP");
+    let want = format!("{} is a tallyproxy, not a Redis server", other.addr);
+    assert!(
+        support::eventually(Duration::from_secs(10), || {
+            std::fs::read_to_string(&log)
+                .unwrap()
+                .lines()
+                .any(|l| l.contains("config reloaded: shard list not changed") && l.contains(&want))
+        })
+        .await,
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    let (_, shards) = support::http_json(http, "GET", "/admin/shards", "").await;
+    assert_eq!(shards["ring_version"], 1, "{shards}");
+    let (_, p) = support::http_json(http, "GET", "/admin/rebalance", "").await;
+    assert_eq!(p["state"], "idle", "{p}");
+    proxy.terminate();
+    other.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_down_at_start_up_is_used_only_once_it_answers_as_redis() {
+    let a = Redis::start();
+    let x_port = support::free_port();
+    let x_addr = format!("127.0.0.1:{x_port}");
+    let wal = TempDir::new("identity-down");
+    // x is down at start-up: a supported state, so the proxy starts.
+    let proxy = Proxy::start(support::config_for(&[a.addr(), x_addr.clone()], &wal)).await;
+    let nodes = [a.port, x_port]
+        .iter()
+        .map(|p| tallyproxy::router::ring::Node {
+            name: format!("redis_{p}"),
+            weight: 1,
+        })
+        .collect();
+    let ring = tallyproxy::router::ring::Ring::new(nodes, 160);
+    let key = (0..)
+        .map(|i| format!("down:{i}"))
+        .find(|k| ring.locate(k.as_bytes()) == 1)
+        .unwrap();
+    // Another tallyproxy comes up on x's address: it answers PING, and must not be used.
+    let wal2 = TempDir::new("identity-down-2");
+    let listener = tokio::net::TcpListener::bind(&x_addr).await.unwrap();
+    let (trigger, task) = run_on(support::config(&[&a], &wal2), listener);
+    assert!(support::eventually(Duration::from_secs(10), || support::ping(x_port)).await);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (status, body) = support::http_json(proxy.http, "GET", "/readyz", "").await;
+    assert_eq!(status, 503, "x stays down: {body}");
+    let mut conn = proxy.conn().await;
+    let reply = conn.cmd(&["SET", &key, "v"]).await;
+    assert!(
+        reply.starts_with("-TRYAGAIN"),
+        "not sent to a tallyproxy: {reply}"
+    );
+    stop(trigger, task).await;
+
+    // A real Redis on x's address: asked, and used.
+    let x = Redis::start_on(x_port);
+    assert_eq!(x.port, x_port);
+    let start = Instant::now();
+    loop {
+        let (status, body) = support::http_json(proxy.http, "GET", "/readyz", "").await;
+        if status == 200 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "x is up: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(conn.cmd(&["SET", &key, "v"]).await, "+OK\r\n");
+    assert_eq!(x.get(&key).as_deref(), Some("v"));
+    proxy.stop().await;
+}
+
+/// Sends `head` (errors ignored: the server may close first) and reads what comes back
+/// until the connection closes, within `limit`: (time taken, closed in time, text).
+async fn exchange(
+    addr: std::net::SocketAddr,
+    head: Vec<u8>,
+    limit: Duration,
+) -> (Duration, bool, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let started = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(&head).await;
+    let mut out = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let closed = tokio::time::timeout(limit, read).await.is_ok();
+    (
+        started.elapsed(),
+        closed,
+        String::from_utf8_lossy(&out).to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_refuses_a_request_head_over_64_kib() {
+    let wal = TempDir::new("http-head");
+    let proxy = proxy_with("", &[], &wal).await;
+    let mut head = b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: ".to_vec();
+    head.extend(std::iter::repeat_n(b'a', 100_000));
+    head.extend_from_slice(b"\r\nConnection: close\r\n\r\n");
+    let (_, closed, text) = exchange(proxy.http, head, Duration::from_secs(10)).await;
+    assert!(closed, "closed: {text}");
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 431"),
+        "refused, not served: {text}"
+    );
+    // Just under the limit is served.
+    let mut head = b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: ".to_vec();
+    head.extend(std::iter::repeat_n(b'a', 60_000));
+    head.extend_from_slice(b"\r\nConnection: close\r\n\r\n");
+    let (_, closed, text) = exchange(proxy.http, head, Duration::from_secs(10)).await;
+    assert!(closed && text.starts_with("HTTP/1.1 200"), "{text}");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_does_not_wait_for_a_body_that_does_not_come() {
+    let wal = TempDir::new("http-body");
+    let proxy = proxy_with("", &[], &wal).await;
+    // A body announced and never sent holds its connection for 10 s at most.
+    let slow = tokio::spawn(exchange(
+        proxy.http,
+        b"POST /admin/flush HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{".to_vec(),
+        Duration::from_secs(30),
+    ));
+    // A body announced past the limit is refused before any of it is read.
+    let (took, closed, text) = exchange(
+        proxy.http,
+        b"POST /admin/shards HTTP/1.1\r\nHost: t\r\nContent-Length: 99999999999\r\n\r\n{\"addr\""
+            .to_vec(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(closed && took < Duration::from_secs(5), "{took:?} {text}");
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    let (took, closed, text) = slow.await.unwrap();
+    assert!(closed && took < Duration::from_secs(15), "{took:?} {text}");
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+    // The sidecar still serves.
+    let (status, _) = proxy.http("GET", "/healthz").await;
+    assert_eq!(status, 200);
+    proxy.stop().await;
+}

@@ -227,9 +227,15 @@ pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 /// A config for tests: the given shards, ports 0, a private log directory, short timers.
 pub fn config(shards: &[&Redis], wal: &TempDir) -> Config {
+    let addrs: Vec<String> = shards.iter().map(|s| s.addr()).collect();
+    config_for(&addrs, wal)
+}
+
+/// [`config`] with shards given by address (which need not be Redis servers).
+pub fn config_for(addrs: &[String], wal: &TempDir) -> Config {
     let mut toml = String::from("listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n");
-    for s in shards {
-        toml.push_str(&format!("[[shards]]\naddr = \"{}\"\n", s.addr()));
+    for a in addrs {
+        toml.push_str(&format!("[[shards]]\naddr = \"{a}\"\n"));
     }
     toml.push_str(&format!(
         "[backend]\ntimeout = \"2s\"\nhealth_interval = \"100ms\"\nhealth_failures = 2\n\
@@ -473,7 +479,7 @@ impl ProxyProcess {
         flush: &str,
         extra: &str,
     ) -> ProxyProcess {
-        Self::start_durable(shards, wal, fsync, flush, "", extra)
+        Self::spawn(shards, wal, fsync, flush, "", extra, None)
     }
 
     /// As [`ProxyProcess::start_with`], with more `[durability]` keys.
@@ -484,6 +490,23 @@ impl ProxyProcess {
         flush: &str,
         durability: &str,
         extra: &str,
+    ) -> ProxyProcess {
+        Self::spawn(shards, wal, fsync, flush, durability, extra, None)
+    }
+
+    /// As [`ProxyProcess::start_with`], logging JSON lines at `info` to `log` (the file).
+    pub fn start_logged(shards: &[String], wal: &TempDir, extra: &str, log: &Path) -> ProxyProcess {
+        Self::spawn(shards, wal, "always", "100ms", "", extra, Some(log))
+    }
+
+    fn spawn(
+        shards: &[String],
+        wal: &TempDir,
+        fsync: &str,
+        flush: &str,
+        durability: &str,
+        extra: &str,
+        log: Option<&Path>,
     ) -> ProxyProcess {
         let (port, http) = (free_port(), free_port());
         let mut toml =
@@ -498,13 +521,19 @@ impl ProxyProcess {
         ));
         let cfg = wal.path().join("proxy.toml");
         std::fs::write(&cfg, toml).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tallyproxy"))
-            .arg("--config")
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tallyproxy"));
+        cmd.arg("--config").arg(&cfg).stdout(Stdio::null());
+        match log {
+            Some(path) => {
+                cmd.arg("--log-json")
+                    .env("RUST_LOG", "info")
+                    .stderr(std::fs::File::create(path).unwrap());
+            }
+            None => {
+                cmd.stderr(Stdio::null());
+            }
+        }
+        let child = cmd.spawn().unwrap();
         let p = ProxyProcess {
             child: Some(child),
             port,
@@ -525,6 +554,18 @@ impl ProxyProcess {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill(); // SIGKILL
             let _ = c.wait();
+        }
+    }
+
+    /// Sends `signal` (e.g. "HUP") to the process, by PID.
+    pub fn signal(&self, signal: &str) {
+        if let Some(c) = &self.child {
+            let ok = Command::new("kill")
+                .args([&format!("-{signal}"), &c.id().to_string()])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "kill -{signal}");
         }
     }
 
