@@ -585,7 +585,7 @@ fn single(
 }
 
 /// During a rebalance, a command on a key still (partly) on its old owner runs as a barrier
-/// that moves the key first (see `rebalance::ensure_moved`).
+/// that moves the key first (see `Engine::ensure_moved`).
 fn move_first(ctx: &Arc<Context>, client: &Client, key: &Bytes, args: &[Bytes]) -> Option<Pending> {
     if !ctx.engine.needs_move(key) {
         return None;
@@ -594,7 +594,7 @@ fn move_first(ctx: &Arc<Context>, client: &Client, key: &Bytes, args: &[Bytes]) 
     Some(Pending::Task(Box::pin(async move {
         let mut o = BytesMut::new();
         if let Some(m) = ctx.router.migration() {
-            if let Err(e) = crate::rebalance::ensure_moved(&ctx.engine, &m, &key).await {
+            if let Err(e) = ctx.engine.ensure_moved(&m, &key).await {
                 reply::error(&mut o, &e.client_message(&ctx.engine.owner_name(&key)));
                 return o;
             }

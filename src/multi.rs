@@ -203,7 +203,7 @@ async fn run_barrier(
     if let Some(m) = ctx.router.migration() {
         let step = if merge == Merge::Pairs { 2 } else { 1 };
         for k in args[1..].iter().step_by(step) {
-            if let Err(e) = crate::rebalance::ensure_moved(engine, &m, k).await {
+            if let Err(e) = engine.ensure_moved(&m, k).await {
                 return error_bytes(&e.client_message(&engine.owner_name(k)));
             }
         }

@@ -2,37 +2,26 @@
 //!
 //! A change ([`change`]) is validated (unique names and addresses, new shards are Redis
 //! servers (see `backend::identity`), at least one shard left, no rebalance already under
-//! way), recorded in the log, and
-//! published: the new ring takes every new increment and flush at once, and a [`Migration`]
+//! way), recorded in the log, and published: the new ring takes every new increment and flush at once, and a [`Migration`]
 //! names the old ring until the keys whose owner changed have moved. A mover task scans
 //! each old shard (SCAN, rate-limited) and moves those keys:
 //!
-//! - a counter key is renamed on its old owner to a tombstone `tally:mv:<id>:<key>` (one
-//!   atomic script), its value is added to the key's pending delta in the proxy and logged
-//!   (`Moved`), and the tombstone is deleted. The value then lands on the new owner with the
-//!   next flush, added to whatever increments reached it meanwhile: counters merge. A crash
-//!   at any point leaves the value in exactly one of: the key, the tombstone, the log;
-//!   resuming handles each (a tombstone whose key the log says moved is only deleted).
-//! - a bucket hash of time windows (`tally:w:...`) moves like a counter: tombstone, its
-//!   fields become window deltas of the proxy (logged), merged into the new owner's hash by
-//!   the next flush.
-//! - any other key moves with Redis's own `MIGRATE` (TTL kept; a key the new owner already
-//!   holds is newer and wins).
+//! each key with the engine's per-key move protocol (`counter::moving`: a counter's value
+//! through a tombstone into the proxy's log and pending delta, a bucket hash the same way,
+//! any other key with `MIGRATE`), then deletes the tombstones once the log is synced.
 //!
 //! An old shard that died for good can be declared lost ([`declare_lost`]): nothing is moved
 //! off it, and the rebalance can finish.
 //!
 //! Reads never see half a move: the first command that needs a key whole during a rebalance
-//! moves that key first ([`ensure_moved`]), serialised with the mover per key.
+//! moves that key first (`Engine::ensure_moved`), serialised with the mover per key.
 //!
-//! Owns the move protocol and its progress. Does not own placement (`router`) or the
-//! counting itself (`counter`).
+//! Owns the plan of a shard change, the scan of old owners and its progress. Does not own
+//! placement (`router`), moving one key or the counting itself (`counter`).
 
-use crate::backend::{encode_command, health, Shard};
+use crate::backend::{health, Shard};
 use crate::config::Config;
-use crate::counter::lane::LaneError;
 use crate::counter::windows;
-use crate::counter::Engine;
 use crate::router::{Migration, Topology};
 use crate::server::Context;
 use crate::spec::{Placement, ShardSpec};
@@ -43,33 +32,6 @@ use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Renames a counter key to its tombstone and returns the value, or the value of a
-/// tombstone a crash left behind. {0}: nothing to move; {1, v}: move v; {2}: not an integer
-/// string, move the key as it is.
-const MOVE_SCRIPT: &str = r#"
-local t = redis.call('GET', KEYS[2])
-if t then return {1, t} end
-local v = redis.pcall('GET', KEYS[1])
-if type(v) == 'table' then return {2} end
-if not v then return {0} end
-if not string.match(v, '^%-?%d+$') then return {2} end
-redis.call('RENAME', KEYS[1], KEYS[2])
-return {1, v}
-"#;
-
-/// Renames a bucket hash (time windows) to its tombstone and returns its fields, or those
-/// of a tombstone a crash left behind. {0}: nothing to move; {1, fields}: move them; {2}:
-/// not a hash, move the key as it is.
-const MOVE_BUCKET_SCRIPT: &str = r#"
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  local t = redis.call('TYPE', KEYS[1])['ok']
-  if t == 'none' then return {0} end
-  if t ~= 'hash' then return {2} end
-  redis.call('RENAME', KEYS[1], KEYS[2])
-end
-return {1, redis.call('HGETALL', KEYS[2])}
-"#;
 
 /// What `GET /admin/rebalance` shows.
 #[derive(Debug, Clone, Serialize, Default)]
@@ -502,206 +464,11 @@ pub async fn resume(ctx: &Arc<Context>, placement: &Placement, moved: HashSet<By
 async fn dbsize_sum(t: &Topology) -> u64 {
     let mut sum = 0;
     for s in &t.shards {
-        if let Ok(BytesFrame::Integer(n)) = call(s, &["DBSIZE"]).await {
+        if let Ok(BytesFrame::Integer(n)) = s.call(&["DBSIZE"]).await {
             sum += n.max(0) as u64;
         }
     }
     sum
-}
-
-async fn call<A: AsRef<[u8]>>(shard: &Arc<Shard>, args: &[A]) -> Result<BytesFrame, String> {
-    let Some(rx) = shard.send(0, encode_command(args)) else {
-        return Err(format!("shard {} is unavailable", shard.name));
-    };
-    match tokio::time::timeout(shard.timeout * 5, rx).await {
-        Ok(Ok(Ok(r))) => match r.frame {
-            BytesFrame::Error(e) => Err(e.to_string()),
-            f => Ok(f),
-        },
-        Ok(Ok(Err(e))) => Err(e.client_message(&shard.name)),
-        _ => Err(format!("shard {} timed out", shard.name)),
-    }
-}
-
-fn tombstone(id: u64, key: &[u8]) -> Vec<u8> {
-    let mut t = format!("tally:mv:{id}:").into_bytes();
-    t.extend_from_slice(key);
-    t
-}
-
-/// Makes sure `key` has no value left on its old owner before it is used whole.
-pub async fn ensure_moved(engine: &Engine, m: &Migration, key: &[u8]) -> Result<(), LaneError> {
-    if !m.owner_changed(key) || engine.is_moved(key) {
-        return Ok(());
-    }
-    let from = m.old.shard_for(key).clone();
-    move_once(engine, m, key, &from).await.map(|_| ()).map_err(|e| {
-        tracing::warn!(key = %String::from_utf8_lossy(key), from = %from.name, error = %e, "rebalance: move failed");
-        LaneError::Unavailable
-    })
-}
-
-/// Makes sure the bucket hashes of `key` that a window read needs have no counts left on
-/// its old owner (see `counter::windows`).
-pub async fn ensure_buckets_moved(
-    engine: &Engine,
-    m: &Migration,
-    key: &[u8],
-    buckets: &[(usize, u64)],
-) -> Result<(), LaneError> {
-    if !m.owner_changed(key) {
-        return Ok(());
-    }
-    let hashes: std::collections::BTreeSet<Vec<u8>> = buckets
-        .iter()
-        .map(|&(g, t)| windows::bucket_key(key, g, t))
-        .collect();
-    for bk in hashes {
-        ensure_moved(engine, m, &bk).await?;
-    }
-    Ok(())
-}
-
-/// Moves a bucket hash: its fields become window deltas of the proxy (logged), which the
-/// next flush adds to the same hash on the new owner. Counts merge, as counters do.
-async fn move_bucket(
-    engine: &Engine,
-    id: u64,
-    bk: &[u8],
-    from: &Arc<Shard>,
-    to: &Arc<Shard>,
-) -> Result<bool, String> {
-    let Some((g, _, key)) = windows::parse_bucket_key(bk) else {
-        return Err("not a bucket key".into());
-    };
-    let tomb = tombstone(id, bk);
-    let eval: [&[u8]; 5] = [b"EVAL", MOVE_BUCKET_SCRIPT.as_bytes(), b"2", bk, &tomb];
-    let r = call(from, &eval).await?;
-    let BytesFrame::Array(parts) = r else {
-        return Err(format!("unexpected bucket move reply {r:?}"));
-    };
-    match parts.as_slice() {
-        [BytesFrame::Integer(0)] => {
-            engine.mark_moved(bk);
-            Ok(false)
-        }
-        [BytesFrame::Integer(1), BytesFrame::Array(flat)] => {
-            let mut fields = Vec::with_capacity(flat.len() / 2);
-            for pair in flat.chunks(2) {
-                let [BytesFrame::BulkString(f), BytesFrame::BulkString(v)] = pair else {
-                    return Err(format!("unexpected bucket field {pair:?}"));
-                };
-                let t = std::str::from_utf8(f)
-                    .ok()
-                    .and_then(|f| f.parse::<u64>().ok());
-                match (t, crate::counter::parse_i64(v)) {
-                    (Some(t), Some(v)) => fields.push((t, v)),
-                    // Not written by the proxy: nothing to count.
-                    _ => continue,
-                }
-            }
-            engine.apply_moved_bucket(id, key, g, bk, &fields);
-            if let Some(w) = &engine.wal {
-                w.commit()
-                    .await
-                    .map_err(|_| "the write-ahead log failed".to_string())?;
-            }
-            Ok(true)
-        }
-        [BytesFrame::Integer(2)] => migrate(engine, bk, from, to).await,
-        other => Err(format!("unexpected bucket move reply {other:?}")),
-    }
-}
-
-/// Moves one key from `from` to `to`; true when something was moved.
-async fn move_key(
-    engine: &Engine,
-    id: u64,
-    key: &[u8],
-    from: &Arc<Shard>,
-    to: &Arc<Shard>,
-) -> Result<bool, String> {
-    if key.starts_with(windows::BUCKET_PREFIX) {
-        return move_bucket(engine, id, key, from, to).await;
-    }
-    let tomb = tombstone(id, key);
-    if engine.is_batched(key) {
-        // One decision: the tombstone a crash left behind (its value was not logged yet),
-        // or the key itself, renamed to its tombstone. Tombstones stay until the rebalance
-        // ends with the log synced (see `finish`), so that no fsync mode can lose a value
-        // between its `Moved` record and the tombstone's deletion.
-        let eval: [&[u8]; 5] = [b"EVAL", MOVE_SCRIPT.as_bytes(), b"2", key, &tomb];
-        let r = call(from, &eval).await?;
-        let BytesFrame::Array(parts) = r else {
-            return Err(format!("unexpected move reply {r:?}"));
-        };
-        match parts.as_slice() {
-            [BytesFrame::Integer(0)] => {
-                engine.mark_moved(key);
-                return Ok(false);
-            }
-            [BytesFrame::Integer(1), BytesFrame::BulkString(v)] => {
-                match crate::counter::parse_i64(v) {
-                    Some(v) => {
-                        engine.apply_moved(id, key, v);
-                        if let Some(w) = &engine.wal {
-                            w.commit()
-                                .await
-                                .map_err(|_| "the write-ahead log failed".to_string())?;
-                        }
-                        return Ok(true);
-                    }
-                    // Digits but past i64: not a counter Redis could increment; move it as is.
-                    None => {
-                        call(from, &[&b"RENAME"[..], &tomb[..], key]).await?;
-                    }
-                }
-            }
-            [BytesFrame::Integer(2)] => {}
-            other => return Err(format!("unexpected move reply {other:?}")),
-        }
-    }
-    // Not a counter (or not an integer): Redis moves it, TTL and all.
-    migrate(engine, key, from, to).await
-}
-
-/// Moves `key` with Redis's `MIGRATE` (TTL kept); a key the new owner already holds is newer
-/// and wins. True when something was moved.
-async fn migrate(
-    engine: &Engine,
-    key: &[u8],
-    from: &Arc<Shard>,
-    to: &Arc<Shard>,
-) -> Result<bool, String> {
-    let (host, port) = (to.addr.ip().to_string(), to.addr.port().to_string());
-    let timeout_ms = (from.timeout.as_millis() * 4).to_string();
-    let mut migrate: Vec<&[u8]> = vec![
-        b"MIGRATE",
-        host.as_bytes(),
-        port.as_bytes(),
-        key,
-        b"0",
-        timeout_ms.as_bytes(),
-    ];
-    // The old shard logs into the new one as the proxy does.
-    match to.auth_args.as_deref() {
-        Some([_, pw]) => migrate.extend([&b"AUTH"[..], pw.as_bytes()]),
-        Some([_, user, pw]) => migrate.extend([&b"AUTH2"[..], user.as_bytes(), pw.as_bytes()]),
-        _ => {}
-    }
-    let moved = match call(from, &migrate).await {
-        Ok(BytesFrame::SimpleString(s)) if &s[..] == b"NOKEY" => false,
-        Ok(_) => true,
-        // The new owner already holds the key: it was written there since, and is newer.
-        // MIGRATE relays the target's refusal: "ERR Target instance replied with error: BUSYKEY".
-        Err(e) if e.contains("BUSYKEY") => {
-            call(from, &[&b"DEL"[..], key]).await?;
-            false
-        }
-        Err(e) => return Err(e),
-    };
-    engine.mark_moved(key);
-    Ok(moved)
 }
 
 /// Scans every old shard and moves the keys whose owner changed, at the configured rate;
@@ -743,7 +510,7 @@ async fn mover(ctx: Arc<Context>, m: Arc<Migration>) {
                 break;
             }
             let scan: [&[u8]; 4] = [b"SCAN", &cursor, b"COUNT", b"100"];
-            let reply = call(from, &scan).await;
+            let reply = from.call(&scan).await;
             let (next, keys) = match reply {
                 Ok(BytesFrame::Array(parts)) if parts.len() == 2 => match (&parts[0], &parts[1]) {
                     (BytesFrame::BulkString(c), BytesFrame::Array(ks)) => (
@@ -784,21 +551,21 @@ async fn mover(ctx: Arc<Context>, m: Arc<Migration>) {
                     if engine.is_moved(k) {
                         Ok(false)
                     } else {
-                        move_once(engine, &m, k, from).await
+                        engine.move_once(&m, k, from).await
                     }
                 } else if windows::parse_bucket_key(&key).is_some()
                     && m.old.shard_for(&key).name == from.name
                     && m.owner_changed(&key)
                 {
                     // A bucket hash of time windows: merged into the new owner's.
-                    move_once(engine, &m, &key, from).await
+                    engine.move_once(&m, &key, from).await
                 } else if key.starts_with(b"tally:")
                     || m.old.shard_for(&key).name != from.name
                     || !m.owner_changed(&key)
                 {
                     Ok(false)
                 } else {
-                    move_once(engine, &m, &key, from).await
+                    engine.move_once(&m, &key, from).await
                 };
                 match result {
                     Ok(true) => {
@@ -847,7 +614,7 @@ async fn mover(ctx: Arc<Context>, m: Arc<Migration>) {
             if m.is_lost(&from.name) {
                 continue;
             }
-            if let Err(e) = move_once(engine, &m, &key, &from).await {
+            if let Err(e) = engine.move_once(&m, &key, &from).await {
                 ctx.rebalancer.set_error(format!(
                     "moving {} off {}: {e}; retrying",
                     String::from_utf8_lossy(&key),
@@ -881,7 +648,7 @@ async fn delete_tombstones(
                 b"COUNT",
                 b"500",
             ];
-            let page = match call(from, &scan).await {
+            let page = match from.call(&scan).await {
                 Ok(BytesFrame::Array(parts)) if parts.len() == 2 => parts,
                 other => {
                     let why = match (shard_trouble(from).await, other) {
@@ -910,7 +677,7 @@ async fn delete_tombstones(
                 BytesFrame::BulkString(b) => Some(&b[..]),
                 _ => None,
             }));
-            if del.len() > 1 && call(from, &del).await.is_err() {
+            if del.len() > 1 && from.call(&del).await.is_err() {
                 continue;
             }
             cursor = next.to_vec();
@@ -920,28 +687,6 @@ async fn delete_tombstones(
         }
     }
     true
-}
-
-async fn move_once(
-    engine: &Engine,
-    m: &Migration,
-    key: &[u8],
-    from: &Arc<Shard>,
-) -> Result<bool, String> {
-    let _one = m.stripe(key).lock().await;
-    if engine.is_moved(key) {
-        return Ok(false);
-    }
-    if m.is_lost(&from.name) {
-        engine.mark_moved(key);
-        return Ok(false);
-    }
-    let to = m.new.shard_for(key);
-    let moved = move_key(engine, m.id, key, from, to).await?;
-    if moved {
-        m.note_moved(&to.name);
-    }
-    Ok(moved)
 }
 
 async fn finish(ctx: &Arc<Context>, m: &Migration, shutdown: &mut crate::shutdown::Shutdown) {
@@ -972,15 +717,13 @@ async fn finish(ctx: &Arc<Context>, m: &Migration, shutdown: &mut crate::shutdow
             s.retire();
         } else if m.new.by_name(&s.name).is_none() {
             // Its keys are gone; so is this proxy's exactly-once record there.
-            let _ = call(
-                s,
-                &[
+            let _ = s
+                .call(&[
                     b"HDEL",
                     crate::counter::lane::APPLIED_KEY.as_bytes(),
                     ctx.engine.proxy_id.as_bytes(),
-                ],
-            )
-            .await;
+                ])
+                .await;
             ctx.engine.remove_lane(&s.name);
             s.retire();
         }
@@ -1031,10 +774,5 @@ mod tests {
             .contains("ip:port"));
         assert!(validate(&[spec("a b", "127.0.0.1:1")]).is_err());
         assert!(validate(&[spec("a", "127.0.0.1:1"), spec("b", "127.0.0.1:2")]).is_ok());
-    }
-
-    #[test]
-    fn tombstones_name_the_rebalance_and_the_key() {
-        assert_eq!(tombstone(42, b"visits:home"), b"tally:mv:42:visits:home");
     }
 }

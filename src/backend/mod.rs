@@ -212,6 +212,27 @@ impl Shard {
         }
     }
 
+    /// One command and its reply frame within `wait`, for the control plane (moves, scans,
+    /// identity): an error reply comes back as the shard's words; no reply, as why (a
+    /// timeout means the command may or may not have run).
+    pub async fn call<A: AsRef<[u8]>>(
+        &self,
+        args: &[A],
+    ) -> Result<redis_protocol::resp2::types::BytesFrame, String> {
+        use redis_protocol::resp2::types::BytesFrame;
+        let Some(rx) = self.send(0, encode_command(args)) else {
+            return Err(format!("shard {} is unavailable", self.name));
+        };
+        match tokio::time::timeout(self.timeout * 5, rx).await {
+            Ok(Ok(Ok(r))) => match r.frame {
+                BytesFrame::Error(e) => Err(e.to_string()),
+                f => Ok(f),
+            },
+            Ok(Ok(Err(e))) => Err(e.client_message(&self.name)),
+            _ => Err(format!("shard {} timed out", self.name)),
+        }
+    }
+
     /// Sends a command on the lane connection (no per-request timeout here: the lane
     /// applies its own and knows that a timed-out batch has an unknown outcome).
     pub fn lane_send(

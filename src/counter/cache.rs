@@ -136,7 +136,7 @@ impl Engine {
             return Ok(KeyValue::Nil);
         }
         if let Some(m) = self.router.migration() {
-            crate::rebalance::ensure_moved(self, &m, key).await?;
+            self.ensure_moved(&m, key).await?;
         }
         let shard = topo.shard_for(key);
         let lane = self.lane(&shard.name).ok_or(LaneError::Unavailable)?;
@@ -156,7 +156,7 @@ impl Engine {
         }
     }
 
-    /// Queues a read of `key` on its lane now (see [`Lane::enqueue`]); None in memory mode.
+    /// Queues a read of `key` on its lane now (see `Lane::enqueue`); None in memory mode.
     pub fn read_now(
         &self,
         key: &Bytes,

@@ -397,7 +397,8 @@ async fn query_inner(
         });
     }
     if let Some(m) = engine.router().migration() {
-        crate::rebalance::ensure_buckets_moved(engine, &m, key, &buckets)
+        engine
+            .ensure_buckets_moved(&m, key, &buckets)
             .await
             .map_err(|e| QueryError::Shard(e.client_message(&engine.owner_name(key))))?;
     }
