@@ -17,11 +17,11 @@
 
 use crate::backend::{encode_command, BackendError, Reply, Shard};
 use crate::command::{self, CounterOp, Kind};
+use crate::context::Context;
 use crate::counter::lane::{KeyValue, LaneError};
 use crate::counter::{Cached, Engine, Incr, NOT_INTEGER};
 use crate::metrics::Class;
 use crate::resp::{reply, RequestParser};
-use crate::server::Context;
 use crate::shutdown::Shutdown;
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;

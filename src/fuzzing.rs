@@ -15,8 +15,9 @@
 //! - a connection always ends once the client has closed its side.
 
 use crate::config::Config;
+use crate::context::Context;
 use crate::resp::{Limits, ProtocolError, RequestParser};
-use crate::server::{self, Context};
+use crate::server;
 use crate::shutdown::{self, ShutdownTrigger};
 use bytes::{Bytes, BytesMut};
 use std::cell::RefCell;
@@ -85,7 +86,7 @@ impl Harness {
 async fn build_context() -> (Arc<Context>, ShutdownTrigger) {
     let config = Config::from_toml_str(CONFIG).expect("the fuzzing config is valid");
     let (trigger, _) = shutdown::channel();
-    let ctx = server::build(config, trigger.clone())
+    let (ctx, _) = server::build(config, trigger.clone())
         .await
         .expect("a memory-mode context builds without I/O");
     assert!(ctx.engine.is_memory_mode());

@@ -3,7 +3,7 @@
 //! Tools that parse INFO (`# Section` headers, `key:value` lines, CRLF) read it as they read
 //! Redis's. The same figures feed `/metrics` (see `http`).
 
-use crate::server::Context;
+use crate::context::Context;
 use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
 

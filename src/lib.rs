@@ -4,6 +4,7 @@
 //!
 //! - [`config`]: `proxy.toml`, validated before anything binds.
 //! - [`server`]: listeners, the connection cap, shutdown order; [`server::run`] is the entry.
+//! - [`context`]: what the front doors and the server share.
 //! - [`connection`]: one client: requests in, dispatch, replies out in order.
 //! - [`resp`]: request framing (with its size guard) and reply encoding.
 //! - [`command`]: the command table: arity and what each command is to the proxy.
@@ -28,6 +29,7 @@ pub mod clock;
 pub mod command;
 pub mod config;
 pub mod connection;
+pub mod context;
 pub mod counter;
 #[doc(hidden)]
 pub mod fuzzing;

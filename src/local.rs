@@ -6,8 +6,8 @@
 use crate::backend::{encode_command, BackendError};
 use crate::command::{self, Kind, Spec};
 use crate::connection::{join_all, Client};
+use crate::context::Context;
 use crate::resp::reply;
-use crate::server::Context;
 use bytes::{Bytes, BytesMut};
 use redis_protocol::resp2::types::BytesFrame;
 use std::sync::Arc;

@@ -15,10 +15,10 @@ use crate::command::{self, Merge, Spec};
 use crate::connection::{
     await_reply, error_bytes, send, write_counter_read, BackendRx, Client, Pending, MEMORY_MODE,
 };
+use crate::context::Context;
 use crate::counter::Cached;
 use crate::resp::reply;
 use crate::router::Topology;
-use crate::server::Context;
 use bytes::{Bytes, BytesMut};
 use redis_protocol::resp2::types::BytesFrame;
 use std::sync::Arc;

@@ -22,8 +22,10 @@
 use crate::backend::{health, Shard};
 use crate::config::Config;
 use crate::counter::windows;
+use crate::counter::Engine;
+use crate::router::Router;
 use crate::router::{Migration, Topology};
-use crate::server::Context;
+use crate::shutdown::ShutdownTrigger;
 use crate::spec::{Placement, ShardSpec};
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -57,12 +59,37 @@ pub struct Progress {
     pub moved_before_restart: u64,
 }
 
-#[derive(Default)]
+/// The control plane's service for shard changes: it owns the handles it needs (the engine,
+/// the router, the config for the shards it builds, the shutdown signal its mover obeys),
+/// so that nothing below the front doors needs the application context.
 pub struct Rebalancer {
+    engine: Arc<Engine>,
+    router: Arc<Router>,
+    config: Config,
+    shutdown: ShutdownTrigger,
     progress: Mutex<Progress>,
     started: Mutex<Option<Instant>>,
     /// A change is being validated or applied: a second one is refused meanwhile.
     busy: tokio::sync::Mutex<()>,
+}
+
+impl Rebalancer {
+    pub fn new(
+        engine: Arc<Engine>,
+        router: Arc<Router>,
+        config: Config,
+        shutdown: ShutdownTrigger,
+    ) -> Arc<Rebalancer> {
+        Arc::new(Rebalancer {
+            engine,
+            router,
+            config,
+            shutdown,
+            progress: Mutex::default(),
+            started: Mutex::default(),
+            busy: tokio::sync::Mutex::default(),
+        })
+    }
 }
 
 impl Rebalancer {
@@ -226,239 +253,248 @@ fn validate(specs: &[ShardSpec]) -> Result<(), Refused> {
     Ok(())
 }
 
-/// Changes the shard list to `specs`: validates, records, publishes the new ring, and
-/// starts moving keys. Returns once the rebalance has started (see [`Rebalancer::progress`]).
-/// `cfg` gives the credentials and TLS settings of shards that join (the running config,
-/// or the re-read one on SIGHUP).
-pub async fn change(
-    ctx: &Arc<Context>,
-    specs: Vec<ShardSpec>,
-    cfg: &Config,
-) -> Result<Progress, Refused> {
-    let _busy = ctx
-        .rebalancer
-        .busy
-        .try_lock()
-        .map_err(|_| Refused("another shard change is being applied".into()))?;
-    if ctx.engine.is_memory_mode() {
-        return Err(Refused(
-            "no shards are configured (memory mode): restart with shards instead".into(),
-        ));
-    }
-    if ctx.router.migration().is_some() {
-        return Err(Refused(
-            "a rebalance is in progress; wait until GET /admin/rebalance says done".into(),
-        ));
-    }
-    validate(&specs)?;
-    let old = ctx.router.topology();
-    let old_specs = specs_of(&old);
-    let sorted = |v: &[ShardSpec]| {
-        let mut v: Vec<_> = v
-            .iter()
-            .map(|s| (s.name.clone(), s.addr.clone(), s.weight))
-            .collect();
-        v.sort();
-        v
-    };
-    if sorted(&old_specs) == sorted(&specs) {
-        return Err(Refused("the shard list is unchanged".into()));
-    }
-    for s in &specs {
-        let known = old_specs
-            .iter()
-            .any(|o| o.name == s.name && o.addr == s.addr);
-        if !known {
-            verify(cfg, &ctx.engine.proxy_id, s).await?;
+impl Rebalancer {
+    /// Changes the shard list to `specs`: validates, records, publishes the new ring, and
+    /// starts moving keys. Returns once the rebalance has started (see [`Rebalancer::progress`]).
+    /// `cfg` gives the credentials and TLS settings of shards that join (the running config,
+    /// or the re-read one on SIGHUP).
+    pub async fn change(
+        self: &Arc<Self>,
+        specs: Vec<ShardSpec>,
+        cfg: &Config,
+    ) -> Result<Progress, Refused> {
+        let _busy = self
+            .busy
+            .try_lock()
+            .map_err(|_| Refused("another shard change is being applied".into()))?;
+        if self.engine.is_memory_mode() {
+            return Err(Refused(
+                "no shards are configured (memory mode): restart with shards instead".into(),
+            ));
         }
-        if let Some(o) = old_specs.iter().find(|o| o.name == s.name) {
-            if o.addr != s.addr || o.weight != s.weight {
-                return Err(Refused(format!(
-                    "shard {} exists with another address or weight; remove it first",
-                    s.name
-                )));
+        if self.router.migration().is_some() {
+            return Err(Refused(
+                "a rebalance is in progress; wait until GET /admin/rebalance says done".into(),
+            ));
+        }
+        validate(&specs)?;
+        let old = self.router.topology();
+        let old_specs = specs_of(&old);
+        let sorted = |v: &[ShardSpec]| {
+            let mut v: Vec<_> = v
+                .iter()
+                .map(|s| (s.name.clone(), s.addr.clone(), s.weight))
+                .collect();
+            v.sort();
+            v
+        };
+        if sorted(&old_specs) == sorted(&specs) {
+            return Err(Refused("the shard list is unchanged".into()));
+        }
+        for s in &specs {
+            let known = old_specs
+                .iter()
+                .any(|o| o.name == s.name && o.addr == s.addr);
+            if !known {
+                verify(cfg, &self.engine.proxy_id, s).await?;
+            }
+            if let Some(o) = old_specs.iter().find(|o| o.name == s.name) {
+                if o.addr != s.addr || o.weight != s.weight {
+                    return Err(Refused(format!(
+                        "shard {} exists with another address or weight; remove it first",
+                        s.name
+                    )));
+                }
             }
         }
+        let id = crate::counter::now_micros();
+        let new = build_topology(cfg, old.version + 1, &specs, &old.shards)?;
+        let placement = Placement {
+            version: new.version,
+            shards: specs.clone(),
+            migration: Some((id, old_specs)),
+        };
+        if let Some(w) = &self.engine.wal {
+            w.log_placement(&placement)
+                .await
+                .map_err(|_| Refused("the write-ahead log failed".into()))?;
+        }
+        tracing::info!(id, from = old.version, to = new.version, shards = ?specs.iter().map(|s| &s.name).collect::<Vec<_>>(), "rebalance: new ring published");
+        Ok(self
+            .start(id, old, Arc::new(new), HashSet::new(), &[])
+            .await)
     }
-    let id = crate::counter::now_micros();
-    let new = build_topology(cfg, old.version + 1, &specs, &old.shards)?;
-    let placement = Placement {
-        version: new.version,
-        shards: specs.clone(),
-        migration: Some((id, old_specs)),
-    };
-    if let Some(w) = &ctx.engine.wal {
-        w.log_placement(&placement)
-            .await
-            .map_err(|_| Refused("the write-ahead log failed".into()))?;
-    }
-    tracing::info!(id, from = old.version, to = new.version, shards = ?specs.iter().map(|s| &s.name).collect::<Vec<_>>(), "rebalance: new ring published");
-    Ok(start(ctx, id, old, Arc::new(new), HashSet::new(), &[]).await)
 }
 
-/// Publishes `new` with a migration from `old`, and starts the mover. Also used to resume.
-async fn start(
-    ctx: &Arc<Context>,
-    id: u64,
-    old: Arc<Topology>,
-    new: Arc<Topology>,
-    moved: HashSet<Bytes>,
-    lost: &[String],
-) -> Progress {
-    let engine = &ctx.engine;
-    for s in &new.shards {
-        if engine.lane(&s.name).is_none() {
-            engine.add_lane(crate::counter::lane::Lane::spawn(s.clone(), engine));
-            let b = &ctx.config.backend;
-            health::spawn_checker(
-                s.clone(),
-                b.health_interval.0,
-                b.health_failures,
-                b.connect_timeout.0,
-                engine.proxy_id.clone(),
-                ctx.shutdown.subscribe(),
-            );
+impl Rebalancer {
+    /// Publishes `new` with a migration from `old`, and starts the mover. Also used to resume.
+    async fn start(
+        self: &Arc<Self>,
+        id: u64,
+        old: Arc<Topology>,
+        new: Arc<Topology>,
+        moved: HashSet<Bytes>,
+        lost: &[String],
+    ) -> Progress {
+        let engine = &self.engine;
+        for s in &new.shards {
+            if engine.lane(&s.name).is_none() {
+                engine.add_lane(crate::counter::lane::Lane::spawn(s.clone(), engine));
+                let b = &self.config.backend;
+                health::spawn_checker(
+                    s.clone(),
+                    b.health_interval.0,
+                    b.health_failures,
+                    b.connect_timeout.0,
+                    engine.proxy_id.clone(),
+                    self.shutdown.subscribe(),
+                );
+            }
         }
-    }
-    let m = Arc::new(Migration::new(id, old.clone(), new.clone()));
-    for name in lost {
-        m.set_lost(name);
-        if let Some(lane) = engine.lane(name) {
-            lane.abandon();
+        let m = Arc::new(Migration::new(id, old.clone(), new.clone()));
+        for name in lost {
+            m.set_lost(name);
+            if let Some(lane) = engine.lane(name) {
+                lane.abandon();
+            }
         }
-    }
-    // Resumed: the keys the log says were moved before the restart count as moved, into
-    // their new owners, so that `keys_moved` is the rebalance's whole and not what is left.
-    // (The log's moved set also holds keys found with nothing to move, so this may count
-    // a few more than carried a value.)
-    let mut moved_before_restart = 0;
-    for key in &moved {
-        if m.owner_changed(key) && !m.is_lost(&old.shard_for(key).name) {
-            m.note_moved(&new.shard_for(key).name);
-            moved_before_restart += 1;
+        // Resumed: the keys the log says were moved before the restart count as moved, into
+        // their new owners, so that `keys_moved` is the rebalance's whole and not what is left.
+        // (The log's moved set also holds keys found with nothing to move, so this may count
+        // a few more than carried a value.)
+        let mut moved_before_restart = 0;
+        for key in &moved {
+            if m.owner_changed(key) && !m.is_lost(&old.shard_for(key).name) {
+                m.note_moved(&new.shard_for(key).name);
+                moved_before_restart += 1;
+            }
         }
+        engine.set_moved(moved);
+        self.router.set_migration(Some(m.clone()));
+        self.router.publish_arc(new.clone());
+        engine.invalidate_all_bases();
+        let total = dbsize_sum(&old).await;
+        {
+            let mut p = self.progress.lock();
+            let moved_into = std::mem::take(&mut p.moved_into);
+            *p = Progress {
+                state: "running".into(),
+                id,
+                from_version: old.version,
+                to_version: new.version,
+                keys_total_estimate: total,
+                moved_into,
+                moved_before_restart,
+                ..Progress::default()
+            };
+            *self.started.lock() = Some(Instant::now());
+        }
+        let me = self.clone();
+        let m2 = m.clone();
+        tokio::spawn(async move { me.mover(m2).await });
+        self.progress(Some(&m))
     }
-    engine.set_moved(moved);
-    ctx.router.set_migration(Some(m.clone()));
-    ctx.router.publish_arc(new.clone());
-    engine.invalidate_all_bases();
-    let total = dbsize_sum(&old).await;
-    {
-        let mut p = ctx.rebalancer.progress.lock();
-        let moved_into = std::mem::take(&mut p.moved_into);
-        *p = Progress {
-            state: "running".into(),
-            id,
-            from_version: old.version,
-            to_version: new.version,
-            keys_total_estimate: total,
-            moved_into,
-            moved_before_restart,
-            ..Progress::default()
-        };
-        *ctx.rebalancer.started.lock() = Some(Instant::now());
-    }
-    let ctx2 = ctx.clone();
-    let m2 = m.clone();
-    tokio::spawn(async move { mover(ctx2, m2).await });
-    ctx.rebalancer.progress(Some(&m))
 }
 
 /// Marks an old shard of a recorded rebalance as lost (see [`declare_lost`]); stripped off
 /// the weight when the rebalance is resumed. Weights are 1-100, so the bit is free.
 const LOST_BIT: u32 = 1 << 31;
 
-/// Declares `name`, a shard the rebalance under way removes, lost: an operator's statement
-/// that its data is gone for good (the machine died, the disk is lost). Recorded in the log
-/// first; then nothing is moved off it, keys it owned start from what this proxy still holds
-/// for them (its unlanded increments land on their new owners), its lane gives up the batch
-/// it was retrying (the deltas go back to pending, logged), and the rebalance can finish.
-/// Without it, a dead old shard holds the rebalance (and the keys it owned) forever.
-pub async fn declare_lost(ctx: &Arc<Context>, name: &str) -> Result<Progress, Refused> {
-    let m = ctx
-        .router
-        .migration()
-        .ok_or_else(|| Refused("no rebalance is under way".into()))?;
-    if m.old.by_name(name).is_none() {
-        return Err(Refused(format!(
-            "shard {name:?} is not in the old shard list of the rebalance under way"
-        )));
-    }
-    if m.new.by_name(name).is_some() {
-        return Err(Refused(format!(
-            "shard {name:?} stays in the ring; only a shard being removed can be declared lost"
-        )));
-    }
-    if !m.is_lost(name) {
-        let old_specs = specs_of(&m.old)
-            .into_iter()
-            .map(|mut s| {
-                if s.name == name || m.is_lost(&s.name) {
-                    s.weight |= LOST_BIT;
-                }
-                s
-            })
-            .collect();
-        let placement = Placement {
-            version: m.new.version,
-            shards: specs_of(&m.new),
-            migration: Some((m.id, old_specs)),
-        };
-        if let Some(w) = &ctx.engine.wal {
-            w.log_placement(&placement)
-                .await
-                .map_err(|_| Refused("the write-ahead log failed".into()))?;
+impl Rebalancer {
+    /// Declares `name`, a shard the rebalance under way removes, lost: an operator's statement
+    /// that its data is gone for good (the machine died, the disk is lost). Recorded in the log
+    /// first; then nothing is moved off it, keys it owned start from what this proxy still holds
+    /// for them (its unlanded increments land on their new owners), its lane gives up the batch
+    /// it was retrying (the deltas go back to pending, logged), and the rebalance can finish.
+    /// Without it, a dead old shard holds the rebalance (and the keys it owned) forever.
+    pub async fn declare_lost(self: &Arc<Self>, name: &str) -> Result<Progress, Refused> {
+        let m = self
+            .router
+            .migration()
+            .ok_or_else(|| Refused("no rebalance is under way".into()))?;
+        if m.old.by_name(name).is_none() {
+            return Err(Refused(format!(
+                "shard {name:?} is not in the old shard list of the rebalance under way"
+            )));
         }
-        m.set_lost(name);
-        if let Some(lane) = ctx.engine.lane(name) {
-            lane.abandon();
+        if m.new.by_name(name).is_some() {
+            return Err(Refused(format!(
+                "shard {name:?} stays in the ring; only a shard being removed can be declared lost"
+            )));
         }
-        tracing::warn!(
-            id = m.id,
-            shard = name,
-            "rebalance: shard declared lost; its values are not moved"
-        );
+        if !m.is_lost(name) {
+            let old_specs = specs_of(&m.old)
+                .into_iter()
+                .map(|mut s| {
+                    if s.name == name || m.is_lost(&s.name) {
+                        s.weight |= LOST_BIT;
+                    }
+                    s
+                })
+                .collect();
+            let placement = Placement {
+                version: m.new.version,
+                shards: specs_of(&m.new),
+                migration: Some((m.id, old_specs)),
+            };
+            if let Some(w) = &self.engine.wal {
+                w.log_placement(&placement)
+                    .await
+                    .map_err(|_| Refused("the write-ahead log failed".into()))?;
+            }
+            m.set_lost(name);
+            if let Some(lane) = self.engine.lane(name) {
+                lane.abandon();
+            }
+            tracing::warn!(
+                id = m.id,
+                shard = name,
+                "rebalance: shard declared lost; its values are not moved"
+            );
+        }
+        Ok(self.progress(Some(&m)))
     }
-    Ok(ctx.rebalancer.progress(Some(&m)))
 }
 
-/// Resumes a rebalance recorded in the log (called at start-up).
-pub async fn resume(ctx: &Arc<Context>, placement: &Placement, moved: HashSet<Bytes>) {
-    let Some((id, from)) = &placement.migration else {
-        return;
-    };
-    let lost: Vec<String> = from
-        .iter()
-        .filter(|s| s.weight & LOST_BIT != 0)
-        .map(|s| s.name.clone())
-        .collect();
-    let from: Vec<ShardSpec> = from
-        .iter()
-        .map(|s| ShardSpec {
-            weight: s.weight & !LOST_BIT,
-            ..s.clone()
-        })
-        .collect();
-    let from = &from;
-    let current = ctx.router.topology();
-    let old = match build_topology(
-        &ctx.config,
-        placement.version.saturating_sub(1),
-        from,
-        &current.shards,
-    ) {
-        Ok(t) => Arc::new(t),
-        Err(e) => {
-            tracing::error!(error = %e.0, "rebalance: cannot resume, the recorded old shard list is invalid");
+impl Rebalancer {
+    /// Resumes a rebalance recorded in the log (called at start-up).
+    pub async fn resume(self: &Arc<Self>, placement: &Placement, moved: HashSet<Bytes>) {
+        let Some((id, from)) = &placement.migration else {
             return;
-        }
-    };
-    tracing::info!(
-        id,
-        moved = moved.len(),
-        "rebalance: resuming after a restart"
-    );
-    start(ctx, *id, old, current, moved, &lost).await;
+        };
+        let lost: Vec<String> = from
+            .iter()
+            .filter(|s| s.weight & LOST_BIT != 0)
+            .map(|s| s.name.clone())
+            .collect();
+        let from: Vec<ShardSpec> = from
+            .iter()
+            .map(|s| ShardSpec {
+                weight: s.weight & !LOST_BIT,
+                ..s.clone()
+            })
+            .collect();
+        let from = &from;
+        let current = self.router.topology();
+        let old = match build_topology(
+            &self.config,
+            placement.version.saturating_sub(1),
+            from,
+            &current.shards,
+        ) {
+            Ok(t) => Arc::new(t),
+            Err(e) => {
+                tracing::error!(error = %e.0, "rebalance: cannot resume, the recorded old shard list is invalid");
+                return;
+            }
+        };
+        tracing::info!(
+            id,
+            moved = moved.len(),
+            "rebalance: resuming after a restart"
+        );
+        self.start(*id, old, current, moved, &lost).await;
+    }
 }
 
 async fn dbsize_sum(t: &Topology) -> u64 {
@@ -471,162 +507,165 @@ async fn dbsize_sum(t: &Topology) -> u64 {
     sum
 }
 
-/// Scans every old shard and moves the keys whose owner changed, at the configured rate;
-/// then ends the rebalance.
-async fn mover(ctx: Arc<Context>, m: Arc<Migration>) {
-    let engine = &ctx.engine;
-    let rate = ctx.config.rebalance.keys_per_second.max(1) as f64;
-    let mut shutdown = ctx.shutdown.subscribe();
-    let started = Instant::now();
-    let mut done: u64 = 0;
-    // Batches taken before the new ring (for old owners) must land before anything moves:
-    // one landing after its key moved would recreate the key on the old owner.
-    let mut backoff = Duration::from_millis(50);
-    while !engine.flush_all().await {
-        let why = holding(&m).await;
-        ctx.rebalancer.set_error(format!(
-            "landing pending increments before the move: {why}; retrying"
-        ));
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.wait() => return,
+impl Rebalancer {
+    /// Scans every old shard and moves the keys whose owner changed, at the configured rate;
+    /// then ends the rebalance.
+    async fn mover(self: Arc<Self>, m: Arc<Migration>) {
+        let engine = &self.engine;
+        let rate = self.config.rebalance.keys_per_second.max(1) as f64;
+        let mut shutdown = self.shutdown.subscribe();
+        let started = Instant::now();
+        let mut done: u64 = 0;
+        // Batches taken before the new ring (for old owners) must land before anything moves:
+        // one landing after its key moved would recreate the key on the old owner.
+        let mut backoff = Duration::from_millis(50);
+        while !engine.flush_all().await {
+            let why = holding(&m).await;
+            self.set_error(format!(
+                "landing pending increments before the move: {why}; retrying"
+            ));
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.wait() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
-    }
-    // Keys whose move failed (a shard briefly unreachable): retried after the scan.
-    let mut failed: Vec<(Arc<Shard>, Bytes)> = Vec::new();
-    let prefix = format!("tally:mv:{}:", m.id).into_bytes();
-    for from in m.old.shards.iter() {
-        let mut cursor = b"0".to_vec();
-        let mut backoff = Duration::from_millis(100);
-        // Keys moved off this shard by the scan (`done` counts them all).
-        let mut moved_off: u64 = 0;
-        loop {
-            if shutdown.is_triggered() {
-                return;
-            }
-            if m.is_lost(&from.name) {
-                tracing::warn!(id = m.id, shard = %from.name, "rebalance: shard declared lost; its keys are not scanned");
-                break;
-            }
-            let scan: [&[u8]; 4] = [b"SCAN", &cursor, b"COUNT", b"100"];
-            let reply = from.call(&scan).await;
-            let (next, keys) = match reply {
-                Ok(BytesFrame::Array(parts)) if parts.len() == 2 => match (&parts[0], &parts[1]) {
-                    (BytesFrame::BulkString(c), BytesFrame::Array(ks)) => (
-                        c.to_vec(),
-                        ks.iter()
-                            .filter_map(|k| match k {
-                                BytesFrame::BulkString(b) => Some(b.clone()),
-                                _ => None,
-                            })
-                            .collect::<Vec<Bytes>>(),
-                    ),
-                    _ => (b"0".to_vec(), Vec::new()),
-                },
-                other => {
-                    let why = match (shard_trouble(from).await, other) {
-                        (Some(t), _) => t,
-                        (None, Err(e)) => e,
-                        (None, Ok(f)) => format!("unexpected SCAN reply {f:?}"),
-                    };
-                    ctx.rebalancer
-                        .set_error(format!("scanning {}: {why}; retrying", from.name));
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.wait() => return,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
+        // Keys whose move failed (a shard briefly unreachable): retried after the scan.
+        let mut failed: Vec<(Arc<Shard>, Bytes)> = Vec::new();
+        let prefix = format!("tally:mv:{}:", m.id).into_bytes();
+        for from in m.old.shards.iter() {
+            let mut cursor = b"0".to_vec();
+            let mut backoff = Duration::from_millis(100);
+            // Keys moved off this shard by the scan (`done` counts them all).
+            let mut moved_off: u64 = 0;
+            loop {
+                if shutdown.is_triggered() {
+                    return;
                 }
-            };
-            backoff = Duration::from_millis(100);
-            // The scan goes on: whatever held it is over (a failed move sets it again).
-            ctx.rebalancer.clear_error();
-            for key in keys {
-                ctx.rebalancer.progress.lock().keys_scanned += 1;
-                let result = if let Some(k) = key.strip_prefix(&prefix[..]) {
-                    // A tombstone: finish its move if the log does not have it yet (it
-                    // is deleted with the others when the rebalance ends).
-                    if engine.is_moved(k) {
-                        Ok(false)
-                    } else {
-                        engine.move_once(&m, k, from).await
-                    }
-                } else if windows::parse_bucket_key(&key).is_some()
-                    && m.old.shard_for(&key).name == from.name
-                    && m.owner_changed(&key)
-                {
-                    // A bucket hash of time windows: merged into the new owner's.
-                    engine.move_once(&m, &key, from).await
-                } else if key.starts_with(b"tally:")
-                    || m.old.shard_for(&key).name != from.name
-                    || !m.owner_changed(&key)
-                {
-                    Ok(false)
-                } else {
-                    engine.move_once(&m, &key, from).await
-                };
-                match result {
-                    Ok(true) => {
-                        done += 1;
-                        moved_off += 1;
-                        // Rate limit: never ahead of `rate` keys per second.
-                        let ahead = Duration::from_secs_f64(done as f64 / rate)
-                            .saturating_sub(started.elapsed());
-                        if !ahead.is_zero() {
-                            tokio::time::sleep(ahead).await;
+                if m.is_lost(&from.name) {
+                    tracing::warn!(id = m.id, shard = %from.name, "rebalance: shard declared lost; its keys are not scanned");
+                    break;
+                }
+                let scan: [&[u8]; 4] = [b"SCAN", &cursor, b"COUNT", b"100"];
+                let reply = from.call(&scan).await;
+                let (next, keys) = match reply {
+                    Ok(BytesFrame::Array(parts)) if parts.len() == 2 => {
+                        match (&parts[0], &parts[1]) {
+                            (BytesFrame::BulkString(c), BytesFrame::Array(ks)) => (
+                                c.to_vec(),
+                                ks.iter()
+                                    .filter_map(|k| match k {
+                                        BytesFrame::BulkString(b) => Some(b.clone()),
+                                        _ => None,
+                                    })
+                                    .collect::<Vec<Bytes>>(),
+                            ),
+                            _ => (b"0".to_vec(), Vec::new()),
                         }
                     }
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(key = %String::from_utf8_lossy(&key), from = %from.name, error = %e, "rebalance: move failed; will retry");
-                        ctx.rebalancer.set_error(format!(
-                            "moving {} off {}: {e}; retrying",
-                            String::from_utf8_lossy(&key),
-                            from.name
-                        ));
-                        let k = key
-                            .strip_prefix(&prefix[..])
-                            .map(Bytes::copy_from_slice)
-                            .unwrap_or(key.clone());
-                        failed.push((from.clone(), k));
+                    other => {
+                        let why = match (shard_trouble(from).await, other) {
+                            (Some(t), _) => t,
+                            (None, Err(e)) => e,
+                            (None, Ok(f)) => format!("unexpected SCAN reply {f:?}"),
+                        };
+                        self.set_error(format!("scanning {}: {why}; retrying", from.name));
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = shutdown.wait() => return,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                };
+                backoff = Duration::from_millis(100);
+                // The scan goes on: whatever held it is over (a failed move sets it again).
+                self.clear_error();
+                for key in keys {
+                    self.progress.lock().keys_scanned += 1;
+                    let result = if let Some(k) = key.strip_prefix(&prefix[..]) {
+                        // A tombstone: finish its move if the log does not have it yet (it
+                        // is deleted with the others when the rebalance ends).
+                        if engine.is_moved(k) {
+                            Ok(false)
+                        } else {
+                            engine.move_once(&m, k, from).await
+                        }
+                    } else if windows::parse_bucket_key(&key).is_some()
+                        && m.old.shard_for(&key).name == from.name
+                        && m.owner_changed(&key)
+                    {
+                        // A bucket hash of time windows: merged into the new owner's.
+                        engine.move_once(&m, &key, from).await
+                    } else if key.starts_with(b"tally:")
+                        || m.old.shard_for(&key).name != from.name
+                        || !m.owner_changed(&key)
+                    {
+                        Ok(false)
+                    } else {
+                        engine.move_once(&m, &key, from).await
+                    };
+                    match result {
+                        Ok(true) => {
+                            done += 1;
+                            moved_off += 1;
+                            // Rate limit: never ahead of `rate` keys per second.
+                            let ahead = Duration::from_secs_f64(done as f64 / rate)
+                                .saturating_sub(started.elapsed());
+                            if !ahead.is_zero() {
+                                tokio::time::sleep(ahead).await;
+                            }
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!(key = %String::from_utf8_lossy(&key), from = %from.name, error = %e, "rebalance: move failed; will retry");
+                            self.set_error(format!(
+                                "moving {} off {}: {e}; retrying",
+                                String::from_utf8_lossy(&key),
+                                from.name
+                            ));
+                            let k = key
+                                .strip_prefix(&prefix[..])
+                                .map(Bytes::copy_from_slice)
+                                .unwrap_or(key.clone());
+                            failed.push((from.clone(), k));
+                        }
                     }
                 }
+                cursor = next;
+                if cursor == b"0" {
+                    break;
+                }
             }
-            cursor = next;
-            if cursor == b"0" {
-                break;
-            }
+            tracing::info!(id = m.id, shard = %from.name, moved = moved_off, "rebalance: shard scanned");
         }
-        tracing::info!(id = m.id, shard = %from.name, moved = moved_off, "rebalance: shard scanned");
+        // The rebalance is not done while any value is stranded on an old owner.
+        let mut backoff = Duration::from_millis(100);
+        while !failed.is_empty() {
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.wait() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            let mut still = Vec::new();
+            for (from, key) in failed {
+                if m.is_lost(&from.name) {
+                    continue;
+                }
+                if let Err(e) = engine.move_once(&m, &key, &from).await {
+                    self.set_error(format!(
+                        "moving {} off {}: {e}; retrying",
+                        String::from_utf8_lossy(&key),
+                        from.name
+                    ));
+                    still.push((from, key));
+                }
+            }
+            failed = still;
+        }
+        self.clear_error();
+        self.finish(&m, &mut shutdown).await;
     }
-    // The rebalance is not done while any value is stranded on an old owner.
-    let mut backoff = Duration::from_millis(100);
-    while !failed.is_empty() {
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.wait() => return,
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-        let mut still = Vec::new();
-        for (from, key) in failed {
-            if m.is_lost(&from.name) {
-                continue;
-            }
-            if let Err(e) = engine.move_once(&m, &key, &from).await {
-                ctx.rebalancer.set_error(format!(
-                    "moving {} off {}: {e}; retrying",
-                    String::from_utf8_lossy(&key),
-                    from.name
-                ));
-                still.push((from, key));
-            }
-        }
-        failed = still;
-    }
-    ctx.rebalancer.clear_error();
-    finish(&ctx, &m, &mut shutdown).await;
 }
 
 /// Deletes this rebalance's tombstones on every old shard (after the log is synced).
@@ -689,58 +728,60 @@ async fn delete_tombstones(
     true
 }
 
-async fn finish(ctx: &Arc<Context>, m: &Migration, shutdown: &mut crate::shutdown::Shutdown) {
-    // Every Moved record on disk first; then the tombstones can go.
-    if let Some(w) = &ctx.engine.wal {
-        w.sync_now().await;
-    }
-    if !delete_tombstones(&ctx.rebalancer, m, shutdown).await {
-        return;
-    }
-    let placement = Placement {
-        version: m.new.version,
-        shards: specs_of(&m.new),
-        migration: None,
-    };
-    if let Some(w) = &ctx.engine.wal {
-        if w.log_placement(&placement).await.is_err() {
-            ctx.rebalancer.progress.lock().state = "failed".into();
+impl Rebalancer {
+    async fn finish(self: &Arc<Self>, m: &Migration, shutdown: &mut crate::shutdown::Shutdown) {
+        // Every Moved record on disk first; then the tombstones can go.
+        if let Some(w) = &self.engine.wal {
+            w.sync_now().await;
+        }
+        if !delete_tombstones(self, m, shutdown).await {
             return;
         }
-    }
-    let counted = ctx.rebalancer.progress(Some(m));
-    ctx.router.set_migration(None);
-    ctx.engine.set_moved(HashSet::new());
-    for s in &m.old.shards {
-        if m.new.by_name(&s.name).is_none() && m.is_lost(&s.name) {
-            ctx.engine.remove_lane(&s.name);
-            s.retire();
-        } else if m.new.by_name(&s.name).is_none() {
-            // Its keys are gone; so is this proxy's exactly-once record there.
-            let _ = s
-                .call(&[
-                    b"HDEL",
-                    crate::counter::lane::APPLIED_KEY.as_bytes(),
-                    ctx.engine.proxy_id.as_bytes(),
-                ])
-                .await;
-            ctx.engine.remove_lane(&s.name);
-            s.retire();
+        let placement = Placement {
+            version: m.new.version,
+            shards: specs_of(&m.new),
+            migration: None,
+        };
+        if let Some(w) = &self.engine.wal {
+            if w.log_placement(&placement).await.is_err() {
+                self.progress.lock().state = "failed".into();
+                return;
+            }
         }
+        let counted = self.progress(Some(m));
+        self.router.set_migration(None);
+        self.engine.set_moved(HashSet::new());
+        for s in &m.old.shards {
+            if m.new.by_name(&s.name).is_none() && m.is_lost(&s.name) {
+                self.engine.remove_lane(&s.name);
+                s.retire();
+            } else if m.new.by_name(&s.name).is_none() {
+                // Its keys are gone; so is this proxy's exactly-once record there.
+                let _ = s
+                    .call(&[
+                        b"HDEL",
+                        crate::counter::lane::APPLIED_KEY.as_bytes(),
+                        self.engine.proxy_id.as_bytes(),
+                    ])
+                    .await;
+                self.engine.remove_lane(&s.name);
+                s.retire();
+            }
+        }
+        let mut p = self.progress.lock();
+        p.keys_moved = counted.keys_moved;
+        p.moved_into = counted.moved_into;
+        p.state = "done".into();
+        if let Some(t) = *self.started.lock() {
+            p.elapsed_seconds = t.elapsed().as_secs_f64();
+        }
+        tracing::info!(
+            id = m.id,
+            moved = p.keys_moved,
+            scanned = p.keys_scanned,
+            "rebalance: done"
+        );
     }
-    let mut p = ctx.rebalancer.progress.lock();
-    p.keys_moved = counted.keys_moved;
-    p.moved_into = counted.moved_into;
-    p.state = "done".into();
-    if let Some(t) = *ctx.rebalancer.started.lock() {
-        p.elapsed_seconds = t.elapsed().as_secs_f64();
-    }
-    tracing::info!(
-        id = m.id,
-        moved = p.keys_moved,
-        scanned = p.keys_scanned,
-        "rebalance: done"
-    );
 }
 
 #[cfg(test)]

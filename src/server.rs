@@ -10,7 +10,9 @@
 
 use crate::backend::{health, Shard};
 use crate::config::Config;
+use crate::context::Context;
 use crate::counter::{self, lane::Lane, Engine};
+use crate::rebalance::Rebalancer;
 use crate::resp::Limits;
 use crate::router::{Router, Topology};
 use crate::shutdown::{Shutdown, ShutdownTrigger};
@@ -22,23 +24,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-/// What every connection and the sidecar share.
-pub struct Context {
-    pub config: Config,
-    pub router: Arc<Router>,
-    pub engine: Arc<Engine>,
-    pub limits: Limits,
-    pub started: Instant,
-    pub started_unix: u64,
-    pub next_client_id: AtomicU64,
-    pub shutdown: ShutdownTrigger,
-    pub rebalancer: crate::rebalance::Rebalancer,
-    pub users: crate::auth::Users,
-    /// What the log said about shards at start-up, consumed by `run`.
-    startup: parking_lot::Mutex<Option<Startup>>,
-}
-
-struct Startup {
+/// What the log said about shards at start-up, for `settle_shards` once everything runs.
+pub struct Startup {
     configured: Vec<ShardSpec>,
     placement: Option<Placement>,
     moved: std::collections::HashSet<bytes::Bytes>,
@@ -56,16 +43,13 @@ fn same_shards(a: &[ShardSpec], b: &[ShardSpec]) -> bool {
 
 /// Records the shard list at first start, resumes a rebalance a restart interrupted, and
 /// applies a config whose shard list differs from the recorded one, as a rebalance.
-async fn settle_shards(ctx: &Arc<Context>) {
-    let Some(st) = ctx.startup.lock().take() else {
-        return;
-    };
+async fn settle_shards(ctx: &Arc<Context>, st: Startup) {
     if ctx.engine.is_memory_mode() {
         return;
     }
     match &st.placement {
         Some(p) if p.migration.is_some() => {
-            crate::rebalance::resume(ctx, p, st.moved).await;
+            ctx.rebalancer.resume(p, st.moved).await;
             if !same_shards(&p.shards, &st.configured) {
                 tracing::warn!("the config's shard list differs from the rebalance under way; apply it with SIGHUP once GET /admin/rebalance says done");
             }
@@ -74,7 +58,7 @@ async fn settle_shards(ctx: &Arc<Context>) {
             tracing::info!(
                 "the config's shard list differs from the recorded one; applying it as a rebalance"
             );
-            if let Err(e) = crate::rebalance::change(ctx, st.configured, &ctx.config).await {
+            if let Err(e) = ctx.rebalancer.change(st.configured, &ctx.config).await {
                 tracing::error!(error = %e.0, "the config's shard list was not applied; the recorded one stays in force");
             }
         }
@@ -127,7 +111,11 @@ async fn verify_shards(shards: &[Arc<Shard>], proxy_id: &str) -> std::io::Result
 }
 
 /// Builds the shards, the engine and its lanes, and replays the log. Nothing listens yet.
-pub async fn build(config: Config, shutdown: ShutdownTrigger) -> std::io::Result<Arc<Context>> {
+/// Returns the context and what start-up still has to apply (see `settle_shards`).
+pub async fn build(
+    config: Config,
+    shutdown: ShutdownTrigger,
+) -> std::io::Result<(Arc<Context>, Startup)> {
     let configured = config.shard_specs();
     let (wal, mut recovered) = if config.durability.enabled {
         let (w, r) = counter::wal::Wal::open(&config.durability)?;
@@ -195,9 +183,15 @@ pub async fn build(config: Config, shutdown: ShutdownTrigger) -> std::io::Result
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let config_users = config.clone();
-    Ok(Arc::new(Context {
+    let ctx = Context {
         limits: Limits::from(&config.limits),
+        users: crate::auth::Users::from_config(&config).map_err(std::io::Error::other)?,
+        rebalancer: Rebalancer::new(
+            engine.clone(),
+            router.clone(),
+            config.clone(),
+            shutdown.clone(),
+        ),
         config,
         router,
         engine,
@@ -205,14 +199,13 @@ pub async fn build(config: Config, shutdown: ShutdownTrigger) -> std::io::Result
         started_unix: now,
         next_client_id: AtomicU64::new(1),
         shutdown,
-        rebalancer: Default::default(),
-        users: crate::auth::Users::from_config(&config_users).map_err(std::io::Error::other)?,
-        startup: parking_lot::Mutex::new(Some(Startup {
-            configured,
-            placement,
-            moved,
-        })),
-    }))
+    };
+    let startup = Startup {
+        configured,
+        placement,
+        moved,
+    };
+    Ok((Arc::new(ctx), startup))
 }
 
 /// Runs the proxy on bound listeners until `shutdown` fires, then shuts down in order.
@@ -234,7 +227,7 @@ pub async fn run_with_reload(
     reload: Option<tokio::sync::mpsc::Receiver<Config>>,
 ) -> std::io::Result<()> {
     let shutdown = trigger.subscribe();
-    let ctx = build(config, trigger.clone()).await?;
+    let (ctx, startup) = build(config, trigger.clone()).await?;
     for s in ctx.router.topology().shards.iter() {
         let b = &ctx.config.backend;
         health::spawn_checker(
@@ -255,7 +248,7 @@ pub async fn run_with_reload(
     if let Some(w) = &ctx.engine.wal {
         w.spawn_background(ctx.engine.clone(), shutdown.clone());
     }
-    settle_shards(&ctx).await;
+    settle_shards(&ctx, startup).await;
     {
         // Histogram buffers drain on scrape or here, whichever comes first.
         let mut stop = shutdown.clone();
@@ -274,7 +267,7 @@ pub async fn run_with_reload(
         tokio::spawn(async move {
             while let Some(cfg) = reload.recv().await {
                 let specs = cfg.shard_specs();
-                match crate::rebalance::change(&ctx, specs, &cfg).await {
+                match ctx.rebalancer.change(specs, &cfg).await {
                     Ok(p) => tracing::info!(
                         id = p.id,
                         to = p.to_version,

@@ -5,8 +5,8 @@
 
 use super::{error, json_response, Resp};
 use crate::auth::constant_time_eq;
-use crate::rebalance::{self, specs_of};
-use crate::server::Context;
+use crate::context::Context;
+use crate::rebalance::specs_of;
 use crate::spec::ShardSpec;
 use bytes::Bytes;
 use hyper::{HeaderMap, Method, StatusCode};
@@ -108,7 +108,7 @@ pub async fn route(ctx: &Arc<Context>, method: &Method, rest: &str, body: Bytes)
                     )
                 }
             };
-            match rebalance::declare_lost(ctx, &lost.shard).await {
+            match ctx.rebalancer.declare_lost(&lost.shard).await {
                 Ok(p) => json_response(
                     StatusCode::OK,
                     json!({"status": "declared lost", "rebalance": p}),
@@ -148,7 +148,7 @@ pub async fn route(ctx: &Arc<Context>, method: &Method, rest: &str, body: Bytes)
 }
 
 async fn apply(ctx: &Arc<Context>, specs: Vec<ShardSpec>) -> Resp {
-    match rebalance::change(ctx, specs, &ctx.config).await {
+    match ctx.rebalancer.change(specs, &ctx.config).await {
         Ok(p) => json_response(
             StatusCode::ACCEPTED,
             json!({"status": "rebalancing", "rebalance": p}),

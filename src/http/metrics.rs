@@ -3,7 +3,7 @@
 //! Rendered on request from the same atomics INFO reads; names follow Prometheus
 //! conventions (`tallyproxy_` prefix, `_total` for counters, base units).
 
-use crate::server::Context;
+use crate::context::Context;
 use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
 

@@ -18,9 +18,9 @@ pub mod admin;
 pub mod metrics;
 
 use crate::connection::{incr_with_base, IncrError};
+use crate::context::Context;
 use crate::counter::lane::{KeyValue, LaneError};
 use crate::counter::{Cached, Incr};
-use crate::server::Context;
 use crate::shutdown::Shutdown;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
