@@ -17,7 +17,7 @@
 //! - [`http`]: the sidecar: /visits, /healthz, /readyz, /metrics, /admin.
 //! - [`info`], [`metrics`]: figures for INFO and /metrics.
 //! - [`auth`], [`tls`]: who may connect, and encryption on both sides.
-//! - [`shutdown`]: the signal every task holds.
+//! - [`shutdown`]: the signal every task holds; [`backoff`]: waits between retries.
 //! - [`spec`]: shard lists as data (config, log, rebalance).
 //! - [`clock`]: the wall clock of time windows (a test's own, in tests), and the text forms
 //!   of times and spans.
@@ -25,6 +25,7 @@
 
 pub mod auth;
 pub mod backend;
+pub mod backoff;
 pub mod clock;
 pub mod command;
 pub mod config;

@@ -20,6 +20,7 @@
 //! placement (`router`), moving one key or the counting itself (`counter`).
 
 use crate::backend::{health, Shard};
+use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::counter::windows;
 use crate::counter::Engine;
@@ -518,24 +519,22 @@ impl Rebalancer {
         let mut done: u64 = 0;
         // Batches taken before the new ring (for old owners) must land before anything moves:
         // one landing after its key moved would recreate the key on the old owner.
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         while !engine.flush_all().await {
             let why = holding(&m).await;
             self.set_error(format!(
                 "landing pending increments before the move: {why}; retrying"
             ));
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = shutdown.wait() => return,
+            if !backoff.sleep(&mut shutdown).await {
+                return;
             }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
         // Keys whose move failed (a shard briefly unreachable): retried after the scan.
         let mut failed: Vec<(Arc<Shard>, Bytes)> = Vec::new();
         let prefix = format!("tally:mv:{}:", m.id).into_bytes();
         for from in m.old.shards.iter() {
             let mut cursor = b"0".to_vec();
-            let mut backoff = Duration::from_millis(100);
+            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
             // Keys moved off this shard by the scan (`done` counts them all).
             let mut moved_off: u64 = 0;
             loop {
@@ -570,15 +569,13 @@ impl Rebalancer {
                             (None, Ok(f)) => format!("unexpected SCAN reply {f:?}"),
                         };
                         self.set_error(format!("scanning {}: {why}; retrying", from.name));
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
-                            _ = shutdown.wait() => return,
+                        if !backoff.sleep(&mut shutdown).await {
+                            return;
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
                         continue;
                     }
                 };
-                backoff = Duration::from_millis(100);
+                backoff.reset();
                 // The scan goes on: whatever held it is over (a failed move sets it again).
                 self.clear_error();
                 for key in keys {
@@ -640,13 +637,11 @@ impl Rebalancer {
             tracing::info!(id = m.id, shard = %from.name, moved = moved_off, "rebalance: shard scanned");
         }
         // The rebalance is not done while any value is stranded on an old owner.
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         while !failed.is_empty() {
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = shutdown.wait() => return,
+            if !backoff.sleep(&mut shutdown).await {
+                return;
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
             let mut still = Vec::new();
             for (from, key) in failed {
                 if m.is_lost(&from.name) {
@@ -677,7 +672,7 @@ async fn delete_tombstones(
     let pattern = format!("tally:mv:{}:*", m.id);
     for from in m.old.shards.iter().filter(|s| !m.is_lost(&s.name)) {
         let mut cursor = b"0".to_vec();
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             let scan: [&[u8]; 6] = [
                 b"SCAN",
@@ -699,11 +694,9 @@ async fn delete_tombstones(
                         "deleting tombstones on {}: {why}; retrying",
                         from.name
                     ));
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.wait() => return false,
+                    if !backoff.sleep(shutdown).await {
+                        return false;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
             };

@@ -9,6 +9,7 @@
 //! on a connection (`connection`).
 
 use crate::backend::{health, Shard};
+use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::context::Context;
 use crate::counter::{self, lane::Lane, Engine};
@@ -349,7 +350,7 @@ async fn accept_loop(
         .tls
         .as_ref()
         .map(|t| crate::tls::acceptor(t).expect("validated with the config"));
-    let mut backoff = Duration::from_millis(5);
+    let mut backoff = Backoff::new(Duration::from_millis(5), Duration::from_secs(1));
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -357,14 +358,15 @@ async fn accept_loop(
         };
         let (mut stream, peer) = match accepted {
             Ok(s) => {
-                backoff = Duration::from_millis(5);
+                backoff.reset();
                 s
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off rather than spin.
                 tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                if !backoff.sleep(&mut shutdown).await {
+                    return;
+                }
                 continue;
             }
         };

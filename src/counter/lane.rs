@@ -22,6 +22,7 @@
 use super::windows::Windows;
 use super::{parse_i64, Engine};
 use crate::backend::{BackendError, Reply, Shard};
+use crate::backoff::Backoff;
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use redis_protocol::resp2::types::BytesFrame;
@@ -469,7 +470,7 @@ async fn send_batch(
     flushers: &mut Vec<oneshot::Sender<bool>>,
 ) -> bool {
     let has_deltas = batch.seq != 0;
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
     let mut attempts = 0u32;
     loop {
         if attempts > 0 && lane.is_abandoned() {
@@ -544,7 +545,7 @@ async fn send_batch(
                 }
                 engine.stats.batch_retries.fetch_add(1, Ordering::Relaxed);
                 // Reads that queue up meanwhile are answered at once: the shard is down.
-                let deadline = tokio::time::Instant::now() + backoff;
+                let deadline = tokio::time::Instant::now() + backoff.next_wait();
                 while !lane.is_abandoned() {
                     tokio::select! {
                         _ = tokio::time::sleep_until(deadline) => break,
@@ -555,7 +556,6 @@ async fn send_batch(
                         }
                     }
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }
     }

@@ -32,6 +32,7 @@
 //! the process loses nothing; losing the machine loses up to a second with `everysec`.
 
 use super::Engine;
+use crate::backoff::Backoff;
 use crate::config::{DurabilityConfig, Fsync};
 use crate::spec::{Placement, ShardSpec};
 use bytes::Bytes;
@@ -539,25 +540,25 @@ impl Wal {
         let wal = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
-            let (mut wait, mut next_try) = (1u32, 0u32);
+            let mut retry = Backoff::new(Duration::from_secs(1), Duration::from_secs(32));
+            let mut next_try = Instant::now();
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
                     _ = shutdown.wait() => return,
                 }
                 if wal.failed() {
-                    next_try = next_try.saturating_sub(1);
-                    if next_try == 0 {
+                    if Instant::now() >= next_try {
                         if wal.recover(&engine).await.is_ok() {
-                            wait = 1;
+                            retry.reset();
                         } else {
+                            let wait = retry.next_wait();
                             tracing::warn!(
                                 error = wal.failure().unwrap_or_default(),
-                                retry_in_secs = wait,
+                                retry_in_secs = wait.as_secs(),
                                 "write-ahead log still cannot be written"
                             );
-                            next_try = wait;
-                            wait = (wait * 2).min(32);
+                            next_try = Instant::now() + wait;
                         }
                     }
                     continue;
