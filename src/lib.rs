@@ -18,6 +18,7 @@
 //! - [`info`], [`metrics`]: figures for INFO and /metrics.
 //! - [`auth`], [`tls`]: who may connect, and encryption on both sides.
 //! - [`shutdown`]: the signal every task holds; [`backoff`]: waits between retries.
+//! - [`task`]: spawning tasks inside a named tracing span.
 //! - [`spec`]: shard lists as data (config, log, rebalance).
 //! - [`clock`]: the wall clock of time windows (a test's own, in tests), and the text forms
 //!   of times and spans.
@@ -45,6 +46,7 @@ pub mod router;
 pub mod server;
 pub mod shutdown;
 pub mod spec;
+pub mod task;
 pub mod tls;
 
 pub use config::Config;

@@ -392,7 +392,9 @@ impl Rebalancer {
         }
         let me = self.clone();
         let m2 = m.clone();
-        tokio::spawn(async move { me.mover(m2).await });
+        crate::task::spawn(tracing::info_span!("mover", id = m.id), async move {
+            me.mover(m2).await
+        });
         self.progress(Some(&m))
     }
 }

@@ -253,7 +253,7 @@ pub async fn run_with_reload(
     {
         // Histogram buffers drain on scrape or here, whichever comes first.
         let mut stop = shutdown.clone();
-        tokio::spawn(async move {
+        crate::task::spawn(tracing::info_span!("metrics_upkeep"), async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
             loop {
                 tokio::select! {
@@ -265,7 +265,7 @@ pub async fn run_with_reload(
     }
     if let Some(mut reload) = reload {
         let ctx = ctx.clone();
-        tokio::spawn(async move {
+        crate::task::spawn(tracing::info_span!("reload"), async move {
             while let Some(cfg) = reload.recv().await {
                 let specs = cfg.shard_specs();
                 match ctx.rebalancer.change(specs, &cfg).await {
@@ -281,7 +281,10 @@ pub async fn run_with_reload(
             }
         });
     }
-    let http_task = tokio::spawn(crate::http::serve(http, ctx.clone(), shutdown.clone()));
+    let http_task = crate::task::spawn(
+        tracing::info_span!("http"),
+        crate::http::serve(http, ctx.clone(), shutdown.clone()),
+    );
     tracing::info!(
         listen = %listener.local_addr()?,
         shards = ctx.router.topology().shards.len(),
@@ -392,8 +395,8 @@ async fn accept_loop(
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
         let tls = tls.clone();
-        tokio::spawn(async move {
-            tracing::trace!(%peer, "client connected");
+        crate::task::spawn(tracing::info_span!("client", %peer), async move {
+            tracing::trace!("client connected");
             match tls {
                 // The handshake runs in the connection's own task, bounded, so that a slow
                 // or silent client holds nothing but its own slot.

@@ -64,7 +64,8 @@ impl BackendConn {
     pub fn spawn(opts: ConnOptions) -> BackendConn {
         let (tx, rx) = mpsc::channel(opts.queue_depth);
         let connected = Arc::new(AtomicBool::new(false));
-        tokio::spawn(actor(opts, rx, connected.clone()));
+        let span = tracing::info_span!("backend_conn", addr = %opts.addr);
+        crate::task::spawn(span, actor(opts, rx, connected.clone()));
         BackendConn { tx, connected }
     }
 

@@ -28,70 +28,73 @@ pub fn spawn_checker(
         queue_depth: 4,
         ..shard.conn_opts.clone()
     });
-    tokio::spawn(async move {
-        let ping = encode_command(&["PING"]);
-        let mut failed = 0u32;
-        // The last identity refusal logged, so that it is logged once, not every interval.
-        let mut refused: Option<identity::NotRedis> = None;
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                _ = shutdown.wait() => return,
-            }
-            if shard.retired.load(Ordering::Relaxed) {
-                return;
-            }
-            let mut ok = matches!(
-                tokio::time::timeout(interval, conn.send(ping.clone())).await,
-                Ok(Ok(Ok(r))) if r.error().is_none()
-            );
-            if ok && (!shard.is_up() || !shard.is_verified()) {
-                match identity::verify(&shard.conn_opts, &proxy_id).await {
-                    Ok(()) => {
-                        refused = None;
-                        if shard.unverified.swap(false, Ordering::Relaxed) {
-                            tracing::info!(shard = %shard.name, "shard answers as a Redis server");
+    crate::task::spawn(
+        tracing::info_span!("health", shard = %shard.name),
+        async move {
+            let ping = encode_command(&["PING"]);
+            let mut failed = 0u32;
+            // The last identity refusal logged, so that it is logged once, not every interval.
+            let mut refused: Option<identity::NotRedis> = None;
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    _ = shutdown.wait() => return,
+                }
+                if shard.retired.load(Ordering::Relaxed) {
+                    return;
+                }
+                let mut ok = matches!(
+                    tokio::time::timeout(interval, conn.send(ping.clone())).await,
+                    Ok(Ok(Ok(r))) if r.error().is_none()
+                );
+                if ok && (!shard.is_up() || !shard.is_verified()) {
+                    match identity::verify(&shard.conn_opts, &proxy_id).await {
+                        Ok(()) => {
+                            refused = None;
+                            if shard.unverified.swap(false, Ordering::Relaxed) {
+                                tracing::info!(shard = %shard.name, "shard answers as a Redis server");
+                            }
                         }
-                    }
-                    Err(e) if e.is_unreachable() => {
-                        ok = false;
-                        if matches!(e, identity::NotRedis::Refused(_))
-                            && refused.as_ref() != Some(&e)
-                        {
-                            tracing::warn!(shard = %shard.name, error = %e.message(shard.addr), "shard cannot be asked whether it is Redis; nothing is sent to it");
-                            refused = Some(e);
+                        Err(e) if e.is_unreachable() => {
+                            ok = false;
+                            if matches!(e, identity::NotRedis::Refused(_))
+                                && refused.as_ref() != Some(&e)
+                            {
+                                tracing::warn!(shard = %shard.name, error = %e.message(shard.addr), "shard cannot be asked whether it is Redis; nothing is sent to it");
+                                refused = Some(e);
+                            }
                         }
-                    }
-                    Err(e) => {
-                        ok = false;
-                        failed = failures;
-                        shard.unverified.store(true, Ordering::Relaxed);
-                        if refused.as_ref() != Some(&e) {
-                            tracing::error!(shard = %shard.name, error = %e.message(shard.addr), "shard is not a Redis server; nothing is sent to it");
-                            refused = Some(e);
+                        Err(e) => {
+                            ok = false;
+                            failed = failures;
+                            shard.unverified.store(true, Ordering::Relaxed);
+                            if refused.as_ref() != Some(&e) {
+                                tracing::error!(shard = %shard.name, error = %e.message(shard.addr), "shard is not a Redis server; nothing is sent to it");
+                                refused = Some(e);
+                            }
                         }
                     }
                 }
-            }
-            if ok {
-                failed = 0;
-                if !shard.up.swap(true, Ordering::Relaxed) {
-                    tracing::info!(shard = %shard.name, "shard is up");
-                    crate::metrics::global()
-                        .shard_transitions
-                        .fetch_add(1, Ordering::Relaxed);
+                if ok {
+                    failed = 0;
+                    if !shard.up.swap(true, Ordering::Relaxed) {
+                        tracing::info!(shard = %shard.name, "shard is up");
+                        crate::metrics::global()
+                            .shard_transitions
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                } else {
+                    failed += 1;
+                    if failed >= failures && shard.up.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(shard = %shard.name, failed_checks = failed, "shard is down");
+                        crate::metrics::global()
+                            .shard_transitions
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
                 }
-            } else {
-                failed += 1;
-                if failed >= failures && shard.up.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(shard = %shard.name, failed_checks = failed, "shard is down");
-                    crate::metrics::global()
-                        .shard_transitions
-                        .fetch_add(1, Ordering::Relaxed);
-                }
             }
-        }
-    });
+        },
+    );
 }

@@ -231,7 +231,7 @@ pub fn spawn_background(
 ) {
     let clock = Arc::downgrade(&engine);
     let mut clock_stop = shutdown.clone();
-    tokio::spawn(async move {
+    crate::task::spawn(tracing::info_span!("clock"), async move {
         let mut tick = tokio::time::interval(Duration::from_millis(2));
         loop {
             tokio::select! {
@@ -246,7 +246,7 @@ pub fn spawn_background(
     });
     if engine.is_memory_mode() {
         if engine.windows().enabled() {
-            tokio::spawn(async move {
+            crate::task::spawn(tracing::info_span!("window_sweep"), async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(60));
                 loop {
                     tokio::select! {
@@ -258,7 +258,7 @@ pub fn spawn_background(
         }
         return;
     }
-    tokio::spawn(async move {
+    crate::task::spawn(tracing::info_span!("flusher"), async move {
         let mut flush = tokio::time::interval(flush_interval);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         flush.tick().await;

@@ -202,7 +202,10 @@ impl Lane {
             wake: Notify::new(),
             abandoned: Default::default(),
         });
-        tokio::spawn(run(lane.clone()));
+        crate::task::spawn(
+            tracing::info_span!("lane", shard = %lane.shard.name),
+            run(lane.clone()),
+        );
         lane
     }
 

@@ -538,7 +538,7 @@ impl Wal {
         mut shutdown: crate::shutdown::Shutdown,
     ) {
         let wal = self.clone();
-        tokio::spawn(async move {
+        crate::task::spawn(tracing::info_span!("wal"), async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             let mut retry = Backoff::new(Duration::from_secs(1), Duration::from_secs(32));
             let mut next_try = Instant::now();

@@ -74,7 +74,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>, mut shutdown: Shutd
             .timer(hyper_util::rt::TokioTimer::new())
             .serve_connection(TokioIo::new(stream), svc);
         let conn = graceful.watch(conn);
-        tokio::spawn(async move {
+        crate::task::spawn(tracing::info_span!("http_client", %peer), async move {
             let _ = conn.await;
         });
     }
