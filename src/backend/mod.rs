@@ -68,6 +68,38 @@ impl BackendError {
     }
 }
 
+/// A RESP3 reply seen as the RESP2 frame Redis would have sent a RESP2 client (maps and
+/// sets flattened to arrays, doubles and big numbers as bulk strings, booleans as 1/0), for
+/// the code that looks inside replies (merges, the read cache). The client still gets the
+/// RESP3 bytes.
+pub fn resp2_view(f: redis_protocol::resp3::types::BytesFrame) -> BytesFrame {
+    use redis_protocol::resp3::types::BytesFrame as F3;
+    match f {
+        F3::BlobString { data, .. }
+        | F3::BigNumber { data, .. }
+        | F3::VerbatimString { data, .. }
+        | F3::ChunkedString(data) => BytesFrame::BulkString(data),
+        F3::SimpleString { data, .. } => BytesFrame::SimpleString(data),
+        F3::SimpleError { data, .. } => BytesFrame::Error(data),
+        F3::BlobError { data, .. } => {
+            BytesFrame::Error(String::from_utf8_lossy(&data).into_owned().into())
+        }
+        F3::Boolean { data, .. } => BytesFrame::Integer(data as i64),
+        F3::Null | F3::Hello { .. } => BytesFrame::Null,
+        F3::Number { data, .. } => BytesFrame::Integer(data),
+        F3::Double { data, .. } => BytesFrame::BulkString(Bytes::from(data.to_string())),
+        F3::Array { data, .. } | F3::Push { data, .. } => {
+            BytesFrame::Array(data.into_iter().map(resp2_view).collect())
+        }
+        F3::Set { data, .. } => BytesFrame::Array(data.into_iter().map(resp2_view).collect()),
+        F3::Map { data, .. } => BytesFrame::Array(
+            data.into_iter()
+                .flat_map(|(k, v)| [resp2_view(k), resp2_view(v)])
+                .collect(),
+        ),
+    }
+}
+
 /// Encodes a command as a RESP array of bulk strings.
 pub fn encode_command<A: AsRef<[u8]>>(args: &[A]) -> Bytes {
     let mut out =
@@ -101,6 +133,10 @@ pub struct Shard {
     /// Forwarded commands; a client always uses the same one, so its commands to this
     /// shard run in the order it sent them.
     pool: Vec<BackendConn>,
+    /// The same for RESP3 clients: connections that sent `HELLO 3`, made when the first
+    /// RESP3 client sends this shard a command (most deployments never need them).
+    pool3: std::sync::OnceLock<Vec<BackendConn>>,
+    pool_size: usize,
     /// The counter lane's own connection: flush batches and base reads, one round trip at
     /// a time (see `counter::lane`).
     pub lane_conn: BackendConn,
@@ -137,6 +173,7 @@ impl Shard {
             request_timeout: cfg.timeout.0,
             queue_depth: cfg.queue_depth,
             on_connect: auth.iter().cloned().collect(),
+            resp3: false,
             tls,
         };
         let pool = (0..cfg.pool_size)
@@ -151,6 +188,8 @@ impl Shard {
             addr,
             weight,
             pool,
+            pool3: std::sync::OnceLock::new(),
+            pool_size: cfg.pool_size,
             lane_conn: BackendConn::spawn(opts.clone()),
             timeout: cfg.timeout.0,
             up: AtomicBool::new(true),
@@ -179,6 +218,33 @@ impl Shard {
         frame: Bytes,
     ) -> Option<tokio::sync::oneshot::Receiver<Result<Reply, BackendError>>> {
         let conn = &self.pool[(client as usize) % self.pool.len()];
+        if self.is_up() || conn.is_connected() {
+            Some(conn.send(frame))
+        } else {
+            None
+        }
+    }
+
+    /// [`Shard::send`] for a client speaking `proto`: a RESP3 client's commands go to the
+    /// RESP3 connections, whose replies are passed through as they come.
+    pub fn send_as(
+        &self,
+        client: u64,
+        proto: crate::resp::reply::Proto,
+        frame: Bytes,
+    ) -> Option<tokio::sync::oneshot::Receiver<Result<Reply, BackendError>>> {
+        if proto == crate::resp::reply::Proto::Resp2 {
+            return self.send(client, frame);
+        }
+        let pool = self.pool3.get_or_init(|| {
+            let mut opts = self.conn_opts.clone();
+            opts.on_connect.push(encode_command(&["HELLO", "3"]));
+            opts.resp3 = true;
+            (0..self.pool_size)
+                .map(|_| BackendConn::spawn(opts.clone()))
+                .collect()
+        });
+        let conn = &pool[(client as usize) % pool.len()];
         if self.is_up() || conn.is_connected() {
             Some(conn.send(frame))
         } else {

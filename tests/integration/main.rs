@@ -9,5 +9,6 @@ mod durability;
 mod hostile;
 mod ops;
 mod rebalance;
+mod resp3;
 mod security;
 mod windows;
