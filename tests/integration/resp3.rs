@@ -410,3 +410,49 @@ async fn the_redis_crate_in_resp3_mode_gets_what_redis_gives_it() {
     let v: i64 = p.get("c").await.unwrap();
     assert_eq!(v, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_3_authenticates_and_resp3_shard_connections_authenticate_too() {
+    let shard = Redis::start_with(&["--requirepass", "shardpw"]);
+    let wal = TempDir::new("resp3-auth");
+    let toml = format!(
+        "listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\nrequirepass = \"sesame\"\n\
+         [[shards]]\naddr = \"{}\"\npassword = \"shardpw\"\n[durability]\nwal_dir = \"{}\"\n",
+        shard.addr(),
+        wal.path().display()
+    );
+    let proxy = Proxy::start(tallyproxy::Config::from_toml_str(&toml).unwrap()).await;
+    let mut c = proxy.conn().await;
+    assert!(c
+        .cmd(&["HELLO", "3"])
+        .await
+        .starts_with("-NOAUTH HELLO must be called"));
+    assert_eq!(
+        c.cmd(&["HELLO", "3", "AUTH", "default", "wrong", "SETNAME", "x"])
+            .await,
+        "-WRONGPASS invalid username-password pair or user is disabled.\r\n"
+    );
+    // Nothing changed: still RESP2, unauthenticated, unnamed.
+    assert!(c.cmd(&["GET", "k"]).await.starts_with("-NOAUTH"));
+    let hello = c
+        .cmd(&["HELLO", "3", "AUTH", "default", "sesame", "SETNAME", "x"])
+        .await;
+    assert!(hello.starts_with("%7\r\n"), "{hello}");
+    assert!(hello.contains("$5\r\nproto\r\n:3\r\n"), "{hello}");
+    assert_eq!(c.cmd(&["CLIENT", "GETNAME"]).await, "$1\r\nx\r\n");
+    assert_eq!(c.cmd(&["HSET", "h", "f", "v"]).await, ":1\r\n");
+    assert_eq!(
+        c.cmd(&["HGETALL", "h"]).await,
+        "%1\r\n$1\r\nf\r\n$1\r\nv\r\n"
+    );
+    assert_eq!(c.cmd(&["GET", "nope"]).await, "_\r\n");
+    // RESET: RESP2 and unauthenticated again.
+    assert_eq!(c.cmd(&["RESET"]).await, "+RESET\r\n");
+    assert!(c.cmd(&["GET", "nope"]).await.starts_with("-NOAUTH"));
+    assert_eq!(c.cmd(&["AUTH", "sesame"]).await, "+OK\r\n");
+    assert_eq!(
+        c.cmd(&["HGETALL", "h"]).await,
+        "*2\r\n$1\r\nf\r\n$1\r\nv\r\n"
+    );
+    proxy.stop().await;
+}
