@@ -175,8 +175,8 @@ if has_suite node; then
   rc=0
   (cd tests/clients/node && timeout 300 node --test --test-concurrency=1 --test-reporter=spec) \
     | tee "$tmp/node.out" || rc=$?
-  p=$(grep -E '^. pass [0-9]+$' "$tmp/node.out" | grep -oE '[0-9]+$' || true)
-  f=$(grep -E '^. fail [0-9]+$' "$tmp/node.out" | grep -oE '[0-9]+$' || true)
+  p=$(grep -E '^[^ ]+ pass [0-9]+$' "$tmp/node.out" | grep -oE '[0-9]+$' || true)
+  f=$(grep -E '^[^ ]+ fail [0-9]+$' "$tmp/node.out" | grep -oE '[0-9]+$' || true)
   passed=$((passed + ${p:-0}))
   failed=$((failed + ${f:-0}))
   if ((rc != 0)); then
