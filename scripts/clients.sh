@@ -7,6 +7,9 @@
 #   CLIENTS_TARGET=redis scripts/clients.sh
 #                                      the same suites against one plain redis-server, to
 #                                      check the suites themselves
+#   TALLYPROXY_BIN=path scripts/clients.sh
+#                                      against that proxy binary (another build) instead of
+#                                      this tree's debug build
 #
 # Installs what is missing: redis-server (scripts/ensure-deps.sh), a venv with the newest
 # redis-py and pytest in target/clients-venv, the newest `redis` and `ioredis` packages in
@@ -64,8 +67,10 @@ if has_suite node; then
 fi
 
 # --- servers ----------------------------------------------------------------------------------
-if [[ "$target" == proxy ]]; then
+proxy_bin=${TALLYPROXY_BIN:-}
+if [[ "$target" == proxy && -z "$proxy_bin" ]]; then
   cargo build --quiet
+  proxy_bin=./target/debug/tallyproxy
 fi
 
 tmp=$(mktemp -d)
@@ -131,7 +136,7 @@ flush_interval = "200ms"
 [durability]
 wal_dir = "$tmp/wal"
 EOF
-  ./target/debug/tallyproxy --config "$tmp/proxy.toml" >"$tmp/proxy.log" 2>&1 &
+  "$proxy_bin" --config "$tmp/proxy.toml" >"$tmp/proxy.log" 2>&1 &
   pids+=($!)
   wait_ping "$port_proxy" proxy
   export CLIENTS_PORT=$port_proxy CLIENTS_SHARD_PORTS=$port_a,$port_b CLIENTS_HTTP_PORT=$port_http

@@ -8,3 +8,6 @@ scripts/ensure-deps.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 cargo test --all-targets
+# Last: the Redis client libraries people install today, against the built proxy
+# (docs/clients.md).
+scripts/clients.sh

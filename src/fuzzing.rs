@@ -9,8 +9,10 @@
 //!
 //! - the parser gives the same requests whether the bytes arrive at once or in pieces;
 //! - the output is a sequence of whole, well-formed replies (no line break inside a
-//!   status or error line, bulk lengths that match), one per request; RESP2 only, unless
-//!   the client asked for RESP3 (HELLO);
+//!   status or error line, bulk lengths that match), one per request;
+//! - each reply is in the client's protocol at that point: RESP2 frames only before a
+//!   `HELLO 3` is accepted and after `HELLO 2` or `RESET`; in between, RESP3 with `_` for
+//!   every null (never `$-1` or `*-1`);
 //! - half the inputs (those of odd length) run as a RESP3 client: the session starts with
 //!   `HELLO 3`, whose answer must be the RESP3 map.
 //! - after a protocol error, `-ERR Protocol error: ...` is the last thing written and the
@@ -268,6 +270,13 @@ fn expected(data: &[u8], lim: &Limits) -> Outcome {
 /// only when the proxy is not expected to close by itself.
 async fn session(ctx: Arc<Context>, shutdown: shutdown::Shutdown, data: &[u8]) {
     let want = expected(data, &ctx.limits);
+    // Each request's command name, to follow the protocol changes in the replies.
+    let names: Vec<Bytes> = parse_all(data, 0, &ctx.limits)
+        .requests
+        .into_iter()
+        .filter(|r| !r.is_empty())
+        .map(|r| r[0].clone())
+        .collect();
     let closes = want.closes;
     let (client, server) = tokio::io::duplex(64 * 1024);
     let (mut rx, mut tx) = tokio::io::split(client);
@@ -311,17 +320,27 @@ async fn session(ctx: Arc<Context>, shutdown: shutdown::Shutdown, data: &[u8]) {
             String::from_utf8_lossy(&out[..out.len().min(100)])
         );
     }
-    // Only a client that sent HELLO may see RESP3 frames.
-    let may_be_resp3 = resp3 || data.windows(5).any(|w| w.eq_ignore_ascii_case(b"hello"));
-    check_output(&out, want, may_be_resp3);
+    check_output(&out, want, &names);
 }
 
-/// What the client saw must be whole replies, one per request it sent.
-fn check_output(out: &[u8], want: Outcome, resp3: bool) {
+/// Which frames a reply may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Frames {
+    /// RESP2 only.
+    Resp2,
+    /// RESP3, whose nulls are `_` (no `$-1`, no `*-1`).
+    Resp3,
+    /// Either (splitting the output into replies, before knowing each one's protocol).
+    Either,
+}
+
+/// What the client saw must be whole replies, one per request it sent (`names`: the
+/// command name of each request), each in the protocol the client spoke at that point.
+fn check_output(out: &[u8], want: Outcome, names: &[Bytes]) {
     let mut replies = Vec::new();
     let mut at = 0;
     while at < out.len() {
-        match reply_end(out, at, 0, resp3) {
+        match reply_end(out, at, 0, Frames::Either) {
             Ok(end) => {
                 replies.push(&out[at..end]);
                 at = end;
@@ -339,6 +358,26 @@ fn check_output(out: &[u8], want: Outcome, resp3: bool) {
             "a reply was written after the protocol error"
         );
     }
+    // The protocol follows HELLO and RESET as their replies say they took effect.
+    let mut proto = Frames::Resp2;
+    for (i, r) in replies.iter().enumerate() {
+        let name = names.get(i).map_or(&b""[..], |n| &n[..]);
+        let hello = name.eq_ignore_ascii_case(b"hello");
+        if hello && r.starts_with(b"%") {
+            proto = Frames::Resp3;
+        } else if (hello && r.starts_with(b"*"))
+            || (name.eq_ignore_ascii_case(b"reset") && r == b"+RESET\r\n")
+        {
+            proto = Frames::Resp2;
+        }
+        if let Err(why) = reply_end(r, 0, 0, proto) {
+            panic!(
+                "reply {i} to {:?} is not {proto:?}: {why}: {:?}",
+                String::from_utf8_lossy(name),
+                String::from_utf8_lossy(&r[..r.len().min(200)])
+            );
+        }
+    }
     let seen = Outcome {
         replies: replies.len(),
         error: replies
@@ -355,9 +394,10 @@ fn check_output(out: &[u8], want: Outcome, resp3: bool) {
     );
 }
 
-/// Where the reply starting at `at` ends; the whole reply must be in `b`. RESP3 frames are
-/// accepted only when `resp3`.
-fn reply_end(b: &[u8], at: usize, depth: usize, resp3: bool) -> Result<usize, String> {
+/// Where the reply starting at `at` ends; the whole reply must be in `b`, and use only the
+/// `frames` allowed.
+fn reply_end(b: &[u8], at: usize, depth: usize, frames: Frames) -> Result<usize, String> {
+    let resp3 = frames != Frames::Resp2;
     if depth > 8 {
         return Err("replies nested deeper than the proxy ever writes".into());
     }
@@ -394,11 +434,14 @@ fn reply_end(b: &[u8], at: usize, depth: usize, resp3: bool) -> Result<usize, St
     let elements = |n: i64| {
         let mut pos = after;
         for _ in 0..n {
-            pos = reply_end(b, pos, depth + 1, resp3)?;
+            pos = reply_end(b, pos, depth + 1, frames)?;
         }
         Ok(pos)
     };
     match t {
+        b'$' | b'*' if frames == Frames::Resp3 && line == b"-1" => {
+            Err("a RESP2 null in a RESP3 reply".into())
+        }
         b'+' | b'-' => Ok(after),
         b':' => number().map(|_| after),
         b'_' if resp3 && line.is_empty() => Ok(after),
@@ -463,9 +506,11 @@ mod tests {
             b":x\r\n",
             b"!1\r\n",
         ] {
-            assert!(reply_end(bad, 0, 0, true).is_err(), "{bad:?}");
+            assert!(reply_end(bad, 0, 0, Frames::Either).is_err(), "{bad:?}");
         }
-        assert_eq!(reply_end(b"*2\r\n$1\r\na\r\n$-1\r\n", 0, 0, false), Ok(16));
+        let resp2 = b"*2\r\n$1\r\na\r\n$-1\r\n";
+        assert_eq!(reply_end(resp2, 0, 0, Frames::Resp2), Ok(16));
+        assert!(reply_end(resp2, 0, 0, Frames::Resp3).is_err());
         // RESP3 frames are whole replies for a RESP3 client only.
         for (good, len) in [
             (&b"_\r\n"[..], 3),
@@ -474,11 +519,34 @@ mod tests {
             (b"=5\r\ntxt:a\r\n", 11),
             (b",1.5\r\n", 6),
         ] {
-            assert_eq!(reply_end(good, 0, 0, true), Ok(len), "{good:?}");
-            assert!(reply_end(good, 0, 0, false).is_err(), "{good:?}");
+            assert_eq!(reply_end(good, 0, 0, Frames::Resp3), Ok(len), "{good:?}");
+            assert!(reply_end(good, 0, 0, Frames::Resp2).is_err(), "{good:?}");
         }
         for bad in [&b"%1\r\n$1\r\na\r\n"[..], b"=2\r\nab\r\n", b"_x\r\n"] {
-            assert!(reply_end(bad, 0, 0, true).is_err(), "{bad:?}");
+            assert!(reply_end(bad, 0, 0, Frames::Either).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_output_checker_follows_the_protocol_of_each_reply() {
+        let names: Vec<Bytes> = ["GET", "HELLO", "GET", "RESET", "GET"]
+            .iter()
+            .map(|n| Bytes::from_static(n.as_bytes()))
+            .collect();
+        let want = || Outcome {
+            replies: 5,
+            error: None,
+            closes: false,
+        };
+        let ok = b"$-1\r\n%0\r\n_\r\n+RESET\r\n$-1\r\n";
+        check_output(ok, want(), &names);
+        for bad in [
+            &b"_\r\n%0\r\n_\r\n+RESET\r\n$-1\r\n"[..],
+            b"$-1\r\n%0\r\n$-1\r\n+RESET\r\n$-1\r\n",
+            b"$-1\r\n%0\r\n_\r\n+RESET\r\n_\r\n",
+        ] {
+            let caught = std::panic::catch_unwind(|| check_output(bad, want(), &names));
+            assert!(caught.is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
     }
 
