@@ -456,3 +456,23 @@ async fn hello_3_authenticates_and_resp3_shard_connections_authenticate_too() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_mode_answers_resp3_clients_in_resp3() {
+    let wal = TempDir::new("resp3-memory");
+    let proxy = Proxy::start(support::config(&[], &wal)).await;
+    let mut c = resp3(proxy.addr).await;
+    assert_eq!(c.cmd(&["INCRBY", "a", "5"]).await, ":5\r\n");
+    assert_eq!(c.cmd(&["GET", "a"]).await, "$1\r\n5\r\n");
+    assert_eq!(c.cmd(&["GET", "nope"]).await, "_\r\n");
+    assert_eq!(
+        c.cmd(&["MGET", "a", "nope"]).await,
+        "*2\r\n$1\r\n5\r\n_\r\n"
+    );
+    let mut r2 = proxy.conn().await;
+    assert_eq!(
+        r2.cmd(&["MGET", "a", "nope"]).await,
+        "*2\r\n$1\r\n5\r\n$-1\r\n"
+    );
+    proxy.stop().await;
+}
