@@ -182,11 +182,13 @@ if has_suite node; then
     | tee "$tmp/node.out" || rc=$?
   p=$(grep -E '^[^ ]+ pass [0-9]+$' "$tmp/node.out" | grep -oE '[0-9]+$' || true)
   f=$(grep -E '^[^ ]+ fail [0-9]+$' "$tmp/node.out" | grep -oE '[0-9]+$' || true)
+  # Tests under a hook that failed (a client that could not connect) are "cancelled".
+  x=$(grep -E '^[^ ]+ cancelled [0-9]+$' "$tmp/node.out" | grep -oE '[0-9]+$' || true)
   passed=$((passed + ${p:-0}))
-  failed=$((failed + ${f:-0}))
+  failed=$((failed + ${f:-0} + ${x:-0}))
   if ((rc != 0)); then
     broken+=("node (exit $rc)")
-    ((${f:-0})) || failed=$((failed + 1))
+    ((${f:-0} + ${x:-0})) || failed=$((failed + 1))
   fi
 fi
 

@@ -177,13 +177,10 @@ pub fn decode(buf: &mut BytesMut, resp3: bool) -> Result<Option<Reply>, String> 
         return Ok(None);
     }
     if resp3 {
-        return match redis_protocol::resp3::decode::complete::decode_bytes_mut(buf) {
-            Ok(Some((frame, _, raw))) => Ok(Some(Reply {
-                frame: super::resp2_view(frame),
-                raw,
-            })),
+        return match super::resp3::decode(buf) {
+            Ok(Some((frame, raw))) => Ok(Some(Reply { frame, raw })),
             Ok(None) => Ok(None),
-            Err(e) => Err(format!("bad reply from shard: {e:?}")),
+            Err(e) => Err(format!("bad reply from shard: {e}")),
         };
     }
     match redis_protocol::resp2::decode::decode_bytes_mut(buf) {

@@ -6,6 +6,7 @@
 
 pub mod conn;
 pub mod health;
+pub mod resp3;
 
 use bytes::{Bytes, BytesMut};
 pub use conn::{BackendConn, ConnOptions};
@@ -65,38 +66,6 @@ impl BackendError {
     /// Whether the command certainly did not run, so that sending it again is safe.
     pub fn retry_safe(&self) -> bool {
         matches!(self, BackendError::Unavailable | BackendError::Busy)
-    }
-}
-
-/// A RESP3 reply seen as the RESP2 frame Redis would have sent a RESP2 client (maps and
-/// sets flattened to arrays, doubles and big numbers as bulk strings, booleans as 1/0), for
-/// the code that looks inside replies (merges, the read cache). The client still gets the
-/// RESP3 bytes.
-pub fn resp2_view(f: redis_protocol::resp3::types::BytesFrame) -> BytesFrame {
-    use redis_protocol::resp3::types::BytesFrame as F3;
-    match f {
-        F3::BlobString { data, .. }
-        | F3::BigNumber { data, .. }
-        | F3::VerbatimString { data, .. }
-        | F3::ChunkedString(data) => BytesFrame::BulkString(data),
-        F3::SimpleString { data, .. } => BytesFrame::SimpleString(data),
-        F3::SimpleError { data, .. } => BytesFrame::Error(data),
-        F3::BlobError { data, .. } => {
-            BytesFrame::Error(String::from_utf8_lossy(&data).into_owned().into())
-        }
-        F3::Boolean { data, .. } => BytesFrame::Integer(data as i64),
-        F3::Null | F3::Hello { .. } => BytesFrame::Null,
-        F3::Number { data, .. } => BytesFrame::Integer(data),
-        F3::Double { data, .. } => BytesFrame::BulkString(Bytes::from(data.to_string())),
-        F3::Array { data, .. } | F3::Push { data, .. } => {
-            BytesFrame::Array(data.into_iter().map(resp2_view).collect())
-        }
-        F3::Set { data, .. } => BytesFrame::Array(data.into_iter().map(resp2_view).collect()),
-        F3::Map { data, .. } => BytesFrame::Array(
-            data.into_iter()
-                .flat_map(|(k, v)| [resp2_view(k), resp2_view(v)])
-                .collect(),
-        ),
     }
 }
 
