@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: format check, clippy with warnings as errors, every test.
+# The whole test suite: format check, clippy with warnings as errors, every test, then the
+# client compatibility suite (scripts/clients.sh: redis-py, node-redis, ioredis against the proxy).
 # Installs redis-server when it is missing (the integration tests start real servers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
