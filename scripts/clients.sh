@@ -59,7 +59,7 @@ if has_suite python; then
     fi
     "$venv/bin/python" -m pip --version >/dev/null 2>&1 || "$venv/bin/python" -m ensurepip -q
   fi
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade redis pytest
+  timeout 600 "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade redis pytest
 fi
 if has_suite node; then
   command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || {
@@ -67,7 +67,8 @@ if has_suite node; then
     exit 1
   }
   # package.json asks for `latest` and no lock file is kept: each run takes the newest release.
-  (cd tests/clients/node && npm install --no-package-lock --no-audit --no-fund --loglevel=error)
+  (cd tests/clients/node &&
+    timeout 600 npm install --no-package-lock --no-audit --no-fund --loglevel=error)
 fi
 
 # --- servers ----------------------------------------------------------------------------------
@@ -104,7 +105,7 @@ print(*[s.getsockname()[1] for s in socks])
 
 wait_ping() { # port, what: up to 10 s
   for _ in $(seq 1 100); do
-    [[ "$(redis-cli -p "$1" ping 2>/dev/null)" == PONG ]] && return 0
+    [[ "$(timeout 2 redis-cli -p "$1" ping 2>/dev/null)" == PONG ]] && return 0
     sleep 0.1
   done
   echo "$2 on port $1 did not answer PING within 10 s" >&2
