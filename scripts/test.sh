@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: format check, clippy with warnings as errors, every test.
+# The whole test suite: format check, clippy with warnings as errors, every test, then the
+# client compatibility suite (scripts/clients.sh: redis-py, node-redis, ioredis against the proxy).
 # Installs redis-server when it is missing (the integration tests start real servers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,3 +9,6 @@ scripts/ensure-deps.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 cargo test --all-targets
+# Last: the Redis client libraries people install today, against the built proxy
+# (docs/clients.md).
+scripts/clients.sh

@@ -21,7 +21,8 @@ use crate::context::Context;
 use crate::counter::lane::{KeyValue, LaneError};
 use crate::counter::{Cached, Engine, Incr, NOT_INTEGER};
 use crate::metrics::Class;
-use crate::resp::{reply, RequestParser};
+use crate::resp::reply::{self, Proto};
+use crate::resp::RequestParser;
 use crate::shutdown::Shutdown;
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
@@ -87,12 +88,16 @@ pub struct Client {
     pub deferred: Vec<Bytes>,
     /// AUTH (or HELLO AUTH) succeeded, or no password is configured.
     pub authenticated: bool,
+    /// The protocol this client speaks (HELLO changes it): every reply the proxy builds
+    /// follows it, and its forwarded commands go to shard connections that speak it.
+    pub proto: Proto,
 }
 
 impl Client {
-    pub fn new(id: u64) -> Client {
+    pub fn new(id: u64, proto: Proto) -> Client {
         Client {
             id,
+            proto,
             name: None,
             close: false,
             writes_in_flight: false,
@@ -107,7 +112,10 @@ pub async fn handle<S>(mut stream: S, ctx: Arc<Context>, mut shutdown: Shutdown)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut client = Client::new(ctx.next_client_id.fetch_add(1, Ordering::Relaxed));
+    let mut client = Client::new(
+        ctx.next_client_id.fetch_add(1, Ordering::Relaxed),
+        Proto::Resp2,
+    );
     client.authenticated = !ctx.users.required();
     let mut rbuf = BytesMut::with_capacity(16 * 1024);
     let mut parser = RequestParser::default();
@@ -388,19 +396,25 @@ impl Drop for InflightGuard<'_> {
     }
 }
 
-/// Queues `frame` on the client's connection to `shard` (None: the shard is known down).
-pub(crate) fn send(shard: &Arc<Shard>, client: u64, frame: Bytes) -> Option<BackendRx> {
+/// Queues `frame` on the client's connection to `shard` for its protocol (None: the shard
+/// is known down).
+pub(crate) fn send(
+    shard: &Arc<Shard>,
+    client: u64,
+    proto: Proto,
+    frame: Bytes,
+) -> Option<BackendRx> {
     shard.stats.requests.fetch_add(1, Ordering::Relaxed);
-    let rx = shard.send(client, frame);
+    let rx = shard.send_as(client, proto, frame);
     if rx.is_some() {
         shard.stats.inflight.fetch_add(1, Ordering::Relaxed);
     }
     rx
 }
 
-fn forward(shard: &Arc<Shard>, client: u64, args: &[Bytes], after: After) -> Pending {
+fn forward(shard: &Arc<Shard>, client: &Client, args: &[Bytes], after: After) -> Pending {
     Pending::Forward {
-        rx: send(shard, client, encode_command(args)),
+        rx: send(shard, client.id, client.proto, encode_command(args)),
         shard: shard.clone(),
         sent: Instant::now(),
         after,
@@ -408,9 +422,14 @@ fn forward(shard: &Arc<Shard>, client: u64, args: &[Bytes], after: After) -> Pen
 }
 
 /// Sends `args` to `shard` and waits for the reply, as a barrier task would.
-async fn call(shard: &Arc<Shard>, client: u64, args: &[Bytes]) -> Result<Reply, BackendError> {
+async fn call(
+    shard: &Arc<Shard>,
+    client: u64,
+    proto: Proto,
+    args: &[Bytes],
+) -> Result<Reply, BackendError> {
     let sent = Instant::now();
-    let rx = send(shard, client, encode_command(args));
+    let rx = send(shard, client, proto, encode_command(args));
     await_reply(rx, shard, sent).await
 }
 
@@ -468,7 +487,17 @@ fn dispatch_spec(
         return None;
     }
     match spec.kind {
-        Kind::Local => crate::local::run(ctx, client, spec, args, out).map(Pending::Task),
+        Kind::Local => {
+            let (proto, start) = (client.proto, out.len());
+            let task = crate::local::run(ctx, client, spec, args, out);
+            if task.is_none() && client.proto != proto {
+                // HELLO or RESET switched protocols, so the client's next commands go to
+                // other shard connections: a barrier, so that those before run first.
+                let answer = out.split_off(start);
+                return Some(Pending::Task(Box::pin(async move { answer })));
+            }
+            task.map(Pending::Task)
+        }
         Kind::Refused(why) => {
             reply::error(out, &command::refused_error(spec.name, why));
             None
@@ -480,10 +509,11 @@ fn dispatch_spec(
             }
             if client.writes_in_flight && ctx.engine.is_batched(&args[1]) {
                 // Runs after this client's write to a counter key has landed (a barrier).
-                let (ctx, id) = (ctx.clone(), client.id);
+                let (ctx, id, proto) = (ctx.clone(), client.id, client.proto);
                 return Some(Pending::Task(Box::pin(async move {
                     let mut o = BytesMut::new();
-                    if let Some(p) = counter(&ctx, &mut Client::new(id), op, args, &mut o) {
+                    let mut client = Client::new(id, proto);
+                    if let Some(p) = counter(&ctx, &mut client, op, args, &mut o) {
                         resolve(p, &ctx, &mut o).await;
                     }
                     o
@@ -562,20 +592,20 @@ fn single(
     let shard = topo.shard_for(&key).clone();
     let engine = &ctx.engine;
     if !engine.is_batched(&key) {
-        return Some(forward(&shard, client.id, &args, After::Nothing));
+        return Some(forward(&shard, client, &args, After::Nothing));
     }
     if !engine.has_unflushed(&key) {
         engine.invalidate(&key);
-        return Some(forward(&shard, client.id, &args, After::Invalidate(key)));
+        return Some(forward(&shard, client, &args, After::Invalidate(key)));
     }
     let engine = engine.clone();
-    let id = client.id;
+    let (id, proto) = (client.id, client.proto);
     Some(Pending::Task(Box::pin(async move {
         if let Err(e) = engine.land(&key).await {
             return error_bytes(&e.client_message(&shard.name));
         }
         engine.invalidate(&key);
-        let r = call(&shard, id, &args).await;
+        let r = call(&shard, id, proto, &args).await;
         engine.invalidate(&key);
         match r {
             Ok(r) => BytesMut::from(&r.raw[..]),
@@ -590,7 +620,8 @@ fn move_first(ctx: &Arc<Context>, client: &Client, key: &Bytes, args: &[Bytes]) 
     if !ctx.engine.needs_move(key) {
         return None;
     }
-    let (ctx, id, key, args) = (ctx.clone(), client.id, key.clone(), args.to_vec());
+    let (ctx, id, proto) = (ctx.clone(), client.id, client.proto);
+    let (key, args) = (key.clone(), args.to_vec());
     Some(Pending::Task(Box::pin(async move {
         let mut o = BytesMut::new();
         if let Some(m) = ctx.router.migration() {
@@ -599,7 +630,7 @@ fn move_first(ctx: &Arc<Context>, client: &Client, key: &Bytes, args: &[Bytes]) 
                 return o;
             }
         }
-        let mut client = Client::new(id);
+        let mut client = Client::new(id, proto);
         if let Some(p) = dispatch(&ctx, &mut client, args, &mut o) {
             resolve(p, &ctx, &mut o).await;
         }
@@ -751,24 +782,20 @@ fn get(
             None
         }
         Cached::Hit(None) => {
-            reply::null(out);
+            reply::null(out, client.proto);
             None
         }
         Cached::Absent if !ctx.engine.needs_move(&key) => {
             let shard = ctx.router.topology().shard_for(&key).clone();
             let epoch = ctx.engine.invalidation_epoch();
-            Some(forward(
-                &shard,
-                client.id,
-                &args,
-                After::OfferRead(key, epoch),
-            ))
+            Some(forward(&shard, client, &args, After::OfferRead(key, epoch)))
         }
         Cached::Stale | Cached::Absent => {
             let engine = ctx.engine.clone();
+            let proto = client.proto;
             Some(Pending::Task(Box::pin(async move {
                 let mut o = BytesMut::new();
-                write_counter_read(&engine, &key, &mut o).await;
+                write_counter_read(&engine, &key, proto, &mut o).await;
                 o
             })))
         }
@@ -789,7 +816,12 @@ async fn logged_durably(ctx: &Context, client: &Client, log_epoch: u64) -> bool 
 }
 
 /// GET of a counter key through its lane (landing its delta), written as Redis would.
-pub(crate) async fn write_counter_read(engine: &Engine, key: &Bytes, o: &mut BytesMut) {
+pub(crate) async fn write_counter_read(
+    engine: &Engine,
+    key: &Bytes,
+    proto: Proto,
+    o: &mut BytesMut,
+) {
     let land = engine.read_lands(key);
     let read = if engine.owner_up(key) {
         engine.refresh(key, land).await
@@ -800,14 +832,14 @@ pub(crate) async fn write_counter_read(engine: &Engine, key: &Bytes, o: &mut Byt
         // The owner is down or silent: a known base answers however old it is.
         Err(e) => match engine.last_known(key) {
             Some((Some(v), _)) => reply::bulk_int(o, v),
-            Some((None, _)) => reply::null(o),
+            Some((None, _)) => reply::null(o, proto),
             None => reply::error(o, &e.client_message(&engine.owner_name(key))),
         },
         Ok(KeyValue::Other(raw)) => o.extend_from_slice(&raw),
         Ok(KeyValue::Error(msg)) => reply::error(o, &msg),
         Ok(_) => match engine.value_of(key) {
             Some(Some(v)) => reply::bulk_int(o, v),
-            _ => reply::null(o),
+            _ => reply::null(o, proto),
         },
     }
 }

@@ -8,8 +8,13 @@
 //! hang", it checks what a client could see:
 //!
 //! - the parser gives the same requests whether the bytes arrive at once or in pieces;
-//! - the output is a sequence of whole, well-formed RESP2 replies (no line break inside a
+//! - the output is a sequence of whole, well-formed replies (no line break inside a
 //!   status or error line, bulk lengths that match), one per request;
+//! - each reply is in the client's protocol at that point: RESP2 frames only before a
+//!   `HELLO 3` is accepted and after `HELLO 2` or `RESET`; in between, RESP3 with `_` for
+//!   every null (never `$-1` or `*-1`);
+//! - half the inputs (those of odd length) run as a RESP3 client: the session starts with
+//!   `HELLO 3`, whose answer must be the RESP3 map.
 //! - after a protocol error, `-ERR Protocol error: ...` is the last thing written and the
 //!   connection is closed;
 //! - a connection always ends once the client has closed its side.
@@ -116,9 +121,18 @@ pub fn run_one(data: &[u8]) {
             h.trigger = trigger;
         }
         let (ctx, shutdown) = (h.ctx.clone(), h.trigger.subscribe());
-        h.rt.block_on(session(ctx, shutdown, data));
+        if data.len() % 2 == 1 {
+            let mut resp3 = RESP3_PREFIX.to_vec();
+            resp3.extend_from_slice(data);
+            h.rt.block_on(session(ctx, shutdown, &resp3));
+        } else {
+            h.rt.block_on(session(ctx, shutdown, data));
+        }
     });
 }
+
+/// What a RESP3 session starts with.
+const RESP3_PREFIX: &[u8] = b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n";
 
 /// What parsing a whole byte string yields: the requests in order, then how it ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -257,6 +271,13 @@ fn expected(data: &[u8], lim: &Limits) -> Outcome {
 /// only when the proxy is not expected to close by itself.
 async fn session(ctx: Arc<Context>, shutdown: shutdown::Shutdown, data: &[u8]) {
     let want = expected(data, &ctx.limits);
+    // Each request's command name, to follow the protocol changes in the replies.
+    let names: Vec<Bytes> = parse_all(data, 0, &ctx.limits)
+        .requests
+        .into_iter()
+        .filter(|r| !r.is_empty())
+        .map(|r| r[0].clone())
+        .collect();
     let closes = want.closes;
     let (client, server) = tokio::io::duplex(64 * 1024);
     let (mut rx, mut tx) = tokio::io::split(client);
@@ -292,15 +313,35 @@ async fn session(ctx: Arc<Context>, shutdown: shutdown::Shutdown, data: &[u8]) {
             panic!("the connection did not end within {DEADLINE:?} of the client closing: a hang")
         }
     };
-    check_output(&out, want);
+    let resp3 = data.starts_with(RESP3_PREFIX);
+    if resp3 {
+        assert!(
+            out.starts_with(b"%7\r\n$6\r\nserver\r\n"),
+            "HELLO 3 did not answer a RESP3 map: {:?}",
+            String::from_utf8_lossy(&out[..out.len().min(100)])
+        );
+    }
+    check_output(&out, want, &names);
 }
 
-/// What the client saw must be whole replies, one per request it sent.
-fn check_output(out: &[u8], want: Outcome) {
+/// Which frames a reply may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Frames {
+    /// RESP2 only.
+    Resp2,
+    /// RESP3, whose nulls are `_` (no `$-1`, no `*-1`).
+    Resp3,
+    /// Either (splitting the output into replies, before knowing each one's protocol).
+    Either,
+}
+
+/// What the client saw must be whole replies, one per request it sent (`names`: the
+/// command name of each request), each in the protocol the client spoke at that point.
+fn check_output(out: &[u8], want: Outcome, names: &[Bytes]) {
     let mut replies = Vec::new();
     let mut at = 0;
     while at < out.len() {
-        match reply_end(out, at, 0) {
+        match reply_end(out, at, 0, Frames::Either) {
             Ok(end) => {
                 replies.push(&out[at..end]);
                 at = end;
@@ -318,6 +359,26 @@ fn check_output(out: &[u8], want: Outcome) {
             "a reply was written after the protocol error"
         );
     }
+    // The protocol follows HELLO and RESET as their replies say they took effect.
+    let mut proto = Frames::Resp2;
+    for (i, r) in replies.iter().enumerate() {
+        let name = names.get(i).map_or(&b""[..], |n| &n[..]);
+        let hello = name.eq_ignore_ascii_case(b"hello");
+        if hello && r.starts_with(b"%") {
+            proto = Frames::Resp3;
+        } else if (hello && r.starts_with(b"*"))
+            || (name.eq_ignore_ascii_case(b"reset") && r == b"+RESET\r\n")
+        {
+            proto = Frames::Resp2;
+        }
+        if let Err(why) = reply_end(r, 0, 0, proto) {
+            panic!(
+                "reply {i} to {:?} is not {proto:?}: {why}: {:?}",
+                String::from_utf8_lossy(name),
+                String::from_utf8_lossy(&r[..r.len().min(200)])
+            );
+        }
+    }
     let seen = Outcome {
         replies: replies.len(),
         error: replies
@@ -334,8 +395,10 @@ fn check_output(out: &[u8], want: Outcome) {
     );
 }
 
-/// Where the RESP2 reply starting at `at` ends; the whole reply must be in `b`.
-fn reply_end(b: &[u8], at: usize, depth: usize) -> Result<usize, String> {
+/// Where the reply starting at `at` ends; the whole reply must be in `b`, and use only the
+/// `frames` allowed.
+fn reply_end(b: &[u8], at: usize, depth: usize, frames: Frames) -> Result<usize, String> {
+    let resp3 = frames != Frames::Resp2;
     if depth > 8 {
         return Err("replies nested deeper than the proxy ever writes".into());
     }
@@ -359,33 +422,54 @@ fn reply_end(b: &[u8], at: usize, depth: usize) -> Result<usize, String> {
             .and_then(|s| s.parse::<i64>().ok())
             .ok_or_else(|| format!("bad number {:?}", String::from_utf8_lossy(line)))
     };
+    let bulk = |n: i64| {
+        let end = after + n as usize;
+        if b.len() < end + 2 {
+            return Err(format!("bulk of {n} bytes cut short"));
+        }
+        if &b[end..end + 2] != b"\r\n" {
+            return Err("bulk not followed by CRLF".into());
+        }
+        Ok(end + 2)
+    };
+    let elements = |n: i64| {
+        let mut pos = after;
+        for _ in 0..n {
+            pos = reply_end(b, pos, depth + 1, frames)?;
+        }
+        Ok(pos)
+    };
     match t {
+        b'$' | b'*' if frames == Frames::Resp3 && line == b"-1" => {
+            Err("a RESP2 null in a RESP3 reply".into())
+        }
         b'+' | b'-' => Ok(after),
         b':' => number().map(|_| after),
+        b'_' if resp3 && line.is_empty() => Ok(after),
+        b'#' if resp3 && (line == b"t" || line == b"f") => Ok(after),
+        b',' | b'(' if resp3 && !line.is_empty() => Ok(after),
+        b'~' | b'>' if resp3 => match number()? {
+            n if n < 0 => Err(format!("set length {n}")),
+            n => elements(n),
+        },
+        b'%' if resp3 => match number()? {
+            n if n < 0 => Err(format!("map length {n}")),
+            n => elements(2 * n),
+        },
+        b'=' if resp3 => match number()? {
+            n if n < 4 => Err(format!("verbatim length {n}")),
+            n if b.get(after + 3) != Some(&b':') => Err(format!("verbatim of {n} has no format")),
+            n => bulk(n),
+        },
         b'$' => match number()? {
             -1 => Ok(after),
             n if n < 0 => Err(format!("bulk length {n}")),
-            n => {
-                let end = after + n as usize;
-                if b.len() < end + 2 {
-                    return Err(format!("bulk of {n} bytes cut short"));
-                }
-                if &b[end..end + 2] != b"\r\n" {
-                    return Err("bulk not followed by CRLF".into());
-                }
-                Ok(end + 2)
-            }
+            n => bulk(n),
         },
         b'*' => match number()? {
             -1 => Ok(after),
             n if n < 0 => Err(format!("array length {n}")),
-            n => {
-                let mut pos = after;
-                for _ in 0..n {
-                    pos = reply_end(b, pos, depth + 1)?;
-                }
-                Ok(pos)
-            }
+            n => elements(n),
         },
         other => Err(format!("reply type byte {other:#04x}")),
     }
@@ -423,9 +507,69 @@ mod tests {
             b":x\r\n",
             b"!1\r\n",
         ] {
-            assert!(reply_end(bad, 0, 0).is_err(), "{bad:?}");
+            assert!(reply_end(bad, 0, 0, Frames::Either).is_err(), "{bad:?}");
         }
-        assert_eq!(reply_end(b"*2\r\n$1\r\na\r\n$-1\r\n", 0, 0), Ok(16));
+        let resp2 = b"*2\r\n$1\r\na\r\n$-1\r\n";
+        assert_eq!(reply_end(resp2, 0, 0, Frames::Resp2), Ok(16));
+        assert!(reply_end(resp2, 0, 0, Frames::Resp3).is_err());
+        // RESP3 frames are whole replies for a RESP3 client only.
+        for (good, len) in [
+            (&b"_\r\n"[..], 3),
+            (b"%1\r\n$1\r\na\r\n_\r\n", 14),
+            (b"~1\r\n#t\r\n", 8),
+            (b"=5\r\ntxt:a\r\n", 11),
+            (b",1.5\r\n", 6),
+        ] {
+            assert_eq!(reply_end(good, 0, 0, Frames::Resp3), Ok(len), "{good:?}");
+            assert!(reply_end(good, 0, 0, Frames::Resp2).is_err(), "{good:?}");
+        }
+        for bad in [&b"%1\r\n$1\r\na\r\n"[..], b"=2\r\nab\r\n", b"_x\r\n"] {
+            assert!(reply_end(bad, 0, 0, Frames::Either).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_output_checker_follows_the_protocol_of_each_reply() {
+        let names: Vec<Bytes> = ["GET", "HELLO", "GET", "RESET", "GET"]
+            .iter()
+            .map(|n| Bytes::from_static(n.as_bytes()))
+            .collect();
+        let want = || Outcome {
+            replies: 5,
+            error: None,
+            closes: false,
+        };
+        let ok = b"$-1\r\n%0\r\n_\r\n+RESET\r\n$-1\r\n";
+        check_output(ok, want(), &names);
+        for bad in [
+            &b"_\r\n%0\r\n_\r\n+RESET\r\n$-1\r\n"[..],
+            b"$-1\r\n%0\r\n$-1\r\n+RESET\r\n$-1\r\n",
+            b"$-1\r\n%0\r\n_\r\n+RESET\r\n_\r\n",
+        ] {
+            let caught = std::panic::catch_unwind(|| check_output(bad, want(), &names));
+            assert!(caught.is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn resp3_sessions_do_not_panic_on_a_corpus() {
+        // Odd lengths run as RESP3 clients (see `run_one`); each input is tried both ways.
+        let corpus: &[&[u8]] = &[
+            b"PING\r\nINCR a\r\nGET a\r\nGET nope\r\nMGET a nope b\r\n",
+            b"HELLO\r\nHELLO 2\r\nGET nope\r\nHELLO 3 SETNAME x\r\nGET nope\r\nRESET\r\nGET nope\r\n",
+            b"HELLO 3 AUTH default x\r\nHELLO 4\r\nHELLO x\r\nHELLO 3 SETNAME\r\n",
+            b"INFO\r\nINFO server\r\nCONFIG GET *\r\nCOMMAND DOCS\r\nCOMMAND INFO get nope\r\n",
+            b"CLIENT INFO\r\nCLIENT GETNAME\r\nCLIENT TRACKING on\r\nCOMMAND\r\nTIME\r\n",
+            b"TALLY.SERIES a 0 10 1s\r\nTALLY.LAST a 1m\r\nSUBSCRIBE c\r\n",
+            b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n*1\r\n*1\r\n",
+        ];
+        for input in corpus {
+            run_one(input);
+            // One byte more (a blank line, which Redis ignores): the other protocol.
+            let mut other = input.to_vec();
+            other.push(b'\n');
+            run_one(&other);
+        }
     }
 
     /// Fuzzer finding 1 (fixed in `resp::parse`): an inline line of `max_inline_len + 1`

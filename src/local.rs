@@ -1,13 +1,15 @@
 //! Commands the proxy answers itself: connection commands, introspection, INFO.
 //!
 //! Owns the replies that make unmodified clients start cleanly (HELLO, COMMAND, CLIENT,
-//! CONFIG GET for redis-benchmark). Does not own anything that touches a key.
+//! CONFIG GET for redis-benchmark), in the client's protocol: each reply has the shape
+//! Redis 7 gives a RESP2 or a RESP3 client (maps, sets, verbatim text, nulls). Does not own
+//! anything that touches a key.
 
 use crate::backend::{encode_command, BackendError};
 use crate::command::{self, Kind, Spec};
 use crate::connection::{join_all, Client};
 use crate::context::Context;
-use crate::resp::reply;
+use crate::resp::reply::{self, Proto};
 use bytes::{Bytes, BytesMut};
 use redis_protocol::resp2::types::BytesFrame;
 use std::sync::Arc;
@@ -43,6 +45,7 @@ pub fn run(
         "reset" => {
             client.name = None;
             client.authenticated = !ctx.users.required();
+            client.proto = Proto::Resp2;
             reply::simple(out, "RESET");
         }
         "readonly" | "readwrite" => reply::ok(out),
@@ -67,8 +70,8 @@ pub fn run(
         },
         "hello" => hello(ctx, client, &args, out),
         "client" => client_cmd(client, &args, out),
-        "command" => command_cmd(&args, out),
-        "config" => config_cmd(&args, out),
+        "command" => command_cmd(&args, client.proto, out),
+        "config" => config_cmd(&args, client.proto, out),
         "time" => {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -83,7 +86,7 @@ pub fn run(
                 .get(1)
                 .map(|s| String::from_utf8_lossy(s).to_ascii_lowercase());
             let text = crate::info::render(ctx, section.as_deref());
-            reply::bulk(out, text.as_bytes());
+            reply::verbatim(out, text.as_bytes(), client.proto);
         }
         "dbsize" => return Some(dbsize(ctx.clone(), client.id)),
         other => reply::error(out, &format!("ERR command '{other}' is not answered here")),
@@ -108,34 +111,45 @@ fn authenticate(ctx: &Context, user: Option<&[u8]>, password: &[u8]) -> Result<(
     }
 }
 
+/// HELLO as Redis 7 runs it: the version first (2 or 3), then AUTH and SETNAME, each
+/// checked before anything changes; the protocol switches only on success, and the answer
+/// (a map) is in the new protocol.
 fn hello(ctx: &Context, client: &mut Client, args: &[Bytes], out: &mut BytesMut) {
+    let mut proto = client.proto;
     let mut i = 1;
     if let Some(v) = args.get(1) {
-        match &v[..] {
-            b"2" => {}
-            b"3" => {
-                reply::error(out, "NOPROTO sorry, this protocol version is not supported");
+        match crate::counter::parse_i64(v) {
+            Some(2) => proto = Proto::Resp2,
+            Some(3) => proto = Proto::Resp3,
+            Some(_) => {
+                reply::error(out, "NOPROTO unsupported protocol version");
                 return;
             }
-            _ => {
-                reply::error(out, "NOPROTO unsupported protocol version");
+            None => {
+                reply::error(
+                    out,
+                    "ERR Protocol version is not an integer or out of range",
+                );
                 return;
             }
         }
         i = 2;
     }
+    let mut auth = None;
+    let mut name = None;
     while i < args.len() {
+        let more = args.len() - 1 - i;
         match upper(&args[i]).as_str() {
-            "AUTH" if i + 2 < args.len() => {
-                if let Err(e) = authenticate(ctx, Some(&args[i + 1]), &args[i + 2]) {
+            "AUTH" if more >= 2 => {
+                auth = Some((&args[i + 1], &args[i + 2]));
+                i += 3;
+            }
+            "SETNAME" if more >= 1 => {
+                if let Err(e) = valid_client_name(&args[i + 1]) {
                     reply::error(out, e);
                     return;
                 }
-                client.authenticated = true;
-                i += 3;
-            }
-            "SETNAME" if i + 1 < args.len() => {
-                client.name = Some(args[i + 1].clone());
+                name = Some(args[i + 1].clone());
                 i += 2;
             }
             _ => {
@@ -150,17 +164,28 @@ fn hello(ctx: &Context, client: &mut Client, args: &[Bytes], out: &mut BytesMut)
             }
         }
     }
+    if let Some((user, pw)) = auth {
+        if let Err(e) = authenticate(ctx, Some(user), pw) {
+            reply::error(out, e);
+            return;
+        }
+        client.authenticated = true;
+    }
     if !client.authenticated {
         reply::error(out, "NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time");
         return;
     }
-    reply::array(out, 14);
+    if let Some(name) = name {
+        client.name = (!name.is_empty()).then_some(name);
+    }
+    client.proto = proto;
+    reply::map(out, 7, proto);
     reply::bulk(out, b"server");
     reply::bulk(out, b"redis");
     reply::bulk(out, b"version");
     reply::bulk(out, crate::info::REDIS_VERSION.as_bytes());
     reply::bulk(out, b"proto");
-    reply::int(out, 2);
+    reply::int(out, proto.version());
     reply::bulk(out, b"id");
     reply::int(out, client.id as i64);
     reply::bulk(out, b"mode");
@@ -171,14 +196,20 @@ fn hello(ctx: &Context, client: &mut Client, args: &[Bytes], out: &mut BytesMut)
     reply::array(out, 0);
 }
 
+/// Redis's rule for client names (CLIENT SETNAME, HELLO SETNAME).
+fn valid_client_name(name: &[u8]) -> Result<(), &'static str> {
+    if name.iter().any(|b| *b <= b' ' || *b > b'~') {
+        Err("ERR Client names cannot contain spaces, newlines or special characters.")
+    } else {
+        Ok(())
+    }
+}
+
 fn client_cmd(client: &mut Client, args: &[Bytes], out: &mut BytesMut) {
     match upper(&args[1]).as_str() {
         "SETNAME" if args.len() == 3 => {
-            if args[2].iter().any(|b| *b <= b' ' || *b > b'~') {
-                reply::error(
-                    out,
-                    "ERR Client names cannot contain spaces, newlines or special characters.",
-                );
+            if let Err(e) = valid_client_name(&args[2]) {
+                reply::error(out, e);
             } else {
                 client.name = if args[2].is_empty() {
                     None
@@ -190,7 +221,7 @@ fn client_cmd(client: &mut Client, args: &[Bytes], out: &mut BytesMut) {
         }
         "GETNAME" if args.len() == 2 => match &client.name {
             Some(n) => reply::bulk(out, n),
-            None => reply::null(out),
+            None => reply::null(out, client.proto),
         },
         "ID" if args.len() == 2 => reply::int(out, client.id as i64),
         "SETINFO" if args.len() == 4 => reply::ok(out),
@@ -200,11 +231,13 @@ fn client_cmd(client: &mut Client, args: &[Bytes], out: &mut BytesMut) {
                 .as_ref()
                 .map(|n| String::from_utf8_lossy(n).into_owned())
                 .unwrap_or_default();
-            reply::bulk(
+            reply::verbatim(
                 out,
                 format!("id={} name={} db=0\n", client.id, name).as_bytes(),
+                client.proto,
             );
         }
+        "TRACKING" => reply::error(out, TRACKING),
         "NO-EVICT" | "NO-TOUCH" if args.len() == 3 => reply::ok(out),
         _ => reply::error(
             out,
@@ -216,8 +249,12 @@ fn client_cmd(client: &mut Client, args: &[Bytes], out: &mut BytesMut) {
     }
 }
 
-/// One COMMAND entry in Redis 7's ten-field shape.
-fn command_entry(out: &mut BytesMut, spec: &Spec) {
+/// Why CLIENT TRACKING is refused (see docs/architecture.md, "Protocols").
+pub const TRACKING: &str = "ERR CLIENT TRACKING is not supported by tallyproxy: counter reads are served from the proxy's cache and increments are merged in the proxy, so invalidations from the shards would not cover counter changes";
+
+/// One COMMAND entry in Redis 7's ten-field shape (flags, ACL categories, tips, key specs
+/// and subcommands are sets in RESP3, as Redis 7.0 sends them).
+fn command_entry(out: &mut BytesMut, spec: &Spec, proto: Proto) {
     let (first, last, step) = match spec.kind {
         Kind::Single | Kind::Counter(_) | Kind::Window(_) => (1, 1, 1),
         Kind::Multi(command::Merge::Pairs) => (1, -1, 2),
@@ -227,16 +264,16 @@ fn command_entry(out: &mut BytesMut, spec: &Spec) {
     reply::array(out, 10);
     reply::bulk(out, spec.name.as_bytes());
     reply::int(out, spec.arity as i64);
-    reply::array(out, 0);
+    reply::set(out, 0, proto);
     reply::int(out, first);
     reply::int(out, last);
     reply::int(out, step);
     for _ in 0..4 {
-        reply::array(out, 0);
+        reply::set(out, 0, proto);
     }
 }
 
-fn command_cmd(args: &[Bytes], out: &mut BytesMut) {
+fn command_cmd(args: &[Bytes], proto: Proto, out: &mut BytesMut) {
     let served = || command::all().filter(|s| !matches!(s.kind, Kind::Refused(_)));
     let sub = args.get(1).map(|s| upper(s));
     match sub.as_deref() {
@@ -244,17 +281,17 @@ fn command_cmd(args: &[Bytes], out: &mut BytesMut) {
             let specs: Vec<_> = served().collect();
             reply::array(out, specs.len());
             for s in specs {
-                command_entry(out, s);
+                command_entry(out, s, proto);
             }
         }
         Some("COUNT") => reply::int(out, served().count() as i64),
-        Some("DOCS") => reply::array(out, 0),
+        Some("DOCS") => reply::map(out, 0, proto),
         Some("INFO") => {
             reply::array(out, args.len() - 2);
             for name in &args[2..] {
                 match command::lookup(name) {
-                    Some(s) if !matches!(s.kind, Kind::Refused(_)) => command_entry(out, s),
-                    _ => reply::null(out),
+                    Some(s) if !matches!(s.kind, Kind::Refused(_)) => command_entry(out, s, proto),
+                    _ => reply::null(out, proto),
                 }
             }
         }
@@ -273,7 +310,7 @@ fn command_cmd(args: &[Bytes], out: &mut BytesMut) {
 }
 
 /// `CONFIG GET` of the few keys that clients and redis-benchmark ask for; nothing is set.
-fn config_cmd(args: &[Bytes], out: &mut BytesMut) {
+fn config_cmd(args: &[Bytes], proto: Proto, out: &mut BytesMut) {
     if upper(&args[1]) != "GET" || args.len() < 3 {
         reply::error(out, "ERR CONFIG is limited to CONFIG GET on tallyproxy");
         return;
@@ -294,7 +331,7 @@ fn config_cmd(args: &[Bytes], out: &mut BytesMut) {
             }
         }
     }
-    reply::array(out, pairs.len() * 2);
+    reply::map(out, pairs.len(), proto);
     for (k, v) in pairs {
         reply::bulk(out, k.as_bytes());
         reply::bulk(out, v.as_bytes());

@@ -17,7 +17,7 @@ use crate::connection::{
 };
 use crate::context::Context;
 use crate::counter::Cached;
-use crate::resp::reply;
+use crate::resp::reply::{self, Proto};
 use crate::router::Topology;
 use bytes::{Bytes, BytesMut};
 use redis_protocol::resp2::types::BytesFrame;
@@ -34,6 +34,8 @@ pub struct Gather {
     parts: Vec<Part>,
     /// Invalidation epoch when the pieces were sent (see `Engine::offer_read`).
     epoch: u64,
+    /// The client's protocol, for the merged reply.
+    proto: Proto,
 }
 
 struct Part {
@@ -58,7 +60,7 @@ struct Plan {
     per_shard: Vec<Vec<usize>>,
 }
 
-fn plan(ctx: &Context, topo: &Topology, merge: Merge, args: &[Bytes]) -> Plan {
+fn plan(ctx: &Context, topo: &Topology, merge: Merge, args: &[Bytes], proto: Proto) -> Plan {
     let step = if merge == Merge::Pairs { 2 } else { 1 };
     let keys: Vec<Bytes> = args[1..].iter().step_by(step).cloned().collect();
     let mut p = Plan {
@@ -76,7 +78,7 @@ fn plan(ctx: &Context, topo: &Topology, merge: Merge, args: &[Bytes]) -> Plan {
                         let mut o = BytesMut::new();
                         match v {
                             Some(v) => reply::bulk_int(&mut o, v),
-                            None => reply::null(&mut o),
+                            None => reply::null(&mut o, proto),
                         }
                         p.values[slot] = Some(o.freeze());
                         continue;
@@ -99,7 +101,7 @@ fn plan(ctx: &Context, topo: &Topology, merge: Merge, args: &[Bytes]) -> Plan {
 /// Queues one piece per shard on the client's connections.
 fn send_parts(
     ctx: &Context,
-    client: u64,
+    (client, proto): (u64, Proto),
     topo: &Topology,
     spec: &Spec,
     merge: Merge,
@@ -131,7 +133,7 @@ fn send_parts(
                 }
             }
             Part {
-                rx: send(&shard, client, encode_command(&cmd)),
+                rx: send(&shard, client, proto, encode_command(&cmd)),
                 shard,
                 sent: Instant::now(),
                 slots,
@@ -144,6 +146,7 @@ fn send_parts(
         values: p.values,
         parts,
         epoch,
+        proto,
     }
 }
 
@@ -170,21 +173,22 @@ pub(crate) fn dispatch(
         for k in &args[1..] {
             match ctx.engine.cached(k) {
                 Cached::Hit(Some(v)) => reply::bulk_int(out, v),
-                _ => reply::null(out),
+                _ => reply::null(out, client.proto),
             }
         }
         return None;
     }
-    let p = plan(ctx, &topo, merge, &args);
+    let who = (client.id, client.proto);
+    let p = plan(ctx, &topo, merge, &args, client.proto);
     let moving = p.keys.iter().any(|k| ctx.engine.needs_move(k));
     if p.lane.is_empty() && !client.writes_in_flight && !moving {
         return Some(Pending::Gather(send_parts(
-            ctx, client.id, &topo, spec, merge, &args, p,
+            ctx, who, &topo, spec, merge, &args, p,
         )));
     }
-    let (ctx, id) = (ctx.clone(), client.id);
+    let ctx = ctx.clone();
     Some(Pending::Task(Box::pin(async move {
-        run_barrier(&ctx, id, spec, merge, args).await
+        run_barrier(&ctx, who, spec, merge, args).await
     })))
 }
 
@@ -192,7 +196,7 @@ pub(crate) fn dispatch(
 /// with unflushed increments) first, then the pieces.
 async fn run_barrier(
     ctx: &Context,
-    client: u64,
+    client: (u64, Proto),
     spec: &'static Spec,
     merge: Merge,
     args: Vec<Bytes>,
@@ -208,7 +212,7 @@ async fn run_barrier(
             }
         }
     }
-    let mut p = plan(ctx, &topo, merge, &args);
+    let mut p = plan(ctx, &topo, merge, &args, client.1);
     let lane = std::mem::take(&mut p.lane);
     if merge == Merge::Values {
         let keys = p.keys.clone();
@@ -217,7 +221,7 @@ async fn run_barrier(
             let k = keys[slot].clone();
             async move {
                 let mut o = BytesMut::new();
-                write_counter_read(engine, &k, &mut o).await;
+                write_counter_read(engine, &k, client.1, &mut o).await;
                 (slot, o.freeze())
             }
         }))
@@ -246,6 +250,7 @@ pub(crate) async fn finish(g: Gather, ctx: &Context) -> BytesMut {
         mut values,
         mut parts,
         epoch,
+        proto,
     } = g;
     let mut replies: Vec<Result<Reply, BackendError>> = Vec::with_capacity(parts.len());
     for part in &mut parts {
@@ -274,7 +279,7 @@ pub(crate) async fn finish(g: Gather, ctx: &Context) -> BytesMut {
                         engine.offer_read(&keys[slot], item, epoch);
                     }
                     let mut o = BytesMut::new();
-                    encode_frame(&mut o, item);
+                    encode_frame(&mut o, item, proto);
                     values[slot] = Some(o.freeze());
                 }
             }
@@ -297,18 +302,19 @@ pub(crate) async fn finish(g: Gather, ctx: &Context) -> BytesMut {
     out
 }
 
-/// Encodes a decoded frame back to RESP2 (for the pieces of a merged MGET).
-fn encode_frame(out: &mut BytesMut, f: &BytesFrame) {
+/// Encodes a decoded frame back for the client (for the pieces of a merged MGET, whose
+/// values are strings or nulls: the two protocols differ only in the null).
+fn encode_frame(out: &mut BytesMut, f: &BytesFrame, proto: Proto) {
     match f {
         BytesFrame::SimpleString(s) => reply::simple(out, &String::from_utf8_lossy(s)),
         BytesFrame::Error(e) => reply::error(out, e),
         BytesFrame::Integer(i) => reply::int(out, *i),
         BytesFrame::BulkString(b) => reply::bulk(out, b),
-        BytesFrame::Null => reply::null(out),
+        BytesFrame::Null => reply::null(out, proto),
         BytesFrame::Array(items) => {
             reply::array(out, items.len());
             for i in items {
-                encode_frame(out, i);
+                encode_frame(out, i, proto);
             }
         }
     }

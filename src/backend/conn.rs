@@ -44,8 +44,11 @@ pub struct ConnOptions {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
     pub queue_depth: usize,
-    /// Commands sent on every (re)connect before any request, e.g. AUTH.
+    /// Commands sent on every (re)connect before any request, e.g. AUTH, `HELLO 3`.
     pub on_connect: Vec<Bytes>,
+    /// The connection speaks RESP3 (it sends `HELLO 3` on connect): replies are decoded
+    /// as RESP3, for clients that switched to it.
+    pub resp3: bool,
     /// TLS to the shard: the connector and the name its certificate must carry.
     pub tls: Option<(
         tokio_rustls::TlsConnector,
@@ -149,7 +152,7 @@ async fn connect(opts: &ConnOptions) -> std::io::Result<Box<dyn Io>> {
         stream.write_all(cmd).await?;
         let mut buf = BytesMut::with_capacity(256);
         let reply = loop {
-            if let Some(r) = decode(&mut buf).map_err(std::io::Error::other)? {
+            if let Some(r) = decode(&mut buf, opts.resp3).map_err(std::io::Error::other)? {
                 break r;
             }
             if tokio::time::timeout(opts.request_timeout, stream.read_buf(&mut buf))
@@ -169,10 +172,17 @@ async fn connect(opts: &ConnOptions) -> std::io::Result<Box<dyn Io>> {
     Ok(stream)
 }
 
-/// Decodes one reply off the front of `buf`.
-pub fn decode(buf: &mut BytesMut) -> Result<Option<Reply>, String> {
+/// Decodes one reply off the front of `buf`, as RESP3 on a `resp3` connection.
+pub fn decode(buf: &mut BytesMut, resp3: bool) -> Result<Option<Reply>, String> {
     if buf.is_empty() {
         return Ok(None);
+    }
+    if resp3 {
+        return match super::resp3::decode(buf) {
+            Ok(Some((frame, raw))) => Ok(Some(Reply { frame, raw })),
+            Ok(None) => Ok(None),
+            Err(e) => Err(format!("bad reply from shard: {e}")),
+        };
     }
     match redis_protocol::resp2::decode::decode_bytes_mut(buf) {
         Ok(Some((frame, _, raw))) => Ok(Some(Reply { frame, raw })),
@@ -188,6 +198,7 @@ async fn run(stream: Box<dyn Io>, opts: &ConnOptions, rx: &mut mpsc::Receiver<Re
     let queued = Arc::new(Notify::new());
     let stall_limit = opts.request_timeout * 2;
 
+    let resp3 = opts.resp3;
     let reader = {
         let inflight = inflight.clone();
         let queued = queued.clone();
@@ -195,7 +206,10 @@ async fn run(stream: Box<dyn Io>, opts: &ConnOptions, rx: &mut mpsc::Receiver<Re
             let mut buf = BytesMut::with_capacity(16 * 1024);
             loop {
                 loop {
-                    match decode(&mut buf) {
+                    match decode(&mut buf, resp3) {
+                        // Out-of-band data answers no request (nothing the proxy forwards
+                        // turns pushes on, but a shard may still send one).
+                        Ok(Some(reply)) if resp3 && reply.raw.first() == Some(&b'>') => {}
                         Ok(Some(reply)) => match inflight.lock().pop_front() {
                             Some(w) => {
                                 let _ = w.respond_to.send(Ok(reply));

@@ -7,6 +7,7 @@
 pub mod conn;
 pub mod health;
 pub mod identity;
+pub mod resp3;
 
 use bytes::{Bytes, BytesMut};
 pub use conn::{BackendConn, ConnOptions};
@@ -102,6 +103,10 @@ pub struct Shard {
     /// Forwarded commands; a client always uses the same one, so its commands to this
     /// shard run in the order it sent them.
     pool: Vec<BackendConn>,
+    /// The same for RESP3 clients: connections that sent `HELLO 3`, made when the first
+    /// RESP3 client sends this shard a command (most deployments never need them).
+    pool3: std::sync::OnceLock<Vec<BackendConn>>,
+    pool_size: usize,
     /// The counter lane's own connection: flush batches and base reads, one round trip at
     /// a time (see `counter::lane`).
     pub lane_conn: BackendConn,
@@ -147,6 +152,8 @@ impl Shard {
             addr,
             weight,
             pool,
+            pool3: std::sync::OnceLock::new(),
+            pool_size: cfg.pool_size,
             lane_conn: BackendConn::spawn(opts.clone()),
             timeout: cfg.timeout.0,
             up: AtomicBool::new(true),
@@ -176,6 +183,7 @@ impl Shard {
             request_timeout: cfg.timeout.0,
             queue_depth: cfg.queue_depth,
             on_connect: auth.into_iter().collect(),
+            resp3: false,
             tls: config.shard_tls(name, addr)?,
         })
     }
@@ -230,6 +238,36 @@ impl Shard {
             },
             Ok(Ok(Err(e))) => Err(e.client_message(&self.name)),
             _ => Err(format!("shard {} timed out", self.name)),
+        }
+    }
+
+    /// [`Shard::send`] for a client speaking `proto`: a RESP3 client's commands go to the
+    /// RESP3 connections, whose replies are passed through as they come.
+    pub fn send_as(
+        &self,
+        client: u64,
+        proto: crate::resp::reply::Proto,
+        frame: Bytes,
+    ) -> Option<tokio::sync::oneshot::Receiver<Result<Reply, BackendError>>> {
+        if proto == crate::resp::reply::Proto::Resp2 {
+            return self.send(client, frame);
+        }
+        if !self.is_verified() {
+            return None;
+        }
+        let pool = self.pool3.get_or_init(|| {
+            let mut opts = self.conn_opts.clone();
+            opts.on_connect.push(encode_command(&["HELLO", "3"]));
+            opts.resp3 = true;
+            (0..self.pool_size)
+                .map(|_| BackendConn::spawn(opts.clone()))
+                .collect()
+        });
+        let conn = &pool[(client as usize) % pool.len()];
+        if self.is_up() || conn.is_connected() {
+            Some(conn.send(frame))
+        } else {
+            None
         }
     }
 

@@ -279,8 +279,8 @@ async fn connection_commands_are_answered_by_the_proxy() {
         .await
         .starts_with("-ERR AUTH <password> called without any password configured"));
     assert_eq!(
-        c.cmd(&["HELLO", "3"]).await,
-        "-NOPROTO sorry, this protocol version is not supported\r\n"
+        c.cmd(&["HELLO", "4"]).await,
+        "-NOPROTO unsupported protocol version\r\n"
     );
     let hello = c.cmd(&["HELLO", "2", "SETNAME", "me"]).await;
     assert!(

@@ -10,5 +10,6 @@ mod full_disk;
 mod hostile;
 mod ops;
 mod rebalance;
+mod resp3;
 mod security;
 mod windows;

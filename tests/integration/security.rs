@@ -416,6 +416,13 @@ async fn shards_can_be_reached_over_tls() {
     assert_eq!(c.cmd(&["SET", "s", "over-tls"]).await, "+OK\r\n");
     assert_eq!(c.cmd(&["GET", "s"]).await, "$8\r\nover-tls\r\n");
     assert_eq!(c.cmd(&["INCR", "n"]).await, ":1\r\n");
+    // A RESP3 client's connections to the shard use TLS too.
+    assert!(c.cmd(&["HELLO", "3"]).await.starts_with("%7\r\n"));
+    assert_eq!(c.cmd(&["HSET", "h", "f", "v"]).await, ":1\r\n");
+    assert_eq!(
+        c.cmd(&["HGETALL", "h"]).await,
+        "%1\r\n$1\r\nf\r\n$1\r\nv\r\n"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         proxy.http("GET", "/readyz").await.0,

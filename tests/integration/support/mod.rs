@@ -403,7 +403,8 @@ pub fn encode(args: &[&str]) -> Vec<u8> {
     v
 }
 
-/// Length of the first whole RESP reply in `b`, if there is one.
+/// Length of the first whole RESP2 or RESP3 reply in `b`, if there is one (an attribute
+/// counts as part of the reply it precedes).
 pub fn reply_len(b: &[u8]) -> Option<usize> {
     fn line(b: &[u8], at: usize) -> Option<(usize, usize)> {
         let i = b[at..].windows(2).position(|w| w == b"\r\n")?;
@@ -413,9 +414,17 @@ pub fn reply_len(b: &[u8]) -> Option<usize> {
         let t = *b.get(at)?;
         let (_, end) = line(b, at)?;
         let after = end + 2;
+        let count = || -> Option<i64> { std::str::from_utf8(&b[at + 1..end]).ok()?.parse().ok() };
+        let elements = |n: i64| {
+            let mut pos = after;
+            for _ in 0..n.max(0) {
+                pos = one(b, pos)?;
+            }
+            Some(pos)
+        };
         match t {
-            b'+' | b'-' | b':' => Some(after),
-            b'$' => {
+            b'+' | b'-' | b':' | b'_' | b',' | b'#' | b'(' => Some(after),
+            b'$' | b'=' | b'!' => {
                 let n: i64 = std::str::from_utf8(&b[at + 1..end]).ok()?.parse().ok()?;
                 if n < 0 {
                     return Some(after);
@@ -423,14 +432,10 @@ pub fn reply_len(b: &[u8]) -> Option<usize> {
                 let total = after + n as usize + 2;
                 (b.len() >= total).then_some(total)
             }
-            b'*' => {
-                let n: i64 = std::str::from_utf8(&b[at + 1..end]).ok()?.parse().ok()?;
-                let mut pos = after;
-                for _ in 0..n.max(0) {
-                    pos = one(b, pos)?;
-                }
-                Some(pos)
-            }
+            b'*' | b'~' | b'>' => elements(count()?),
+            b'%' => elements(2 * count()?),
+            // An attribute map, then the reply it describes.
+            b'|' => one(b, elements(2 * count()?)?),
             _ => None,
         }
     }
