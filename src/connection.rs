@@ -19,7 +19,7 @@ use crate::backend::{encode_command, BackendError, Reply, Shard};
 use crate::command::{self, CounterOp, Kind};
 use crate::context::Context;
 use crate::counter::lane::{KeyValue, LaneError};
-use crate::counter::{Cached, Engine, Incr, NOT_INTEGER};
+use crate::counter::{Cached, CounterRead, Engine, Incr, IncrError, NOT_INTEGER};
 use crate::metrics::Class;
 use crate::resp::reply::{self, Proto};
 use crate::resp::RequestParser;
@@ -316,26 +316,23 @@ async fn resolve(p: Pending, ctx: &Context, out: &mut BytesMut) {
             let result = match read {
                 Ok(_) => match engine.try_incr(&key, delta) {
                     Incr::Value(v) => Ok(v),
-                    Incr::Refused(m) => Err(m.to_string()),
+                    Incr::Refused(r) => Err(IncrError::Refused(r)),
                     // Another round trip made the base stale again: the full path.
                     Incr::NeedBase | Incr::Pending => {
-                        match incr_with_base(engine, &key, delta).await {
-                            Ok((v, _)) => Ok(v),
-                            Err(IncrError::Unavailable(m) | IncrError::Refused(m)) => Err(m),
-                        }
+                        engine.incr_with_base(&key, delta).await.map(|(v, _)| v)
                     }
                 },
                 Err(e) => match engine.try_incr_stale(&key, delta) {
                     Incr::Value(v) => Ok(v),
-                    Incr::Refused(m) => Err(m.to_string()),
-                    Incr::NeedBase | Incr::Pending => {
-                        Err(e.client_message(&engine.owner_name(&key)))
-                    }
+                    Incr::Refused(r) => Err(IncrError::Refused(r)),
+                    Incr::NeedBase | Incr::Pending => Err(IncrError::Unavailable(
+                        e.client_message(&engine.owner_name(&key)),
+                    )),
                 },
             };
             match result {
                 Ok(v) => reply::int(out, v),
-                Err(m) => reply::error(out, &m),
+                Err(e) => reply::error(out, e.message()),
             }
         }
         Pending::Forward {
@@ -680,8 +677,8 @@ fn counter(
             reply::int(out, v);
             None
         }
-        Incr::Refused(msg) => {
-            reply::error(out, msg);
+        Incr::Refused(r) => {
+            reply::error(out, r.message());
             None
         }
         // Queue the base read now, so that first touches in one burst share a round trip;
@@ -714,59 +711,14 @@ fn counter(
             let key = key.clone();
             Some(Pending::Task(Box::pin(async move {
                 let mut o = BytesMut::new();
-                match incr_with_base(&engine, &key, delta).await {
+                match engine.incr_with_base(&key, delta).await {
                     Ok((v, _)) => reply::int(&mut o, v),
-                    Err(IncrError::Unavailable(msg) | IncrError::Refused(msg)) => {
-                        reply::error(&mut o, &msg)
-                    }
+                    Err(e) => reply::error(&mut o, e.message()),
                 }
                 o
             })))
         }
     }
-}
-
-/// Why an increment that needed a base got no reply value.
-#[derive(Debug)]
-pub enum IncrError {
-    /// The owner cannot be read and no base is known: nothing was buffered.
-    Unavailable(String),
-    /// Refused with Redis's wording: nothing was buffered.
-    Refused(String),
-}
-
-/// INCRBY for a key whose base must be read first: one shared round trip through the
-/// key's lane. When the owner is down (or does not answer), a known base is used however
-/// old; with none, nothing is buffered. Returns the value and whether the shard was read.
-pub async fn incr_with_base(
-    engine: &Engine,
-    key: &Bytes,
-    delta: i64,
-) -> Result<(i64, bool), IncrError> {
-    for _ in 0..3 {
-        let read = if engine.owner_up(key) {
-            engine.refresh(key, false).await.err()
-        } else {
-            Some(LaneError::Unavailable)
-        };
-        if let Some(e) = read {
-            return match engine.try_incr_stale(key, delta) {
-                Incr::Value(v) => Ok((v, false)),
-                Incr::Refused(m) => Err(IncrError::Refused(m.to_string())),
-                Incr::NeedBase | Incr::Pending => Err(IncrError::Unavailable(
-                    e.client_message(&engine.owner_name(key)),
-                )),
-            };
-        }
-        match engine.try_incr(key, delta) {
-            Incr::Value(v) => return Ok((v, true)),
-            Incr::Refused(m) => return Err(IncrError::Refused(m.to_string())),
-            Incr::NeedBase | Incr::Pending => continue,
-        }
-    }
-    Err(IncrError::Unavailable(
-        "TRYAGAIN counter base is changing, try again".into(),
-    ))
 }
 
 fn get(
@@ -822,25 +774,14 @@ pub(crate) async fn write_counter_read(
     proto: Proto,
     o: &mut BytesMut,
 ) {
-    let land = engine.read_lands(key);
-    let read = if engine.owner_up(key) {
-        engine.refresh(key, land).await
-    } else {
-        Err(LaneError::Unavailable)
-    };
-    match read {
-        // The owner is down or silent: a known base answers however old it is.
-        Err(e) => match engine.last_known(key) {
-            Some((Some(v), _)) => reply::bulk_int(o, v),
-            Some((None, _)) => reply::null(o, proto),
-            None => reply::error(o, &e.client_message(&engine.owner_name(key))),
-        },
-        Ok(KeyValue::Other(raw)) => o.extend_from_slice(&raw),
-        Ok(KeyValue::Error(msg)) => reply::error(o, &msg),
-        Ok(_) => match engine.value_of(key) {
-            Some(Some(v)) => reply::bulk_int(o, v),
-            _ => reply::null(o, proto),
-        },
+    match engine.read_counter(key).await {
+        Ok(CounterRead::Read(Some(v)) | CounterRead::LastKnown(Some(v), _)) => {
+            reply::bulk_int(o, v)
+        }
+        Ok(CounterRead::Read(None) | CounterRead::LastKnown(None, _)) => reply::null(o, proto),
+        Ok(CounterRead::NotInteger(raw)) => o.extend_from_slice(&raw),
+        Ok(CounterRead::Error(msg)) => reply::error(o, &msg),
+        Err(e) => reply::error(o, &e.client_message(&engine.owner_name(key))),
     }
 }
 

@@ -6,9 +6,7 @@
 //! (`flush`).
 
 use super::stripe::{stripe_of, BaseState, Entry, Stripe, DIRTY};
-use super::{
-    wal, windows, Engine, Incr, BUFFER_FULL, LOG_FAILED, NOT_INTEGER, OVERFLOW, WRONGTYPE,
-};
+use super::{wal, windows, Engine, Incr, Refusal};
 use std::sync::atomic::Ordering;
 
 impl Engine {
@@ -30,7 +28,7 @@ impl Engine {
 
     fn incr(&self, key: &[u8], delta: i64, need: Base) -> Incr {
         if self.log_failed() {
-            return Incr::Refused(LOG_FAILED);
+            return Incr::Refused(Refusal::LogFailed);
         }
         let window_at = self.is_windowed(key).then(|| self.clock_wall.now_secs());
         let now = self.now_ms();
@@ -45,7 +43,7 @@ impl Engine {
                     _ if self.memory_mode => {}
                     Base::NotNeeded
                         if self.dirty_keys.load(Ordering::Relaxed) < self.max_pending_keys => {}
-                    Base::NotNeeded => return Incr::Refused(BUFFER_FULL),
+                    Base::NotNeeded => return Incr::Refused(Refusal::BufferFull),
                     _ => return Incr::NeedBase,
                 }
                 let state = if self.memory_mode {
@@ -70,15 +68,15 @@ impl Engine {
         }
         let refresh = matches!(need, Base::Fresh) && self.wants_refresh(e, now);
         match e.state {
-            BaseState::NotInt => return Incr::Refused(NOT_INTEGER),
-            BaseState::WrongType => return Incr::Refused(WRONGTYPE),
+            BaseState::NotInt => return Incr::Refused(Refusal::NotInteger),
+            BaseState::WrongType => return Incr::Refused(Refusal::WrongType),
             _ => {}
         }
         let Some(new) = e.value().and_then(|v| v.checked_add(delta)) else {
-            return Incr::Refused(OVERFLOW);
+            return Incr::Refused(Refusal::Overflow);
         };
         let Some(pending) = e.pending.checked_add(delta) else {
-            return Incr::Refused(OVERFLOW);
+            return Incr::Refused(Refusal::Overflow);
         };
         e.pending = pending;
         if e.flags & DIRTY == 0 {

@@ -40,7 +40,10 @@ pub mod glob;
 mod incr;
 pub mod key;
 pub mod lane;
+#[cfg(test)]
+mod lane_tests;
 mod moving;
+mod outcome;
 mod recovery;
 mod stripe;
 pub mod wal;
@@ -61,12 +64,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-pub const NOT_INTEGER: &str = "ERR value is not an integer or out of range";
-pub const OVERFLOW: &str = "ERR increment or decrement would overflow";
-pub const LOG_FAILED: &str =
-    "ERR the write-ahead log failed; increments are refused until it can be written again";
-pub const BUFFER_FULL: &str = "TRYAGAIN the pending buffer is full while a shard is down";
-pub const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
+pub use outcome::{
+    Counted, CounterRead, IncrError, Refusal, BUFFER_FULL, LOG_FAILED, NOT_INTEGER, OVERFLOW,
+    WRONGTYPE,
+};
 
 /// Result of an immediate increment attempt.
 #[derive(Debug, PartialEq, Eq)]
@@ -75,8 +76,8 @@ pub enum Incr {
     Value(i64),
     /// The base is missing or stale: read it through the lane, then try again.
     NeedBase,
-    /// Refused, with Redis's wording; nothing was buffered.
-    Refused(&'static str),
+    /// Refused; nothing was buffered.
+    Refused(Refusal),
     /// Buffered and logged, but the total is unknown (no base: the owner is down).
     Pending,
 }
@@ -468,7 +469,7 @@ mod tests {
         assert_eq!(e.try_incr(b"k", -50), Incr::Value(-8));
         assert_eq!(e.cached(b"k"), Cached::Hit(Some(-8)));
         assert_eq!(e.try_incr(b"big", i64::MAX), Incr::Value(i64::MAX));
-        assert_eq!(e.try_incr(b"big", 1), Incr::Refused(OVERFLOW));
+        assert_eq!(e.try_incr(b"big", 1), Incr::Refused(Refusal::Overflow));
         assert_eq!(e.cached(b"big"), Cached::Hit(Some(i64::MAX)));
     }
 

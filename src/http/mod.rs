@@ -17,10 +17,8 @@
 pub mod admin;
 pub mod metrics;
 
-use crate::connection::{incr_with_base, IncrError};
 use crate::context::Context;
-use crate::counter::lane::{KeyValue, LaneError};
-use crate::counter::{Cached, Incr};
+use crate::counter::{Cached, Counted, CounterRead, IncrError};
 use crate::shutdown::Shutdown;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -228,54 +226,31 @@ async fn post_visit(ctx: &Context, key: Bytes) -> Resp {
             "visits:* keys must be batched counter keys in [counters] match",
         );
     }
-    let result = match engine.try_incr(&key, 1) {
-        Incr::Value(v) => Ok((v, false)),
-        Incr::Refused(m) => Err(IncrError::Refused(m.to_string())),
-        Incr::NeedBase | Incr::Pending => incr_with_base(engine, &key, 1).await,
-    };
-    // A visit must not be lost to an outage: with no base to answer from, it is accepted,
-    // logged, and lands when the shard returns.
-    let result = match result {
-        Err(IncrError::Unavailable(_)) => match engine.incr_blind(&key, 1) {
-            Incr::Value(v) => Ok((v, false)),
-            Incr::Pending => {
-                if commit(ctx).await.is_err() {
-                    return log_failed();
-                }
-                return json_response(
-                    StatusCode::ACCEPTED,
-                    json!({"visits": null, "pending": true}),
-                );
-            }
-            Incr::Refused(m) if m.starts_with("TRYAGAIN") => {
-                Err(IncrError::Unavailable(m.to_string()))
-            }
-            Incr::Refused(m) => Err(IncrError::Refused(m.to_string())),
-            Incr::NeedBase => Err(IncrError::Unavailable(format!(
-                "TRYAGAIN shard {} is unavailable",
-                engine.owner_name(&key)
-            ))),
-        },
-        other => other,
-    };
+    let counted = engine.incr_or_accept(&key, 1).await;
+    // The reply acknowledges the visit only once its record is durable (as the RESP path).
     if commit(ctx).await.is_err() {
         return log_failed();
     }
-    match result {
-        Ok((v, from_shard)) => {
+    match counted {
+        Ok(Counted::Value { value, from_shard }) => {
             let via = if from_shard {
                 engine.owner_name(&key)
             } else {
                 "in_memory".into()
             };
-            json_response(StatusCode::OK, json!({"visits": v, "served_via": via}))
+            json_response(StatusCode::OK, json!({"visits": value, "served_via": via}))
         }
+        // A visit must not be lost to an outage: accepted, logged, lands when the shard returns.
+        Ok(Counted::Accepted) => json_response(
+            StatusCode::ACCEPTED,
+            json!({"visits": null, "pending": true}),
+        ),
         Err(IncrError::Unavailable(m)) => error(StatusCode::SERVICE_UNAVAILABLE, m),
-        // A failed log is the proxy's trouble, not the request's: retry elsewhere or later.
-        Err(IncrError::Refused(m)) if m == crate::counter::LOG_FAILED => {
-            error(StatusCode::SERVICE_UNAVAILABLE, m)
+        // The proxy's trouble, not the request's: retry elsewhere or later.
+        Err(IncrError::Refused(r)) if r.is_transient() => {
+            error(StatusCode::SERVICE_UNAVAILABLE, r.message())
         }
-        Err(IncrError::Refused(m)) => error(StatusCode::CONFLICT, m),
+        Err(IncrError::Refused(r)) => error(StatusCode::CONFLICT, r.message()),
     }
 }
 
@@ -300,32 +275,25 @@ async fn get_visits(ctx: &Context, key: Bytes) -> Resp {
         );
     }
     let via = engine.owner_name(&key);
-    let read = if engine.owner_up(&key) {
-        engine.refresh(&key, engine.read_lands(&key)).await
-    } else {
-        Err(LaneError::Unavailable)
-    };
-    match read {
-        Ok(KeyValue::Int(_) | KeyValue::Nil) => {
-            let v = engine.value_of(&key).flatten().unwrap_or(0);
-            json_response(StatusCode::OK, json!({"visits": v, "served_via": via}))
+    match engine.read_counter(&key).await {
+        Ok(CounterRead::Read(v)) => json_response(
+            StatusCode::OK,
+            json!({"visits": v.unwrap_or(0), "served_via": via}),
+        ),
+        // The owner is down: answer from the last known base, and say when it is old.
+        Ok(CounterRead::LastKnown(v, stale)) => {
+            let mut body = json!({"visits": v.unwrap_or(0), "served_via": "in_memory"});
+            if stale {
+                body["stale"] = json!(true);
+            }
+            json_response(StatusCode::OK, body)
         }
-        Ok(KeyValue::Other(_)) => error(
+        Ok(CounterRead::NotInteger(_)) => error(
             StatusCode::CONFLICT,
             format!("{} does not hold an integer", String::from_utf8_lossy(&key)),
         ),
-        Ok(KeyValue::Error(m)) => error(StatusCode::CONFLICT, m),
-        // The owner is down: answer from the last known base, and say when it is old.
-        Err(e) => match engine.last_known(&key) {
-            Some((v, stale)) => {
-                let mut body = json!({"visits": v.unwrap_or(0), "served_via": "in_memory"});
-                if stale {
-                    body["stale"] = json!(true);
-                }
-                json_response(StatusCode::OK, body)
-            }
-            None => error(StatusCode::SERVICE_UNAVAILABLE, e.client_message(&via)),
-        },
+        Ok(CounterRead::Error(m)) => error(StatusCode::CONFLICT, m),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.client_message(&via)),
     }
 }
 
