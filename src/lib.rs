@@ -5,11 +5,11 @@
 //! - [`config`]: `proxy.toml`, validated before anything binds.
 //! - [`server`]: listeners, the connection cap, shutdown order; [`server::run`] is the entry.
 //! - [`context`]: what the front doors and the server share.
-//! - [`connection`]: one client: requests in, dispatch, replies out in order.
+//! - [`connection`]: one client: requests in, dispatch, replies out in order; with
+//!   `connection::local` (commands the proxy answers: PING, HELLO, COMMAND, INFO, ...) and
+//!   `connection::multi` (multi-key commands split by shard and merged).
 //! - [`resp`]: request framing (with its size guard) and reply encoding.
 //! - [`command`]: the command table: arity and what each command is to the proxy.
-//! - [`multi`]: multi-key commands split by shard and merged.
-//! - [`local`]: commands answered by the proxy (PING, HELLO, COMMAND, INFO, ...).
 //! - [`counter`]: merged increments, the read cache, exactly-once flushes, the log.
 //! - [`router`]: the ketama ring and the current shard list.
 //! - [`rebalance`]: shards added and removed at run time, keys moved online.
@@ -37,9 +37,7 @@ pub mod counter;
 pub mod fuzzing;
 pub mod http;
 pub mod info;
-pub mod local;
 pub mod metrics;
-pub mod multi;
 pub mod rebalance;
 pub mod resp;
 pub mod router;

@@ -8,6 +8,7 @@ mod counters;
 mod durability;
 mod full_disk;
 mod hostile;
+mod layers;
 mod ops;
 mod rebalance;
 mod resp3;

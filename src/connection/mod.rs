@@ -15,6 +15,9 @@
 //! Owns the per-client loop and dispatch. Does not own parsing (`resp`), counting
 //! (`counter`) or sockets to shards (`backend`).
 
+pub mod local;
+pub mod multi;
+
 use crate::backend::{encode_command, BackendError, Reply, Shard};
 use crate::command::{self, CounterOp, Kind};
 use crate::context::Context;
@@ -52,7 +55,7 @@ pub(crate) enum Pending {
     /// A barrier: runs when everything before it is done.
     Task(Task),
     /// A multi-key command whose pieces are in flight (not a barrier; see `multi`).
-    Gather(crate::multi::Gather),
+    Gather(multi::Gather),
     /// An increment of a key whose base is being read (queued at dispatch, so that the
     /// first touches of many keys share a round trip). Not a barrier: only later commands
     /// on the same key wait for it.
@@ -309,7 +312,7 @@ async fn resolve(p: Pending, ctx: &Context, out: &mut BytesMut) {
     match p {
         Pending::Ready(b) => out.extend_from_slice(&b),
         Pending::Task(t) => out.extend_from_slice(&t.await),
-        Pending::Gather(g) => out.extend_from_slice(&crate::multi::finish(g, ctx).await),
+        Pending::Gather(g) => out.extend_from_slice(&multi::finish(g, ctx).await),
         Pending::Deferred { key, delta, rx } => {
             let engine = &ctx.engine;
             let read = rx.await.unwrap_or(Err(LaneError::Unavailable));
@@ -486,7 +489,7 @@ fn dispatch_spec(
     match spec.kind {
         Kind::Local => {
             let (proto, start) = (client.proto, out.len());
-            let task = crate::local::run(ctx, client, spec, args, out);
+            let task = local::run(ctx, client, spec, args, out);
             if task.is_none() && client.proto != proto {
                 // HELLO or RESET switched protocols, so the client's next commands go to
                 // other shard connections: a barrier, so that those before run first.
@@ -518,7 +521,7 @@ fn dispatch_spec(
             }
             counter(ctx, client, op, args, out)
         }
-        Kind::Multi(m) => crate::multi::dispatch(ctx, client, spec, m, args, out),
+        Kind::Multi(m) => multi::dispatch(ctx, client, spec, m, args, out),
         Kind::Window(op) => {
             let ctx = ctx.clone();
             Some(Pending::Task(Box::pin(async move {

@@ -10,11 +10,11 @@
 //! Owns splitting and merging. Does not own the per-key counter semantics (`counter`) or
 //! the connection's ordering rules (`connection`).
 
-use crate::backend::{encode_command, BackendError, Reply, Shard};
-use crate::command::{self, Merge, Spec};
-use crate::connection::{
+use super::{
     await_reply, error_bytes, send, write_counter_read, BackendRx, Client, Pending, MEMORY_MODE,
 };
+use crate::backend::{encode_command, BackendError, Reply, Shard};
+use crate::command::{self, Merge, Spec};
 use crate::context::Context;
 use crate::counter::Cached;
 use crate::resp::reply::{self, Proto};
@@ -217,7 +217,7 @@ async fn run_barrier(
     if merge == Merge::Values {
         let keys = p.keys.clone();
         let g = send_parts(ctx, client, &topo, spec, merge, &args, p);
-        let reads = crate::connection::join_all(lane.iter().map(|&slot| {
+        let reads = super::join_all(lane.iter().map(|&slot| {
             let k = keys[slot].clone();
             async move {
                 let mut o = BytesMut::new();
@@ -232,7 +232,7 @@ async fn run_barrier(
         }
         return finish(g, ctx).await;
     }
-    let landed = crate::connection::join_all(lane.iter().map(|&s| engine.land(&p.keys[s]))).await;
+    let landed = super::join_all(lane.iter().map(|&s| engine.land(&p.keys[s]))).await;
     for (&s, r) in lane.iter().zip(landed) {
         if let Err(e) = r {
             return error_bytes(&e.client_message(&topo.shard_for(&p.keys[s]).name));

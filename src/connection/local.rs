@@ -5,16 +5,16 @@
 //! Redis 7 gives a RESP2 or a RESP3 client (maps, sets, verbatim text, nulls). Does not own
 //! anything that touches a key.
 
+use super::{join_all, Client};
 use crate::backend::{encode_command, BackendError};
 use crate::command::{self, Kind, Spec};
-use crate::connection::{join_all, Client};
 use crate::context::Context;
 use crate::resp::reply::{self, Proto};
 use bytes::{Bytes, BytesMut};
 use redis_protocol::resp2::types::BytesFrame;
 use std::sync::Arc;
 
-type Out = Option<super::connection::PendingTask>;
+type Out = Option<super::PendingTask>;
 
 fn upper(b: &[u8]) -> String {
     String::from_utf8_lossy(b).to_ascii_uppercase()
@@ -339,7 +339,7 @@ fn config_cmd(args: &[Bytes], proto: Proto, out: &mut BytesMut) {
 }
 
 /// DBSIZE: the sum over shards (memory mode: the keys in the proxy).
-fn dbsize(ctx: Arc<Context>, client: u64) -> super::connection::PendingTask {
+fn dbsize(ctx: Arc<Context>, client: u64) -> super::PendingTask {
     Box::pin(async move {
         let mut out = BytesMut::new();
         let topo = ctx.router.topology();
