@@ -158,10 +158,7 @@ fn counters(ctx: &Context) -> Lines {
 }
 
 fn persistence(ctx: &Context) -> Lines {
-    match &ctx.engine.wal {
-        Some(w) => w.info_lines(),
-        None => vec![line("wal_enabled", 0)],
-    }
+    ctx.engine.log_info_lines()
 }
 
 fn keyspace(ctx: &Context) -> Lines {

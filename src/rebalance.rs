@@ -315,11 +315,10 @@ impl Rebalancer {
             shards: specs.clone(),
             migration: Some((id, old_specs)),
         };
-        if let Some(w) = &self.engine.wal {
-            w.log_placement(&placement)
-                .await
-                .map_err(|_| Refused("the write-ahead log failed".into()))?;
-        }
+        self.engine
+            .log_placement(&placement)
+            .await
+            .map_err(|_| Refused("the write-ahead log failed".into()))?;
         tracing::info!(id, from = old.version, to = new.version, shards = ?specs.iter().map(|s| &s.name).collect::<Vec<_>>(), "rebalance: new ring published");
         Ok(self
             .start(id, old, Arc::new(new), HashSet::new(), &[])
@@ -440,11 +439,10 @@ impl Rebalancer {
                 shards: specs_of(&m.new),
                 migration: Some((m.id, old_specs)),
             };
-            if let Some(w) = &self.engine.wal {
-                w.log_placement(&placement)
-                    .await
-                    .map_err(|_| Refused("the write-ahead log failed".into()))?;
-            }
+            self.engine
+                .log_placement(&placement)
+                .await
+                .map_err(|_| Refused("the write-ahead log failed".into()))?;
             m.set_lost(name);
             if let Some(lane) = self.engine.lane(name) {
                 lane.abandon();
@@ -726,9 +724,7 @@ async fn delete_tombstones(
 impl Rebalancer {
     async fn finish(self: &Arc<Self>, m: &Migration, shutdown: &mut crate::shutdown::Shutdown) {
         // Every Moved record on disk first; then the tombstones can go.
-        if let Some(w) = &self.engine.wal {
-            w.sync_now().await;
-        }
+        self.engine.sync_log().await;
         if !delete_tombstones(self, m, shutdown).await {
             return;
         }
@@ -737,11 +733,9 @@ impl Rebalancer {
             shards: specs_of(&m.new),
             migration: None,
         };
-        if let Some(w) = &self.engine.wal {
-            if w.log_placement(&placement).await.is_err() {
-                self.progress.lock().state = "failed".into();
-                return;
-            }
+        if self.engine.log_placement(&placement).await.is_err() {
+            self.progress.lock().state = "failed".into();
+            return;
         }
         let counted = self.progress(Some(m));
         self.router.set_migration(None);

@@ -65,14 +65,12 @@ async fn settle_shards(ctx: &Arc<Context>, st: Startup) {
         }
         Some(_) => {}
         None => {
-            if let Some(w) = &ctx.engine.wal {
-                let pl = Placement {
-                    version: 1,
-                    shards: st.configured,
-                    migration: None,
-                };
-                let _ = w.log_placement(&pl).await;
-            }
+            let pl = Placement {
+                version: 1,
+                shards: st.configured,
+                migration: None,
+            };
+            let _ = ctx.engine.log_placement(&pl).await;
         }
     }
 }
@@ -246,9 +244,7 @@ pub async fn run_with_reload(
         ctx.config.counters.cache_ttl.0,
         shutdown.clone(),
     );
-    if let Some(w) = &ctx.engine.wal {
-        w.spawn_background(ctx.engine.clone(), shutdown.clone());
-    }
+    ctx.engine.spawn_log_background(shutdown.clone());
     settle_shards(&ctx, startup).await;
     {
         // Histogram buffers drain on scrape or here, whichever comes first.
@@ -305,12 +301,12 @@ pub async fn run_with_reload(
     {
         tracing::warn!("shutdown: some connections did not finish in time");
     }
-    if let Some(w) = &ctx.engine.wal {
-        // A log that failed and has room again takes the final flush; one still failing
-        // keeps what it holds for the next start.
-        if w.recover(&ctx.engine).await.is_err() {
-            tracing::warn!("shutdown: the write-ahead log is failed; pending increments stay in it as they were");
-        }
+    // A log that failed and has room again takes the final flush; one still failing keeps
+    // what it holds for the next start.
+    if ctx.engine.recover_log().await.is_err() {
+        tracing::warn!(
+            "shutdown: the write-ahead log is failed; pending increments stay in it as they were"
+        );
     }
     tracing::info!("shutdown: final flush");
     // Retried until it lands or the deadline: a batch whose reply was lost is re-sent with
@@ -320,7 +316,7 @@ pub async fn run_with_reload(
             if ctx.engine.flush_all().await {
                 return true;
             }
-            if ctx.engine.wal.as_ref().is_some_and(|w| w.failed()) {
+            if ctx.engine.log_failed() {
                 // Nothing can be logged, so nothing is sent: what the log holds stays there.
                 return false;
             }
@@ -332,9 +328,7 @@ pub async fn run_with_reload(
         Ok(false) => tracing::warn!("shutdown: the write-ahead log is failed; pending increments stay in it for the next start"),
         Err(_) => tracing::warn!("shutdown: some shards did not take the final flush in time; their increments stay in the log"),
     }
-    if let Some(w) = &ctx.engine.wal {
-        w.sync_now().await;
-    }
+    ctx.engine.sync_log().await;
     tracing::info!("shutdown: draining the http sidecar");
     let _ = tokio::time::timeout_at(deadline, http_task).await;
     tracing::info!("shutdown: done");

@@ -135,7 +135,7 @@ where
         // its cache line between cores.
         let mut commands = 0u64;
         let burst_start = std::time::Instant::now();
-        let log_epoch = ctx.engine.wal.as_ref().map_or(0, |w| w.epoch());
+        let log_epoch = ctx.engine.log_epoch();
         let mut more = false;
         let mut protocol_error = None;
         while !client.close {
@@ -762,12 +762,9 @@ fn get(
 /// appended nothing (the engine refuses increments while the log is failed), so its
 /// replies, refusals included, go out without a commit.
 async fn logged_durably(ctx: &Context, client: &Client, log_epoch: u64) -> bool {
-    match &ctx.engine.wal {
-        Some(wal) if client.logged => {
-            wal.commit().await.is_ok() || wal.refused_throughout(log_epoch)
-        }
-        _ => true,
-    }
+    !client.logged
+        || ctx.engine.commit_log().await.is_ok()
+        || ctx.engine.log_refused_throughout(log_epoch)
 }
 
 /// GET of a counter key through its lane (landing its delta), written as Redis would.

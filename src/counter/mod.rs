@@ -134,7 +134,8 @@ pub struct Engine {
     flush_batch_keys: usize,
     early_flush: tokio::sync::Notify,
     early_flush_armed: AtomicBool,
-    pub wal: Option<Arc<wal::Wal>>,
+    /// The write-ahead log: private to the engine (see `recovery` for what others may ask).
+    wal: Option<Arc<wal::Wal>>,
     /// Next batch sequence number; monotonic across restarts (see `wal`).
     next_seq: AtomicU64,
     pub proxy_id: String,

@@ -1,5 +1,7 @@
 //! The engine's side of the write-ahead log: draining the records appended under the stripe
-//! locks into a commit, the consistent cut of a checkpoint, and putting replayed state back.
+//! locks into a commit, the consistent cut of a checkpoint, putting replayed state back, and
+//! the log's operations as the rest of the crate sees them (commit before a reply, placement
+//! records, sync, failure state, figures). The log itself is private to the engine.
 //!
 //! Owns the engine's state as the log sees it. Does not own the file or its format (`wal`).
 
@@ -11,6 +13,71 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 impl Engine {
+    /// Makes every record appended so far durable for the fsync mode (group commit; see
+    /// `Wal::commit`). Ok when there is no log.
+    pub async fn commit_log(&self) -> Result<(), wal::WalFailed> {
+        match &self.wal {
+            Some(w) => w.commit().await,
+            None => Ok(()),
+        }
+    }
+
+    /// The log's failure epoch, read before a burst of requests (0 without a log).
+    pub fn log_epoch(&self) -> u64 {
+        self.wal.as_ref().map_or(0, |w| w.epoch())
+    }
+
+    /// Whether the log has been failed without a break since `epoch` was read (see
+    /// `Wal::refused_throughout`): replies given since acknowledge nothing.
+    pub fn log_refused_throughout(&self, epoch: u64) -> bool {
+        self.wal
+            .as_ref()
+            .is_some_and(|w| w.refused_throughout(epoch))
+    }
+
+    /// Why the log failed, while it is failed.
+    pub fn log_failure(&self) -> Option<String> {
+        self.wal.as_ref().and_then(|w| w.failure())
+    }
+
+    /// Records the shard list in force (and a rebalance under way), durably. Ok without a log.
+    pub async fn log_placement(&self, pl: &crate::spec::Placement) -> Result<(), wal::WalFailed> {
+        match &self.wal {
+            Some(w) => w.log_placement(pl).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Writes what is buffered and syncs it, whatever the fsync mode.
+    pub async fn sync_log(&self) {
+        if let Some(w) = &self.wal {
+            w.sync_now().await;
+        }
+    }
+
+    /// Brings a failed log back if the disk lets it (see `Wal::recover`). Ok without a log.
+    pub async fn recover_log(&self) -> Result<(), wal::WalFailed> {
+        match &self.wal {
+            Some(w) => w.recover(self).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The log's figures for INFO and /metrics (`wal_enabled:0` without a log).
+    pub fn log_info_lines(&self) -> Vec<(String, String)> {
+        match &self.wal {
+            Some(w) => w.info_lines(),
+            None => vec![("wal_enabled".into(), "0".into())],
+        }
+    }
+
+    /// Starts the log's background task (everysec syncs, checkpoints, recovery).
+    pub fn spawn_log_background(self: &Arc<Self>, shutdown: crate::shutdown::Shutdown) {
+        if let Some(w) = &self.wal {
+            w.spawn_background(self.clone(), shutdown);
+        }
+    }
+
     /// Restores a delta from the log at start-up (before any client connects).
     pub fn restore_pending(&self, key: &[u8], delta: i64) {
         if delta == 0 && windows::parse_pending(key).is_some() {

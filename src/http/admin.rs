@@ -126,7 +126,7 @@ pub async fn route(ctx: &Arc<Context>, method: &Method, rest: &str, body: Bytes)
                 StatusCode::SERVICE_UNAVAILABLE
             };
             let mut body = json!({"flushed": ok, "pending_keys": ctx.engine.dirty_keys()});
-            if let Some(e) = ctx.engine.wal.as_ref().and_then(|w| w.failure()) {
+            if let Some(e) = ctx.engine.log_failure() {
                 // Nothing is sent while the log cannot record it (see docs/guarantees.md).
                 body["wal_error"] = json!(e);
             }

@@ -264,21 +264,19 @@ pub fn render(ctx: &Context) -> String {
         "Deltas refused by a shard (key no longer an integer).",
         s.dropped_deltas.load(Relaxed) as f64,
     );
-    if let Some(w) = &e.wal {
-        for (k, v) in w.info_lines() {
-            if let Ok(v) = v.parse::<f64>() {
-                let kind = if k.ends_with("_total") {
-                    "counter"
-                } else {
-                    "gauge"
-                };
-                o.one(
-                    &k,
-                    kind,
-                    "Write-ahead log figure (see docs/operations.md).",
-                    v,
-                );
-            }
+    for (k, v) in e.log_info_lines() {
+        if let Ok(v) = v.parse::<f64>() {
+            let kind = if k.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
+            o.one(
+                &k,
+                kind,
+                "Write-ahead log figure (see docs/operations.md).",
+                v,
+            );
         }
     }
     o.0

@@ -228,7 +228,7 @@ async fn post_visit(ctx: &Context, key: Bytes) -> Resp {
     }
     let counted = engine.incr_or_accept(&key, 1).await;
     // The reply acknowledges the visit only once its record is durable (as the RESP path).
-    if commit(ctx).await.is_err() {
+    if ctx.engine.commit_log().await.is_err() {
         return log_failed();
     }
     match counted {
@@ -251,14 +251,6 @@ async fn post_visit(ctx: &Context, key: Bytes) -> Resp {
             error(StatusCode::SERVICE_UNAVAILABLE, r.message())
         }
         Err(IncrError::Refused(r)) => error(StatusCode::CONFLICT, r.message()),
-    }
-}
-
-/// Makes the log durable before the reply, as the RESP path does.
-async fn commit(ctx: &Context) -> Result<(), crate::counter::wal::WalFailed> {
-    match &ctx.engine.wal {
-        Some(w) => w.commit().await,
-        None => Ok(()),
     }
 }
 
@@ -414,7 +406,7 @@ fn readyz(ctx: &Context) -> Resp {
         .map(|s| s.name.as_str())
         .collect();
     // A failed log refuses every increment: a load balancer should send them elsewhere.
-    let log_error = ctx.engine.wal.as_ref().and_then(|w| w.failure());
+    let log_error = ctx.engine.log_failure();
     if down.is_empty() && log_error.is_none() {
         json_response(StatusCode::OK, json!({"status": "ready"}))
     } else {
