@@ -100,7 +100,7 @@ fn stats(ctx: &Context) -> Lines {
 
 fn shards(ctx: &Context) -> Lines {
     let topo = ctx.router.topology();
-    let shares = topo.ring.shares();
+    let shares = topo.shares();
     let mut v = vec![
         line("ring_version", topo.version),
         line("shards", topo.shards.len()),

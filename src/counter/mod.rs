@@ -265,17 +265,14 @@ impl Engine {
 
     /// Whether the shard that owns `key` passes its health checks (memory mode: yes).
     pub fn owner_up(&self, key: &[u8]) -> bool {
-        let topo = self.router.topology();
-        topo.is_empty() || topo.shard_for(key).is_up()
+        self.router.owner(key).is_none_or(|s| s.is_up())
     }
 
     /// The name reported as `served_via` for a read that went to `key`'s owner.
     pub fn owner_name(&self, key: &[u8]) -> String {
-        let topo = self.router.topology();
-        if topo.is_empty() {
-            "in_memory".into()
-        } else {
-            topo.shard_for(key).name.clone()
+        match self.router.owner(key) {
+            Some(s) => s.name.clone(),
+            None => "in_memory".into(),
         }
     }
 

@@ -159,7 +159,7 @@ async fn apply(ctx: &Arc<Context>, specs: Vec<ShardSpec>) -> Resp {
 
 fn shards(ctx: &Context) -> Resp {
     let topo = ctx.router.topology();
-    let shares = topo.ring.shares();
+    let shares = topo.shares();
     let progress = ctx.rebalancer.progress(ctx.router.migration().as_deref());
     let shards: Vec<_> = topo
         .shards

@@ -1,9 +1,13 @@
-//! Which shard owns a key: the current ring version and its shards, swapped atomically.
+//! Placement: which server owns a key, and whether it is moving. This is the seam every
+//! other module asks ([`Router::owner`], [`Router::moving_from`], or a [`Topology`]
+//! snapshot); how keys map to servers is the topology's [`Layout`]: today the ketama ring
+//! of standalone shards, with a [`Migration`] while a rebalance moves keys; a Redis Cluster
+//! slot map is the next layout, whose moves the cluster makes itself.
 //!
 //! Readers take a snapshot ([`Router::topology`]) that stays coherent for as long as they
 //! hold it; a shard change publishes a whole new [`Topology`], with a [`Migration`] naming
-//! the old one while keys move. Owns placement; does not own
-//! sockets (`backend`) or the moving of keys between owners.
+//! the old one while keys move. Owns placement; does not own sockets (`backend`) or the
+//! moving of keys between owners (`counter::moving`, `rebalance`).
 
 pub mod ring;
 
@@ -12,11 +16,17 @@ use arc_swap::ArcSwap;
 use ring::{Node, Ring};
 use std::sync::Arc;
 
-/// One version of the shard list and the ring built from it.
+/// How keys map to the servers of a topology.
+pub enum Layout {
+    /// Consistent hashing over named shards (`ring`): `shards[ring.locate(key)]` owns `key`.
+    Ring(Ring),
+}
+
+/// One version of the server list and the layout built from it.
 pub struct Topology {
     pub version: u64,
-    pub ring: Ring,
-    /// In ring node order: `shards[ring.locate(key)]` owns `key`.
+    layout: Layout,
+    /// In layout order: the index the layout answers is an index into this list.
     pub shards: Vec<Arc<Shard>>,
 }
 
@@ -31,7 +41,7 @@ impl Topology {
             .collect();
         Topology {
             version,
-            ring: Ring::new(nodes, vnodes),
+            layout: Layout::Ring(Ring::new(nodes, vnodes)),
             shards,
         }
     }
@@ -43,11 +53,20 @@ impl Topology {
 
     /// The shard that owns `key`. Callers check `is_empty` first.
     pub fn shard_for(&self, key: &[u8]) -> &Arc<Shard> {
-        &self.shards[self.ring.locate(key)]
+        &self.shards[self.shard_index(key)]
     }
 
     pub fn shard_index(&self, key: &[u8]) -> usize {
-        self.ring.locate(key)
+        match &self.layout {
+            Layout::Ring(ring) => ring.locate(key),
+        }
+    }
+
+    /// Fraction of the key space each shard owns, in `shards` order.
+    pub fn shares(&self) -> Vec<f64> {
+        match &self.layout {
+            Layout::Ring(ring) => ring.shares(),
+        }
     }
 
     pub fn by_name(&self, name: &str) -> Option<&Arc<Shard>> {
@@ -150,6 +169,19 @@ impl Router {
 
     pub fn topology(&self) -> Arc<Topology> {
         self.current.load_full()
+    }
+
+    /// The server that owns `key` now (None in memory mode: no servers).
+    pub fn owner(&self, key: &[u8]) -> Option<Arc<Shard>> {
+        let t = self.current.load();
+        (!t.is_empty()).then(|| t.shard_for(key).clone())
+    }
+
+    /// Whether `key` is moving: the server that may still hold (part of) its value, while a
+    /// rebalance under way changes its owner.
+    pub fn moving_from(&self, key: &[u8]) -> Option<Arc<Shard>> {
+        self.with_migration(|m| m.owner_changed(key).then(|| m.old.shard_for(key).clone()))
+            .flatten()
     }
 
     pub fn publish(&self, t: Topology) {
