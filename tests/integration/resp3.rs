@@ -476,3 +476,87 @@ async fn memory_mode_answers_resp3_clients_in_resp3() {
     );
     proxy.stop().await;
 }
+
+/// Runs `redis-cli -3` (and `redis-benchmark -3`) as users do: one-shot commands and a
+/// script on stdin give the same output through the proxy as straight at a Redis.
+fn cli3(port: u16, args: &[&str], stdin: Option<&str>) -> String {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("redis-cli")
+        .args(["-3", "-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("redis-cli runs");
+    if let Some(s) = stdin {
+        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cli_and_redis_benchmark_in_resp3_mode_work_through_the_proxy() {
+    let (a, b, direct) = (Redis::start(), Redis::start(), Redis::start());
+    let wal = TempDir::new("cli3");
+    let proxy = Proxy::start(support::config(&[&a, &b], &wal)).await;
+    let port = proxy.addr.port();
+    let setup: &[&[&str]] = &[
+        &["HSET", "{h}cli", "a", "1", "b", "2"],
+        &["SADD", "{s}cli", "x"],
+        &["ZADD", "{z}cli", "1.5", "m"],
+        &["SET", "plain", "v"],
+    ];
+    for cmd in setup {
+        cli3(port, cmd, None);
+        cli3(direct.port, cmd, None);
+    }
+    // One-shot: maps print as `field value` lines in RESP3 (`field\nvalue` in RESP2).
+    for cmd in [
+        &["HGETALL", "{h}cli"][..],
+        &["SMEMBERS", "{s}cli"],
+        &["ZSCORE", "{z}cli", "m"],
+        &["GET", "missing"],
+        &["INCR", "cli:counter"],
+        &["MGET", "plain", "missing", "cli:counter"],
+    ] {
+        assert_eq!(
+            cli3(port, cmd, None),
+            cli3(direct.port, cmd, None),
+            "{cmd:?}"
+        );
+    }
+    assert_eq!(cli3(port, &["HGETALL", "{h}cli"], None), "a 1\nb 2\n");
+    // Commands on stdin, as a script or an interactive session's lines.
+    let script = "INCR cli:counter\nGET cli:counter\nHGETALL {h}cli\nGET missing\nHELLO 3\n";
+    let through = cli3(port, &[], Some(script));
+    let straight = cli3(direct.port, &[], Some(script));
+    let strip = |s: &str| -> Vec<String> {
+        // HELLO's id and version differ between the two servers.
+        s.lines()
+            .filter(|l| !l.starts_with("id ") && !l.starts_with("version "))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(strip(&through), strip(&straight));
+    assert!(through.contains("proto 3"), "{through}");
+    // redis-benchmark -3: runs, and every increment counts.
+    let out = std::process::Command::new("redis-benchmark")
+        .args(["-3", "-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-t", "incr,get", "-n", "2000", "-c", "10", "-P", "4", "-q"])
+        .output()
+        .expect("redis-benchmark runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("INCR:") && text.contains("GET:"), "{text}");
+    assert_eq!(
+        cli3(port, &["GET", "counter:__rand_int__"], None),
+        "2000\n",
+        "every INCR of the benchmark counted"
+    );
+    proxy.stop().await;
+}
