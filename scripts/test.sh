@@ -8,3 +8,5 @@ scripts/ensure-deps.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 cargo test --all-targets
+# The dashboard in headless Chromium (installs chromium when missing).
+scripts/browser-test.sh

@@ -14,13 +14,14 @@
 //! - [`rebalance`]: shards added and removed at run time, keys moved online.
 //! - [`backend`]: pipelined connections to shards, timeouts, health.
 //! - [`http`]: the sidecar: /visits, /healthz, /readyz, /metrics, /admin.
-//! - [`info`], [`metrics`]: figures for INFO and /metrics.
+//! - [`info`], [`metrics`]: figures for INFO and /metrics; [`activity`]: the busiest pages.
 //! - [`auth`], [`tls`]: who may connect, and encryption on both sides.
 //! - [`shutdown`]: the signal every task holds.
 //! - [`clock`]: the wall clock of time windows (a test's own, in tests), and the text forms
 //!   of times and spans.
 #![forbid(unsafe_code)]
 
+pub mod activity;
 pub mod auth;
 pub mod backend;
 pub mod clock;

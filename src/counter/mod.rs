@@ -234,6 +234,8 @@ pub struct Engine {
     window_floor: AtomicU64,
     /// Whether window deltas of single granularities (moved by a rebalance) may exist.
     moved_windows: AtomicBool,
+    /// The busiest pages, from a sample of the increments (see `activity`).
+    pub activity: crate::activity::Activity,
 }
 
 /// The map shard of an entry; a window delta lives with its counter key, so that one lock
@@ -300,6 +302,7 @@ impl Engine {
             clock_wall: clock,
             // In memory mode every window entry is per bucket (see `incr`).
             moved_windows: AtomicBool::new(memory_mode),
+            activity: Default::default(),
         });
         engine
     }
@@ -483,7 +486,11 @@ impl Engine {
         }
         shard.increments += 1;
         shard.unflushed = shard.unflushed.wrapping_add(delta);
+        let sampled = crate::activity::sampled(shard.increments);
         drop(guard);
+        if sampled {
+            self.activity.offer(key, delta);
+        }
         if refresh {
             self.refresh_ahead(key);
         }
