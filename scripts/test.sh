@@ -10,3 +10,5 @@ cargo clippy --all-targets -- -D warnings
 cargo test --all-targets
 # The dashboard in headless Chromium (installs chromium when missing).
 scripts/browser-test.sh
+# deploy/: Grafana dashboard and alert rules against a real scrape, promtool, Kubernetes schemas.
+scripts/deploy-check.sh
