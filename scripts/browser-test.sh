@@ -100,6 +100,9 @@ for _ in $(seq 1 25); do post home; done
 for _ in $(seq 1 10); do post about; done
 for _ in $(seq 1 600); do echo "INCR visits:checkout"; done | redis-cli -p "$resp" >/dev/null
 for _ in $(seq 1 300); do echo "INCR visits:home"; done | redis-cli -p "$resp" >/dev/null
+# A page id is user input: one that is HTML must be shown as text, never run.
+for _ in $(seq 1 64); do echo "INCR \"visits:<img src=x onerror=document.title='pwned'>\""; done |
+  redis-cli -p "$resp" >/dev/null
 [[ $(curl -fsS "$base/visits/checkout") == *'"visits":640'* ]] || fail "checkout should have 640 visits"
 
 browser() {
@@ -131,6 +134,8 @@ expect healthy 'id="lookup-visits">640<' "the looked-up page shows 640"
 expect healthy "data-shard=\"redis_$a\" data-health=\"up\"" "redis_$a is shown up"
 expect healthy "data-shard=\"redis_$b\" data-health=\"up\"" "redis_$b is shown up"
 expect healthy '<span id="status" class="badge ok">ready</span>' "the status says ready"
+expect healthy '<td>&lt;img src=x onerror=document.title=' "an HTML page id is shown as text"
+grep -q '<title>tallyproxy</title>' "$out/healthy.html" || fail "an HTML page id ran as script"
 
 # One shard down: stopped by its PID, then wait for the health checks to say so.
 kill "${shard_pid[$b]}"

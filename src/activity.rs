@@ -36,32 +36,30 @@ pub fn sampled(n: u64) -> bool {
     n.is_multiple_of(SAMPLE)
 }
 
-#[derive(Debug)]
 pub struct Activity {
     top: Mutex<Top>,
     served: Mutex<Vec<(String, u64)>>,
 }
 
-#[derive(Debug)]
 struct Top {
     slots: Vec<Slot>,
     halved_at: Instant,
+    /// Slots are compared by a hash of the page first: a scan of 64 u64s, not 64 keys.
+    hasher: ahash::RandomState,
 }
 
-#[derive(Debug)]
 struct Slot {
-    /// The page id (the key without `visits:`).
-    page: Bytes,
+    hash: u64,
+    /// The page id (the key without `visits:`); its buffer is reused when the slot changes
+    /// hands, so the table stops allocating once it has grown.
+    page: Vec<u8>,
     count: u64,
 }
 
 impl Default for Activity {
     fn default() -> Self {
         Activity {
-            top: Mutex::new(Top {
-                slots: Vec::with_capacity(SLOTS),
-                halved_at: Instant::now(),
-            }),
+            top: Mutex::new(Top::new(Instant::now())),
             served: Mutex::new(Vec::new()),
         }
     }
@@ -89,7 +87,7 @@ impl Activity {
         let mut v: Vec<(Bytes, u64)> = top
             .slots
             .iter()
-            .map(|s| (s.page.clone(), s.count))
+            .map(|s| (Bytes::copy_from_slice(&s.page), s.count))
             .collect();
         drop(top);
         v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
@@ -114,15 +112,29 @@ impl Activity {
 }
 
 impl Top {
+    fn new(now: Instant) -> Top {
+        Top {
+            slots: Vec::with_capacity(SLOTS),
+            halved_at: now,
+            hasher: ahash::RandomState::new(),
+        }
+    }
+
     fn add(&mut self, page: &[u8], weight: u64, now: Instant) {
         self.decay(now);
-        if let Some(s) = self.slots.iter_mut().find(|s| s.page == page) {
+        let hash = self.hasher.hash_one(page);
+        if let Some(s) = self
+            .slots
+            .iter_mut()
+            .find(|s| s.hash == hash && s.page == page)
+        {
             s.count += weight;
             return;
         }
         if self.slots.len() < SLOTS {
             self.slots.push(Slot {
-                page: Bytes::copy_from_slice(page),
+                hash,
+                page: page.to_vec(),
                 count: weight,
             });
             return;
@@ -130,7 +142,9 @@ impl Top {
         // Space-Saving: the newcomer takes the smallest slot and inherits its count, so
         // that a page that keeps coming overtakes one that stopped.
         if let Some(min) = self.slots.iter_mut().min_by_key(|s| s.count) {
-            min.page = Bytes::copy_from_slice(page);
+            min.hash = hash;
+            min.page.clear();
+            min.page.extend_from_slice(page);
             min.count += weight;
         }
     }
@@ -188,11 +202,8 @@ mod tests {
 
     #[test]
     fn figures_halve_with_time() {
-        let mut t = Top {
-            slots: Vec::new(),
-            halved_at: Instant::now(),
-        };
-        let now = t.halved_at;
+        let now = Instant::now();
+        let mut t = Top::new(now);
         t.add(b"a", 8, now);
         t.add(b"b", 1, now);
         t.decay(now + HALF_LIFE);
