@@ -137,6 +137,24 @@ expect healthy '<span id="status" class="badge ok">ready</span>' "the status say
 expect healthy '<td>&lt;img src=x onerror=document.title=' "an HTML page id is shown as text"
 grep -q '<title>tallyproxy</title>' "$out/healthy.html" || fail "an HTML page id ran as script"
 
+# A rebalance: a third shard added over /admin (loopback, no token configured), then the
+# page shows its progress (done, with the ring's new version) and the new shard.
+c=$(free_port)
+mkdir -p "$work/redis-$c"
+redis-server --port "$c" --bind 127.0.0.1 --dir "$work/redis-$c" --save "" \
+  --appendonly no --logfile "$work/redis-$c.log" &
+pids+=($!)
+wait_for 5 redis-cli -p "$c" ping || fail "redis-server on $c did not start"
+curl -fsS -X POST "$base/admin/shards" -d "{\"addr\": \"127.0.0.1:$c\"}" >/dev/null ||
+  fail "adding a shard was refused"
+wait_for 20 bash -c "curl -fsS $base/stats/summary | grep -q '\"state\":\"done\"'" ||
+  fail "the rebalance did not finish"
+browser "$base/" rebalanced
+expect rebalanced 'id="rebalance" data-state="done"' "the rebalance is shown done"
+expect rebalanced 'ring v1 → v2' "the rebalance went from ring v1 to v2"
+expect rebalanced "data-shard=\"redis_$c\" data-health=\"up\"" "the new shard redis_$c is listed"
+expect rebalanced 'data-page="checkout" data-visits="640"' "checkout still has 640 visits"
+
 # One shard down: stopped by its PID, then wait for the health checks to say so.
 kill "${shard_pid[$b]}"
 wait_for 10 bash -c "curl -fsS $base/stats/summary | grep -q '\"health\":\"down\"'" ||
@@ -146,4 +164,4 @@ expect shard-down "data-shard=\"redis_$b\" data-health=\"down\"" "redis_$b is sh
 expect shard-down "data-shard=\"redis_$a\" data-health=\"up\"" "redis_$a is still up"
 expect shard-down "Shard redis_$b is DOWN" "a banner says the shard is down"
 expect shard-down '1 shard down</span>' "the status badge says 1 shard down"
-echo "browser-test: ok (screenshots: $out/healthy.png, $out/shard-down.png)"
+echo "browser-test: ok (screenshots: $out/healthy.png, $out/rebalanced.png, $out/shard-down.png)"
