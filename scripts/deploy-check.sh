@@ -2,7 +2,8 @@
 # Checks the operator's kit in deploy/:
 #   - deploy/grafana/tallyproxy.json parses, and every tallyproxy_* metric it queries is in a
 #     real /metrics scrape of the built proxy (two real redis-server shards, some traffic);
-#   - deploy/prometheus/alerts.yml passes `promtool check rules`, and the same metric check;
+#   - deploy/prometheus/alerts.yml passes `promtool check rules` and the unit tests in
+#     alerts.test.yml (`promtool test rules`), and the same metric check;
 #   - deploy/k8s/*.yaml validate against the Kubernetes schemas (kubernetes-validate, with
 #     its bundled schemas: no network needed once installed), kustomization.yaml lists them
 #     all, and the ConfigMap's proxy.toml passes `tallyproxy --check`.
@@ -59,8 +60,10 @@ wait_for() {
   return 1
 }
 
-# 1. Alert rules.
+# 1. Alert rules, and their unit tests (a shard down, a failed log, increments not landing,
+# a stuck rebalance: each fires when it should and not before).
 promtool check rules deploy/prometheus/alerts.yml
+promtool test rules deploy/prometheus/alerts.test.yml
 
 # 2. Kubernetes manifests.
 manifests=()
