@@ -170,6 +170,16 @@ dash = json.load(open("deploy/grafana/tallyproxy.json"))
 assert dash["panels"], "no panels"
 ids = [p["id"] for p in dash["panels"]]
 assert len(ids) == len(set(ids)), "panel ids repeat"
+cells = {}
+for p in dash["panels"]:
+    g = p["gridPos"]
+    assert g["x"] + g["w"] <= 24, f"panel {p['title']!r} is wider than the grid"
+    for x in range(g["x"], g["x"] + g["w"]):
+        for y in range(g["y"], g["y"] + g["h"]):
+            assert (x, y) not in cells, f"panels {cells[(x, y)]!r} and {p['title']!r} overlap"
+            cells[(x, y)] = p["title"]
+    if p["type"] != "row":
+        assert p["targets"] and all(t["expr"] for t in p["targets"]), f"panel {p['title']!r} queries nothing"
 used = check("deploy/grafana/tallyproxy.json", list(exprs(dash)))
 for must in ["tallyproxy_commands_total", "tallyproxy_command_duration_seconds_bucket",
              "tallyproxy_counter_increments_total", "tallyproxy_counter_backend_writes_total",
