@@ -4,18 +4,22 @@
 # the counts after some POSTs, a chart drawn, then a shard shown as down once it is stopped.
 # Screenshots are kept in target/browser-test/ (not committed).
 #
-# Installs chromium (Debian package) when it is missing. Every process started here is
+# Installs chromium (and python3, curl) from Debian packages when missing. Every process started here is
 # stopped by its PID; every wait is bounded; everything listens on 127.0.0.1, free ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/ensure-deps.sh
-if ! command -v chromium >/dev/null 2>&1; then
-  echo "installing: chromium" >&2
+need=()
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v python3 >/dev/null 2>&1 || need+=(python3) # free ports
+command -v curl >/dev/null 2>&1 || need+=(curl)
+if ((${#need[@]})); then
+  echo "installing: ${need[*]}" >&2
   sudo=""
   [[ $(id -u) -ne 0 ]] && sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 cargo build --quiet
 bin=target/debug/tallyproxy

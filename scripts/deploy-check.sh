@@ -7,18 +7,24 @@
 #   - deploy/k8s/*.yaml validate against the Kubernetes schemas (kubernetes-validate, with
 #     its bundled schemas: no network needed once installed), kustomization.yaml lists them
 #     all, and the ConfigMap's proxy.toml passes `tallyproxy --check`.
-# Installs promtool (Debian package prometheus) when missing, and kubernetes-validate into a
-# venv under target/. Every process started here is stopped by its PID; only 127.0.0.1.
+# Installs promtool (Debian package prometheus), curl and python3-venv when missing, and
+# kubernetes-validate from PyPI into a venv under target/ (once; validation is offline).
+# Every process started here is stopped by its PID; only 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/ensure-deps.sh
-if ! command -v promtool >/dev/null 2>&1; then
-  echo "installing: prometheus (for promtool)" >&2
+need=()
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+# python3 with venv and pip, for kubernetes-validate (and free ports).
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3 python3-venv python3-pip)
+if ((${#need[@]})); then
+  echo "installing: ${need[*]}" >&2
   sudo=""
   [[ $(id -u) -ne 0 ]] && sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 venv=target/deploy-venv
 if [[ ! -x $venv/bin/kubernetes-validate ]]; then
