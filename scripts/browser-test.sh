@@ -140,6 +140,8 @@ expect healthy "data-shard=\"redis_$b\" data-health=\"up\"" "redis_$b is shown u
 expect healthy '<span id="status" class="badge ok">ready</span>' "the status says ready"
 expect healthy '<td>&lt;img src=x onerror=document.title=' "an HTML page id is shown as text"
 grep -q '<title>tallyproxy</title>' "$out/healthy.html" || fail "an HTML page id ran as script"
+browser "$base/#page=home&step=1" per-second
+expect per-second 'data-drawn="points=3600 total=325"' "the per-second chart of home is drawn: 3600 seconds, 325 visits"
 
 # A rebalance: a third shard added over /admin (loopback, no token configured), then the
 # page shows its progress (done, with the ring's new version) and the new shard.
@@ -168,4 +170,4 @@ expect shard-down "data-shard=\"redis_$b\" data-health=\"down\"" "redis_$b is sh
 expect shard-down "data-shard=\"redis_$a\" data-health=\"up\"" "redis_$a is still up"
 expect shard-down "Shard redis_$b is DOWN" "a banner says the shard is down"
 expect shard-down '1 shard down</span>' "the status badge says 1 shard down"
-echo "browser-test: ok (screenshots: $out/healthy.png, $out/rebalanced.png, $out/shard-down.png)"
+echo "browser-test: ok (screenshots: $out/healthy.png, $out/per-second.png, $out/rebalanced.png, $out/shard-down.png)"
