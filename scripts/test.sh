@@ -12,3 +12,7 @@ cargo test --all-targets
 # Last: the Redis client libraries people install today, against the built proxy
 # (docs/clients.md).
 scripts/clients.sh
+# The dashboard in headless Chromium (installs chromium when missing).
+scripts/browser-test.sh
+# deploy/: Grafana dashboard and alert rules against a real scrape, promtool, Kubernetes schemas.
+scripts/deploy-check.sh

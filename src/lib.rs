@@ -15,7 +15,7 @@
 //! - [`rebalance`]: shards added and removed at run time, keys moved online.
 //! - [`backend`]: pipelined connections to shards, timeouts, health.
 //! - [`http`]: the sidecar: /visits, /healthz, /readyz, /metrics, /admin.
-//! - [`info`], [`metrics`]: figures for INFO and /metrics.
+//! - [`info`], [`metrics`]: figures for INFO and /metrics; [`activity`]: the busiest pages.
 //! - [`auth`], [`tls`]: who may connect, and encryption on both sides.
 //! - [`shutdown`]: the signal every task holds; [`backoff`]: waits between retries.
 //! - [`task`]: spawning tasks inside a named tracing span.
@@ -24,6 +24,7 @@
 //!   of times and spans.
 #![forbid(unsafe_code)]
 
+pub mod activity;
 pub mod auth;
 pub mod backend;
 pub mod backoff;

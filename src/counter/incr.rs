@@ -103,7 +103,11 @@ impl Engine {
         }
         stripe.increments += 1;
         stripe.unflushed = stripe.unflushed.wrapping_add(delta);
+        let sampled = crate::activity::sampled(stripe.increments);
         drop(guard);
+        if sampled {
+            self.activity.offer(key, delta);
+        }
         if refresh {
             self.refresh_ahead(key);
         }

@@ -149,6 +149,8 @@ pub struct Engine {
     window_floor: AtomicU64,
     /// Whether window deltas of single granularities (moved by a rebalance) may exist.
     moved_windows: AtomicBool,
+    /// The busiest pages, from a sample of the increments (see `activity`).
+    pub activity: crate::activity::Activity,
 }
 
 impl Engine {
@@ -203,6 +205,7 @@ impl Engine {
             clock_wall: clock,
             // In memory mode every window entry is per bucket (see `incr`).
             moved_windows: AtomicBool::new(memory_mode),
+            activity: Default::default(),
         });
         engine
     }

@@ -22,6 +22,11 @@ impl Engine {
         }
     }
 
+    /// Whether increments are logged at all (`[durability] enabled`).
+    pub fn has_log(&self) -> bool {
+        self.wal.is_some()
+    }
+
     /// The log's failure epoch, read before a burst of requests (0 without a log).
     pub fn log_epoch(&self) -> u64 {
         self.wal.as_ref().map_or(0, |w| w.epoch())

@@ -10,11 +10,13 @@
 //! | GET    | /readyz             | every shard reachable and the log writable (503 otherwise) |
 //! | GET    | /metrics            | Prometheus text                                           |
 //! | *      | /admin/...          | shards, rebalance, shutdown: see `admin` (token or loopback) |
+//! | GET    | /, /dashboard, /stats/* | the dashboard page and its JSON: see `dashboard` (public) |
 //!
 //! Owns HTTP framing and JSON. Does not own counting: it calls the engine exactly as the
 //! RESP path does, so `POST /visits/home` and `INCR visits:home` count the same thing.
 
 pub mod admin;
+pub mod dashboard;
 pub mod metrics;
 
 use crate::context::Context;
@@ -157,7 +159,10 @@ pub async fn route(req: Request<Incoming>, ctx: &Arc<Context>, peer: SocketAddr)
             None => admin::route(ctx, &method, rest, body).await,
             Some(resp) => resp,
         },
-        (_, ["healthz" | "readyz" | "metrics"]) => {
+        (Method::GET, [""] | ["dashboard"] | ["stats", _]) => {
+            dashboard::route(ctx, &path, query.as_deref())
+        }
+        (_, ["healthz" | "readyz" | "metrics" | "" | "dashboard"] | ["stats", _]) => {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
         _ => error(StatusCode::NOT_FOUND, "not found"),
@@ -261,6 +266,7 @@ fn log_failed() -> Resp {
 async fn get_visits(ctx: &Context, key: Bytes) -> Resp {
     let engine = &ctx.engine;
     if let Cached::Hit(v) = engine.cached(&key) {
+        engine.activity.served("in_memory");
         return json_response(
             StatusCode::OK,
             json!({"visits": v.unwrap_or(0), "served_via": "in_memory"}),
@@ -268,12 +274,16 @@ async fn get_visits(ctx: &Context, key: Bytes) -> Resp {
     }
     let via = engine.owner_name(&key);
     match engine.read_counter(&key).await {
-        Ok(CounterRead::Read(v)) => json_response(
-            StatusCode::OK,
-            json!({"visits": v.unwrap_or(0), "served_via": via}),
-        ),
+        Ok(CounterRead::Read(v)) => {
+            engine.activity.served(&via);
+            json_response(
+                StatusCode::OK,
+                json!({"visits": v.unwrap_or(0), "served_via": via}),
+            )
+        }
         // The owner is down: answer from the last known base, and say when it is old.
         Ok(CounterRead::LastKnown(v, stale)) => {
+            engine.activity.served("in_memory");
             let mut body = json!({"visits": v.unwrap_or(0), "served_via": "in_memory"});
             if stale {
                 body["stale"] = json!(true);

@@ -324,7 +324,9 @@ async fn full_log_disk_then_orderly_stop_loses_and_doubles_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_log_disk_then_admin_flush_and_recovery_in_place() {
     let Some(s) = setup("full-flush") else { return };
-    let mut proxy = ProxyProcess::start(&s.shards, &s.wal, "always", "100ms");
+    // No periodic flush: every acknowledged increment is still pending when the log fails,
+    // so the flush while full has something it must not send.
+    let mut proxy = ProxyProcess::start(&s.shards, &s.wal, "always", "1h");
     let http: SocketAddr = format!("127.0.0.1:{}", proxy.http).parse().unwrap();
     let mut load = fill(&proxy, "flush").await;
     // A failed log recovers by itself when a checkpoint fits (it compacts the log): keep
@@ -350,6 +352,11 @@ async fn full_log_disk_then_admin_flush_and_recovery_in_place() {
     let (status, body) = support::http_request(http, "POST", "/admin/flush").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("wal_error"), "{body}");
+    let landed_total: i64 = load.keys.keys().map(|k| landed(&[&s.a, &s.b], k)).sum();
+    assert_eq!(
+        landed_total, 0,
+        "nothing was sent while the log could not record it"
+    );
     let (status, body) = support::http_request(http, "GET", "/readyz").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("wal_error"), "{body}");

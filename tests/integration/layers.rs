@@ -21,6 +21,7 @@ const LAYERS: &[&str] = &[
     "metrics",
     "resp",
     "auth",
+    "activity",
     // shards and placement
     "backend",
     "router",

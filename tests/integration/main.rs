@@ -5,6 +5,7 @@ mod support;
 
 mod core;
 mod counters;
+mod dashboard;
 mod durability;
 mod full_disk;
 mod hostile;
