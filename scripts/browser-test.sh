@@ -8,53 +8,28 @@
 # stopped by its PID; every wait is bounded; everything listens on 127.0.0.1, free ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
 scripts/ensure-deps.sh
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v python3 >/dev/null 2>&1 || need+=(python3) # free ports
 command -v curl >/dev/null 2>&1 || need+=(curl)
-if ((${#need[@]})); then
-  echo "installing: ${need[*]}" >&2
-  sudo=""
-  [[ $(id -u) -ne 0 ]] && sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+if ((${#need[@]})); then apt_install "${need[@]}"; fi
 cargo build --quiet
 bin=target/debug/tallyproxy
 
 out=target/browser-test
 rm -rf "$out"
 mkdir -p "$out"
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-  done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+tmp=$(mktemp -d)
+work=$tmp
+trap stop_tracked EXIT
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
 fail() {
   echo "browser-test: FAIL: $*" >&2
   exit 1
-}
-# wait_for <seconds> <command...>: polls every 0.1 s.
-wait_for() {
-  local limit=$1
-  shift
-  for _ in $(seq 1 $((limit * 10))); do
-    "$@" >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  return 1
 }
 
 a=$(free_port)
@@ -66,7 +41,7 @@ for port in "$a" "$b"; do
   mkdir -p "$work/redis-$port"
   redis-server --port "$port" --bind 127.0.0.1 --dir "$work/redis-$port" --save "" \
     --appendonly no --logfile "$work/redis-$port.log" &
-  pids+=($!)
+  track $!
   shard_pid[$port]=$!
 done
 for port in "$a" "$b"; do
@@ -92,7 +67,7 @@ match = ["visits:*"]
 EOF
 "$bin" --config "$work/proxy.toml" >"$out/proxy.log" 2>&1 &
 proxy=$!
-pids+=($proxy)
+track "$proxy"
 base="http://127.0.0.1:$http"
 wait_for 10 curl -fsS "$base/healthz" || fail "the proxy did not start (see $out/proxy.log)"
 
@@ -149,7 +124,7 @@ c=$(free_port)
 mkdir -p "$work/redis-$c"
 redis-server --port "$c" --bind 127.0.0.1 --dir "$work/redis-$c" --save "" \
   --appendonly no --logfile "$work/redis-$c.log" &
-pids+=($!)
+track $!
 wait_for 5 redis-cli -p "$c" ping || fail "redis-server on $c did not start"
 curl -fsS -X POST "$base/admin/shards" -d "{\"addr\": \"127.0.0.1:$c\"}" >/dev/null ||
   fail "adding a shard was refused"

@@ -19,6 +19,8 @@
 # line sums the tests of every suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 root=$PWD
 
 target=${CLIENTS_TARGET:-proxy}
@@ -36,13 +38,6 @@ for s in "${suites[@]}"; do
 done
 has_suite() { [[ " ${suites[*]} " == *" $1 "* ]]; }
 
-sudo=""
-[[ $(id -u) -ne 0 ]] && sudo="sudo"
-apt_install() {
-  echo "installing: $*" >&2
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-}
 
 scripts/ensure-deps.sh
 
@@ -79,20 +74,9 @@ if [[ "$target" == proxy && -z "$proxy_bin" ]]; then
 fi
 
 tmp=$(mktemp -d)
-pids=()
-cleanup() {
-  # The proxy first (SIGTERM: it lands what is pending while the shards are still up).
-  local i pid
-  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-    pid=${pids[i]}
-    kill -TERM "$pid" 2>/dev/null || continue
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  done
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
+# The proxy is stopped first (tracked last; SIGTERM: it lands what is pending while the
+# shards are still up).
+trap stop_tracked EXIT
 
 # Free loopback ports: bound to :0 all at once, so the kernel hands out distinct ones.
 read -r port_a port_b port_proxy port_http < <(python3 -c '
@@ -117,7 +101,7 @@ start_redis() { # port
   mkdir -p "$tmp/redis-$1"
   redis-server --port "$1" --bind 127.0.0.1 --dir "$tmp/redis-$1" --save "" --appendonly no \
     --logfile "$tmp/redis-$1.log" &
-  pids+=($!)
+  track $!
   wait_ping "$1" "redis-$1"
 }
 
@@ -142,7 +126,7 @@ flush_interval = "200ms"
 wal_dir = "$tmp/wal"
 EOF
   "$proxy_bin" --config "$tmp/proxy.toml" >"$tmp/proxy.log" 2>&1 &
-  pids+=($!)
+  track $!
   wait_ping "$port_proxy" proxy
   export CLIENTS_PORT=$port_proxy CLIENTS_SHARD_PORTS=$port_a,$port_b CLIENTS_HTTP_PORT=$port_http
   echo "target: tallyproxy on 127.0.0.1:$port_proxy, shards on $port_a and $port_b"

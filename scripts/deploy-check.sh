@@ -12,6 +12,8 @@
 # Every process started here is stopped by its PID; only 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
 scripts/ensure-deps.sh
 need=()
@@ -19,13 +21,7 @@ command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 # python3 with venv and pip, for kubernetes-validate (and free ports).
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3 python3-venv python3-pip)
-if ((${#need[@]})); then
-  echo "installing: ${need[*]}" >&2
-  sudo=""
-  [[ $(id -u) -ne 0 ]] && sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+if ((${#need[@]})); then apt_install "${need[@]}"; fi
 venv=target/deploy-venv
 if [[ ! -x $venv/bin/kubernetes-validate ]]; then
   python3 -m venv "$venv"
@@ -38,32 +34,12 @@ bin=target/debug/tallyproxy
 out=target/deploy-check
 rm -rf "$out"
 mkdir -p "$out"
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-  done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+tmp=$(mktemp -d)
+work=$tmp
+trap stop_tracked EXIT
 fail() {
   echo "deploy-check: FAIL: $*" >&2
   exit 1
-}
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-wait_for() {
-  local limit=$1
-  shift
-  for _ in $(seq 1 $((limit * 10))); do
-    "$@" >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  return 1
 }
 
 # 1. Alert rules, and their unit tests (a shard down, a failed log, increments not landing,
@@ -101,7 +77,7 @@ http=$(free_port)
 for port in "$a" "$b"; do
   redis-server --port "$port" --bind 127.0.0.1 --dir "$work" --dbfilename "dump-$port.rdb" \
     --save "" --appendonly no --logfile "$work/redis-$port.log" &
-  pids+=($!)
+  track $!
 done
 for port in "$a" "$b"; do
   wait_for 5 redis-cli -p "$port" ping || fail "redis-server on $port did not start"
@@ -125,7 +101,7 @@ wal_dir = "$work/wal"
 fsync = "everysec"
 EOF
 "$bin" --config "$work/proxy.toml" >"$out/proxy.log" 2>&1 &
-pids+=($!)
+track $!
 base="http://127.0.0.1:$http"
 wait_for 10 curl -fsS "$base/healthz" || fail "the proxy did not start (see $out/proxy.log)"
 {

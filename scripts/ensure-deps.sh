@@ -3,6 +3,8 @@
 # (Debian redis-server, redis-tools); with --bench also redis-benchmark and nutcracker.
 # Safe to run again; does nothing when everything is there.
 set -euo pipefail
+# shellcheck source=scripts/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
@@ -11,10 +13,4 @@ if [[ "${1:-}" == "--bench" ]]; then
   command -v redis-benchmark >/dev/null 2>&1 || need+=(redis-tools)
   command -v nutcracker >/dev/null 2>&1 || need+=(nutcracker)
 fi
-if ((${#need[@]})); then
-  echo "installing: ${need[*]}" >&2
-  sudo=""
-  [[ $(id -u) -ne 0 ]] && sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+if ((${#need[@]})); then apt_install "${need[@]}"; fi

@@ -1,0 +1,47 @@
+# Shared by the scripts in this folder (source it; it changes nothing by itself):
+#   apt_install PKG...      installs Debian packages (as root, or with sudo), quietly
+#   free_port               prints a loopback port nobody listens on now
+#   wait_for SECS CMD...    runs CMD every 0.1 s until it succeeds; fails after SECS
+#   track PID               remembers a process to stop on exit (stop_tracked, in reverse order:
+#                           SIGTERM, up to 10 s, then SIGKILL); stop_tracked runs on EXIT once
+#                           a script calls `trap stop_tracked EXIT` (after setting `tmp`, which it
+#                           removes too, if set)
+
+apt_install() {
+  local sudo=""
+  [[ $(id -u) -ne 0 ]] && sudo="sudo"
+  echo "installing: $*" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_for() {
+  local limit=$1
+  shift
+  for _ in $(seq 1 $((limit * 10))); do
+    "$@" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+tracked_pids=()
+track() {
+  tracked_pids+=("$1")
+}
+
+stop_tracked() {
+  local i pid
+  for ((i = ${#tracked_pids[@]} - 1; i >= 0; i--)); do
+    pid=${tracked_pids[i]}
+    kill -TERM "$pid" 2>/dev/null || continue
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  if [[ -n "${tmp:-}" ]]; then rm -rf "$tmp"; fi
+}
