@@ -60,6 +60,10 @@ for i = 1, n do
   local d = ARGV[i + 3]
   if fresh and d ~= '' then
     out[i] = redis.pcall('INCRBY', KEYS[i + 1], d)
+    if type(out[i]) == 'table' and out[i].err then
+      -- Refused (no longer an integer): the value as GET gives it, for the read waiting.
+      out[i] = redis.pcall('GET', KEYS[i + 1])
+    end
   else
     out[i] = redis.pcall('GET', KEYS[i + 1])
   end

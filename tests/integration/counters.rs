@@ -989,3 +989,30 @@ async fn first_touches_of_many_keys_in_one_pipeline_share_round_trips_and_keep_o
         assert_eq!(owner(&shards, &k).get(&k).as_deref(), Some(want), "{k}");
     }
 }
+
+/// A key overwritten with a string behind the proxy's back while increments are pending:
+/// the GET that lands them answers what Redis's GET would (the string), and the refused
+/// increments are dropped and counted, as Redis would have refused them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_landing_onto_a_string_answers_the_string_and_drops_the_increments() {
+    let (a, b) = (Redis::start(), Redis::start());
+    let wal = TempDir::new("get-string");
+    let proxy = Proxy::start(config_with(
+        &[&a, &b],
+        &wal,
+        ms(100),
+        Duration::from_secs(3600),
+    ))
+    .await;
+    let mut raw = Raw::connect(proxy.addr).await;
+    let key = "overwritten";
+    assert_eq!(raw.cmd(&["INCRBY", key, "5"]).await, ":5\r\n");
+    // Another writer (not through this proxy) replaces the counter with a string.
+    owner(&[&a, &b], key).cmd(&["SET", key, "abc"]);
+    tokio::time::sleep(ms(150)).await; // the cached base goes stale
+    assert_eq!(raw.cmd(&["GET", key]).await, "$3\r\nabc\r\n");
+    let info = raw.cmd(&["INFO", "counters"]).await;
+    assert!(info.contains("dropped_deltas:1"), "{info}");
+    assert_eq!(owner(&[&a, &b], key).get(key).as_deref(), Some("abc"));
+    proxy.stop().await;
+}
