@@ -75,7 +75,7 @@ pub struct Config {
     #[serde(default)]
     pub rebalance: RebalanceConfig,
     /// Bearer token for `/admin/*`. Without one, admin routes answer loopback peers only.
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
     /// Password of the default user, as in redis.conf. Clients must AUTH first when set.
     pub requirepass: Option<Secret>,
     /// Named users (`AUTH <name> <password>`), ACL-style but without per-command rules.
@@ -101,6 +101,12 @@ pub enum Secret {
     Plain(String),
     Env { env: String },
     File { file: PathBuf },
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Secret {
+        Secret::Plain(s.to_string())
+    }
 }
 
 impl Secret {
@@ -856,7 +862,7 @@ impl Config {
             return err("limits.max_output_bytes must be at least 4096");
         }
         if let Some(t) = &self.admin_token {
-            if t.len() < 16 {
+            if t.resolve("admin_token").map_err(ConfigError)?.len() < 16 {
                 return err("admin_token must be at least 16 characters");
             }
         }

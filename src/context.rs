@@ -27,4 +27,6 @@ pub struct Context {
     pub shutdown: ShutdownTrigger,
     pub rebalancer: Arc<Rebalancer>,
     pub users: crate::auth::Users,
+    /// `admin_token` as read at start-up (a secret may come from the environment or a file).
+    pub admin_token: Option<String>,
 }

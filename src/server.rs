@@ -185,6 +185,10 @@ pub async fn build(
     let ctx = Context {
         limits: Limits::from(&config.limits),
         users: crate::auth::Users::from_config(&config).map_err(std::io::Error::other)?,
+        admin_token: match &config.admin_token {
+            Some(t) => Some(t.resolve("admin_token").map_err(std::io::Error::other)?),
+            None => None,
+        },
         rebalancer: Rebalancer::new(
             engine.clone(),
             router.clone(),

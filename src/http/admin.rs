@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 /// The refusal, when the request may not use admin routes (see the module doc).
 pub fn refused(ctx: &Context, peer: SocketAddr, headers: &HeaderMap) -> Option<Resp> {
-    match &ctx.config.admin_token {
+    match &ctx.admin_token {
         Some(token) => {
             let given = headers
                 .get(hyper::header::AUTHORIZATION)
