@@ -38,14 +38,8 @@ resp=$(free_port)
 http=$(free_port)
 declare -A shard_pid
 for port in "$a" "$b"; do
-  mkdir -p "$work/redis-$port"
-  redis-server --port "$port" --bind 127.0.0.1 --dir "$work/redis-$port" --save "" \
-    --appendonly no --logfile "$work/redis-$port.log" &
-  track $!
-  shard_pid[$port]=$!
-done
-for port in "$a" "$b"; do
-  wait_for 5 redis-cli -p "$port" ping || fail "redis-server on $port did not start"
+  start_redis "$port" "$work" || fail "redis-server on $port did not start"
+  shard_pid[$port]=$redis_pid
 done
 
 cat >"$work/proxy.toml" <<EOF
@@ -121,11 +115,7 @@ expect per-second 'data-drawn="points=3600 total=325"' "the per-second chart of 
 # A rebalance: a third shard added over /admin (loopback, no token configured), then the
 # page shows its progress (done, with the ring's new version) and the new shard.
 c=$(free_port)
-mkdir -p "$work/redis-$c"
-redis-server --port "$c" --bind 127.0.0.1 --dir "$work/redis-$c" --save "" \
-  --appendonly no --logfile "$work/redis-$c.log" &
-track $!
-wait_for 5 redis-cli -p "$c" ping || fail "redis-server on $c did not start"
+start_redis "$c" "$work" || fail "redis-server on $c did not start"
 curl -fsS -X POST "$base/admin/shards" -d "{\"addr\": \"127.0.0.1:$c\"}" >/dev/null ||
   fail "adding a shard was refused"
 wait_for 20 bash -c "curl -fsS $base/stats/summary | grep -q '\"state\":\"done\"'" ||

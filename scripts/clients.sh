@@ -97,17 +97,10 @@ wait_ping() { # port, what: up to 10 s
   return 1
 }
 
-start_redis() { # port
-  mkdir -p "$tmp/redis-$1"
-  redis-server --port "$1" --bind 127.0.0.1 --dir "$tmp/redis-$1" --save "" --appendonly no \
-    --logfile "$tmp/redis-$1.log" &
-  track $!
-  wait_ping "$1" "redis-$1"
-}
 
-start_redis "$port_a"
+start_redis "$port_a" "$tmp"
 if [[ "$target" == proxy ]]; then
-  start_redis "$port_b"
+  start_redis "$port_b" "$tmp"
   cat >"$tmp/proxy.toml" <<EOF
 listen = "127.0.0.1:$port_proxy"
 http_listen = "127.0.0.1:$port_http"

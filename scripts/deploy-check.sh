@@ -75,12 +75,7 @@ b=$(free_port)
 resp=$(free_port)
 http=$(free_port)
 for port in "$a" "$b"; do
-  redis-server --port "$port" --bind 127.0.0.1 --dir "$work" --dbfilename "dump-$port.rdb" \
-    --save "" --appendonly no --logfile "$work/redis-$port.log" &
-  track $!
-done
-for port in "$a" "$b"; do
-  wait_for 5 redis-cli -p "$port" ping || fail "redis-server on $port did not start"
+  start_redis "$port" "$work" || fail "redis-server on $port did not start"
 done
 cat >"$work/proxy.toml" <<EOF
 listen = "127.0.0.1:$resp"

@@ -2,6 +2,9 @@
 #   apt_install PKG...      installs Debian packages (as root, or with sudo), quietly
 #   free_port               prints a loopback port nobody listens on now
 #   wait_for SECS CMD...    runs CMD every 0.1 s until it succeeds; fails after SECS
+#   start_redis PORT DIR    starts a redis-server on 127.0.0.1:PORT that persists nothing (its
+#                           files and log in DIR/redis-PORT), tracks it, waits up to 10 s for
+#                           PING; its PID is then in $redis_pid
 #   track PID               remembers a process to stop on exit (stop_tracked, in reverse order:
 #                           SIGTERM, up to 10 s, then SIGKILL); stop_tracked runs on EXIT once
 #                           a script calls `trap stop_tracked EXIT` (after setting `tmp`, which it
@@ -27,6 +30,20 @@ wait_for() {
     sleep 0.1
   done
   return 1
+}
+
+start_redis() {
+  local port=$1 dir=$2/redis-$1
+  mkdir -p "$dir"
+  redis-server --port "$port" --bind 127.0.0.1 --dir "$dir" --save "" --appendonly no \
+    --logfile "$dir/redis.log" &
+  redis_pid=$!
+  track "$redis_pid"
+  if ! wait_for 10 bash -c "[[ \$(redis-cli -p $port ping) == PONG ]]"; then
+    echo "redis-server on port $port did not answer PING within 10 s" >&2
+    tail -20 "$dir/redis.log" >&2 || true
+    return 1
+  fi
 }
 
 tracked_pids=()
