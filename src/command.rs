@@ -16,6 +16,9 @@ pub enum Kind {
     Single,
     /// Keys at 1..; split by shard, sent in parallel, merged.
     Multi(Merge),
+    /// Several keys that must live on one shard (a shared `{hash tag}` makes sure):
+    /// forwarded whole, or refused with CROSSSLOT (see `connection::same_shard`).
+    SameShard(Keys),
     /// A counter operation; on a batched counter key the engine answers it.
     Counter(CounterOp),
     /// A time-window query of the key at argument 1 (see `counter::windows`).
@@ -32,6 +35,52 @@ pub enum Merge {
     Sum,
     /// MSET: key value pairs; `+OK` when every shard says so.
     Pairs,
+}
+
+/// Where a command's keys are, as Redis's key specs say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keys {
+    /// Arguments `first` to `last` (negative: counted from the end, -1 the last), every `step`.
+    Range {
+        first: usize,
+        last: isize,
+        step: usize,
+    },
+    /// The number of keys at argument `at`, the keys right after it; with `dest`, argument 1
+    /// (before the number) is a key too (`ZUNIONSTORE dest numkeys key...`).
+    NumKeys { at: usize, dest: bool },
+}
+
+impl Keys {
+    /// The key arguments of `args`; None when the arguments do not say (a bad key count),
+    /// which the shard then answers in its own words.
+    pub fn of<'a>(&self, args: &'a [bytes::Bytes]) -> Option<Vec<&'a bytes::Bytes>> {
+        match *self {
+            Keys::Range { first, last, step } => {
+                let last = if last < 0 {
+                    args.len().checked_sub(last.unsigned_abs())?
+                } else {
+                    last as usize
+                };
+                (last < args.len() && first <= last)
+                    .then(|| args[first..=last].iter().step_by(step).collect())
+            }
+            Keys::NumKeys { at, dest } => {
+                let n: usize = std::str::from_utf8(args.get(at)?).ok()?.parse().ok()?;
+                let keys = args.get(at + 1..at + 1 + n)?;
+                Some(args[1..at].iter().filter(|_| dest).chain(keys).collect())
+            }
+        }
+    }
+
+    /// COMMAND's (first, last, step) for this spec (0 0 0 for a key count, as Redis 7).
+    pub fn legacy_range(&self) -> (i64, i64, i64) {
+        match *self {
+            Keys::Range { first, last, step } => (first as i64, last as i64, step as i64),
+            Keys::NumKeys { dest: true, .. } => (1, 1, 1),
+            Keys::NumKeys { dest: false, .. } => (0, 0, 0),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,6 +229,53 @@ const MULTI: &[(&str, i32, Merge)] = &[
     ("touch", -2, Merge::Sum),
 ];
 
+/// `first..=last` every `step`.
+const fn range(first: usize, last: isize, step: usize) -> Keys {
+    Keys::Range { first, last, step }
+}
+const TWO: Keys = range(1, 2, 1);
+const ALL: Keys = range(1, -1, 1);
+const NUMKEYS: Keys = Keys::NumKeys { at: 1, dest: false };
+const DEST_NUMKEYS: Keys = Keys::NumKeys { at: 2, dest: true };
+const SCRIPT_KEYS: Keys = Keys::NumKeys { at: 2, dest: false };
+
+const SAME_SHARD: &[(&str, i32, Keys)] = &[
+    ("rename", 3, TWO),
+    ("renamenx", 3, TWO),
+    ("copy", -3, TWO),
+    ("msetnx", -3, range(1, -1, 2)),
+    ("smove", 4, TWO),
+    ("lmove", 5, TWO),
+    ("rpoplpush", 3, TWO),
+    ("sinter", -2, ALL),
+    ("sunion", -2, ALL),
+    ("sdiff", -2, ALL),
+    ("sinterstore", -3, ALL),
+    ("sunionstore", -3, ALL),
+    ("sdiffstore", -3, ALL),
+    ("sintercard", -3, NUMKEYS),
+    ("zunion", -3, NUMKEYS),
+    ("zinter", -3, NUMKEYS),
+    ("zdiff", -3, NUMKEYS),
+    ("zintercard", -3, NUMKEYS),
+    ("zunionstore", -4, DEST_NUMKEYS),
+    ("zinterstore", -4, DEST_NUMKEYS),
+    ("zdiffstore", -4, DEST_NUMKEYS),
+    ("zrangestore", -5, TWO),
+    ("pfcount", -2, ALL),
+    ("pfmerge", -2, ALL),
+    ("bitop", -4, range(2, -1, 1)),
+    ("lcs", -3, TWO),
+    ("lmpop", -4, NUMKEYS),
+    ("zmpop", -4, NUMKEYS),
+    ("eval", -3, SCRIPT_KEYS),
+    ("evalsha", -3, SCRIPT_KEYS),
+    ("eval_ro", -3, SCRIPT_KEYS),
+    ("evalsha_ro", -3, SCRIPT_KEYS),
+    ("fcall", -3, SCRIPT_KEYS),
+    ("fcall_ro", -3, SCRIPT_KEYS),
+];
+
 const COUNTER: &[(&str, i32, CounterOp)] = &[
     ("get", 2, CounterOp::Get),
     ("incr", 2, CounterOp::Incr),
@@ -213,11 +309,11 @@ const LOCAL: &[(&str, i32)] = &[
     ("lastsave", 1),
 ];
 
-const CROSS_SHARD: &str = "its keys may live on different shards";
+const SORT_PATTERNS: &str = "its BY and GET patterns may name keys on any shard";
 const BLOCKING: &str = "blocking commands would hold a shared backend connection";
 const TRANSACTIONS: &str = "transactions cannot span the proxy's shared backend connections";
 const PUBSUB: &str = "pub/sub is not proxied";
-const SCRIPTING: &str = "scripts may touch keys on any shard";
+const SCRIPTING: &str = "script and function management would have to reach every shard";
 const KEYSPACE: &str = "a keyspace-wide command would have to visit every shard";
 const ADMIN: &str = "server administration goes to each shard directly";
 
@@ -229,7 +325,6 @@ const REFUSED: &[(&str, &str)] = &[
     ("flushdb", KEYSPACE),
     ("swapdb", KEYSPACE),
     ("move", KEYSPACE),
-    ("copy", CROSS_SHARD),
     ("multi", TRANSACTIONS),
     ("exec", TRANSACTIONS),
     ("discard", TRANSACTIONS),
@@ -254,43 +349,10 @@ const REFUSED: &[(&str, &str)] = &[
     ("waitaof", BLOCKING),
     ("xread", BLOCKING),
     ("xreadgroup", BLOCKING),
-    ("eval", SCRIPTING),
-    ("evalsha", SCRIPTING),
-    ("eval_ro", SCRIPTING),
-    ("evalsha_ro", SCRIPTING),
     ("script", SCRIPTING),
-    ("fcall", SCRIPTING),
-    ("fcall_ro", SCRIPTING),
     ("function", SCRIPTING),
-    ("msetnx", CROSS_SHARD),
-    ("rename", CROSS_SHARD),
-    ("renamenx", CROSS_SHARD),
-    ("rpoplpush", CROSS_SHARD),
-    ("lmove", CROSS_SHARD),
-    ("lmpop", CROSS_SHARD),
-    ("smove", CROSS_SHARD),
-    ("sinter", CROSS_SHARD),
-    ("sintercard", CROSS_SHARD),
-    ("sinterstore", CROSS_SHARD),
-    ("sunion", CROSS_SHARD),
-    ("sunionstore", CROSS_SHARD),
-    ("sdiff", CROSS_SHARD),
-    ("sdiffstore", CROSS_SHARD),
-    ("zunion", CROSS_SHARD),
-    ("zunionstore", CROSS_SHARD),
-    ("zinter", CROSS_SHARD),
-    ("zinterstore", CROSS_SHARD),
-    ("zintercard", CROSS_SHARD),
-    ("zdiff", CROSS_SHARD),
-    ("zdiffstore", CROSS_SHARD),
-    ("zrangestore", CROSS_SHARD),
-    ("zmpop", CROSS_SHARD),
-    ("pfcount", CROSS_SHARD),
-    ("pfmerge", CROSS_SHARD),
-    ("bitop", CROSS_SHARD),
-    ("sort", CROSS_SHARD),
-    ("sort_ro", CROSS_SHARD),
-    ("lcs", CROSS_SHARD),
+    ("sort", SORT_PATTERNS),
+    ("sort_ro", SORT_PATTERNS),
     ("migrate", ADMIN),
     ("dump", ADMIN),
     ("restore", ADMIN),
@@ -337,6 +399,9 @@ fn table() -> &'static Table {
         }
         for &(n, a, op) in WINDOW {
             add(n, a, Kind::Window(op));
+        }
+        for &(n, a, k) in SAME_SHARD {
+            add(n, a, Kind::SameShard(k));
         }
         for &(n, a) in LOCAL {
             add(n, a, Kind::Local);

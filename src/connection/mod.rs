@@ -17,6 +17,7 @@
 
 pub mod local;
 pub mod multi;
+pub mod same_shard;
 
 use crate::backend::{encode_command, BackendError, Reply, Shard};
 use crate::command::{self, CounterOp, Kind};
@@ -522,6 +523,7 @@ fn dispatch_spec(
             counter(ctx, client, op, args, out)
         }
         Kind::Multi(m) => multi::dispatch(ctx, client, spec, m, args, out),
+        Kind::SameShard(keys) => same_shard::dispatch(ctx, client, keys, args, out),
         Kind::Window(op) => {
             let ctx = ctx.clone();
             Some(Pending::Task(Box::pin(async move {

@@ -13,5 +13,6 @@ mod layers;
 mod ops;
 mod rebalance;
 mod resp3;
+mod same_shard;
 mod security;
 mod windows;
