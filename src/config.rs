@@ -60,6 +60,9 @@ pub struct Config {
     pub shards: Vec<ShardConfig>,
     #[serde(default)]
     pub ring: RingConfig,
+    /// Sentinels for `master` shards.
+    #[serde(default)]
+    pub sentinel: SentinelConfig,
     #[serde(default)]
     pub backend: BackendConfig,
     #[serde(default)]
@@ -135,9 +138,15 @@ pub struct UserConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShardConfig {
-    /// `redis_<port>` when not given; `served_via` reports it.
+    /// `redis_<port>` when not given; `served_via` reports it. Required with `master`:
+    /// the name is the shard's ring position, whichever server is its primary.
     pub name: Option<String>,
+    /// The shard's Redis server, `ip:port`. Exactly one of `addr` and `master`.
+    #[serde(default)]
     pub addr: String,
+    /// A Sentinel master name instead of `addr`: the shard's primary is asked of
+    /// `[sentinel] addrs` and followed through failovers (see `backend::follower`).
+    pub master: Option<String>,
     /// Share of the ring relative to other shards (vnodes × weight points).
     #[serde(default = "defaults::weight")]
     pub weight: u32,
@@ -158,6 +167,15 @@ impl ShardConfig {
                 self.addr
             ))
         })
+    }
+
+    /// What the log and the ring record as the shard's address: `ip:port`, or
+    /// `master:<name>` for a Sentinel-managed shard (see `spec::ShardSpec::master`).
+    pub fn spec_addr(&self) -> Result<String, ConfigError> {
+        match &self.master {
+            Some(m) => Ok(format!("{}{m}", crate::spec::MASTER_PREFIX)),
+            None => Ok(self.socket_addr()?.to_string()),
+        }
     }
 
     /// The shard's name: as configured, or `redis_<port>`.
@@ -217,6 +235,25 @@ pub struct BackendConfig {
     pub tls: bool,
     /// PEM CA that shard certificates must chain to; required when any shard uses TLS.
     pub tls_ca_file: Option<PathBuf>,
+    /// A flushed batch counts as landed only once `WAIT` confirms this many replicas have
+    /// it (0: once the primary applied it). One meaning for the whole proxy.
+    #[serde(default)]
+    pub wait_replicas: u32,
+    /// How long one `WAIT` may block; a batch it does not confirm is retried (same id).
+    #[serde(default = "defaults::wait_timeout")]
+    pub wait_timeout: HumanDuration,
+}
+
+/// The Sentinels that know the primaries of `master` shards.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SentinelConfig {
+    /// Asked in turn; one subscription at a time follows `+switch-master`.
+    #[serde(default)]
+    pub addrs: Vec<SocketAddr>,
+    /// Credentials sent to every sentinel (`AUTH [username] password`).
+    pub username: Option<String>,
+    pub password: Option<Secret>,
 }
 
 impl Default for BackendConfig {
@@ -232,6 +269,8 @@ impl Default for BackendConfig {
             password: None,
             tls: false,
             tls_ca_file: None,
+            wait_replicas: 0,
+            wait_timeout: defaults::wait_timeout(),
         }
     }
 }
@@ -493,6 +532,9 @@ mod defaults {
     pub fn queue_depth() -> usize {
         4096
     }
+    pub fn wait_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(1))
+    }
     pub fn health_interval() -> HumanDuration {
         HumanDuration(Duration::from_secs(1))
     }
@@ -621,7 +663,7 @@ impl Config {
             .iter()
             .map(|s| crate::spec::ShardSpec {
                 name: s.resolved_name(),
-                addr: s.socket_addr().expect("validated").to_string(),
+                addr: s.spec_addr().expect("validated"),
                 weight: s.weight,
             })
             .collect()
@@ -694,9 +736,50 @@ impl Config {
         }
         let mut names = HashSet::new();
         let mut addrs = HashSet::new();
+        let mut masters = HashSet::new();
         for s in &self.shards {
-            let addr = s.socket_addr()?;
             let name = s.resolved_name();
+            if let Some(m) = &s.master {
+                if !s.addr.is_empty() {
+                    return err(format!(
+                        "shards: {name:?} has both addr and master; give exactly one"
+                    ));
+                }
+                if s.name.is_none() {
+                    return err(format!(
+                        "shards: the shard with master {m:?} needs a name (its ring position)"
+                    ));
+                }
+                if m.is_empty() || m.contains(char::is_whitespace) {
+                    return err(format!(
+                        "shards: master {m:?} must be a Sentinel master name"
+                    ));
+                }
+                if self.sentinel.addrs.is_empty() {
+                    return err(format!(
+                        "shards: {name:?} names master {m:?}, which needs [sentinel] addrs"
+                    ));
+                }
+                if !names.insert(name.clone()) {
+                    return err(format!("shards: duplicate shard name {name:?}"));
+                }
+                if !masters.insert(m.clone()) {
+                    return err(format!("shards: duplicate master {m:?}"));
+                }
+                if s.weight == 0 || s.weight > 100 {
+                    return err(format!("shards: weight of {name:?} must be 1-100"));
+                }
+                if s.tls.unwrap_or(self.backend.tls) && s.tls_server_name.is_none() {
+                    return err(format!(
+                        "shards: {name:?} uses TLS with a master whose address changes; give tls_server_name"
+                    ));
+                }
+                continue;
+            }
+            if s.addr.is_empty() {
+                return err(format!("shards: {name:?} needs addr (or master)"));
+            }
+            let addr = s.socket_addr()?;
             if name.is_empty() || name.len() > 64 || name.contains(char::is_whitespace) {
                 return err(format!(
                     "shards: name {name:?} must be 1-64 characters without spaces"
@@ -766,6 +849,14 @@ impl Config {
         }
         if b.health_failures == 0 {
             return err("backend.health_failures must be at least 1");
+        }
+        if b.wait_replicas > 0 && (b.wait_timeout.0.is_zero() || b.wait_timeout.0 > b.timeout.0) {
+            return err("backend.wait_timeout must be above zero and at most backend.timeout");
+        }
+        if let Some(p) = &self.sentinel.password {
+            p.resolve("sentinel.password").map_err(ConfigError)?;
+        } else if self.sentinel.username.is_some() {
+            return err("sentinel: a username needs a password");
         }
         let l = &self.limits;
         if l.max_bulk_len == 0 || l.max_bulk_len > 512 * 1024 * 1024 {
@@ -842,8 +933,11 @@ impl Config {
         }
         for s in &self.shards {
             let name = s.resolved_name();
-            self.shard_tls(&name, s.socket_addr()?)
-                .map_err(ConfigError)?;
+            let addr = match &s.master {
+                Some(_) => SocketAddr::from(([127, 0, 0, 1], 0)),
+                None => s.socket_addr()?,
+            };
+            self.shard_tls(&name, addr).map_err(ConfigError)?;
             self.shard_auth(&name).map_err(ConfigError)?;
         }
         if self.backend.tls && self.backend.tls_ca_file.is_none() {

@@ -13,4 +13,5 @@ mod ops;
 mod rebalance;
 mod resp3;
 mod security;
+mod sentinel;
 mod windows;
