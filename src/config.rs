@@ -1072,4 +1072,49 @@ mod tests {
         assert!(error_of("[counters]\ncache_ttl = \"5 parsecs\"").contains("duration"));
         assert!(error_of("[durability]\nfsync = \"sometimes\"").contains("fsync"));
     }
+
+    #[test]
+    fn master_shards_need_a_name_sentinels_and_no_addr() {
+        let error_of = |s: &str| Config::from_toml_str(s).unwrap_err().0;
+        let ok = "[sentinel]\naddrs = [\"127.0.0.1:26379\"]\n\
+                  [[shards]]\nname = \"redis_a\"\nmaster = \"shard-a\"\n\
+                  [[shards]]\naddr = \"127.0.0.1:7071\"\n\
+                  [backend]\nwait_replicas = 1\nwait_timeout = \"500ms\"\n";
+        let c = Config::from_toml_str(ok).unwrap();
+        let specs = c.shard_specs();
+        assert_eq!(specs[0].name, "redis_a");
+        assert_eq!(specs[0].addr, "master:shard-a");
+        assert_eq!(specs[0].master(), Some("shard-a"));
+        assert_eq!(specs[1].master(), None);
+        assert_eq!(c.backend.wait_replicas, 1);
+        let d = Config::from_toml_str("").unwrap();
+        assert_eq!(d.backend.wait_replicas, 0);
+        assert_eq!(d.backend.wait_timeout.0, Duration::from_secs(1));
+        assert!(d.sentinel.addrs.is_empty());
+
+        let sentinel = "[sentinel]\naddrs = [\"127.0.0.1:26379\"]\n";
+        assert!(
+            error_of(&format!("{sentinel}[[shards]]\nmaster = \"shard-a\"\n"))
+                .contains("needs a name")
+        );
+        assert!(error_of("[[shards]]\nname = \"a\"\nmaster = \"shard-a\"\n")
+            .contains("needs [sentinel] addrs"));
+        assert!(error_of(&format!(
+            "{sentinel}[[shards]]\nname = \"a\"\nmaster = \"m\"\naddr = \"127.0.0.1:7070\"\n"
+        ))
+        .contains("exactly one"));
+        assert!(error_of("[[shards]]\nname = \"a\"\n").contains("needs addr"));
+        assert!(error_of(&format!(
+            "{sentinel}[[shards]]\nname = \"a\"\nmaster = \"m\"\n[[shards]]\nname = \"b\"\nmaster = \"m\"\n"
+        ))
+        .contains("duplicate master"));
+        assert!(error_of(&format!(
+            "{sentinel}[[shards]]\nname = \"a\"\nmaster = \"m\"\n[[shards]]\nname = \"a\"\naddr = \"127.0.0.1:7070\"\n"
+        ))
+        .contains("duplicate shard name"));
+        assert!(
+            error_of("[backend]\nwait_replicas = 1\nwait_timeout = \"5s\"\n")
+                .contains("wait_timeout")
+        );
+    }
 }

@@ -348,3 +348,118 @@ fn admin_primary_addr(proxy: &ProxyProcess, shard: &str) -> Option<String> {
         .as_str()
         .map(str::to_string)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_killed_during_a_failover_and_restarted_loses_and_doubles_nothing() {
+    let ha = Ha::start("ha-proxy-kill9");
+    let backend = "wait_replicas = 1\nwait_timeout = \"200ms\"";
+    let mut proxy = start_proxy(&ha, backend);
+    let (stop, task) = start_load(&proxy, "pk1");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let old = ha.primary("shard-a").unwrap();
+    tokio::task::block_in_place(|| {
+        assert!(
+            support::wait_until(Duration::from_secs(20), || ha.sentinels[0]
+                .cmd(&["SENTINEL", "FAILOVER", "shard-a"])
+                .is_ok()),
+            "SENTINEL FAILOVER shard-a accepted"
+        )
+    });
+    // The proxy dies while the shard's primary changes: batches in flight, some applied
+    // on the old primary and not confirmed, the rest in the log only.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.kill9();
+    stop.store(true, Ordering::Relaxed);
+    let mut load = task.await.unwrap();
+    let new =
+        tokio::task::block_in_place(|| ha.wait_switch("shard-a", old, Duration::from_secs(30)));
+    let proxy = start_proxy(&ha, backend);
+    let (stop, task) = start_load(&proxy, "pk2");
+    let followed = support::eventually(Duration::from_secs(20), || {
+        admin_primary_addr(&proxy, "redis_a") == Some(format!("127.0.0.1:{new}"))
+    })
+    .await;
+    assert!(
+        followed,
+        "the restarted proxy uses redis_a's new primary {new}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    load.merge(task.await.unwrap());
+    tokio::task::block_in_place(|| ha.check(&load, "proxy kill -9 during a failover, restarted"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinels_down_the_proxy_keeps_its_primaries_then_follows_again() {
+    let mut ha = Ha::start("ha-sentinels-down");
+    let proxy = start_proxy(&ha, "wait_replicas = 1\nwait_timeout = \"200ms\"");
+    let (stop, task) = start_load(&proxy, "sdown");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // One sentinel down: a failover through another is still followed.
+    ha.sentinels[0].stop();
+    let old = ha.primary("shard-a").unwrap();
+    tokio::task::block_in_place(|| {
+        assert!(
+            support::wait_until(Duration::from_secs(20), || ha.sentinels[1]
+                .cmd(&["SENTINEL", "FAILOVER", "shard-a"])
+                .is_ok()),
+            "SENTINEL FAILOVER shard-a accepted"
+        )
+    });
+    let new =
+        tokio::task::block_in_place(|| ha.wait_switch("shard-a", old, Duration::from_secs(30)));
+    let followed = support::eventually(Duration::from_secs(20), || {
+        admin_primary_addr(&proxy, "redis_a") == Some(format!("127.0.0.1:{new}"))
+    })
+    .await;
+    assert!(
+        followed,
+        "with one sentinel down the proxy follows redis_a to {new}"
+    );
+    // A majority down: no failover can be agreed; the proxy keeps serving from the
+    // primaries it knows, and its increments keep landing there.
+    ha.sentinels[1].stop();
+    ha.sentinels[2].stop();
+    let before = support::role(new);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(before.as_deref(), Some("master"));
+    assert_eq!(
+        admin_primary_addr(&proxy, "redis_a"),
+        Some(format!("127.0.0.1:{new}")),
+        "the known primary is kept while no sentinel answers"
+    );
+    // Recovery: the sentinels return and a later failover is followed again.
+    for s in &mut ha.sentinels {
+        s.restart();
+    }
+    let old_b = tokio::task::block_in_place(|| {
+        let mut p = None;
+        assert!(support::wait_until(Duration::from_secs(20), || {
+            p = ha.primary("shard-b");
+            p.is_some()
+        }));
+        p.unwrap()
+    });
+    let new_b = tokio::task::block_in_place(|| {
+        assert!(
+            support::wait_until(Duration::from_secs(30), || ha.sentinels[0]
+                .cmd(&["SENTINEL", "FAILOVER", "shard-b"])
+                .is_ok()),
+            "SENTINEL FAILOVER shard-b accepted"
+        );
+        ha.wait_switch("shard-b", old_b, Duration::from_secs(30))
+    });
+    let followed = support::eventually(Duration::from_secs(20), || {
+        admin_primary_addr(&proxy, "redis_b") == Some(format!("127.0.0.1:{new_b}"))
+    })
+    .await;
+    assert!(
+        followed,
+        "after recovery the proxy follows redis_b to {new_b}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let load = task.await.unwrap();
+    assert_eq!(load.closed, 0, "no client connection closed");
+    tokio::task::block_in_place(|| ha.check(&load, "sentinels down, then a majority, then back"));
+}
