@@ -1048,6 +1048,15 @@ mod tests {
         assert_eq!(names, ["redis_7070", "redis_7071"]);
     }
 
+    #[test]
+    fn the_compose_ha_profile_config_is_valid_and_keeps_the_ring_names() {
+        let c = Config::from_toml_str(include_str!("../deploy/docker/proxy-ha.toml")).unwrap();
+        let names: Vec<_> = c.shards.iter().map(|s| s.resolved_name()).collect();
+        assert_eq!(names, ["redis_7070", "redis_7071"]);
+        assert!(c.shards.iter().all(|s| s.master.is_some()));
+        assert_eq!(c.sentinel.addrs.len(), 3);
+    }
+
     fn error_of(text: &str) -> String {
         Config::from_toml_str(text).unwrap_err().0
     }
