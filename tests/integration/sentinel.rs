@@ -14,6 +14,10 @@ use tokio::net::TcpStream;
 
 const MASTERS: [(&str, &str); 2] = [("redis_a", "shard-a"), ("redis_b", "shard-b")];
 
+/// One of these tests at a time: each runs seven servers and a loaded proxy, and the
+/// rest of the suite shares two cores with them.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Two shards of a primary and a replica each, and three sentinels that know them all.
 struct Ha {
     nodes: Vec<Redis>,
@@ -241,7 +245,7 @@ async fn pipelined_load(
                         load.refusals += 1;
                     }
                 }
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
             load
         }));
@@ -283,6 +287,7 @@ async fn admin_primary(proxy: &ProxyProcess, shard: &str) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_failover_of_each_shard_in_turn_loses_and_doubles_nothing() {
+    let _serial = SERIAL.lock().await;
     let ha = Ha::start("ha-failover");
     let proxy = start_proxy(&ha, "wait_replicas = 1\nwait_timeout = \"200ms\"");
     let (stop, task) = start_load(&proxy, "failover");
@@ -305,6 +310,7 @@ async fn sentinel_failover_of_each_shard_in_turn_loses_and_doubles_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_nine_of_a_primary_with_wait_replicas_loses_nothing_acknowledged() {
+    let _serial = SERIAL.lock().await;
     let mut ha = Ha::start("ha-kill9");
     let proxy = start_proxy(&ha, "wait_replicas = 1\nwait_timeout = \"200ms\"");
     let (stop, task) = start_load(&proxy, "kill9");
@@ -351,6 +357,7 @@ fn admin_primary_addr(proxy: &ProxyProcess, shard: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_killed_during_a_failover_and_restarted_loses_and_doubles_nothing() {
+    let _serial = SERIAL.lock().await;
     let ha = Ha::start("ha-proxy-kill9");
     let backend = "wait_replicas = 1\nwait_timeout = \"200ms\"";
     let mut proxy = start_proxy(&ha, backend);
@@ -391,6 +398,7 @@ async fn proxy_killed_during_a_failover_and_restarted_loses_and_doubles_nothing(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinels_down_the_proxy_keeps_its_primaries_then_follows_again() {
+    let _serial = SERIAL.lock().await;
     let mut ha = Ha::start("ha-sentinels-down");
     let proxy = start_proxy(&ha, "wait_replicas = 1\nwait_timeout = \"200ms\"");
     let (stop, task) = start_load(&proxy, "sdown");
