@@ -227,20 +227,39 @@ pub async fn follow_switches(
         Err(e) => return e,
     }
     tracing::info!(sentinel = %addr, "following +switch-master");
+    // A subscribed connection is silent between events; a PING after `KEEPALIVE` of
+    // silence finds a sentinel that vanished without closing (no answer within another
+    // `KEEPALIVE`: the next sentinel is tried).
+    let mut pinged = false;
     loop {
-        // A subscribed connection is silent between events: no timeout, but a dead peer
-        // is found by the periodic re-check's own questions, and a closed one right here.
-        match c.next(None).await {
-            Ok(BytesFrame::Array(parts)) => {
-                if let Some(BytesFrame::BulkString(text)) = parts.get(2) {
+        match tokio::time::timeout(KEEPALIVE, c.next(None)).await {
+            Ok(Ok(BytesFrame::Array(parts))) => {
+                pinged = false;
+                let is_message = matches!(parts.first(), Some(BytesFrame::BulkString(k)) if k.as_ref() == b"message");
+                if let (true, Some(BytesFrame::BulkString(text))) = (is_message, parts.get(2)) {
                     on_switch(&String::from_utf8_lossy(text));
                 }
             }
-            Ok(_) => {}
-            Err(e) => return format!("sentinel {addr}: {e}"),
+            Ok(Ok(_)) => pinged = false,
+            Ok(Err(e)) => return format!("sentinel {addr}: {e}"),
+            Err(_) if pinged => return format!("sentinel {addr}: no answer to PING"),
+            Err(_) => {
+                pinged = true;
+                let frame = encode_command(&["PING"]);
+                let ping = c.stream.write_all(&frame);
+                if tokio::time::timeout(s.timeout, ping)
+                    .await
+                    .map_or(true, |r| r.is_err())
+                {
+                    return format!("sentinel {addr}: cannot send PING");
+                }
+            }
         }
     }
 }
+
+/// Silence on the subscription before it is checked with a PING.
+const KEEPALIVE: Duration = Duration::from_secs(15);
 
 #[cfg(test)]
 mod tests {
