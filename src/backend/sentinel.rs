@@ -58,7 +58,10 @@ impl Primary {
             return false;
         }
         self.addr.send_replace(to);
-        *self.last_failover.lock() = Some((SystemTime::now(), from, to));
+        // Port 0: no primary was known (none confirmed at start-up); finding one is no failover.
+        if from.port() != 0 {
+            *self.last_failover.lock() = Some((SystemTime::now(), from, to));
+        }
         true
     }
 }
@@ -301,5 +304,28 @@ mod tests {
             Some(("shard-a", "127.0.0.1:7071".parse().unwrap()))
         );
         assert_eq!(parse_switch("shard-a 127.0.0.1"), None);
+    }
+
+    #[test]
+    fn a_moved_primary_is_seen_by_connections_and_recorded_as_a_failover() {
+        let nowhere: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "127.0.0.1:7070".parse().unwrap(),
+            "127.0.0.1:7071".parse().unwrap(),
+        );
+        let p = Primary::new("shard-a".into(), nowhere);
+        let mut rx = p.subscribe();
+        rx.borrow_and_update();
+        // Found at last (none was confirmed at start-up): a move, not a failover.
+        assert!(p.set(a));
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), a);
+        assert!(p.last_failover.lock().is_none());
+        assert!(!p.set(a), "the same primary again is no move");
+        assert!(!rx.has_changed().unwrap());
+        assert!(p.set(b));
+        assert_eq!(p.addr(), b);
+        let (_, from, to) = p.last_failover.lock().unwrap();
+        assert_eq!((from, to), (a, b));
     }
 }
