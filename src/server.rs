@@ -271,6 +271,7 @@ pub async fn run_with_reload(
             ctx.router.topology().shards.clone(),
             sentinels,
             b.health_interval.0,
+            ctx.engine.proxy_id.clone(),
             shutdown.clone(),
         );
     }

@@ -9,11 +9,14 @@
 //! `ROLE` on connect: `Primary::recheck`). Until a primary is confirmed the shard keeps the
 //! one it knew: writes that reach a demoted one are refused by it, never applied.
 //!
+//! A new primary is also asked whether it is Redis at all (`identity`) before the shard
+//! moves to it.
+//!
 //! Owns when the question is asked and what follows from the answer. Does not own the
 //! sentinel protocol (`sentinel`) nor the connections (`conn`).
 
 use super::sentinel::{self, Primary, Sentinels};
-use super::{encode_command, BackendConn, ConnOptions, Shard};
+use super::{encode_command, identity, BackendConn, ConnOptions, Shard};
 use crate::shutdown::Shutdown;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -71,7 +74,15 @@ pub async fn role(addr: SocketAddr, opts: &ConnOptions) -> Result<Vec<SocketAddr
 }
 
 /// Follows every Sentinel-managed shard of `shards` until shutdown.
-pub fn spawn(shards: Vec<Arc<Shard>>, s: Sentinels, interval: Duration, shutdown: Shutdown) {
+/// Before the shard moves to a new primary, that server is asked whether it is Redis
+/// (`identity`), as any shard is before it is used.
+pub fn spawn(
+    shards: Vec<Arc<Shard>>,
+    s: Sentinels,
+    interval: Duration,
+    proxy_id: String,
+    shutdown: Shutdown,
+) {
     let followed: Vec<(Arc<Shard>, Arc<Primary>)> = shards
         .into_iter()
         .filter_map(|sh| sh.primary.clone().map(|p| (sh, p)))
@@ -80,8 +91,13 @@ pub fn spawn(shards: Vec<Arc<Shard>>, s: Sentinels, interval: Duration, shutdown
         return;
     }
     for (shard, primary) in &followed {
-        let (shard, primary, s, mut stop) =
-            (shard.clone(), primary.clone(), s.clone(), shutdown.clone());
+        let (shard, primary, s, mut stop, proxy_id) = (
+            shard.clone(),
+            primary.clone(),
+            s.clone(),
+            shutdown.clone(),
+            proxy_id.clone(),
+        );
         crate::task::spawn(
             tracing::info_span!("follower", shard = %shard.name),
             async move {
@@ -99,6 +115,21 @@ pub fn spawn(shards: Vec<Arc<Shard>>, s: Sentinels, interval: Duration, shutdown
                     }
                     match discover(&s, &primary.master, &shard.conn_opts).await {
                         Ok((addr, replicas)) => {
+                            if addr != primary.addr() {
+                                let opts = ConnOptions {
+                                    addr,
+                                    primary: None,
+                                    ..shard.conn_opts.clone()
+                                };
+                                if let Err(e) = identity::verify(&opts, &proxy_id).await {
+                                    let e = e.message(addr);
+                                    if failing.as_ref() != Some(&e) {
+                                        tracing::error!(shard = %shard.name, master = %primary.master, error = %e, "the sentinels name a primary that is not usable as a shard; keeping the one known");
+                                        failing = Some(e);
+                                    }
+                                    continue;
+                                }
+                            }
                             *primary.replicas.lock() = replicas;
                             let from = primary.addr();
                             if primary.set(addr) {
