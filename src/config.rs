@@ -60,6 +60,9 @@ pub struct Config {
     pub shards: Vec<ShardConfig>,
     #[serde(default)]
     pub ring: RingConfig,
+    /// Sentinels for `master` shards.
+    #[serde(default)]
+    pub sentinel: SentinelConfig,
     #[serde(default)]
     pub backend: BackendConfig,
     #[serde(default)]
@@ -141,9 +144,15 @@ pub struct UserConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShardConfig {
-    /// `redis_<port>` when not given; `served_via` reports it.
+    /// `redis_<port>` when not given; `served_via` reports it. Required with `master`:
+    /// the name is the shard's ring position, whichever server is its primary.
     pub name: Option<String>,
+    /// The shard's Redis server, `ip:port`. Exactly one of `addr` and `master`.
+    #[serde(default)]
     pub addr: String,
+    /// A Sentinel master name instead of `addr`: the shard's primary is asked of
+    /// `[sentinel] addrs` and followed through failovers (see `backend::follower`).
+    pub master: Option<String>,
     /// Share of the ring relative to other shards (vnodes × weight points).
     #[serde(default = "defaults::weight")]
     pub weight: u32,
@@ -164,6 +173,15 @@ impl ShardConfig {
                 self.addr
             ))
         })
+    }
+
+    /// What the log and the ring record as the shard's address: `ip:port`, or
+    /// `master:<name>` for a Sentinel-managed shard (see `spec::ShardSpec::master`).
+    pub fn spec_addr(&self) -> Result<String, ConfigError> {
+        match &self.master {
+            Some(m) => Ok(format!("{}{m}", crate::spec::MASTER_PREFIX)),
+            None => Ok(self.socket_addr()?.to_string()),
+        }
     }
 
     /// The shard's name: as configured, or `redis_<port>`.
@@ -223,6 +241,25 @@ pub struct BackendConfig {
     pub tls: bool,
     /// PEM CA that shard certificates must chain to; required when any shard uses TLS.
     pub tls_ca_file: Option<PathBuf>,
+    /// A flushed batch counts as landed only once `WAIT` confirms this many replicas have
+    /// it (0: once the primary applied it). One meaning for the whole proxy.
+    #[serde(default)]
+    pub wait_replicas: u32,
+    /// How long one `WAIT` may block; a batch it does not confirm is retried (same id).
+    #[serde(default = "defaults::wait_timeout")]
+    pub wait_timeout: HumanDuration,
+}
+
+/// The Sentinels that know the primaries of `master` shards.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SentinelConfig {
+    /// Asked in turn; one subscription at a time follows `+switch-master`.
+    #[serde(default)]
+    pub addrs: Vec<SocketAddr>,
+    /// Credentials sent to every sentinel (`AUTH [username] password`).
+    pub username: Option<String>,
+    pub password: Option<Secret>,
 }
 
 impl Default for BackendConfig {
@@ -238,6 +275,8 @@ impl Default for BackendConfig {
             password: None,
             tls: false,
             tls_ca_file: None,
+            wait_replicas: 0,
+            wait_timeout: defaults::wait_timeout(),
         }
     }
 }
@@ -499,6 +538,9 @@ mod defaults {
     pub fn queue_depth() -> usize {
         4096
     }
+    pub fn wait_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(1))
+    }
     pub fn health_interval() -> HumanDuration {
         HumanDuration(Duration::from_secs(1))
     }
@@ -627,7 +669,7 @@ impl Config {
             .iter()
             .map(|s| crate::spec::ShardSpec {
                 name: s.resolved_name(),
-                addr: s.socket_addr().expect("validated").to_string(),
+                addr: s.spec_addr().expect("validated"),
                 weight: s.weight,
             })
             .collect()
@@ -700,9 +742,50 @@ impl Config {
         }
         let mut names = HashSet::new();
         let mut addrs = HashSet::new();
+        let mut masters = HashSet::new();
         for s in &self.shards {
-            let addr = s.socket_addr()?;
             let name = s.resolved_name();
+            if let Some(m) = &s.master {
+                if !s.addr.is_empty() {
+                    return err(format!(
+                        "shards: {name:?} has both addr and master; give exactly one"
+                    ));
+                }
+                if s.name.is_none() {
+                    return err(format!(
+                        "shards: the shard with master {m:?} needs a name (its ring position)"
+                    ));
+                }
+                if m.is_empty() || m.contains(char::is_whitespace) {
+                    return err(format!(
+                        "shards: master {m:?} must be a Sentinel master name"
+                    ));
+                }
+                if self.sentinel.addrs.is_empty() {
+                    return err(format!(
+                        "shards: {name:?} names master {m:?}, which needs [sentinel] addrs"
+                    ));
+                }
+                if !names.insert(name.clone()) {
+                    return err(format!("shards: duplicate shard name {name:?}"));
+                }
+                if !masters.insert(m.clone()) {
+                    return err(format!("shards: duplicate master {m:?}"));
+                }
+                if s.weight == 0 || s.weight > 100 {
+                    return err(format!("shards: weight of {name:?} must be 1-100"));
+                }
+                if s.tls.unwrap_or(self.backend.tls) && s.tls_server_name.is_none() {
+                    return err(format!(
+                        "shards: {name:?} uses TLS with a master whose address changes; give tls_server_name"
+                    ));
+                }
+                continue;
+            }
+            if s.addr.is_empty() {
+                return err(format!("shards: {name:?} needs addr (or master)"));
+            }
+            let addr = s.socket_addr()?;
             if name.is_empty() || name.len() > 64 || name.contains(char::is_whitespace) {
                 return err(format!(
                     "shards: name {name:?} must be 1-64 characters without spaces"
@@ -772,6 +855,14 @@ impl Config {
         }
         if b.health_failures == 0 {
             return err("backend.health_failures must be at least 1");
+        }
+        if b.wait_replicas > 0 && (b.wait_timeout.0.is_zero() || b.wait_timeout.0 > b.timeout.0) {
+            return err("backend.wait_timeout must be above zero and at most backend.timeout");
+        }
+        if let Some(p) = &self.sentinel.password {
+            p.resolve("sentinel.password").map_err(ConfigError)?;
+        } else if self.sentinel.username.is_some() {
+            return err("sentinel: a username needs a password");
         }
         let l = &self.limits;
         if l.max_bulk_len == 0 || l.max_bulk_len > 512 * 1024 * 1024 {
@@ -848,8 +939,11 @@ impl Config {
         }
         for s in &self.shards {
             let name = s.resolved_name();
-            self.shard_tls(&name, s.socket_addr()?)
-                .map_err(ConfigError)?;
+            let addr = match &s.master {
+                Some(_) => SocketAddr::from(([127, 0, 0, 1], 0)),
+                None => s.socket_addr()?,
+            };
+            self.shard_tls(&name, addr).map_err(ConfigError)?;
             self.shard_auth(&name).map_err(ConfigError)?;
         }
         if self.backend.tls && self.backend.tls_ca_file.is_none() {
@@ -960,6 +1054,15 @@ mod tests {
         assert_eq!(names, ["redis_7070", "redis_7071"]);
     }
 
+    #[test]
+    fn the_compose_ha_profile_config_is_valid_and_keeps_the_ring_names() {
+        let c = Config::from_toml_str(include_str!("../deploy/docker/proxy-ha.toml")).unwrap();
+        let names: Vec<_> = c.shards.iter().map(|s| s.resolved_name()).collect();
+        assert_eq!(names, ["redis_7070", "redis_7071"]);
+        assert!(c.shards.iter().all(|s| s.master.is_some()));
+        assert_eq!(c.sentinel.addrs.len(), 3);
+    }
+
     fn error_of(text: &str) -> String {
         Config::from_toml_str(text).unwrap_err().0
     }
@@ -983,5 +1086,50 @@ mod tests {
         assert!(error_of(own).contains("own http_listen address"));
         assert!(error_of("[counters]\ncache_ttl = \"5 parsecs\"").contains("duration"));
         assert!(error_of("[durability]\nfsync = \"sometimes\"").contains("fsync"));
+    }
+
+    #[test]
+    fn master_shards_need_a_name_sentinels_and_no_addr() {
+        let error_of = |s: &str| Config::from_toml_str(s).unwrap_err().0;
+        let ok = "[sentinel]\naddrs = [\"127.0.0.1:26379\"]\n\
+                  [[shards]]\nname = \"redis_a\"\nmaster = \"shard-a\"\n\
+                  [[shards]]\naddr = \"127.0.0.1:7071\"\n\
+                  [backend]\nwait_replicas = 1\nwait_timeout = \"500ms\"\n";
+        let c = Config::from_toml_str(ok).unwrap();
+        let specs = c.shard_specs();
+        assert_eq!(specs[0].name, "redis_a");
+        assert_eq!(specs[0].addr, "master:shard-a");
+        assert_eq!(specs[0].master(), Some("shard-a"));
+        assert_eq!(specs[1].master(), None);
+        assert_eq!(c.backend.wait_replicas, 1);
+        let d = Config::from_toml_str("").unwrap();
+        assert_eq!(d.backend.wait_replicas, 0);
+        assert_eq!(d.backend.wait_timeout.0, Duration::from_secs(1));
+        assert!(d.sentinel.addrs.is_empty());
+
+        let sentinel = "[sentinel]\naddrs = [\"127.0.0.1:26379\"]\n";
+        assert!(
+            error_of(&format!("{sentinel}[[shards]]\nmaster = \"shard-a\"\n"))
+                .contains("needs a name")
+        );
+        assert!(error_of("[[shards]]\nname = \"a\"\nmaster = \"shard-a\"\n")
+            .contains("needs [sentinel] addrs"));
+        assert!(error_of(&format!(
+            "{sentinel}[[shards]]\nname = \"a\"\nmaster = \"m\"\naddr = \"127.0.0.1:7070\"\n"
+        ))
+        .contains("exactly one"));
+        assert!(error_of("[[shards]]\nname = \"a\"\n").contains("needs addr"));
+        assert!(error_of(&format!(
+            "{sentinel}[[shards]]\nname = \"a\"\nmaster = \"m\"\n[[shards]]\nname = \"b\"\nmaster = \"m\"\n"
+        ))
+        .contains("duplicate master"));
+        assert!(error_of(&format!(
+            "{sentinel}[[shards]]\nname = \"a\"\nmaster = \"m\"\n[[shards]]\nname = \"a\"\naddr = \"127.0.0.1:7070\"\n"
+        ))
+        .contains("duplicate shard name"));
+        assert!(
+            error_of("[backend]\nwait_replicas = 1\nwait_timeout = \"5s\"\n")
+                .contains("wait_timeout")
+        );
     }
 }

@@ -111,7 +111,7 @@ fn shards(ctx: &Context) -> Lines {
             format!(
                 "name={},addr={},status={},share={:.4},requests={},errors={},timeouts={}",
                 s.name,
-                s.addr,
+                s.addr(),
                 if s.is_up() { "up" } else { "down" },
                 shares[i],
                 s.stats.requests.load(Relaxed),

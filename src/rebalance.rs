@@ -145,7 +145,7 @@ async fn shard_trouble(shard: &Shard) -> Option<String> {
     if shard.is_up() {
         return None;
     }
-    let connect = tokio::net::TcpStream::connect(shard.addr);
+    let connect = tokio::net::TcpStream::connect(shard.addr());
     Some(
         match tokio::time::timeout(shard.conn_opts.connect_timeout, connect).await {
             Ok(Err(e)) => format!("shard {} unreachable: {e}", shard.name),
@@ -173,6 +173,9 @@ async fn holding(m: &Migration) -> String {
     }
 }
 
+/// Why a Sentinel-managed shard cannot join at run time.
+const MASTER_JOIN: &str = "a Sentinel-managed shard (master) joins only at start-up, from the config; add it to [[shards]] and restart";
+
 /// Why a change was refused. Nothing was changed.
 #[derive(Debug)]
 pub struct Refused(pub String);
@@ -183,7 +186,7 @@ pub fn specs_of(t: &Topology) -> Vec<ShardSpec> {
         .iter()
         .map(|s| ShardSpec {
             name: s.name.clone(),
-            addr: s.addr.to_string(),
+            addr: s.spec_addr(),
             weight: s.weight,
         })
         .collect()
@@ -198,14 +201,21 @@ fn build_topology(
 ) -> Result<Topology, Refused> {
     let mut shards = Vec::with_capacity(specs.len());
     for s in specs {
+        if let Some(r) = reuse
+            .iter()
+            .find(|r| r.name == s.name && r.spec_addr() == s.addr)
+        {
+            shards.push(r.clone());
+            continue;
+        }
+        if s.master().is_some() {
+            return Err(Refused(MASTER_JOIN.into()));
+        }
         let addr = s
             .addr
             .parse()
             .map_err(|_| Refused(format!("addr {:?} is not an ip:port address", s.addr)))?;
-        let shard = match reuse.iter().find(|r| r.name == s.name && r.addr == addr) {
-            Some(r) => r.clone(),
-            None => Shard::new(s.name.clone(), addr, s.weight, cfg).map_err(Refused)?,
-        };
+        let shard = Shard::new(s.name.clone(), addr, s.weight, cfg).map_err(Refused)?;
         shards.push(shard);
     }
     Ok(Topology::new(version, shards, cfg.ring.vnodes))
@@ -215,6 +225,9 @@ fn build_topology(
 /// proxy will connect (credentials, TLS), through a throwaway connection. A shard that
 /// cannot be asked is refused too: nothing could be moved into it.
 async fn verify(cfg: &Config, proxy_id: &str, s: &ShardSpec) -> Result<(), Refused> {
+    if s.master().is_some() {
+        return Err(Refused(MASTER_JOIN.into()));
+    }
     let addr = s
         .addr
         .parse()
@@ -237,14 +250,23 @@ fn validate(specs: &[ShardSpec]) -> Result<(), Refused> {
                 s.name
             )));
         }
+        if !names.insert(s.name.clone()) {
+            return Err(Refused(format!("duplicate shard name {:?}", s.name)));
+        }
+        if s.master().is_some() {
+            if !addrs.insert(s.addr.clone()) {
+                return Err(Refused(format!("duplicate shard master {:?}", s.addr)));
+            }
+            if s.weight == 0 || s.weight > 100 {
+                return Err(Refused(format!("weight of {:?} must be 1-100", s.name)));
+            }
+            continue;
+        }
         let addr: std::net::SocketAddr = s
             .addr
             .parse()
             .map_err(|_| Refused(format!("addr {:?} is not an ip:port address", s.addr)))?;
-        if !names.insert(s.name.clone()) {
-            return Err(Refused(format!("duplicate shard name {:?}", s.name)));
-        }
-        if !addrs.insert(addr) {
+        if !addrs.insert(addr.to_string()) {
             return Err(Refused(format!("duplicate shard addr {:?}", s.addr)));
         }
         if s.weight == 0 || s.weight > 100 {

@@ -8,7 +8,8 @@
 //! Owns the listener, the connection cap and the shutdown order. Does not own what happens
 //! on a connection (`connection`).
 
-use crate::backend::{health, Shard};
+use crate::backend::sentinel::{Primary, Sentinels};
+use crate::backend::{follower, health, Shard};
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::context::Context;
@@ -94,11 +95,11 @@ async fn verify_shards(shards: &[Arc<Shard>], proxy_id: &str) -> std::io::Result
         match r {
             Ok(()) => {}
             Err(e) if e.is_unreachable() => {
-                tracing::warn!(shard = %s.name, error = %e.message(s.addr), "shard cannot be asked whether it is Redis; it is used once it answers as Redis");
+                tracing::warn!(shard = %s.name, error = %e.message(s.addr()), "shard cannot be asked whether it is Redis; it is used once it answers as Redis");
                 s.unverified.store(true, Ordering::Relaxed);
                 s.up.store(false, Ordering::Relaxed);
             }
-            Err(e) => refused.push(format!("shard {}: {}", s.name, e.message(s.addr))),
+            Err(e) => refused.push(format!("shard {}: {}", s.name, e.message(s.addr()))),
         }
     }
     if refused.is_empty() {
@@ -107,6 +108,29 @@ async fn verify_shards(shards: &[Arc<Shard>], proxy_id: &str) -> std::io::Result
         refused.sort();
         Err(std::io::Error::other(refused.join("; ")))
     }
+}
+
+/// A Sentinel-managed shard, at the primary the sentinels name and `ROLE` confirms. When
+/// none is confirmed now the shard starts at no address (down, unverified) and the
+/// follower finds the primary later.
+async fn primary_shard(
+    s: &ShardSpec,
+    master: &str,
+    sentinels: &Sentinels,
+    config: &Config,
+) -> Result<Arc<Shard>, String> {
+    let nowhere = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let opts = Shard::conn_options(&s.name, nowhere, config)?;
+    let (addr, replicas) = match follower::discover(sentinels, master, &opts).await {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!(shard = %s.name, master, error = %e, "no primary confirmed at start-up; following the sentinels");
+            (nowhere, Vec::new())
+        }
+    };
+    let primary = Arc::new(Primary::new(master.to_string(), addr));
+    *primary.replicas.lock() = replicas;
+    Shard::with_primary(s.name.clone(), primary, s.weight, config)
 }
 
 /// Builds the shards, the engine and its lanes, and replays the log. Nothing listens yet.
@@ -137,18 +161,20 @@ pub async fn build(
         Some(p) => (p.shards.clone(), p.version),
         None => (configured.clone(), 1),
     };
-    let shards: Vec<Arc<Shard>> = specs
-        .iter()
-        .map(|s| {
-            Shard::new(
+    let sentinels = follower::sentinels(&config).map_err(std::io::Error::other)?;
+    let mut shards: Vec<Arc<Shard>> = Vec::with_capacity(specs.len());
+    for s in &specs {
+        let shard = match s.master() {
+            Some(master) => primary_shard(s, master, &sentinels, &config).await,
+            None => Shard::new(
                 s.name.clone(),
                 s.addr.parse().expect("validated when recorded"),
                 s.weight,
                 &config,
-            )
-        })
-        .collect::<Result<_, String>>()
-        .map_err(std::io::Error::other)?;
+            ),
+        };
+        shards.push(shard.map_err(std::io::Error::other)?);
+    }
     let proxy_id = match (&config.durability.proxy_id, &recovered) {
         (Some(id), _) => id.clone(),
         (None, Some(r)) => r.proxy_id.clone(),
@@ -238,6 +264,17 @@ pub async fn run_with_reload(
             b.health_interval.0,
             b.health_failures,
             b.connect_timeout.0,
+            ctx.engine.proxy_id.clone(),
+            shutdown.clone(),
+        );
+    }
+    {
+        let b = &ctx.config.backend;
+        let sentinels = follower::sentinels(&ctx.config).map_err(std::io::Error::other)?;
+        follower::spawn(
+            ctx.router.topology().shards.clone(),
+            sentinels,
+            b.health_interval.0,
             ctx.engine.proxy_id.clone(),
             shutdown.clone(),
         );

@@ -10,6 +10,16 @@ pub struct ShardSpec {
     pub weight: u32,
 }
 
+/// How a Sentinel-managed shard's address is recorded: `master:<master name>`.
+pub const MASTER_PREFIX: &str = "master:";
+
+impl ShardSpec {
+    /// The Sentinel master name of a shard recorded as `master:<name>`.
+    pub fn master(&self) -> Option<&str> {
+        self.addr.strip_prefix(MASTER_PREFIX)
+    }
+}
+
 /// The shard list in force and, while keys move, the list they move from.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Placement {

@@ -10,6 +10,12 @@
 //! A shard that stops answering is not waited on for ever: when the oldest request in flight
 //! is older than twice the request timeout, the connection is dropped and rebuilt.
 //!
+//! A Sentinel-managed shard's connection (`ConnOptions::primary`) connects to the primary's
+//! address as it is at each (re)connect, asks `ROLE` before any request and refuses to
+//! serve a replica (requests are answered `Unavailable`: never sent), drops when the
+//! primary moves, and drops (asking the follower for a re-check) on a `-READONLY` reply.
+//! Plain shards skip all of it.
+//!
 //! Owns bytes to and from one socket. Does not own what a command means or which shard it
 //! is for.
 
@@ -18,7 +24,7 @@ use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -54,6 +60,18 @@ pub struct ConnOptions {
         tokio_rustls::TlsConnector,
         tokio_rustls::rustls::pki_types::ServerName<'static>,
     )>,
+    /// A Sentinel-managed shard's primary: its address replaces `addr` (see the module doc).
+    pub primary: Option<Arc<super::sentinel::Primary>>,
+}
+
+impl ConnOptions {
+    /// Where a connection made now goes.
+    pub fn current_addr(&self) -> SocketAddr {
+        match &self.primary {
+            Some(p) => p.addr(),
+            None => self.addr,
+        }
+    }
 }
 
 /// A handle to the actor. Cheap to clone; the actor ends when every handle is dropped.
@@ -61,15 +79,28 @@ pub struct ConnOptions {
 pub struct BackendConn {
     tx: mpsc::Sender<Request>,
     connected: Arc<AtomicBool>,
+    /// Connections made so far: two replies on one connection are known to have shared it
+    /// when this did not change in between (`WAIT` must follow its write on one socket).
+    connects: Arc<AtomicU64>,
 }
 
 impl BackendConn {
     pub fn spawn(opts: ConnOptions) -> BackendConn {
         let (tx, rx) = mpsc::channel(opts.queue_depth);
         let connected = Arc::new(AtomicBool::new(false));
-        let span = tracing::info_span!("backend_conn", addr = %opts.addr);
-        crate::task::spawn(span, actor(opts, rx, connected.clone()));
-        BackendConn { tx, connected }
+        let connects = Arc::new(AtomicU64::new(0));
+        let span = tracing::info_span!("backend_conn", addr = %opts.current_addr());
+        crate::task::spawn(span, actor(opts, rx, connected.clone(), connects.clone()));
+        BackendConn {
+            tx,
+            connected,
+            connects,
+        }
+    }
+
+    /// How many connections the actor has made (see `connects`).
+    pub fn connects(&self) -> u64 {
+        self.connects.load(Ordering::SeqCst)
     }
 
     /// Whether the socket is up right now (a hint: it may break the next moment).
@@ -97,21 +128,32 @@ struct Inflight {
     sent_at: Instant,
 }
 
-async fn actor(opts: ConnOptions, mut rx: mpsc::Receiver<Request>, connected: Arc<AtomicBool>) {
+async fn actor(
+    opts: ConnOptions,
+    mut rx: mpsc::Receiver<Request>,
+    connected: Arc<AtomicBool>,
+    connects: Arc<AtomicU64>,
+) {
     let mut backoff = Duration::from_millis(20);
     loop {
+        // Subscribed before the address is read: a move after this drops the connection.
+        let mut moved = opts.primary.as_ref().map(|p| p.subscribe());
+        if let Some(m) = &mut moved {
+            m.borrow_and_update();
+        }
         match connect(&opts).await {
             Ok(stream) => {
                 backoff = Duration::from_millis(20);
+                connects.fetch_add(1, Ordering::SeqCst);
                 connected.store(true, Ordering::Relaxed);
-                let closed = run(stream, &opts, &mut rx).await;
+                let closed = run(stream, &opts, &mut rx, moved).await;
                 connected.store(false, Ordering::Relaxed);
                 if closed {
                     return;
                 }
             }
             Err(e) => {
-                tracing::debug!(addr = %opts.addr, error = %e, "backend connect failed");
+                tracing::debug!(addr = %opts.current_addr(), error = %e, "backend connect failed");
             }
         }
         // Down: answer queued requests at once rather than let them wait for the back-off.
@@ -130,9 +172,16 @@ async fn actor(opts: ConnOptions, mut rx: mpsc::Receiver<Request>, connected: Ar
 }
 
 async fn connect(opts: &ConnOptions) -> std::io::Result<Box<dyn Io>> {
-    let stream = tokio::time::timeout(opts.connect_timeout, TcpStream::connect(opts.addr))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    let role = opts
+        .primary
+        .as_ref()
+        .map(|_| super::encode_command(&["ROLE"]));
+    let stream = tokio::time::timeout(
+        opts.connect_timeout,
+        TcpStream::connect(opts.current_addr()),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     stream.set_nodelay(true)?;
     let mut stream: Box<dyn Io> = match &opts.tls {
         Some((connector, name)) => {
@@ -148,7 +197,7 @@ async fn connect(opts: &ConnOptions) -> std::io::Result<Box<dyn Io>> {
         }
         None => Box::new(stream),
     };
-    for cmd in &opts.on_connect {
+    for cmd in opts.on_connect.iter().chain(role.iter()) {
         stream.write_all(cmd).await?;
         let mut buf = BytesMut::with_capacity(256);
         let reply = loop {
@@ -167,6 +216,12 @@ async fn connect(opts: &ConnOptions) -> std::io::Result<Box<dyn Io>> {
         };
         if let Some(msg) = reply.error() {
             return Err(std::io::Error::other(format!("handshake refused: {msg}")));
+        }
+        if role.as_ref() == Some(cmd) && super::sentinel::parse_role(&reply.frame).is_none() {
+            if let Some(p) = &opts.primary {
+                p.recheck.notify_one();
+            }
+            return Err(std::io::Error::other("not a primary (ROLE)"));
         }
     }
     Ok(stream)
@@ -192,13 +247,19 @@ pub fn decode(buf: &mut BytesMut, resp3: bool) -> Result<Option<Reply>, String> 
 }
 
 /// Serves one connected socket until it breaks (false) or every handle is gone (true).
-async fn run(stream: Box<dyn Io>, opts: &ConnOptions, rx: &mut mpsc::Receiver<Request>) -> bool {
+async fn run(
+    stream: Box<dyn Io>,
+    opts: &ConnOptions,
+    rx: &mut mpsc::Receiver<Request>,
+    moved: Option<tokio::sync::watch::Receiver<SocketAddr>>,
+) -> bool {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let inflight: Arc<Mutex<VecDeque<Inflight>>> = Arc::new(Mutex::new(VecDeque::new()));
     let queued = Arc::new(Notify::new());
     let stall_limit = opts.request_timeout * 2;
 
     let resp3 = opts.resp3;
+    let primary = opts.primary.clone();
     let reader = {
         let inflight = inflight.clone();
         let queued = queued.clone();
@@ -210,12 +271,29 @@ async fn run(stream: Box<dyn Io>, opts: &ConnOptions, rx: &mut mpsc::Receiver<Re
                         // Out-of-band data answers no request (nothing the proxy forwards
                         // turns pushes on, but a shard may still send one).
                         Ok(Some(reply)) if resp3 && reply.raw.first() == Some(&b'>') => {}
-                        Ok(Some(reply)) => match inflight.lock().pop_front() {
-                            Some(w) => {
-                                let _ = w.respond_to.send(Ok(reply));
+                        Ok(Some(reply)) => {
+                            // A primary demoted under the connection: it refused the write;
+                            // drop, so that the reconnect asks ROLE, and have it re-checked.
+                            let demoted = match &primary {
+                                Some(p) if reply.raw.starts_with(b"-READONLY") => {
+                                    p.recheck.notify_one();
+                                    true
+                                }
+                                _ => false,
+                            };
+                            match inflight.lock().pop_front() {
+                                Some(w) => {
+                                    let _ = w.respond_to.send(Ok(reply));
+                                }
+                                None => return, // a reply nobody asked for: resynchronise
                             }
-                            None => return, // a reply nobody asked for: resynchronise
-                        },
+                            if demoted {
+                                tracing::warn!(
+                                    "shard answered READONLY: a replica now; reconnecting"
+                                );
+                                return;
+                            }
+                        }
                         Ok(None) => break,
                         Err(e) => {
                             tracing::warn!(error = %e, "dropping backend connection");
@@ -296,9 +374,19 @@ async fn run(stream: Box<dyn Io>, opts: &ConnOptions, rx: &mut mpsc::Receiver<Re
         }
     };
 
+    let moved = async move {
+        match moved {
+            Some(mut m) => {
+                let _ = m.changed().await;
+                tracing::info!(to = %*m.borrow(), "primary moved; reconnecting");
+            }
+            None => std::future::pending().await,
+        }
+    };
     let closed = tokio::select! {
         _ = reader => false,
         closed = writer => closed,
+        _ = moved => false,
     };
     // Whatever was in flight has an unknown outcome now.
     for w in inflight.lock().drain(..) {

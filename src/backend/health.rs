@@ -62,7 +62,7 @@ pub fn spawn_checker(
                             if matches!(e, identity::NotRedis::Refused(_))
                                 && refused.as_ref() != Some(&e)
                             {
-                                tracing::warn!(shard = %shard.name, error = %e.message(shard.addr), "shard cannot be asked whether it is Redis; nothing is sent to it");
+                                tracing::warn!(shard = %shard.name, error = %e.message(shard.addr()), "shard cannot be asked whether it is Redis; nothing is sent to it");
                                 refused = Some(e);
                             }
                         }
@@ -71,7 +71,7 @@ pub fn spawn_checker(
                             failed = failures;
                             shard.unverified.store(true, Ordering::Relaxed);
                             if refused.as_ref() != Some(&e) {
-                                tracing::error!(shard = %shard.name, error = %e.message(shard.addr), "shard is not a Redis server; nothing is sent to it");
+                                tracing::error!(shard = %shard.name, error = %e.message(shard.addr()), "shard is not a Redis server; nothing is sent to it");
                                 refused = Some(e);
                             }
                         }

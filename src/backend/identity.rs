@@ -80,7 +80,7 @@ pub async fn verify(opts: &ConnOptions, own_proxy_id: &str) -> Result<(), NotRed
     // A plain connect first, for the operating system's reason when it fails.
     match tokio::time::timeout(
         opts.connect_timeout,
-        tokio::net::TcpStream::connect(opts.addr),
+        tokio::net::TcpStream::connect(opts.current_addr()),
     )
     .await
     {

@@ -5,9 +5,11 @@
 //! lost). Does not own what a command means, nor which shard a key belongs to (`router`).
 
 pub mod conn;
+pub mod follower;
 pub mod health;
 pub mod identity;
 pub mod resp3;
+pub mod sentinel;
 
 use bytes::{Bytes, BytesMut};
 pub use conn::{BackendConn, ConnOptions};
@@ -98,7 +100,14 @@ pub struct ShardStats {
 /// One standalone Redis server behind the proxy.
 pub struct Shard {
     pub name: String,
-    pub addr: SocketAddr,
+    /// The address of a plain shard (and a Sentinel-managed one's primary at start-up);
+    /// [`Shard::addr`] is where it is now.
+    static_addr: SocketAddr,
+    /// A Sentinel-managed shard's primary, followed through failovers (`follower`).
+    pub primary: Option<Arc<sentinel::Primary>>,
+    /// `WAIT` after each flushed batch: replicas to confirm it (0: none), and for how long.
+    pub wait_replicas: u32,
+    pub wait_timeout: Duration,
     pub weight: u32,
     /// Forwarded commands; a client always uses the same one, so its commands to this
     /// shard run in the order it sent them.
@@ -137,9 +146,30 @@ impl Shard {
         weight: u32,
         config: &crate::config::Config,
     ) -> Result<Arc<Shard>, String> {
+        Shard::build(name, addr, None, weight, config)
+    }
+
+    /// A Sentinel-managed shard whose primary is at `addr` now.
+    pub fn with_primary(
+        name: String,
+        primary: Arc<sentinel::Primary>,
+        weight: u32,
+        config: &crate::config::Config,
+    ) -> Result<Arc<Shard>, String> {
+        Shard::build(name, primary.addr(), Some(primary), weight, config)
+    }
+
+    fn build(
+        name: String,
+        addr: SocketAddr,
+        primary: Option<Arc<sentinel::Primary>>,
+        weight: u32,
+        config: &crate::config::Config,
+    ) -> Result<Arc<Shard>, String> {
         let cfg = &config.backend;
         let auth_args = config.shard_auth(&name)?;
-        let opts = Shard::conn_options(&name, addr, config)?;
+        let mut opts = Shard::conn_options(&name, addr, config)?;
+        opts.primary = primary.clone();
         let pool = (0..cfg.pool_size)
             .map(|_| BackendConn::spawn(opts.clone()))
             .collect();
@@ -149,7 +179,10 @@ impl Shard {
         };
         Ok(Arc::new(Shard {
             name,
-            addr,
+            static_addr: addr,
+            primary,
+            wait_replicas: cfg.wait_replicas,
+            wait_timeout: cfg.wait_timeout.0,
             weight,
             pool,
             pool3: std::sync::OnceLock::new(),
@@ -185,9 +218,48 @@ impl Shard {
             on_connect: auth.into_iter().collect(),
             resp3: false,
             tls: config.shard_tls(name, addr)?,
+            primary: None,
         })
     }
 
+    /// The shard's address as `spec::ShardSpec` records it.
+    pub fn spec_addr(&self) -> String {
+        match &self.primary {
+            Some(p) => format!("{}{}", crate::spec::MASTER_PREFIX, p.master),
+            None => self.static_addr.to_string(),
+        }
+    }
+
+    /// Where the shard is now: its primary's address for a Sentinel-managed shard.
+    pub fn addr(&self) -> SocketAddr {
+        match &self.primary {
+            Some(p) => p.addr(),
+            None => self.static_addr,
+        }
+    }
+
+    /// Sends `WAIT` on the lane connection when `wait_replicas` asks for it: whether the
+    /// batch whose reply came on connection number `connects` is on that many replicas.
+    /// The `WAIT` must run on the connection that sent the batch's write, so a reconnect in
+    /// between means "not confirmed" (the batch is retried, same id).
+    pub async fn lane_wait(&self, connects: u64) -> Result<bool, BackendError> {
+        if self.wait_replicas == 0 {
+            return Ok(true);
+        }
+        let ms = self.wait_timeout.as_millis().max(1).to_string();
+        let n = self.wait_replicas.to_string();
+        let rx = self.lane_send(encode_command(&["WAIT", &n, &ms]));
+        let reply = match tokio::time::timeout(self.wait_timeout + self.timeout, rx).await {
+            Ok(Ok(r)) => r?,
+            Ok(Err(_)) => return Err(BackendError::Lost),
+            Err(_) => return Err(BackendError::Timeout),
+        };
+        let same_conn = self.lane_conn.connects() == connects;
+        match reply.frame {
+            BytesFrame::Integer(got) if same_conn => Ok(got >= self.wait_replicas as i64),
+            _ => Ok(false),
+        }
+    }
     /// Whether the shard is known to be Redis (see `unverified`).
     pub fn is_verified(&self) -> bool {
         !self.unverified.load(Ordering::Relaxed)

@@ -39,6 +39,10 @@ use tokio::sync::{oneshot, Notify};
 /// The hash on each shard holding, per proxy id, the last batch sequence number applied.
 pub const APPLIED_KEY: &str = "tally:applied";
 
+/// A batch seen before rewrites the watermark as it is: a write, so that a `WAIT` after
+/// the retry (on a new connection, maybe) covers the first application too, and so that a
+/// replica refuses the retry (`-READONLY`) rather than answer from its copy.
+///
 /// KEYS = [APPLIED_KEY, k1..kn, b1..bm]; ARGV = [proxy id, seq, n, d1..dn, then per
 /// bucket hash b: expire-at (0: never), field count, field value pairs], where a delta of
 /// "" means "read only". seq 0: a read-only batch that leaves the watermark alone. The
@@ -53,6 +57,8 @@ if seq > 0 then
   if seq > seen then
     redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
     fresh = true
+  else
+    redis.call('HSET', KEYS[1], ARGV[1], seen)
   end
 end
 local out = {}
@@ -581,6 +587,7 @@ impl Batch {
 }
 
 async fn attempt(lane: &Lane, batch: &Batch) -> Result<Vec<KeyValue>, BackendError> {
+    let connects = lane.shard.lane_conn.connects();
     let rx = lane.shard.lane_send(batch.frame.clone());
     let reply = match tokio::time::timeout(lane.shard.timeout, rx).await {
         Ok(Ok(r)) => r?,
@@ -592,10 +599,17 @@ async fn attempt(lane: &Lane, batch: &Batch) -> Result<Vec<KeyValue>, BackendErr
         .iter()
         .filter(|(k, _)| super::windows::parse_pending(k).is_none())
         .count();
-    parse_results(&reply, counters).ok_or_else(|| {
+    let results = parse_results(&reply, counters).ok_or_else(|| {
         tracing::warn!(shard = %lane.shard.name, reply = ?reply.frame, "unexpected flush reply");
         BackendError::Lost
-    })
+    })?;
+    // With `wait_replicas`, a batch that wrote is settled only once enough replicas have
+    // it; short of that it is retried (same id: applied once, wherever it lands).
+    if batch.seq != 0 && !lane.shard.lane_wait(connects).await? {
+        tracing::debug!(shard = %lane.shard.name, seq = batch.seq, "WAIT fell short of wait_replicas");
+        return Err(BackendError::Timeout);
+    }
+    Ok(results)
 }
 
 fn parse_results(reply: &Reply, n: usize) -> Option<Vec<KeyValue>> {

@@ -276,7 +276,7 @@ impl Engine {
         from: &Arc<Shard>,
         to: &Arc<Shard>,
     ) -> Result<bool, String> {
-        let (host, port) = (to.addr.ip().to_string(), to.addr.port().to_string());
+        let (host, port) = (to.addr().ip().to_string(), to.addr().port().to_string());
         let timeout_ms = (from.timeout.as_millis() * 4).to_string();
         let mut migrate: Vec<&[u8]> = vec![
             b"MIGRATE",

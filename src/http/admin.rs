@@ -157,6 +157,24 @@ async fn apply(ctx: &Arc<Context>, specs: Vec<ShardSpec>) -> Resp {
     }
 }
 
+/// A Sentinel-managed shard's primary, replicas and last failover, for `/admin/shards`.
+fn primary_json(p: &crate::backend::sentinel::Primary) -> serde_json::Value {
+    let last = p.last_failover.lock().map(|(at, from, to)| {
+        let unix = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        json!({"at_unix": unix, "from": from.to_string(), "to": to.to_string()})
+    });
+    let replicas: Vec<String> = p.replicas.lock().iter().map(|a| a.to_string()).collect();
+    json!({
+        "master": p.master,
+        "primary": p.addr().to_string(),
+        "replicas": replicas,
+        "last_failover": last,
+    })
+}
+
 fn shards(ctx: &Context) -> Resp {
     let topo = ctx.router.topology();
     let shares = topo.shares();
@@ -168,11 +186,12 @@ fn shards(ctx: &Context) -> Resp {
         .map(|(s, share)| {
             json!({
                 "name": s.name,
-                "addr": s.addr.to_string(),
+                "addr": s.addr().to_string(),
                 "weight": s.weight,
                 "health": if s.is_up() { "up" } else { "down" },
                 "share": share,
                 "keys_moved_in": progress.moved_into.get(&s.name).copied().unwrap_or(0),
+                "sentinel": s.primary.as_ref().map(|p| primary_json(p)),
             })
         })
         .collect();

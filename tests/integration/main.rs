@@ -15,4 +15,5 @@ mod rebalance;
 mod resp3;
 mod same_shard;
 mod security;
+mod sentinel;
 mod windows;

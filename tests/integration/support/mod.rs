@@ -464,6 +464,137 @@ pub fn ring_owner(shards: &[&Redis], key: &str) -> u16 {
     shards[ring.locate(key.as_bytes())].port
 }
 
+/// A Redis Sentinel (`redis-server <conf> --sentinel`) on a free port, monitoring
+/// `masters` (name, primary's port) with a quorum of 2, killed by PID on drop.
+pub struct Sentinel {
+    pub port: u16,
+    child: Option<Child>,
+    dir: TempDir,
+    masters: Vec<(String, u16)>,
+}
+
+impl Sentinel {
+    pub fn start(masters: &[(&str, u16)]) -> Sentinel {
+        let mut s = Sentinel {
+            port: free_port(),
+            child: None,
+            dir: TempDir::new("sentinel"),
+            masters: masters.iter().map(|(n, p)| (n.to_string(), *p)).collect(),
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        for attempt in 0..5 {
+            let mut conf = format!(
+                "port {}\nbind 127.0.0.1\ndir {}\nsentinel resolve-hostnames no\n",
+                self.port,
+                self.dir.path().display()
+            );
+            for (name, port) in &self.masters {
+                conf.push_str(&format!(
+                    "sentinel monitor {name} 127.0.0.1 {port} 2\n\
+                     sentinel down-after-milliseconds {name} 1000\n\
+                     sentinel failover-timeout {name} 5000\n"
+                ));
+            }
+            let path = self.dir.path().join("sentinel.conf");
+            std::fs::write(&path, conf).unwrap();
+            let child = Command::new("redis-server")
+                .arg(&path)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server must be installed (scripts/ensure-deps.sh)");
+            self.child = Some(child);
+            if wait_until(Duration::from_secs(5), || ping(self.port)) {
+                return;
+            }
+            self.stop();
+            if attempt < 4 {
+                self.port = free_port();
+            }
+        }
+        panic!("redis sentinel did not start");
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the sentinel (SIGKILL by PID).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port, with the configuration it rewrote meanwhile.
+    pub fn restart(&mut self) {
+        self.stop();
+        let path = self.dir.path().join("sentinel.conf");
+        let child = Command::new("redis-server")
+            .arg(&path)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        assert!(
+            wait_until(Duration::from_secs(5), || ping(self.port)),
+            "sentinel restarted"
+        );
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}/", self.port)).unwrap();
+        let mut c = client.get_connection_with_timeout(Duration::from_secs(2))?;
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query(&mut c)
+    }
+
+    /// The port of `master`'s primary, as this sentinel says.
+    pub fn master_port(&self, master: &str) -> Option<u16> {
+        match self.cmd(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", master]) {
+            Ok(redis::Value::Array(v)) if v.len() == 2 => match &v[1] {
+                redis::Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The role a redis-server at `port` says it has (`master`, `slave`), if it answers.
+pub fn role(port: u16) -> Option<String> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
+    let mut c = client
+        .get_connection_with_timeout(Duration::from_millis(500))
+        .ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    match redis::cmd("ROLE").query::<redis::Value>(&mut c).ok()? {
+        redis::Value::Array(v) => match v.first()? {
+            redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).to_string()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// The built `tallyproxy` binary with a config file, killed by PID on drop.
 pub struct ProxyProcess {
     child: Option<Child>,
@@ -504,8 +635,47 @@ impl ProxyProcess {
         Self::spawn(shards, wal, "always", "100ms", "", extra, Some(log))
     }
 
+    /// Sentinel-managed shards: `masters` as (shard name, Sentinel master name), the
+    /// sentinels at `sentinels`, `backend` more `[backend]` keys (e.g. `wait_replicas`),
+    /// logging JSON lines at `info` to `log` when given.
+    pub fn start_masters(
+        masters: &[(&str, &str)],
+        sentinels: &[String],
+        wal: &TempDir,
+        backend: &str,
+        log: Option<&Path>,
+    ) -> ProxyProcess {
+        let mut shards = String::new();
+        for (name, master) in masters {
+            shards.push_str(&format!(
+                "[[shards]]\nname = \"{name}\"\nmaster = \"{master}\"\n"
+            ));
+        }
+        let addrs: Vec<String> = sentinels.iter().map(|a| format!("\"{a}\"")).collect();
+        shards.push_str(&format!("[sentinel]\naddrs = [{}]\n", addrs.join(", ")));
+        Self::spawn_toml(shards, backend, wal, "always", "100ms", "", "", log)
+    }
+
     fn spawn(
         shards: &[String],
+        wal: &TempDir,
+        fsync: &str,
+        flush: &str,
+        durability: &str,
+        extra: &str,
+        log: Option<&Path>,
+    ) -> ProxyProcess {
+        let mut toml = String::new();
+        for s in shards {
+            toml.push_str(&format!("[[shards]]\naddr = \"{s}\"\n"));
+        }
+        Self::spawn_toml(toml, "", wal, fsync, flush, durability, extra, log)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_toml(
+        shards: String,
+        backend: &str,
         wal: &TempDir,
         fsync: &str,
         flush: &str,
@@ -516,11 +686,9 @@ impl ProxyProcess {
         let (port, http) = (free_port(), free_port());
         let mut toml =
             format!("listen = \"127.0.0.1:{port}\"\nhttp_listen = \"127.0.0.1:{http}\"\n");
-        for s in shards {
-            toml.push_str(&format!("[[shards]]\naddr = \"{s}\"\n"));
-        }
+        toml.push_str(&shards);
         toml.push_str(&format!(
-            "[backend]\ntimeout = \"500ms\"\nhealth_interval = \"100ms\"\n[counters]\nflush_interval = \"{flush}\"\n\
+            "[backend]\ntimeout = \"500ms\"\nhealth_interval = \"100ms\"\n{backend}\n[counters]\nflush_interval = \"{flush}\"\n\
              [durability]\nwal_dir = \"{}\"\nfsync = \"{fsync}\"\n{durability}\n[log]\nlevel = \"warn\"\n{extra}",
             wal.path().join("log").display()
         ));
