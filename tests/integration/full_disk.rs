@@ -8,16 +8,14 @@
 //!
 //! Mounting a tmpfs needs root (CI runs as root); elsewhere each test says why it is skipped.
 
+use crate::support::load::{self, Load};
 use crate::support::{self, ProxyProcess, Redis, TempDir};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// A tmpfs mounted for one test, unmounted on drop.
 struct Tmpfs(PathBuf);
@@ -84,52 +82,8 @@ impl Drop for Tmpfs {
     }
 }
 
-/// Per key: increments acknowledged with an integer, and increments sent whose outcome is
-/// not a refusal (acknowledged, or unknown because the connection closed first).
-#[derive(Debug, Default, Clone, Copy)]
-struct Seen {
-    acked: i64,
-    sent: i64,
-}
-
-#[derive(Debug, Default)]
-struct Load {
-    keys: HashMap<String, Seen>,
-    refusals: u64,
-    closed: u64,
-}
-
-impl Load {
-    fn merge(&mut self, other: Load) {
-        for (k, s) in other.keys {
-            let e = self.keys.entry(k).or_default();
-            e.acked += s.acked;
-            e.sent += s.sent;
-        }
-        self.refusals += other.refusals;
-        self.closed += other.closed;
-    }
-}
-
-/// Reads one line reply (`:n` or `-err`); None when the connection closed or stalled.
-async fn read_line(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
-    loop {
-        if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
-            let line = String::from_utf8_lossy(&buf[..i]).to_string();
-            buf.drain(..i + 2);
-            return Some(line);
-        }
-        let mut chunk = [0u8; 4096];
-        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk)).await {
-            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-            _ => return None,
-        }
-    }
-}
-
-/// `clients` connections, each sending pipelines of `depth` INCRs over its own 4 keys,
-/// until `stop`, until its connection closes, or until three of its pipelines in a row
-/// were refused whole (the log is full). Bounded to 30 s.
+/// Pipelines of `depth` INCRs from `clients` connections until each is refused three
+/// pipelines in a row (the log is full) or closed; bounded to 30 s.
 async fn pipelined_load(
     addr: SocketAddr,
     clients: usize,
@@ -137,67 +91,15 @@ async fn pipelined_load(
     tag: &'static str,
     stop: Arc<AtomicBool>,
 ) -> Load {
-    let mut tasks = Vec::new();
-    for c in 0..clients {
-        let stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut load = Load::default();
-            let keys: Vec<String> = (0..4).map(|k| format!("full:{tag}:{c}:{k}")).collect();
-            let Ok(mut s) = TcpStream::connect(addr).await else {
-                return load;
-            };
-            let mut buf = Vec::new();
-            let mut refused_rounds = 0;
-            let deadline = Instant::now() + Duration::from_secs(30);
-            'rounds: for _ in 0..100_000 {
-                if stop.load(Ordering::Relaxed) || Instant::now() > deadline || refused_rounds >= 3
-                {
-                    break;
-                }
-                let mut req = Vec::new();
-                for i in 0..depth {
-                    req.extend(support::encode(&["INCR", &keys[i % keys.len()]]));
-                    load.keys
-                        .entry(keys[i % keys.len()].clone())
-                        .or_default()
-                        .sent += 1;
-                }
-                if s.write_all(&req).await.is_err() {
-                    load.closed += 1;
-                    break;
-                }
-                let mut refused = 0;
-                for i in 0..depth {
-                    let Some(line) = read_line(&mut s, &mut buf).await else {
-                        // Closed without replies: the rest of the pipeline is unknown.
-                        load.closed += 1;
-                        break 'rounds;
-                    };
-                    let seen = load.keys.get_mut(&keys[i % keys.len()]).unwrap();
-                    if line.starts_with(':') {
-                        seen.acked += 1;
-                    } else {
-                        assert!(line.starts_with('-'), "reply {line:?}");
-                        // A refusal buffers nothing.
-                        seen.sent -= 1;
-                        refused += 1;
-                        load.refusals += 1;
-                    }
-                }
-                refused_rounds = if refused == depth {
-                    refused_rounds + 1
-                } else {
-                    0
-                };
-            }
-            load
-        }));
-    }
-    let mut all = Load::default();
-    for t in tasks {
-        all.merge(t.await.unwrap());
-    }
-    all
+    let spec = load::Spec {
+        clients,
+        depth,
+        prefix: format!("full:{tag}"),
+        pause: Duration::ZERO,
+        refused_rounds: Some(3),
+        limit: Duration::from_secs(30),
+    };
+    load::pipelined(addr, spec, stop).await
 }
 
 fn landed(shards: &[&Redis], key: &str) -> i64 {
@@ -208,20 +110,9 @@ fn landed(shards: &[&Redis], key: &str) -> i64 {
         .sum()
 }
 
-/// Key by key: (acknowledged but not landed, landed but never sent), summed.
-fn lost_and_doubled(shards: &[&Redis], load: &Load) -> (i64, i64) {
-    let (mut lost, mut doubled) = (0, 0);
-    for (k, s) in &load.keys {
-        let got = landed(shards, k);
-        lost += (s.acked - got).max(0);
-        doubled += (got - s.sent).max(0);
-    }
-    (lost, doubled)
-}
-
 fn check(shards: &[&Redis], load: &Load, when: &str) {
-    let acked: i64 = load.keys.values().map(|s| s.acked).sum();
-    let (lost, doubled) = lost_and_doubled(shards, load);
+    let acked = load.acked();
+    let (lost, doubled) = load.lost_and_doubled(|k| landed(shards, k));
     eprintln!(
         "full disk, {when}: {acked} acknowledged, {} refused, {} connections closed; lost {lost}, doubled {doubled}",
         load.refusals, load.closed

@@ -3,14 +3,12 @@
 //! primary changes; then each key is checked against what its client saw acknowledged,
 //! summed over the primaries the sentinels name: 0 lost, 0 doubled.
 
+use crate::support::load::{self, Load};
 use crate::support::{self, ProxyProcess, Redis, Sentinel, TempDir};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const MASTERS: [(&str, &str); 2] = [("redis_a", "shard-a"), ("redis_b", "shard-b")];
 
@@ -121,24 +119,13 @@ impl Ha {
             .sum()
     }
 
-    /// Key by key: (acknowledged but not landed, landed but never sent), summed.
-    fn lost_and_doubled(&self, load: &Load) -> (i64, i64) {
-        let (mut lost, mut doubled) = (0, 0);
-        for (k, s) in &load.keys {
-            let got = self.landed(k);
-            lost += (s.acked - got).max(0);
-            doubled += (got - s.sent).max(0);
-        }
-        (lost, doubled)
-    }
-
     /// Waits (bounded) for every acknowledged increment to land, checking that nothing is
     /// ever doubled on the way, then asserts 0 lost and 0 doubled.
     fn check(&self, load: &Load, when: &str) {
-        let acked: i64 = load.keys.values().map(|s| s.acked).sum();
+        let acked = load.acked();
         let deadline = Instant::now() + Duration::from_secs(60);
         let (lost, doubled) = loop {
-            let (lost, doubled) = self.lost_and_doubled(load);
+            let (lost, doubled) = load.lost_and_doubled(|k| self.landed(k));
             if doubled > 0 || lost == 0 || Instant::now() > deadline {
                 break (lost, doubled);
             }
@@ -153,117 +140,21 @@ impl Ha {
     }
 }
 
-/// Per key: increments acknowledged with an integer, and increments sent whose outcome is
-/// not a refusal (acknowledged, or unknown because the connection closed first).
-#[derive(Debug, Default, Clone, Copy)]
-struct Seen {
-    acked: i64,
-    sent: i64,
-}
-
-#[derive(Debug, Default)]
-struct Load {
-    keys: HashMap<String, Seen>,
-    refusals: u64,
-    closed: u64,
-}
-
-impl Load {
-    fn merge(&mut self, other: Load) {
-        for (k, s) in other.keys {
-            let e = self.keys.entry(k).or_default();
-            e.acked += s.acked;
-            e.sent += s.sent;
-        }
-        self.refusals += other.refusals;
-        self.closed += other.closed;
-    }
-}
-
-/// Reads one line reply (`:n` or `-err`); None when the connection closed or stalled.
-async fn read_line(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
-    loop {
-        if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
-            let line = String::from_utf8_lossy(&buf[..i]).to_string();
-            buf.drain(..i + 2);
-            return Some(line);
-        }
-        let mut chunk = [0u8; 4096];
-        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk)).await {
-            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-            _ => return None,
-        }
-    }
-}
-
-/// `clients` connections, each sending pipelines of `depth` INCRs over its own 4 keys
-/// (pausing briefly between pipelines), until `stop` or until its connection closes.
-/// Bounded to 60 s.
-async fn pipelined_load(
-    addr: SocketAddr,
-    clients: usize,
-    depth: usize,
-    tag: &'static str,
-    stop: Arc<AtomicBool>,
-) -> Load {
-    let mut tasks = Vec::new();
-    for c in 0..clients {
-        let stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut load = Load::default();
-            let keys: Vec<String> = (0..4).map(|k| format!("ha:{tag}:{c}:{k}")).collect();
-            let Ok(mut s) = TcpStream::connect(addr).await else {
-                return load;
-            };
-            let mut buf = Vec::new();
-            let deadline = Instant::now() + Duration::from_secs(60);
-            'rounds: while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                let mut req = Vec::new();
-                for i in 0..depth {
-                    req.extend(support::encode(&["INCR", &keys[i % keys.len()]]));
-                    load.keys
-                        .entry(keys[i % keys.len()].clone())
-                        .or_default()
-                        .sent += 1;
-                }
-                if s.write_all(&req).await.is_err() {
-                    load.closed += 1;
-                    break;
-                }
-                for i in 0..depth {
-                    let Some(line) = read_line(&mut s, &mut buf).await else {
-                        load.closed += 1;
-                        break 'rounds;
-                    };
-                    let seen = load.keys.get_mut(&keys[i % keys.len()]).unwrap();
-                    if line.starts_with(':') {
-                        seen.acked += 1;
-                    } else {
-                        assert!(line.starts_with('-'), "reply {line:?}");
-                        // A refusal buffers nothing.
-                        seen.sent -= 1;
-                        load.refusals += 1;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            load
-        }));
-    }
-    let mut all = Load::default();
-    for t in tasks {
-        all.merge(t.await.unwrap());
-    }
-    all
-}
-
 /// The load, run in the background until the returned flag is set.
 fn start_load(
     proxy: &ProxyProcess,
     tag: &'static str,
 ) -> (Arc<AtomicBool>, tokio::task::JoinHandle<Load>) {
     let stop = Arc::new(AtomicBool::new(false));
-    let task = tokio::spawn(pipelined_load(proxy.addr(), 4, 16, tag, stop.clone()));
+    let spec = load::Spec {
+        clients: 4,
+        depth: 16,
+        prefix: format!("ha:{tag}"),
+        pause: Duration::from_millis(5),
+        refused_rounds: None,
+        limit: Duration::from_secs(60),
+    };
+    let task = tokio::spawn(load::pipelined(proxy.addr(), spec, stop.clone()));
     (stop, task)
 }
 

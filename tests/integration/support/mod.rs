@@ -3,6 +3,8 @@
 //! its handle drops; every wait is bounded.
 #![allow(dead_code)]
 
+pub mod load;
+
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
