@@ -21,6 +21,8 @@ pub enum Kind {
     SameShard(Keys),
     /// A counter operation; on a batched counter key the engine answers it.
     Counter(CounterOp),
+    /// Sent to every shard, replies merged (see `connection::every_shard`).
+    EveryShard,
     /// A time-window query of the key at argument 1 (see `counter::windows`).
     Window(WindowOp),
     /// Known but not served, with the reason.
@@ -313,7 +315,7 @@ const SORT_PATTERNS: &str = "its BY and GET patterns may name keys on any shard"
 const BLOCKING: &str = "blocking commands would hold a shared backend connection";
 const TRANSACTIONS: &str = "transactions cannot span the proxy's shared backend connections";
 const PUBSUB: &str = "pub/sub is not proxied";
-const SCRIPTING: &str = "script and function management would have to reach every shard";
+const SCRIPTING: &str = "function management would have to reach every shard";
 const KEYSPACE: &str = "a keyspace-wide command would have to visit every shard";
 const ADMIN: &str = "server administration goes to each shard directly";
 
@@ -349,7 +351,6 @@ const REFUSED: &[(&str, &str)] = &[
     ("waitaof", BLOCKING),
     ("xread", BLOCKING),
     ("xreadgroup", BLOCKING),
-    ("script", SCRIPTING),
     ("function", SCRIPTING),
     ("sort", SORT_PATTERNS),
     ("sort_ro", SORT_PATTERNS),
@@ -403,6 +404,7 @@ fn table() -> &'static Table {
         for &(n, a, k) in SAME_SHARD {
             add(n, a, Kind::SameShard(k));
         }
+        add("script", -2, Kind::EveryShard);
         for &(n, a) in LOCAL {
             add(n, a, Kind::Local);
         }

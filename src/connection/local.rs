@@ -260,7 +260,7 @@ fn command_entry(out: &mut BytesMut, spec: &Spec, proto: Proto) {
         Kind::Multi(command::Merge::Pairs) => (1, -1, 2),
         Kind::Multi(_) => (1, -1, 1),
         Kind::SameShard(k) => k.legacy_range(),
-        Kind::Local | Kind::Refused(_) => (0, 0, 0),
+        Kind::Local | Kind::Refused(_) | Kind::EveryShard => (0, 0, 0),
     };
     reply::array(out, 10);
     reply::bulk(out, spec.name.as_bytes());

@@ -15,6 +15,7 @@
 //! Owns the per-client loop and dispatch. Does not own parsing (`resp`), counting
 //! (`counter`) or sockets to shards (`backend`).
 
+pub mod every_shard;
 pub mod local;
 pub mod multi;
 pub mod same_shard;
@@ -524,6 +525,7 @@ fn dispatch_spec(
         }
         Kind::Multi(m) => multi::dispatch(ctx, client, spec, m, args, out),
         Kind::SameShard(keys) => same_shard::dispatch(ctx, client, keys, args, out),
+        Kind::EveryShard => every_shard::script(ctx, client, args, out),
         Kind::Window(op) => {
             let ctx = ctx.clone();
             Some(Pending::Task(Box::pin(async move {

@@ -333,7 +333,7 @@ async fn refused_and_unknown_commands_keep_the_connection_usable() {
         &["MULTI"],
         &["SUBSCRIBE", "ch"],
         &["BLPOP", "l", "0"],
-        &["SCRIPT", "FLUSH"],
+        &["FUNCTION", "FLUSH"],
         &["FLUSHALL"],
         &["CONFIG", "SET", "x", "y"],
     ] {

@@ -195,3 +195,50 @@ async fn counter_keys_land_their_increments_before_a_same_shard_command() {
     assert_eq!(owner.get("{v}other").as_deref(), Some("101"));
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn script_load_exists_and_flush_reach_every_shard() {
+    let (a, b, direct) = (Redis::start(), Redis::start(), Redis::start());
+    let wal = TempDir::new("script-fanout");
+    let proxy = Proxy::start(config(&[&a, &b], &wal)).await;
+    let shards = [&a, &b];
+    let on = |port: u16| {
+        (0..1000)
+            .map(|i| format!("s{i}"))
+            .find(|k| ring_owner(&shards, k) == port)
+            .unwrap()
+    };
+    let (on_a, on_b) = (on(a.port), on(b.port));
+    let mut c = proxy.conn().await;
+    let mut d = Raw::connect(direct.addr().parse().unwrap()).await;
+    let body = "return redis.call('INCRBY', KEYS[1], ARGV[1])";
+    let sha = c.cmd(&["SCRIPT", "LOAD", body]).await;
+    assert_eq!(sha, d.cmd(&["SCRIPT", "LOAD", body]).await);
+    let sha = sha.lines().nth(1).unwrap().to_string();
+    // Loaded on every shard: EVALSHA works whichever shard the key leads to.
+    assert_eq!(c.cmd(&["EVALSHA", &sha, "1", &on_a, "2"]).await, ":2\r\n");
+    assert_eq!(c.cmd(&["EVALSHA", &sha, "1", &on_b, "3"]).await, ":3\r\n");
+    let missing = "ffffffffffffffffffffffffffffffffffffffff";
+    assert_eq!(
+        c.cmd(&["SCRIPT", "EXISTS", &sha, missing]).await,
+        "*2\r\n:1\r\n:0\r\n"
+    );
+    // On one shard only: it does not exist for the proxy (EVALSHA could miss it).
+    let lone = a.cmd(&["SCRIPT", "LOAD", "return 1"]);
+    let redis::Value::BulkString(lone) = lone else {
+        panic!("{lone:?}")
+    };
+    let lone = String::from_utf8(lone).unwrap();
+    assert_eq!(c.cmd(&["SCRIPT", "EXISTS", &lone]).await, "*1\r\n:0\r\n");
+    assert_eq!(c.cmd(&["SCRIPT", "FLUSH"]).await, "+OK\r\n");
+    assert_eq!(c.cmd(&["SCRIPT", "EXISTS", &sha]).await, "*1\r\n:0\r\n");
+    let kill = c.cmd(&["SCRIPT", "KILL"]).await;
+    assert!(
+        kill.starts_with("-ERR SCRIPT subcommands other than"),
+        "{kill}"
+    );
+    // RESP3 clients get the same shapes.
+    c.cmd(&["HELLO", "3"]).await;
+    assert_eq!(c.cmd(&["SCRIPT", "EXISTS", &sha]).await, "*1\r\n:0\r\n");
+    proxy.stop().await;
+}
