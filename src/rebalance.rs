@@ -208,30 +208,29 @@ fn build_topology(
             shards.push(r.clone());
             continue;
         }
-        if s.master().is_some() {
-            return Err(Refused(MASTER_JOIN.into()));
-        }
-        let addr = s
-            .addr
-            .parse()
-            .map_err(|_| Refused(format!("addr {:?} is not an ip:port address", s.addr)))?;
+        let addr = joining_addr(s)?;
         let shard = Shard::new(s.name.clone(), addr, s.weight, cfg).map_err(Refused)?;
         shards.push(shard);
     }
     Ok(Topology::new(version, shards, cfg.ring.vnodes))
 }
 
+/// The address of a shard that joins at run time: an `ip:port` (a Sentinel master name joins
+/// only from the config at start-up).
+fn joining_addr(s: &ShardSpec) -> Result<std::net::SocketAddr, Refused> {
+    if s.master().is_some() {
+        return Err(Refused(MASTER_JOIN.into()));
+    }
+    s.addr
+        .parse()
+        .map_err(|_| Refused(format!("addr {:?} is not an ip:port address", s.addr)))
+}
+
 /// Whether a shard about to join is a Redis server (see `backend::identity`), asked as the
 /// proxy will connect (credentials, TLS), through a throwaway connection. A shard that
 /// cannot be asked is refused too: nothing could be moved into it.
 async fn verify(cfg: &Config, proxy_id: &str, s: &ShardSpec) -> Result<(), Refused> {
-    if s.master().is_some() {
-        return Err(Refused(MASTER_JOIN.into()));
-    }
-    let addr = s
-        .addr
-        .parse()
-        .map_err(|_| Refused(format!("addr {:?} is not an ip:port address", s.addr)))?;
+    let addr = joining_addr(s)?;
     let opts = Shard::conn_options(&s.name, addr, cfg).map_err(Refused)?;
     crate::backend::identity::verify(&opts, proxy_id)
         .await

@@ -190,19 +190,18 @@ mod tests {
         }
     }
 
+    /// "a" with weight 1 and "b" with weight 3.
+    fn a1_b3() -> Ring {
+        let node = |name: &str, weight| Node {
+            name: name.into(),
+            weight,
+        };
+        Ring::new(vec![node("a", 1), node("b", 3)], 160)
+    }
+
     #[test]
     fn shares_sum_to_one_and_follow_weights() {
-        let nodes = vec![
-            Node {
-                name: "a".into(),
-                weight: 1,
-            },
-            Node {
-                name: "b".into(),
-                weight: 3,
-            },
-        ];
-        let r = Ring::new(nodes, 160);
+        let r = a1_b3();
         let s = r.shares();
         assert!((s.iter().sum::<f64>() - 1.0).abs() < 1e-9);
         assert!(s[1] > 0.65 && s[1] < 0.85, "{s:?}");
@@ -249,19 +248,7 @@ mod tests {
         };
         assert_eq!(digest(&["redis_7070", "redis_7071"]), 0xd94f_38e1);
         assert_eq!(digest(&["a", "b", "c", "d"]), 0xb9c0_9c35);
-        let w = Ring::new(
-            vec![
-                Node {
-                    name: "a".into(),
-                    weight: 1,
-                },
-                Node {
-                    name: "b".into(),
-                    weight: 3,
-                },
-            ],
-            160,
-        );
+        let w = a1_b3();
         let weighted: Vec<usize> = keys.iter().map(|k| w.locate(k.as_bytes())).collect();
         assert_eq!(weighted, [1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1]);
     }

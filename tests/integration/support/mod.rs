@@ -501,17 +501,8 @@ impl Sentinel {
                      sentinel failover-timeout {name} 5000\n"
                 ));
             }
-            let path = self.dir.path().join("sentinel.conf");
-            std::fs::write(&path, conf).unwrap();
-            let child = Command::new("redis-server")
-                .arg(&path)
-                .arg("--sentinel")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server must be installed (scripts/ensure-deps.sh)");
-            self.child = Some(child);
-            if wait_until(Duration::from_secs(5), || ping(self.port)) {
+            std::fs::write(self.dir.path().join("sentinel.conf"), conf).unwrap();
+            if self.launch() {
                 return;
             }
             self.stop();
@@ -537,19 +528,21 @@ impl Sentinel {
     /// Starts it again on the same port, with the configuration it rewrote meanwhile.
     pub fn restart(&mut self) {
         self.stop();
-        let path = self.dir.path().join("sentinel.conf");
+        assert!(self.launch(), "sentinel restarted");
+    }
+
+    /// Runs `redis-server sentinel.conf --sentinel` from its directory; true once it answers
+    /// PING (within 5 s).
+    fn launch(&mut self) -> bool {
         let child = Command::new("redis-server")
-            .arg(&path)
+            .arg(self.dir.path().join("sentinel.conf"))
             .arg("--sentinel")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap();
+            .expect("redis-server must be installed (scripts/ensure-deps.sh)");
         self.child = Some(child);
-        assert!(
-            wait_until(Duration::from_secs(5), || ping(self.port)),
-            "sentinel restarted"
-        );
+        wait_until(Duration::from_secs(5), || ping(self.port))
     }
 
     pub fn cmd(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
