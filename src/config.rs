@@ -63,6 +63,8 @@ pub struct Config {
     /// Sentinels for `master` shards.
     #[serde(default)]
     pub sentinel: SentinelConfig,
+    /// A Redis Cluster behind the proxy instead of `[[shards]]` (see `cluster`).
+    pub cluster: Option<ClusterConfig>,
     #[serde(default)]
     pub backend: BackendConfig,
     #[serde(default)]
@@ -248,6 +250,21 @@ pub struct BackendConfig {
     /// How long one `WAIT` may block; a batch it does not confirm is retried (same id).
     #[serde(default = "defaults::wait_timeout")]
     pub wait_timeout: HumanDuration,
+}
+
+/// A Redis Cluster behind the proxy: its nodes are learned from the seeds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Any reachable nodes of the cluster, asked in turn for the slot map.
+    pub seeds: Vec<SocketAddr>,
+    /// As `[backend] wait_replicas`, for the cluster's primaries (default: `[backend]`'s).
+    pub wait_replicas: Option<u32>,
+    /// As `[backend] wait_timeout` (default: `[backend]`'s).
+    pub wait_timeout: Option<HumanDuration>,
+    /// How often the slot map is asked for when nothing prompts it.
+    #[serde(default = "defaults::cluster_refresh")]
+    pub refresh_interval: HumanDuration,
 }
 
 /// The Sentinels that know the primaries of `master` shards.
@@ -547,6 +564,10 @@ mod defaults {
     pub fn health_failures() -> u32 {
         3
     }
+    pub fn cluster_refresh() -> HumanDuration {
+        HumanDuration(Duration::from_secs(5))
+    }
+
     pub fn max_bulk_len() -> usize {
         16 * 1024 * 1024
     }
@@ -664,6 +685,23 @@ impl Config {
     }
 
     /// The `[[shards]]` list as the log and the ring see it.
+    /// Replicas that must confirm a flushed batch: `[cluster]`'s in cluster mode when it
+    /// sets one, else `[backend]`'s.
+    pub fn wait_replicas(&self) -> u32 {
+        self.cluster
+            .as_ref()
+            .and_then(|c| c.wait_replicas)
+            .unwrap_or(self.backend.wait_replicas)
+    }
+
+    pub fn wait_timeout(&self) -> Duration {
+        self.cluster
+            .as_ref()
+            .and_then(|c| c.wait_timeout)
+            .unwrap_or(self.backend.wait_timeout)
+            .0
+    }
+
     pub fn shard_specs(&self) -> Vec<crate::spec::ShardSpec> {
         self.shards
             .iter()
@@ -739,6 +777,24 @@ impl Config {
                 && (own.ip() == addr.ip()
                     || (own.ip().is_unspecified()
                         && (addr.ip().is_loopback() || addr.ip().is_unspecified())))
+        }
+        if let Some(c) = &self.cluster {
+            if !self.shards.is_empty() {
+                return err("cluster: [cluster] and [[shards]] cannot both be given: the cluster's nodes are learned from its seeds");
+            }
+            if c.seeds.is_empty() {
+                return err("cluster: seeds must name at least one node");
+            }
+            if let Some(own) = c
+                .seeds
+                .iter()
+                .find(|a| is_own(self.listen, **a) || is_own(self.http_listen, **a))
+            {
+                return err(format!("cluster: seed {own} is the proxy's own listener"));
+            }
+            if c.refresh_interval.0 < Duration::from_millis(100) {
+                return err("cluster: refresh_interval must be at least 100ms");
+            }
         }
         let mut names = HashSet::new();
         let mut addrs = HashSet::new();

@@ -26,6 +26,8 @@ pub struct Context {
     pub next_client_id: AtomicU64,
     pub shutdown: ShutdownTrigger,
     pub rebalancer: Arc<Rebalancer>,
+    /// The Redis Cluster behind the proxy, in cluster mode (`[cluster]`).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     pub users: crate::auth::Users,
     /// `admin_token` as read at start-up (a secret may come from the environment or a file).
     pub admin_token: Option<String>,

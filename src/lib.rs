@@ -29,6 +29,7 @@ pub mod auth;
 pub mod backend;
 pub mod backoff;
 pub mod clock;
+pub mod cluster;
 pub mod command;
 pub mod config;
 pub mod connection;

@@ -46,7 +46,8 @@ fn same_shards(a: &[ShardSpec], b: &[ShardSpec]) -> bool {
 /// Records the shard list at first start, resumes a rebalance a restart interrupted, and
 /// applies a config whose shard list differs from the recorded one, as a rebalance.
 async fn settle_shards(ctx: &Arc<Context>, st: Startup) {
-    if ctx.engine.is_memory_mode() {
+    // A cluster places keys itself: no shard list to record or rebalance to.
+    if ctx.engine.is_memory_mode() || ctx.cluster.is_some() {
         return;
     }
     match &st.placement {
@@ -163,6 +164,16 @@ pub async fn build(
     };
     let sentinels = follower::sentinels(&config).map_err(std::io::Error::other)?;
     let mut shards: Vec<Arc<Shard>> = Vec::with_capacity(specs.len());
+    let cluster = match &config.cluster {
+        Some(_) => {
+            let (c, t) = crate::cluster::Cluster::start(&config)
+                .await
+                .map_err(std::io::Error::other)?;
+            shards = t.shards.clone();
+            Some((c, t))
+        }
+        None => None,
+    };
     for s in &specs {
         let shard = match s.master() {
             Some(master) => primary_shard(s, master, &sentinels, &config).await,
@@ -181,11 +192,14 @@ pub async fn build(
         (None, None) => format!("p{:x}", counter::now_micros()),
     };
     verify_shards(&shards, &proxy_id).await?;
-    let router = Arc::new(Router::new(Topology::new(
-        version,
-        shards.clone(),
-        config.ring.vnodes,
-    )));
+    let (cluster, topology) = match cluster {
+        Some((c, t)) => (Some(c), t),
+        None => (
+            None,
+            Topology::new(version, shards.clone(), config.ring.vnodes),
+        ),
+    };
+    let router = Arc::new(Router::new(topology));
     let first_seq = recovered.as_ref().map(|r| r.next_seq).unwrap_or(0);
     let mut engine = Engine::new(
         &config.counters,
@@ -224,6 +238,7 @@ pub async fn build(
         config,
         router,
         engine,
+        cluster,
         started: Instant::now(),
         started_unix: now,
         next_client_id: AtomicU64::new(1),
@@ -257,7 +272,16 @@ pub async fn run_with_reload(
 ) -> std::io::Result<()> {
     let shutdown = trigger.subscribe();
     let (ctx, startup) = build(config, trigger.clone()).await?;
-    for s in ctx.router.topology().shards.iter() {
+    if let Some(c) = &ctx.cluster {
+        c.spawn(ctx.router.clone(), ctx.engine.clone(), shutdown.clone());
+    }
+    for s in ctx
+        .router
+        .topology()
+        .shards
+        .iter()
+        .filter(|_| ctx.cluster.is_none())
+    {
         let b = &ctx.config.backend;
         health::spawn_checker(
             s.clone(),
@@ -304,6 +328,17 @@ pub async fn run_with_reload(
         let ctx = ctx.clone();
         crate::task::spawn(tracing::info_span!("reload"), async move {
             while let Some(cfg) = reload.recv().await {
+                if let Some(c) = &ctx.cluster {
+                    match &cfg.cluster {
+                        Some(new) => {
+                            c.set_seeds(new.seeds.clone());
+                            ctx.router.report_stale();
+                            tracing::info!(seeds = new.seeds.len(), "config reloaded: cluster seeds re-read");
+                        }
+                        None => tracing::warn!("config reloaded: it has no [cluster]; a cluster proxy cannot change to shards without a restart"),
+                    }
+                    continue;
+                }
                 let specs = cfg.shard_specs();
                 match ctx.rebalancer.change(specs, &cfg).await {
                     Ok(p) => tracing::info!(

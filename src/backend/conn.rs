@@ -38,6 +38,9 @@ pub struct Request {
     /// A whole RESP command, already encoded.
     pub frame: Bytes,
     pub respond_to: Responder,
+    /// Replies before the one answered, each dropped: `ASKING` sent with the command it
+    /// applies to, in one write, so that no other command takes its one-shot flag.
+    pub skip: u8,
 }
 
 /// A connected socket: plain TCP or TLS over it.
@@ -111,8 +114,29 @@ impl BackendConn {
     /// Queues a request; the reply (or the reason there is none) comes on the receiver.
     /// Never waits: a full queue is answered `Busy`.
     pub fn send(&self, frame: Bytes) -> oneshot::Receiver<Result<Reply, BackendError>> {
+        self.send_skipping(frame, 0)
+    }
+
+    /// Queues `ASKING` and then `frame` as one request answered with `frame`'s reply (a
+    /// Redis Cluster `-ASK` redirection; see `backend::cluster`).
+    pub fn send_asking(&self, frame: &[u8]) -> oneshot::Receiver<Result<Reply, BackendError>> {
+        let mut both = bytes::BytesMut::with_capacity(frame.len() + 20);
+        both.extend_from_slice(b"*1\r\n$6\r\nASKING\r\n");
+        both.extend_from_slice(frame);
+        self.send_skipping(both.freeze(), 1)
+    }
+
+    fn send_skipping(
+        &self,
+        frame: Bytes,
+        skip: u8,
+    ) -> oneshot::Receiver<Result<Reply, BackendError>> {
         let (respond_to, rx) = oneshot::channel();
-        if let Err(e) = self.tx.try_send(Request { frame, respond_to }) {
+        if let Err(e) = self.tx.try_send(Request {
+            frame,
+            respond_to,
+            skip,
+        }) {
             let (req, err) = match e {
                 mpsc::error::TrySendError::Full(r) => (r, BackendError::Busy),
                 mpsc::error::TrySendError::Closed(r) => (r, BackendError::Unavailable),
@@ -126,6 +150,7 @@ impl BackendConn {
 struct Inflight {
     respond_to: Responder,
     sent_at: Instant,
+    skip: u8,
 }
 
 async fn actor(
@@ -281,12 +306,16 @@ async fn run(
                                 }
                                 _ => false,
                             };
-                            match inflight.lock().pop_front() {
-                                Some(w) => {
+                            let mut q = inflight.lock();
+                            match q.front_mut() {
+                                Some(w) if w.skip > 0 => w.skip -= 1,
+                                Some(_) => {
+                                    let w = q.pop_front().expect("a front");
                                     let _ = w.respond_to.send(Ok(reply));
                                 }
                                 None => return, // a reply nobody asked for: resynchronise
                             }
+                            drop(q);
                             if demoted {
                                 tracing::warn!(
                                     "shard answered READONLY: a replica now; reconnecting"
@@ -359,6 +388,7 @@ async fn run(
                         q.push_back(Inflight {
                             respond_to: r.respond_to,
                             sent_at: now,
+                            skip: r.skip,
                         });
                     }
                 }

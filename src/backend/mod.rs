@@ -4,6 +4,7 @@
 //! Owns sockets to shards and the meaning of a failed request (unavailable, timed out,
 //! lost). Does not own what a command means, nor which shard a key belongs to (`router`).
 
+pub mod cluster;
 pub mod conn;
 pub mod follower;
 pub mod health;
@@ -181,8 +182,8 @@ impl Shard {
             name,
             static_addr: addr,
             primary,
-            wait_replicas: cfg.wait_replicas,
-            wait_timeout: cfg.wait_timeout.0,
+            wait_replicas: config.wait_replicas(),
+            wait_timeout: config.wait_timeout(),
             weight,
             pool,
             pool3: std::sync::OnceLock::new(),
@@ -327,20 +328,53 @@ impl Shard {
         if !self.is_verified() {
             return None;
         }
-        let pool = self.pool3.get_or_init(|| {
-            let mut opts = self.conn_opts.clone();
-            opts.on_connect.push(encode_command(&["HELLO", "3"]));
-            opts.resp3 = true;
-            (0..self.pool_size)
-                .map(|_| BackendConn::spawn(opts.clone()))
-                .collect()
-        });
+        let pool = self.resp3_pool();
         let conn = &pool[(client as usize) % pool.len()];
         if self.is_up() || conn.is_connected() {
             Some(conn.send(frame))
         } else {
             None
         }
+    }
+
+    /// The RESP3 connections, made on first use.
+    fn resp3_pool(&self) -> &Vec<BackendConn> {
+        self.pool3.get_or_init(|| {
+            let mut opts = self.conn_opts.clone();
+            opts.on_connect.push(encode_command(&["HELLO", "3"]));
+            opts.resp3 = true;
+            (0..self.pool_size)
+                .map(|_| BackendConn::spawn(opts.clone()))
+                .collect()
+        })
+    }
+
+    /// [`Shard::send_as`] after `ASKING`, in one write (a Redis Cluster `-ASK`).
+    pub fn send_asking_as(
+        &self,
+        client: u64,
+        proto: crate::resp::reply::Proto,
+        frame: &[u8],
+    ) -> Option<tokio::sync::oneshot::Receiver<Result<Reply, BackendError>>> {
+        if !self.is_verified() {
+            return None;
+        }
+        let conn = match proto {
+            crate::resp::reply::Proto::Resp2 => &self.pool[(client as usize) % self.pool.len()],
+            _ => {
+                let pool = self.resp3_pool();
+                &pool[(client as usize) % pool.len()]
+            }
+        };
+        Some(conn.send_asking(frame))
+    }
+
+    /// [`Shard::lane_send`] after `ASKING`, in one write.
+    pub fn lane_send_asking(
+        &self,
+        frame: &[u8],
+    ) -> tokio::sync::oneshot::Receiver<Result<Reply, BackendError>> {
+        self.lane_conn.send_asking(frame)
     }
 
     /// Sends a command on the lane connection (no per-request timeout here: the lane

@@ -43,9 +43,9 @@ pub(super) fn script(
         reply::error(out, MEMORY_MODE);
         return None;
     }
-    let (id, proto) = (client.id, client.proto);
+    let (id, proto, ctx) = (client.id, client.proto, ctx.clone());
     Some(Pending::Task(Box::pin(async move {
-        let replies = join_all(topo.shards.iter().map(|s| call(s, id, proto, &args))).await;
+        let replies = join_all(topo.shards.iter().map(|s| call(&ctx, s, id, proto, &args))).await;
         let mut frames = Vec::with_capacity(replies.len());
         for (r, s) in replies.iter().zip(topo.shards.iter()) {
             match r {

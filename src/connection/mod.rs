@@ -18,6 +18,7 @@
 pub mod every_shard;
 pub mod local;
 pub mod multi;
+mod redirect;
 pub mod same_shard;
 
 use crate::backend::{encode_command, BackendError, Reply, Shard};
@@ -53,6 +54,10 @@ pub(crate) enum Pending {
         shard: Arc<Shard>,
         sent: Instant,
         after: After,
+        /// The command as sent, and for whom: a cluster's redirection sends it again.
+        frame: Bytes,
+        client: u64,
+        proto: Proto,
     },
     /// A barrier: runs when everything before it is done.
     Task(Task),
@@ -345,8 +350,12 @@ async fn resolve(p: Pending, ctx: &Context, out: &mut BytesMut) {
             shard,
             sent,
             after,
+            frame,
+            client,
+            proto,
         } => {
             let res = await_reply(rx, &shard, sent).await;
+            let (res, shard) = redirect::follow(ctx, res, &shard, &frame, client, proto).await;
             match &after {
                 After::Nothing => {}
                 After::Invalidate(k) => ctx.engine.invalidate(k),
@@ -406,8 +415,23 @@ pub(crate) fn send(
     proto: Proto,
     frame: Bytes,
 ) -> Option<BackendRx> {
+    send_routed(shard, client, proto, frame, false)
+}
+
+/// [`send`], after `ASKING` when `asking` (a cluster's `-ASK`).
+pub(crate) fn send_routed(
+    shard: &Arc<Shard>,
+    client: u64,
+    proto: Proto,
+    frame: Bytes,
+    asking: bool,
+) -> Option<BackendRx> {
     shard.stats.requests.fetch_add(1, Ordering::Relaxed);
-    let rx = shard.send_as(client, proto, frame);
+    let rx = if asking {
+        shard.send_asking_as(client, proto, &frame)
+    } else {
+        shard.send_as(client, proto, frame)
+    };
     if rx.is_some() {
         shard.stats.inflight.fetch_add(1, Ordering::Relaxed);
     }
@@ -415,24 +439,34 @@ pub(crate) fn send(
 }
 
 fn forward(shard: &Arc<Shard>, client: &Client, args: &[Bytes], after: After) -> Pending {
+    let frame = encode_command(args);
     Pending::Forward {
-        rx: send(shard, client.id, client.proto, encode_command(args)),
+        rx: send(shard, client.id, client.proto, frame.clone()),
         shard: shard.clone(),
         sent: Instant::now(),
         after,
+        frame,
+        client: client.id,
+        proto: client.proto,
     }
 }
 
-/// Sends `args` to `shard` and waits for the reply, as a barrier task would.
+/// Sends `args` to `shard` and waits for the reply (following a cluster's redirections),
+/// as a barrier task would.
 async fn call(
+    ctx: &Context,
     shard: &Arc<Shard>,
     client: u64,
     proto: Proto,
     args: &[Bytes],
 ) -> Result<Reply, BackendError> {
     let sent = Instant::now();
-    let rx = send(shard, client, proto, encode_command(args));
-    await_reply(rx, shard, sent).await
+    let frame = encode_command(args);
+    let rx = send(shard, client, proto, frame.clone());
+    let r = await_reply(rx, shard, sent).await;
+    redirect::follow(ctx, r, shard, &frame, client, proto)
+        .await
+        .0
 }
 
 pub(crate) fn error_bytes(msg: &str) -> BytesMut {
@@ -602,14 +636,14 @@ fn single(
         engine.invalidate(&key);
         return Some(forward(&shard, client, &args, After::Invalidate(key)));
     }
-    let engine = engine.clone();
+    let (ctx, engine) = (ctx.clone(), engine.clone());
     let (id, proto) = (client.id, client.proto);
     Some(Pending::Task(Box::pin(async move {
         if let Err(e) = engine.land(&key).await {
             return error_bytes(&e.client_message(&shard.name));
         }
         engine.invalidate(&key);
-        let r = call(&shard, id, proto, &args).await;
+        let r = call(&ctx, &shard, id, proto, &args).await;
         engine.invalidate(&key);
         match r {
             Ok(r) => BytesMut::from(&r.raw[..]),

@@ -11,7 +11,8 @@
 //! the connection's ordering rules (`connection`).
 
 use super::{
-    await_reply, error_bytes, send, write_counter_read, BackendRx, Client, Pending, MEMORY_MODE,
+    await_reply, error_bytes, redirect, send, write_counter_read, BackendRx, Client, Pending,
+    MEMORY_MODE,
 };
 use crate::backend::{encode_command, BackendError, Reply, Shard};
 use crate::command::{self, Merge, Spec};
@@ -36,11 +37,15 @@ pub struct Gather {
     epoch: u64,
     /// The client's protocol, for the merged reply.
     proto: Proto,
+    /// The client's id (its pool connections), for pieces a cluster redirects.
+    client: u64,
 }
 
 struct Part {
     shard: Arc<Shard>,
     rx: Option<BackendRx>,
+    /// The piece as sent, to send again where a cluster redirects it.
+    frame: Bytes,
     sent: Instant,
     slots: Vec<usize>,
 }
@@ -57,7 +62,9 @@ struct Plan {
     keys: Vec<Bytes>,
     values: Vec<Option<Bytes>>,
     lane: Vec<usize>,
+    /// Key positions per piece: per shard index in a ring, per `places` entry in a cluster.
     per_shard: Vec<Vec<usize>>,
+    places: Vec<usize>,
 }
 
 fn plan(ctx: &Context, topo: &Topology, merge: Merge, args: &[Bytes], proto: Proto) -> Plan {
@@ -66,7 +73,12 @@ fn plan(ctx: &Context, topo: &Topology, merge: Merge, args: &[Bytes], proto: Pro
     let mut p = Plan {
         values: vec![None; keys.len()],
         lane: Vec::new(),
-        per_shard: vec![Vec::new(); topo.shards.len()],
+        per_shard: if topo.is_cluster() {
+            Vec::new()
+        } else {
+            vec![Vec::new(); topo.shards.len()]
+        },
+        places: Vec::new(),
         keys,
     };
     let engine = &ctx.engine;
@@ -93,7 +105,22 @@ fn plan(ctx: &Context, topo: &Topology, merge: Merge, args: &[Bytes], proto: Pro
                 p.lane.push(slot);
             }
         }
-        p.per_shard[topo.shard_index(k)].push(slot);
+        // One piece per shard in a ring; per slot in a cluster (a node refuses a command
+        // whose keys span slots), found by a scan of the few pieces of a typical command.
+        let piece = if topo.is_cluster() {
+            let place = topo.place(k);
+            match p.places.iter().position(|&x| x == place) {
+                Some(i) => i,
+                None => {
+                    p.places.push(place);
+                    p.per_shard.push(Vec::new());
+                    p.places.len() - 1
+                }
+            }
+        } else {
+            topo.shard_index(k)
+        };
+        p.per_shard[piece].push(slot);
     }
     p
 }
@@ -122,8 +149,8 @@ fn send_parts(
         .into_iter()
         .enumerate()
         .filter(|(_, slots)| !slots.is_empty())
-        .map(|(si, slots)| {
-            let shard = topo.shards[si].clone();
+        .map(|(_, slots)| {
+            let shard = topo.shard_for(&p.keys[slots[0]]).clone();
             let mut cmd = Vec::with_capacity(1 + slots.len() * 2);
             cmd.push(name.clone());
             for &s in &slots {
@@ -132,8 +159,10 @@ fn send_parts(
                     cmd.push(args[2 + 2 * s].clone());
                 }
             }
+            let frame = encode_command(&cmd);
             Part {
-                rx: send(&shard, client, proto, encode_command(&cmd)),
+                rx: send(&shard, client, proto, frame.clone()),
+                frame,
                 shard,
                 sent: Instant::now(),
                 slots,
@@ -147,6 +176,7 @@ fn send_parts(
         parts,
         epoch,
         proto,
+        client,
     }
 }
 
@@ -251,10 +281,14 @@ pub(crate) async fn finish(g: Gather, ctx: &Context) -> BytesMut {
         mut parts,
         epoch,
         proto,
+        client,
     } = g;
     let mut replies: Vec<Result<Reply, BackendError>> = Vec::with_capacity(parts.len());
     for part in &mut parts {
-        replies.push(await_reply(part.rx.take(), &part.shard, part.sent).await);
+        let r = await_reply(part.rx.take(), &part.shard, part.sent).await;
+        let (r, shard) = redirect::follow(ctx, r, &part.shard, &part.frame, client, proto).await;
+        part.shard = shard;
+        replies.push(r);
     }
     if merge != Merge::Values {
         // The write may have changed counter keys: forget their bases again now it ran.

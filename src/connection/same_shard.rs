@@ -37,11 +37,14 @@ pub(super) fn dispatch(
         Some(k) => k.into_iter().cloned().collect(),
         None => Vec::new(),
     };
-    let index = match named.first() {
-        Some(k) => topo.shard_index(k),
-        None => topo.shard_index(args.get(1).map_or(&b""[..], |a| &a[..])),
-    };
-    if named.iter().any(|k| topo.shard_index(k) != index) {
+    let first = named
+        .first()
+        .map_or(args.get(1).map_or(&b""[..], |a| &a[..]), |k| &k[..]);
+    let index = topo.shard_index(first);
+    // One shard in a ring; one slot in a cluster, which refuses keys of two slots even
+    // when one node serves both.
+    let place = topo.place(first);
+    if named.iter().any(|k| topo.place(k) != place) {
         reply::error(out, CROSSSLOT);
         return None;
     }
@@ -96,7 +99,7 @@ fn barrier(
             }
             engine.invalidate(k);
         }
-        let r = call(&shard, id, proto, &args).await;
+        let r = call(&ctx, &shard, id, proto, &args).await;
         for k in &counters {
             engine.invalidate(k);
         }

@@ -20,9 +20,19 @@ impl Engine {
         owner: Option<(&crate::router::Topology, usize)>,
         keys: Option<&[Bytes]>,
         limit: usize,
+        lane: u32,
     ) -> Vec<(Bytes, i64)> {
         let mut out = Vec::new();
         let mut taken = 0usize;
+        // In a cluster a key's slot must be free or this lane's (see `slot_holds`).
+        let holds = self.holds.as_ref();
+        let may_take = |key: &[u8]| match holds {
+            Some(h) => h.try_hold(
+                crate::router::slots::key_slot(windows::placement_key(key)),
+                lane,
+            ),
+            None => true,
+        };
         let mut take_entry = |key: &[u8], e: &mut Entry, out: &mut Vec<(Bytes, i64)>| {
             if e.flags & DIRTY == 0 {
                 return;
@@ -38,7 +48,9 @@ impl Engine {
                 for k in keys {
                     let mut stripe = self.lock(k);
                     if let Some(e) = stripe.map.get_mut(&k[..]) {
-                        take_entry(k, e, &mut out);
+                        if e.flags & DIRTY != 0 && may_take(k) {
+                            take_entry(k, e, &mut out);
+                        }
                     }
                 }
             }
@@ -55,6 +67,7 @@ impl Engine {
                         }
                         if e.flags & DIRTY != 0
                             && topo.shard_index(windows::placement_key(k)) == idx
+                            && may_take(k)
                         {
                             take_entry(k, e, &mut out);
                         }

@@ -186,6 +186,8 @@ fn fail_waiters(waiters: impl IntoIterator<Item = Vec<Waiter>>, e: LaneError) {
 
 pub struct Lane {
     pub shard: Arc<Shard>,
+    /// This lane's number, for the slots it holds in a cluster (`slot_holds`).
+    id: u32,
     engine: Weak<Engine>,
     queue: Mutex<Queue>,
     wake: Notify,
@@ -199,14 +201,18 @@ struct Batch {
     /// (key, delta): None for a read.
     items: Vec<(Bytes, Option<i64>)>,
     frame: Bytes,
+    /// In a cluster: one part per slot, sent instead of `frame` (`cluster_batch`).
+    parts: Option<Vec<super::cluster_batch::Part>>,
     /// Counter deltas and bucket fields it writes (for the economy figures).
     writes: (u64, u64),
 }
 
 impl Lane {
     pub fn spawn(shard: Arc<Shard>, engine: &Arc<Engine>) -> Arc<Lane> {
+        static IDS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
         let lane = Arc::new(Lane {
             shard,
+            id: IDS.fetch_add(1, Ordering::Relaxed),
             engine: Arc::downgrade(engine),
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
@@ -266,6 +272,15 @@ impl Lane {
 
     /// Queues a batch recovered from the log; it goes before any new work.
     pub fn replay(&self, seq: u64, items: Vec<(Bytes, i64)>) {
+        if let Some(engine) = self.engine.upgrade() {
+            if let Some(h) = &engine.holds {
+                // Before any new batch could take these slots (see `slot_holds`).
+                for (k, _) in &items {
+                    let slot = crate::router::slots::key_slot(super::windows::placement_key(k));
+                    h.try_hold(slot, self.id);
+                }
+            }
+        }
         self.queue.lock().replay.push((seq, items));
         self.wake.notify_one();
     }
@@ -326,6 +341,10 @@ async fn run(lane: Arc<Lane>) {
                     let _ = f.send(ok);
                 }
             }
+            if let Some(h) = &engine.holds {
+                // Every batch this lane took is settled (or given back): its slots are free.
+                h.release(lane.id);
+            }
             for (frame, on_reply) in between {
                 let rx = lane.shard.lane_send(frame);
                 let r = match tokio::time::timeout(lane.shard.timeout, rx).await {
@@ -371,13 +390,28 @@ async fn round(
         reads = read;
     }
     let flush = flush && logging;
-    let land_keys: Vec<Bytes> = reads
+    let mut land_keys: Vec<Bytes> = reads
         .iter()
         .filter(|(_, (land, _))| *land)
         .map(|(k, _)| k.clone())
         .collect();
+    if let Some(h) = &engine.holds {
+        // A key whose slot another lane holds cannot land now (its batch is out there).
+        let (held, free): (Vec<Bytes>, Vec<Bytes>) = land_keys.into_iter().partition(|k| {
+            h.held_by_other(
+                crate::router::slots::key_slot(super::windows::placement_key(k)),
+                lane.id,
+            )
+        });
+        land_keys = free;
+        for k in held {
+            if let Some((_, ws)) = reads.remove(&k) {
+                fail_waiters([ws], LaneError::Unavailable);
+            }
+        }
+    }
     let mut items: Vec<(Bytes, Option<i64>)> = engine
-        .take(None, Some(&land_keys), usize::MAX)
+        .take(None, Some(&land_keys), usize::MAX, lane.id)
         .into_iter()
         .map(|(k, d)| (k, Some(d)))
         .collect();
@@ -394,7 +428,7 @@ async fn round(
             .iter()
             .position(|sh| Arc::ptr_eq(sh, &lane.shard))
         {
-            let taken = engine.take(Some((&topo, idx)), None, usize::MAX);
+            let taken = engine.take(Some((&topo, idx)), None, usize::MAX, lane.id);
             let at: HashMap<Bytes, usize> = items
                 .iter()
                 .enumerate()
@@ -478,7 +512,7 @@ fn flush_histogram() -> &'static metrics::Histogram {
 async fn send_batch(
     lane: &Lane,
     engine: &Arc<Engine>,
-    batch: Batch,
+    mut batch: Batch,
     waiters: &mut HashMap<Bytes, Vec<Waiter>>,
     flushers: &mut Vec<oneshot::Sender<bool>>,
 ) -> bool {
@@ -493,7 +527,7 @@ async fn send_batch(
         }
         attempts += 1;
         let epoch = engine.invalidation_epoch();
-        match attempt(lane, &batch).await {
+        match attempt(lane, engine, &mut batch).await {
             Ok(results) => {
                 let _gate = match &engine.wal {
                     Some(w) => Some(w.lane_gate.read().await),
@@ -576,17 +610,43 @@ async fn send_batch(
 
 impl Batch {
     fn new(engine: &Engine, seq: u64, items: Vec<(Bytes, Option<i64>)>) -> Batch {
-        let (frame, writes) = encode_batch(&engine.proxy_id, engine.windows(), seq, &items);
+        if engine.holds.is_some() {
+            let (parts, writes) =
+                super::cluster_batch::split(&engine.proxy_id, engine.windows(), seq, &items);
+            return Batch {
+                seq,
+                frame: Bytes::new(),
+                parts: Some(parts),
+                items,
+                writes,
+            };
+        }
+        let (frame, writes) = encode_batch(
+            &engine.proxy_id,
+            engine.windows(),
+            seq,
+            &items,
+            APPLIED_KEY.as_bytes(),
+        );
         Batch {
             seq,
             frame,
+            parts: None,
             items,
             writes,
         }
     }
 }
 
-async fn attempt(lane: &Lane, batch: &Batch) -> Result<Vec<KeyValue>, BackendError> {
+async fn attempt(
+    lane: &Lane,
+    engine: &Engine,
+    batch: &mut Batch,
+) -> Result<Vec<KeyValue>, BackendError> {
+    if let Some(parts) = &mut batch.parts {
+        return super::cluster_batch::attempt(engine.router(), parts, &batch.items, batch.seq)
+            .await;
+    }
     let connects = lane.shard.lane_conn.connects();
     let rx = lane.shard.lane_send(batch.frame.clone());
     let reply = match tokio::time::timeout(lane.shard.timeout, rx).await {
@@ -612,7 +672,7 @@ async fn attempt(lane: &Lane, batch: &Batch) -> Result<Vec<KeyValue>, BackendErr
     Ok(results)
 }
 
-fn parse_results(reply: &Reply, n: usize) -> Option<Vec<KeyValue>> {
+pub(super) fn parse_results(reply: &Reply, n: usize) -> Option<Vec<KeyValue>> {
     let BytesFrame::Array(top) = &reply.frame else {
         return None;
     };
@@ -649,11 +709,12 @@ type BucketWrite = (Option<u64>, BTreeMap<u64, i64>);
 /// The `EVAL` of a batch, and how many counter deltas and bucket fields it writes.
 /// Window deltas (see `windows`) become `HINCRBY`s of the buckets of every kept granularity,
 /// merged per bucket, so the frame is the same however often it is rebuilt (a replay).
-fn encode_batch(
+pub(super) fn encode_batch(
     proxy_id: &str,
     windows: &Windows,
     seq: u64,
     items: &[(Bytes, Option<i64>)],
+    applied_key: &[u8],
 ) -> (Bytes, (u64, u64)) {
     let (wins, counters): (Vec<_>, Vec<_>) = items
         .iter()
@@ -691,7 +752,7 @@ fn encode_batch(
     crate::resp::reply::bulk(&mut out, b"EVAL");
     crate::resp::reply::bulk(&mut out, SCRIPT.as_bytes());
     crate::resp::reply::bulk(&mut out, num.format(1 + n + buckets.len()).as_bytes());
-    crate::resp::reply::bulk(&mut out, APPLIED_KEY.as_bytes());
+    crate::resp::reply::bulk(&mut out, applied_key);
     for (k, _) in &counters {
         crate::resp::reply::bulk(&mut out, k);
     }

@@ -35,6 +35,7 @@
 //! placement (`router`).
 
 mod cache;
+pub mod cluster_batch;
 mod flush;
 pub mod glob;
 mod incr;
@@ -45,6 +46,7 @@ mod lane_tests;
 mod moving;
 mod outcome;
 mod recovery;
+mod slot_holds;
 mod stripe;
 pub mod wal;
 mod window_deltas;
@@ -128,6 +130,8 @@ pub struct Engine {
     memory_mode: bool,
     router: Arc<Router>,
     lanes: Mutex<HashMap<String, Arc<Lane>>>,
+    /// In cluster mode: which lane may write each slot now (see `slot_holds`).
+    pub(crate) holds: Option<slot_holds::SlotHolds>,
     /// Keys with an unflushed delta; past `max_pending_keys` a flush starts early.
     dirty_keys: AtomicUsize,
     max_pending_keys: usize,
@@ -191,6 +195,10 @@ impl Engine {
             memory_mode,
             router: router.clone(),
             lanes: Mutex::new(HashMap::new()),
+            holds: router
+                .topology()
+                .is_cluster()
+                .then(slot_holds::SlotHolds::default),
             dirty_keys: AtomicUsize::new(0),
             max_pending_keys: cfg.max_pending_keys,
             flush_batch_keys: cfg.flush_batch_keys,
@@ -290,6 +298,16 @@ impl Engine {
     /// Drops a removed shard's lane (after a rebalance moved its keys away).
     pub fn remove_lane(&self, shard: &str) {
         self.lanes.lock().remove(shard);
+    }
+
+    /// A lane to replay a batch whose own lane is gone: in a cluster any lane will do,
+    /// since each part of a batch goes where its slot is served when it is sent.
+    pub fn any_lane(&self) -> Option<Arc<Lane>> {
+        self.holds.as_ref()?;
+        let lanes = self.lanes.lock();
+        let mut names: Vec<&String> = lanes.keys().collect();
+        names.sort();
+        names.first().and_then(|n| lanes.get(*n).cloned())
     }
 
     pub fn lanes(&self) -> Vec<Arc<Lane>> {

@@ -962,7 +962,9 @@ pub async fn restore(engine: &Arc<Engine>, rec: Recovered) {
         engine.restore_pending(k, *d);
     }
     for (seq, (shard, items)) in rec.unapplied {
-        match engine.lane(&shard) {
+        // In a cluster the batch's parts go where their slots are served now: a node gone
+        // since (failed over, removed) leaves its batches to any lane.
+        match engine.lane(&shard).or_else(|| engine.any_lane()) {
             Some(lane) => {
                 engine.restore_inflight(&items);
                 lane.replay(seq, items);

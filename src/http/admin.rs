@@ -54,8 +54,19 @@ fn one() -> u32 {
     1
 }
 
+/// In cluster mode the cluster moves slots itself: the proxy's rebalance routes refuse.
+const CLUSTER_RESHARDS: &str = "the shards are a Redis Cluster's nodes: resharding is the cluster's job (redis-cli --cluster reshard, add-node, del-node); the proxy follows the slot map";
+
 pub async fn route(ctx: &Arc<Context>, method: &Method, rest: &str, body: Bytes) -> Resp {
+    let rebalancing = matches!(
+        (method, rest),
+        (&Method::POST, "shards") | (&Method::POST, "rebalance/lost")
+    ) || (method == Method::DELETE && rest.starts_with("shards/"));
+    if ctx.cluster.is_some() && rebalancing {
+        return error(StatusCode::CONFLICT, CLUSTER_RESHARDS);
+    }
     match (method, rest) {
+        (&Method::GET, "shards") if ctx.cluster.is_some() => cluster_nodes(ctx),
         (&Method::GET, "shards") => shards(ctx),
         (&Method::POST, "shards") => {
             let add: AddShard = match serde_json::from_slice(&body) {
@@ -198,5 +209,50 @@ fn shards(ctx: &Context) -> Resp {
     json_response(
         StatusCode::OK,
         json!({"ring_version": topo.version, "rebalancing": ctx.router.migration().is_some(), "shards": shards}),
+    )
+}
+
+/// `/admin/shards` in cluster mode: every node of the map as last read, with its role,
+/// slot ranges (primaries) and health (the cluster's word, and the proxy's own check).
+fn cluster_nodes(ctx: &Context) -> Resp {
+    let Some(cluster) = &ctx.cluster else {
+        return shards(ctx);
+    };
+    let topo = ctx.router.topology();
+    let mut nodes = Vec::new();
+    for shard in cluster.view() {
+        for n in &shard.nodes {
+            let served = topo.shards.iter().find(|s| s.addr() == n.addr);
+            let ranges: Vec<[u16; 2]> = if n.primary {
+                shard.ranges.iter().map(|&(a, b)| [a, b]).collect()
+            } else {
+                Vec::new()
+            };
+            let proxy_health = cluster
+                .node(n.addr)
+                .map(|s| if s.is_up() { "up" } else { "down" });
+            nodes.push(json!({
+                "name": crate::cluster::node_name(n.addr),
+                "addr": n.addr.to_string(),
+                "id": n.id,
+                "role": if n.primary { "primary" } else { "replica" },
+                "slots": ranges,
+                "slot_count": ranges.iter().map(|r| (r[1] - r[0]) as u64 + 1).sum::<u64>(),
+                "cluster_health": n.health,
+                "health": proxy_health.unwrap_or(if served.is_some() { "up" } else { "unknown" }),
+            }));
+        }
+    }
+    let unserved = topo.slot_map().map(|m| m.unserved()).unwrap_or(0);
+    json_response(
+        StatusCode::OK,
+        json!({
+            "mode": "cluster",
+            "map_version": topo.version,
+            "slots_unserved": unserved,
+            "refreshes": cluster.refreshes.load(std::sync::atomic::Ordering::Relaxed),
+            "last_error": cluster.last_error(),
+            "nodes": nodes,
+        }),
     )
 }

@@ -10,6 +10,7 @@
 //! moving of keys between owners (`counter::moving`, `rebalance`).
 
 pub mod ring;
+pub mod slots;
 
 use crate::backend::Shard;
 use arc_swap::ArcSwap;
@@ -20,6 +21,9 @@ use std::sync::Arc;
 pub enum Layout {
     /// Consistent hashing over named shards (`ring`): `shards[ring.locate(key)]` owns `key`.
     Ring(Ring),
+    /// A Redis Cluster's slot map (`slots`): the node serving `key_slot(key)` owns `key`.
+    /// The cluster moves slots itself; the proxy follows (`cluster`).
+    Cluster(slots::SlotMap),
 }
 
 /// One version of the server list and the layout built from it.
@@ -46,6 +50,37 @@ impl Topology {
         }
     }
 
+    /// A Redis Cluster's nodes (the primaries, in `shards`) and which slots each serves.
+    pub fn cluster(version: u64, shards: Vec<Arc<Shard>>, map: slots::SlotMap) -> Topology {
+        Topology {
+            version,
+            layout: Layout::Cluster(map),
+            shards,
+        }
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.layout, Layout::Cluster(_))
+    }
+
+    /// The slot map, in cluster mode.
+    pub fn slot_map(&self) -> Option<&slots::SlotMap> {
+        match &self.layout {
+            Layout::Cluster(m) => Some(m),
+            Layout::Ring(_) => None,
+        }
+    }
+
+    /// The unit of placement of `key`: keys with the same unit are served whole by one
+    /// server, in one command (the shard in a ring; the slot in a cluster, which refuses a
+    /// command whose keys span slots even on one node).
+    pub fn place(&self, key: &[u8]) -> usize {
+        match &self.layout {
+            Layout::Ring(ring) => ring.locate(key),
+            Layout::Cluster(_) => slots::key_slot(key) as usize,
+        }
+    }
+
     /// No shards: memory mode.
     pub fn is_empty(&self) -> bool {
         self.shards.is_empty()
@@ -56,9 +91,21 @@ impl Topology {
         &self.shards[self.shard_index(key)]
     }
 
+    /// The server of cluster slot `slot` (the first server for an unserved slot, or in a
+    /// ring, where slots mean nothing).
+    pub fn slot_server(&self, slot: u16) -> &Arc<Shard> {
+        let i = match &self.layout {
+            Layout::Cluster(m) => m.node_of(slot).unwrap_or(0),
+            Layout::Ring(_) => 0,
+        };
+        &self.shards[i]
+    }
+
     pub fn shard_index(&self, key: &[u8]) -> usize {
         match &self.layout {
             Layout::Ring(ring) => ring.locate(key),
+            // A slot no node serves goes to the first node, which answers CLUSTERDOWN.
+            Layout::Cluster(m) => m.node_of(slots::key_slot(key)).unwrap_or(0),
         }
     }
 
@@ -66,6 +113,7 @@ impl Topology {
     pub fn shares(&self) -> Vec<f64> {
         match &self.layout {
             Layout::Ring(ring) => ring.shares(),
+            Layout::Cluster(m) => m.shares(self.shards.len()),
         }
     }
 
@@ -140,14 +188,39 @@ impl Migration {
 pub struct Router {
     current: ArcSwap<Topology>,
     migration: arc_swap::ArcSwapOption<Migration>,
+    /// The version of each topology published, for those who wait for a newer one.
+    published: tokio::sync::watch::Sender<u64>,
+    /// Someone saw the placement go stale (a cluster's `-MOVED`): whoever maintains it
+    /// (`cluster`) should look again soon.
+    stale: tokio::sync::Notify,
 }
 
 impl Router {
     pub fn new(t: Topology) -> Router {
+        let (published, _) = tokio::sync::watch::channel(t.version);
         Router {
             current: ArcSwap::from_pointee(t),
             migration: arc_swap::ArcSwapOption::empty(),
+            published,
+            stale: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Says the placement looks stale. Cheap; many calls before the next look are one.
+    pub fn report_stale(&self) {
+        self.stale.notify_one();
+    }
+
+    /// Waits until someone reports the placement stale.
+    pub async fn stale_reported(&self) {
+        self.stale.notified().await
+    }
+
+    /// Waits (at most `max`) for a topology newer than version `than`; the current one.
+    pub async fn newer_than(&self, than: u64, max: std::time::Duration) -> Arc<Topology> {
+        let mut rx = self.published.subscribe();
+        let _ = tokio::time::timeout(max, rx.wait_for(|&v| v > than)).await;
+        self.topology()
     }
 
     /// The rebalance under way, if any.
@@ -185,10 +258,12 @@ impl Router {
     }
 
     pub fn publish(&self, t: Topology) {
-        self.current.store(Arc::new(t));
+        self.publish_arc(Arc::new(t));
     }
 
     pub fn publish_arc(&self, t: Arc<Topology>) {
+        let v = t.version;
         self.current.store(t);
+        self.published.send_replace(v);
     }
 }

@@ -29,6 +29,7 @@ const LAYERS: &[&str] = &[
     "counter",
     // the control plane
     "rebalance",
+    "cluster",
     // the application context every front door is handed
     "context",
     "info",

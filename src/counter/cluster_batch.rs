@@ -1,0 +1,228 @@
+//! A lane's batch on a Redis Cluster: one `EVAL` per slot, pipelined per node.
+//!
+//! A script in a cluster may only touch keys of one slot, and a slot may move to another
+//! node between two flushes or during one. So the exactly-once record moves with the data
+//! it protects: each slot has its own watermark, `tally:applied:{<tag>}` (the tag hashes to
+//! the slot, `router::slots::slot_tag`), holding per proxy the highest batch number applied
+//! to that slot. It lives in the slot, so it migrates with the slot's keys (`MIGRATE`) and
+//! replicates with them; a part re-sent after a lost reply, a failover or a migration is
+//! recognised wherever the slot is served by then. A batch is split into one part per slot;
+//! every part carries the batch's number; the parts bound for one node are written in one
+//! go and answered in one round trip (the economy of one round trip per node per batch).
+//! The order a slot's parts must keep is kept by `slot_holds`.
+//!
+//! Each attempt sends the parts not yet landed to where their slot is served now:
+//! `-MOVED` (the map is stale: reported, waited on briefly, retried with the batch's
+//! back-off), `-ASK` (re-sent at once to the importing node after `ASKING`), `-TRYAGAIN` and
+//! `-CLUSTERDOWN` (retried with the back-off). With `wait_replicas`, a node's parts count as
+//! landed once one `WAIT` after them on the same connection confirms them.
+//!
+//! Owns the split and the sending of parts. Does not own the batch's life (retries,
+//! settling: `lane`) or the script (`lane::SCRIPT`).
+
+use super::lane::{encode_batch, parse_results, KeyValue, APPLIED_KEY};
+use super::windows::{self, Windows};
+use crate::backend::cluster::Redirect;
+use crate::backend::{BackendError, Shard};
+use crate::router::{slots, Router};
+use bytes::Bytes;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The slot's exactly-once watermark (a hash: proxy id -> last batch number applied).
+pub fn applied_key(slot: u16) -> String {
+    format!("{APPLIED_KEY}:{{{}}}", slots::slot_tag(slot))
+}
+
+/// The part of a batch bound for one slot.
+pub(super) struct Part {
+    slot: u16,
+    /// Positions in the batch's items of this part's items, in order.
+    items: Vec<usize>,
+    /// How many of them are counters (which the script answers a value for).
+    counters: usize,
+    frame: Bytes,
+    /// Where an `-ASK` sent it: the next send goes there, after `ASKING`.
+    ask: Option<SocketAddr>,
+    /// Its counters' values, once it landed (and `WAIT` confirmed it).
+    done: Option<Vec<KeyValue>>,
+}
+
+/// Splits a batch into parts, one per slot, and sums what they write.
+pub(super) fn split(
+    proxy_id: &str,
+    windows: &Windows,
+    seq: u64,
+    items: &[(Bytes, Option<i64>)],
+) -> (Vec<Part>, (u64, u64)) {
+    let mut by_slot: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+    for (i, (k, _)) in items.iter().enumerate() {
+        by_slot
+            .entry(slots::key_slot(windows::placement_key(k)))
+            .or_default()
+            .push(i);
+    }
+    let mut writes = (0, 0);
+    let parts = by_slot
+        .into_iter()
+        .map(|(slot, idx)| {
+            let sub: Vec<(Bytes, Option<i64>)> = idx.iter().map(|&i| items[i].clone()).collect();
+            let (frame, w) =
+                encode_batch(proxy_id, windows, seq, &sub, applied_key(slot).as_bytes());
+            writes.0 += w.0;
+            writes.1 += w.1;
+            Part {
+                slot,
+                counters: sub
+                    .iter()
+                    .filter(|(k, _)| windows::parse_pending(k).is_none())
+                    .count(),
+                items: idx,
+                frame,
+                ask: None,
+                done: None,
+            }
+        })
+        .collect();
+    (parts, writes)
+}
+
+/// Sends every part not yet landed; the counters' values in item order once all landed.
+pub(super) async fn attempt(
+    router: &Router,
+    parts: &mut [Part],
+    items: &[(Bytes, Option<i64>)],
+    seq: u64,
+) -> Result<Vec<KeyValue>, BackendError> {
+    let mut last_err = None;
+    // Parts an `-ASK` redirected are sent again at once, a few times at most.
+    for _ in 0..4 {
+        let topo = router.topology();
+        let mut sent = Vec::new();
+        for (i, p) in parts.iter_mut().enumerate() {
+            if p.done.is_some() {
+                continue;
+            }
+            let (node, asking) = match p.ask.take() {
+                Some(addr) => match topo.shards.iter().find(|s| s.addr() == addr) {
+                    Some(n) => (n.clone(), true),
+                    None => {
+                        router.report_stale();
+                        last_err = Some(BackendError::Unavailable);
+                        continue;
+                    }
+                },
+                None => (topo.slot_server(p.slot).clone(), false),
+            };
+            let connects = node.lane_conn.connects();
+            let rx = if asking {
+                node.lane_send_asking(&p.frame)
+            } else {
+                node.lane_send(p.frame.clone())
+            };
+            sent.push((i, node, connects, rx));
+        }
+        if sent.is_empty() {
+            break;
+        }
+        let mut asked = false;
+        let mut moved = false;
+        let mut landed: Vec<(usize, Arc<Shard>, u64, Vec<KeyValue>)> = Vec::new();
+        for (i, node, connects, rx) in sent {
+            let reply = match tokio::time::timeout(node.timeout, rx).await {
+                Ok(Ok(Ok(r))) => r,
+                Ok(Ok(Err(e))) => {
+                    last_err = Some(e);
+                    continue;
+                }
+                Ok(Err(_)) => {
+                    last_err = Some(BackendError::Lost);
+                    continue;
+                }
+                Err(_) => {
+                    last_err = Some(BackendError::Timeout);
+                    continue;
+                }
+            };
+            match Redirect::of_raw(&reply.raw) {
+                Some(Redirect::Ask { addr, .. }) => {
+                    parts[i].ask = Some(addr);
+                    asked = true;
+                    continue;
+                }
+                Some(Redirect::Moved { .. }) | Some(Redirect::Retry) => {
+                    moved = true;
+                    last_err = Some(BackendError::Unavailable);
+                    continue;
+                }
+                None => {}
+            }
+            match parse_results(&reply, parts[i].counters) {
+                Some(v) => landed.push((i, node, connects, v)),
+                None => {
+                    tracing::warn!(node = %node.name, reply = ?reply.frame, "unexpected flush reply");
+                    last_err = Some(BackendError::Lost);
+                }
+            }
+        }
+        // One WAIT per node, after all its parts, on the connection that sent them.
+        let mut nodes: Vec<&Arc<Shard>> = Vec::new();
+        for (_, n, _, _) in &landed {
+            if !nodes.iter().any(|m| Arc::ptr_eq(m, n)) {
+                nodes.push(n);
+            }
+        }
+        let mut confirmed: Vec<String> = Vec::new();
+        for n in nodes {
+            let connects = landed
+                .iter()
+                .filter(|(_, m, _, _)| Arc::ptr_eq(m, n))
+                .map(|(_, _, c, _)| *c)
+                .min()
+                .unwrap_or(0);
+            let all_same = landed
+                .iter()
+                .filter(|(_, m, _, _)| Arc::ptr_eq(m, n))
+                .all(|(_, _, c, _)| *c == connects);
+            let ok = match seq {
+                0 => Ok(true),
+                _ => n.lane_wait(connects).await.map(|ok| ok && all_same),
+            };
+            match ok {
+                Ok(true) => confirmed.push(n.name.clone()),
+                Ok(false) => last_err = Some(BackendError::Timeout),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        for (i, n, _, v) in landed {
+            if confirmed.contains(&n.name) {
+                parts[i].done = Some(v);
+            }
+        }
+        if moved {
+            // Give the map a moment to catch up before the batch's back-off resends.
+            router.report_stale();
+            let v = topo.version;
+            router.newer_than(v, Duration::from_millis(500)).await;
+        }
+        if !asked {
+            break;
+        }
+    }
+    if parts.iter().any(|p| p.done.is_none()) {
+        return Err(last_err.unwrap_or(BackendError::Unavailable));
+    }
+    // The counters' values in item order, as the lane settles them.
+    let mut by_item: Vec<Option<KeyValue>> = vec![None; items.len()];
+    for p in parts.iter_mut() {
+        let mut values = p.done.take().unwrap_or_default().into_iter();
+        for &i in &p.items {
+            if windows::parse_pending(&items[i].0).is_none() {
+                by_item[i] = values.next();
+            }
+        }
+    }
+    Ok(by_item.into_iter().flatten().collect())
+}
