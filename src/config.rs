@@ -795,6 +795,11 @@ impl Config {
             if c.refresh_interval.0 < Duration::from_millis(100) {
                 return err("cluster: refresh_interval must be at least 100ms");
             }
+            if self.wait_replicas() > 0
+                && (self.wait_timeout().is_zero() || self.wait_timeout() > self.backend.timeout.0)
+            {
+                return err("cluster.wait_timeout must be above zero and at most backend.timeout");
+            }
         }
         let mut names = HashSet::new();
         let mut addrs = HashSet::new();
@@ -1142,6 +1147,30 @@ mod tests {
         assert!(error_of(own).contains("own http_listen address"));
         assert!(error_of("[counters]\ncache_ttl = \"5 parsecs\"").contains("duration"));
         assert!(error_of("[durability]\nfsync = \"sometimes\"").contains("fsync"));
+    }
+
+    #[test]
+    fn a_cluster_replaces_the_shard_list() {
+        let c = Config::from_toml_str(
+            "[cluster]\nseeds = [\"127.0.0.1:7000\"]\nwait_replicas = 1\nwait_timeout = \"200ms\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.wait_replicas(), 1);
+        assert_eq!(c.wait_timeout(), Duration::from_millis(200));
+        assert_eq!(
+            c.cluster.as_ref().unwrap().refresh_interval.0,
+            Duration::from_secs(5)
+        );
+        assert!(error_of(
+            "[cluster]\nseeds = [\"127.0.0.1:7000\"]\n[[shards]]\naddr = \"127.0.0.1:7070\"\n"
+        )
+        .contains("cannot both be given"));
+        assert!(error_of("[cluster]\nseeds = []\n").contains("at least one node"));
+        assert!(error_of("[cluster]\nseeds = [\"127.0.0.1:6380\"]\n").contains("own listener"));
+        assert!(error_of(
+            "[cluster]\nseeds = [\"127.0.0.1:7000\"]\nwait_replicas = 1\nwait_timeout = \"1h\"\n"
+        )
+        .contains("cluster.wait_timeout"));
     }
 
     #[test]
