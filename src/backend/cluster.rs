@@ -247,13 +247,24 @@ impl Redirect {
         }
     }
 
-    /// A raw reply's redirect, if it is one: the cheap test first.
+    /// For the metrics.
+    pub fn kind(&self) -> crate::metrics::RedirectKind {
+        match self {
+            Redirect::Moved { .. } => crate::metrics::RedirectKind::Moved,
+            Redirect::Ask { .. } => crate::metrics::RedirectKind::Ask,
+            Redirect::Retry => crate::metrics::RedirectKind::Retry,
+        }
+    }
+
+    /// A raw reply's redirect, if it is one (counted in the metrics): the cheap test first.
     pub fn of_raw(raw: &Bytes) -> Option<Redirect> {
         if raw.first() != Some(&b'-') {
             return None;
         }
         let end = raw.iter().position(|&b| b == b'\r').unwrap_or(raw.len());
-        Redirect::parse(std::str::from_utf8(&raw[1..end]).ok()?)
+        let r = Redirect::parse(std::str::from_utf8(&raw[1..end]).ok()?)?;
+        crate::metrics::global().count_redirect(r.kind());
+        Some(r)
     }
 }
 

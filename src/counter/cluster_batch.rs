@@ -130,8 +130,15 @@ pub(super) async fn attempt(
         let mut asked = false;
         let mut moved = false;
         let mut landed: Vec<(usize, Arc<Shard>, u64, Vec<KeyValue>)> = Vec::new();
+        // Every part was sent at once: one deadline for all their replies.
+        let deadline = tokio::time::Instant::now()
+            + sent
+                .iter()
+                .map(|(_, n, _, _)| n.timeout)
+                .max()
+                .unwrap_or_default();
         for (i, node, connects, rx) in sent {
-            let reply = match tokio::time::timeout(node.timeout, rx).await {
+            let reply = match tokio::time::timeout_at(deadline, rx).await {
                 Ok(Ok(Ok(r))) => r,
                 Ok(Ok(Err(e))) => {
                     last_err = Some(e);

@@ -74,6 +74,49 @@ pub fn render(ctx: &Context) -> String {
         "Shard up/down transitions seen by health checks.",
         m.shard_transitions.load(Relaxed) as f64,
     );
+    if let Some(c) = &ctx.cluster {
+        let topo = ctx.router.topology();
+        o.one(
+            "cluster_map_version",
+            "gauge",
+            "Version of the Redis Cluster slot map in force (raised by each change seen).",
+            topo.version as f64,
+        );
+        o.one(
+            "cluster_slots_unserved",
+            "gauge",
+            "Slots no node serves in the map in force (the cluster is down for them).",
+            topo.slot_map().map_or(0, |m| m.unserved()) as f64,
+        );
+        o.one(
+            "cluster_refreshes_total",
+            "counter",
+            "Looks at the cluster's slot map.",
+            c.refreshes.load(Relaxed) as f64,
+        );
+        o.one(
+            "cluster_refresh_errors_total",
+            "counter",
+            "Looks at the slot map that no node answered.",
+            c.refresh_errors.load(Relaxed) as f64,
+        );
+        o.metric(
+            "cluster_redirects_total",
+            "counter",
+            "Redirections followed, by kind (moved, ask, retry: TRYAGAIN or CLUSTERDOWN).",
+            &[
+                (
+                    "{kind=\"moved\"}".into(),
+                    m.cluster_moved.load(Relaxed) as f64,
+                ),
+                ("{kind=\"ask\"}".into(), m.cluster_ask.load(Relaxed) as f64),
+                (
+                    "{kind=\"retry\"}".into(),
+                    m.cluster_retry.load(Relaxed) as f64,
+                ),
+            ],
+        );
+    }
     o.one(
         "http_requests_total",
         "counter",
