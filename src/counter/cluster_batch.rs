@@ -233,3 +233,43 @@ pub(super) async fn attempt(
     }
     Ok(by_item.into_iter().flatten().collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_splits_into_one_part_per_slot_each_with_its_slots_watermark() {
+        let windows = Windows::from_config(&crate::config::WindowsConfig::default());
+        let win = windows::pending_key(windows::ALL, 1_800_000_000, b"visits:{a}home");
+        let items: Vec<(Bytes, Option<i64>)> = vec![
+            (Bytes::from_static(b"visits:{a}home"), Some(3)),
+            (Bytes::from_static(b"visits:{b}x"), Some(1)),
+            (Bytes::from(win), Some(3)),
+            (Bytes::from_static(b"{a}other"), None),
+        ];
+        let (parts, writes) = split("p1", &windows, 42, &items);
+        assert_eq!(parts.len(), 2);
+        assert_eq!(writes.0, 2, "two counter deltas");
+        for p in &parts {
+            let key = applied_key(p.slot);
+            assert_eq!(slots::key_slot(key.as_bytes()), p.slot);
+            let frame = std::str::from_utf8(&p.frame).unwrap();
+            assert!(frame.contains(&key), "{frame}");
+            for &i in &p.items {
+                let k = windows::placement_key(&items[i].0);
+                assert_eq!(slots::key_slot(k), p.slot);
+            }
+        }
+        let a = parts
+            .iter()
+            .find(|p| p.slot == slots::key_slot(b"a"))
+            .unwrap();
+        assert_eq!(a.items, vec![0, 2, 3]);
+        assert_eq!(a.counters, 2, "the window delta has no value of its own");
+        // Bucket hashes of the windowed key are in its slot: the same EVAL writes them.
+        assert!(std::str::from_utf8(&a.frame)
+            .unwrap()
+            .contains("tally:w:{a}"));
+    }
+}
