@@ -16,6 +16,7 @@
 //! (`counter`) or sockets to shards (`backend`).
 
 pub mod every_shard;
+pub mod keyspace;
 pub mod local;
 pub mod multi;
 pub mod same_shard;
@@ -474,9 +475,12 @@ fn dispatch_spec(
         reply::error(out, crate::auth::NOAUTH);
         return None;
     }
-    // The proxy's own keys (exactly-once records, rebalance tombstones) are off limits.
-    if !matches!(spec.kind, Kind::Local | Kind::Refused(_))
-        && args[1..].iter().any(|a| a.starts_with(b"tally:"))
+    // The proxy's own keys (exactly-once records, rebalance tombstones) are off limits;
+    // keyspace commands take patterns, not keys, and filter those keys from their answers.
+    if !matches!(
+        spec.kind,
+        Kind::Local | Kind::Refused(_) | Kind::Keyspace(_)
+    ) && args[1..].iter().any(|a| a.starts_with(b"tally:"))
     {
         reply::error(out, RESERVED);
         return None;
@@ -526,6 +530,7 @@ fn dispatch_spec(
         Kind::Multi(m) => multi::dispatch(ctx, client, spec, m, args, out),
         Kind::SameShard(keys) => same_shard::dispatch(ctx, client, keys, args, out),
         Kind::EveryShard => every_shard::script(ctx, client, args, out),
+        Kind::Keyspace(op) => keyspace::dispatch(ctx, client, op, args, out),
         Kind::Window(op) => {
             let ctx = ctx.clone();
             Some(Pending::Task(Box::pin(async move {

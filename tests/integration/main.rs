@@ -9,6 +9,7 @@ mod dashboard;
 mod durability;
 mod full_disk;
 mod hostile;
+mod keyspace;
 mod layers;
 mod ops;
 mod rebalance;
