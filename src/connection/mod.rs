@@ -125,6 +125,8 @@ where
     client.authenticated = !ctx.users.required();
     let mut rbuf = BytesMut::with_capacity(16 * 1024);
     let mut parser = RequestParser::default();
+    // This connection's share of the budget on buffered input (see `resp::budget`).
+    let mut held = crate::resp::budget::Held::new(ctx.input_budget.clone());
     let mut wbuf = BytesMut::with_capacity(16 * 1024);
     // Each reply not yet written, with its command's name (for the per-command figures).
     let mut queue: VecDeque<(Pending, &'static str)> = VecDeque::new();
@@ -261,6 +263,7 @@ where
         if more {
             continue;
         }
+        held.set(rbuf.len()); // gives back what the requests taken off the buffer held
         if rbuf.capacity() - rbuf.len() < 4096 {
             rbuf.reserve(16 * 1024);
         }
@@ -283,8 +286,41 @@ where
             },
             _ = shutdown.wait() => break,
         }
+        if !held.set(rbuf.len()) {
+            crate::metrics::global()
+                .protocol_errors
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                client = client.id,
+                buffered = rbuf.len(),
+                "client input over the budget, closing"
+            );
+            drop(held); // this connection's share goes back before anyone hears of it
+            wbuf.clear();
+            reply::error(
+                &mut wbuf,
+                &format!("ERR Protocol error: {}", crate::resp::budget::OVER_BUDGET),
+            );
+            if write_out(&mut stream, &wbuf, &ctx).await {
+                linger(&mut stream).await;
+            }
+            break;
+        }
     }
     let _ = stream.shutdown().await;
+}
+
+/// After a refusal that leaves the client's request half sent: the error is followed by a
+/// FIN, and what the client still sends is read and dropped (into a small fixed buffer,
+/// for at most 2 s), so that the close does not reset the connection before the client
+/// has read the error.
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 16 * 1024];
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }
 
 /// Writes replies; false when the client is gone or has not read them within

@@ -406,8 +406,8 @@ async fn malformed_frames_get_a_protocol_error_and_the_connection_closes() {
 async fn a_huge_length_claim_is_refused_without_waiting_for_the_bytes() {
     let s = setup().await;
     let mut c = s.proxy.conn().await;
-    // 16 MiB is the default bulk limit: a claim of 100 MiB is refused at the header.
-    c.send(b"*2\r\n$3\r\nGET\r\n$104857600\r\nabc").await;
+    // 512 MiB is the default bulk limit (Redis's): a claim of 600 MiB is refused at the header.
+    c.send(b"*2\r\n$3\r\nGET\r\n$629145600\r\nabc").await;
     let started = Instant::now();
     assert_eq!(
         c.reply().await,

@@ -12,6 +12,7 @@ mod hostile;
 mod keyspace;
 mod layers;
 mod ops;
+mod protocol;
 mod rebalance;
 mod resp3;
 mod same_shard;
