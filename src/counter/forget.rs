@@ -146,17 +146,26 @@ impl Engine {
     }
 }
 
-/// Runs one flush on `lane`'s shard (called by the lane between round trips).
+/// A batch to send as an ordinary one after a flush whose outcome is unknown.
+pub(super) type Fallback = Option<(u64, Vec<(Bytes, Option<i64>)>)>;
+
+/// Runs one flush on `lane`'s shard (called by the lane between round trips). The lane
+/// answers the client first, then sends the fallback batch, which may wait for the shard.
 pub(super) async fn run(
     lane: &Lane,
     engine: &Arc<Engine>,
     flush: &Flush,
-) -> Result<(), ForgetError> {
+) -> (Result<(), ForgetError>, Fallback) {
     let name = lane.shard.name.clone();
+    let unavailable = || lane::LaneError::Unavailable.client_message(&name);
     let topo = engine.router().topology();
     let Some(idx) = topo.shards.iter().position(|s| Arc::ptr_eq(s, &lane.shard)) else {
-        return Err(lane::LaneError::Unavailable.client_message(&name));
+        return (Err(unavailable()), None);
     };
+    if !lane.shard.is_up() {
+        // Known down: nothing taken, nothing sent.
+        return (Err(unavailable()), None);
+    }
     let gate = match &engine.wal {
         Some(w) => Some(w.lane_gate.read().await),
         None => None,
@@ -172,7 +181,7 @@ pub(super) async fn run(
     if let (Some(wal), true) = (&engine.wal, seq != 0) {
         if wal.log_batch(seq, &name, &items).await.is_err() {
             engine.untake(&items);
-            return Err(super::LOG_FAILED.to_string());
+            return (Err(super::LOG_FAILED.to_string()), None);
         }
     }
     drop(gate);
@@ -197,16 +206,11 @@ pub(super) async fn run(
                 wal.log_applied(seq);
             }
             engine.forget_settle(&topo, idx, &taken);
-            Ok(())
+            (Ok(()), None)
         }
-        Err(e) => {
-            // The flush may or may not have run: the absorbed batch goes out as an ordinary
-            // one under the same number, which lands only if the flush did not.
-            if seq != 0 {
-                lane::send_logged(lane, engine, seq, items).await;
-            }
-            Err(e)
-        }
+        // The flush may or may not have run: the absorbed batch goes out as an ordinary one
+        // under the same number, which lands only if the flush did not.
+        Err(e) => (Err(e), (seq != 0).then_some((seq, items))),
     }
 }
 

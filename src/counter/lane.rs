@@ -355,7 +355,11 @@ async fn run(lane: Arc<Lane>) {
                 }
             }
             for (flush, waiter) in forget {
-                let _ = waiter.send(super::forget::run(&lane, &engine, &flush).await);
+                let (result, fallback) = super::forget::run(&lane, &engine, &flush).await;
+                let _ = waiter.send(result);
+                if let Some((seq, items)) = fallback {
+                    send_logged(&lane, &engine, seq, items).await;
+                }
             }
             for (frame, on_reply) in between {
                 let rx = lane.shard.lane_send(frame);

@@ -370,7 +370,7 @@ async fn malformed_frames_get_a_protocol_error_and_the_connection_closes() {
         b"*x\r\n",
         b"*1\r\n$-2\r\n",
         b"*1\r\n$4\r\nPINGxx",
-        b"*1\r\n$536870912\r\n",
+        b"*1\r\n$536870913\r\n",
         b"*999999999999\r\n",
         b"*1\r\n:1\r\n",
         b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$9999999999\r\n",

@@ -480,3 +480,24 @@ async fn redis_cli_scan_and_bigkeys_through_the_proxy() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_with_a_shard_down_answers_at_once_and_names_it() {
+    let (a, mut b) = (Redis::start(), Redis::start());
+    let wal = TempDir::new("flush-down");
+    let proxy = Proxy::start(support::config(&[&a, &b], &wal)).await;
+    let mut c = proxy.client().await;
+    fill(&mut c, 30).await; // counters pending on both shards
+    assert!(!shard_keys(&[&a], "*").is_empty());
+    b.stop();
+    let mut raw = proxy.conn().await;
+    let r = raw.cmd(&["FLUSHDB"]).await;
+    assert!(
+        r.starts_with('-') && r.contains(&format!("shard redis_{}", b.port)),
+        "{r}"
+    );
+    // The shard that answered was flushed; the connection carries on.
+    assert!(shard_keys(&[&a], "*").is_empty());
+    assert_eq!(raw.cmd(&["PING"]).await, "+PONG\r\n");
+    proxy.stop().await;
+}
