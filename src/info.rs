@@ -33,7 +33,7 @@ pub fn render(ctx: &Context, section: Option<&str>) -> String {
         let _ = writeln!(out, "# {}\r", capitalise(s));
         let lines = match *s {
             "server" => server(ctx),
-            "clients" => clients(),
+            "clients" => clients(ctx),
             "stats" => stats(ctx),
             "shards" => shards(ctx),
             "counters" => counters(ctx),
@@ -73,11 +73,13 @@ fn server(ctx: &Context) -> Lines {
     ]
 }
 
-fn clients() -> Lines {
+fn clients(ctx: &Context) -> Lines {
     let m = crate::metrics::global();
     vec![
         line("connected_clients", m.connections_current.load(Relaxed)),
         line("maxclients_refused", m.connections_refused.load(Relaxed)),
+        line("dedicated_connections", ctx.dedicated.in_use()),
+        line("max_dedicated", ctx.dedicated.cap()),
     ]
 }
 

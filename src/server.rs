@@ -210,6 +210,7 @@ pub async fn build(
         .unwrap_or(0);
     let ctx = Context {
         limits: Limits::from(&config.limits),
+        dedicated: crate::backend::dedicated::Limit::new(config.backend.max_dedicated),
         users: crate::auth::Users::from_config(&config).map_err(std::io::Error::other)?,
         admin_token: match &config.admin_token {
             Some(t) => Some(t.resolve("admin_token").map_err(std::io::Error::other)?),
