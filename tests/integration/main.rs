@@ -3,17 +3,21 @@
 
 mod support;
 
+mod blocking;
 mod core;
 mod counters;
 mod dashboard;
 mod durability;
+mod families;
 mod full_disk;
 mod hostile;
 mod layers;
 mod ops;
+mod pubsub;
 mod rebalance;
 mod resp3;
 mod same_shard;
 mod security;
 mod sentinel;
+mod transactions;
 mod windows;
