@@ -167,7 +167,11 @@ where
             };
             match next {
                 Ok(Some(args)) if args.is_empty() => continue,
-                Ok(Some(args)) if !queue.is_empty() && touches_deferred(&client, &args) => {
+                Ok(Some(args))
+                    if !queue.is_empty()
+                        && (touches_deferred(&client, &args)
+                            || pubsub::must_wait(&client, &args)) =>
+                {
                     stashed = Some(args);
                     more = true;
                     break;

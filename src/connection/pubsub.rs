@@ -126,6 +126,19 @@ pub(super) fn intercept(client: &mut Client, spec: &Spec, args: &[Bytes]) -> Opt
     }
 }
 
+/// Whether `args` must wait for the client's queue to drain first: a new subscription while
+/// the connection is being released (after RESET, or everything unsubscribed) with commands
+/// still unanswered on it. Once they are, the connection goes and a fresh one is opened, so
+/// that a RESET's subscriptions never come back.
+pub(super) fn must_wait(client: &Client, args: &[Bytes]) -> bool {
+    client
+        .sub
+        .as_ref()
+        .is_some_and(|s| s.release && s.waiting > 0)
+        && (args[0].eq_ignore_ascii_case(b"subscribe")
+            || args[0].eq_ignore_ascii_case(b"psubscribe"))
+}
+
 /// SUBSCRIBE, PSUBSCRIBE, UNSUBSCRIBE, PUNSUBSCRIBE (`subscription`), PUBLISH and PUBSUB.
 pub(super) fn dispatch(
     ctx: &Arc<Context>,

@@ -80,6 +80,68 @@ async fn a_resp2_subscriber_sees_what_redis_sends() {
     proxy.stop().await;
 }
 
+/// One write of several commands; every reply, as bytes.
+async fn burst(addr: SocketAddr, cmds: &[&[&str]], replies: usize) -> Vec<String> {
+    let mut c = Raw::connect(addr).await;
+    let mut bytes = Vec::new();
+    for cmd in cmds {
+        bytes.extend_from_slice(&support::encode(cmd));
+    }
+    c.send(&bytes).await;
+    let mut out = Vec::new();
+    for _ in 0..replies {
+        out.push(c.reply().await);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_subscription_commands_keep_redis_order() {
+    let (a, b, direct) = (Redis::start(), Redis::start(), Redis::start());
+    let wal = TempDir::new("pubsub-pipelined");
+    let proxy = Proxy::start(support::config(&[&a, &b], &wal)).await;
+    let cmds: &[&[&str]] = &[
+        // (One channel: UNSUBSCRIBE with none names them in the server's hash order.)
+        &["SUBSCRIBE", "a"],
+        &["GET", "x"],
+        &["PING"],
+        &["PSUBSCRIBE", "p*"],
+        &["UNSUBSCRIBE"],
+        &["SET", "x", "1"],
+        &["PUNSUBSCRIBE"],
+        &["GET", "x"],
+        &["SUBSCRIBE", "c"],
+        &["RESET"],
+        &["GET", "x"],
+    ];
+    let want = burst(direct.addr().parse().unwrap(), cmds, 11).await;
+    let got = burst(proxy.addr, cmds, 11).await;
+    assert_eq!(got, want);
+    // A RESET between two subscriptions: the first one does not come back.
+    let mut sub = proxy.conn().await;
+    let mut bytes = support::encode(&["SUBSCRIBE", "old"]);
+    bytes.extend_from_slice(&support::encode(&["RESET"]));
+    bytes.extend_from_slice(&support::encode(&["SUBSCRIBE", "new"]));
+    sub.send(&bytes).await;
+    assert_eq!(
+        sub.reply().await,
+        "*3\r\n$9\r\nsubscribe\r\n$3\r\nold\r\n:1\r\n"
+    );
+    assert_eq!(sub.reply().await, "+RESET\r\n");
+    assert_eq!(
+        sub.reply().await,
+        "*3\r\n$9\r\nsubscribe\r\n$3\r\nnew\r\n:1\r\n"
+    );
+    let mut publisher = proxy.conn().await;
+    publisher.cmd(&["PUBLISH", "old", "stale"]).await;
+    assert_eq!(publisher.cmd(&["PUBLISH", "new", "fresh"]).await, ":1\r\n");
+    assert_eq!(
+        sub.reply().await,
+        "*3\r\n$7\r\nmessage\r\n$3\r\nnew\r\n$5\r\nfresh\r\n"
+    );
+    proxy.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resp3_subscriber_gets_push_frames_and_keeps_using_the_connection() {
     let (a, b, direct) = (Redis::start(), Redis::start(), Redis::start());
