@@ -255,3 +255,35 @@ pub async fn gauge_becomes(proxy: &Proxy, want: u64) -> bool {
     }
     false
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_and_a_subscriber_are_bounded() {
+    let a = Redis::start();
+    let wal = TempDir::new("txn-bounds");
+    let proxy = Proxy::start(support::config(&[&a], &wal)).await;
+    let mut c = proxy.conn().await;
+    assert_eq!(c.cmd(&["MULTI"]).await, "+OK\r\n");
+    let mut burst = Vec::new();
+    for _ in 0..10_001 {
+        burst.extend_from_slice(&support::encode(&["PING"]));
+    }
+    c.send(&burst).await;
+    for _ in 0..10_000 {
+        assert_eq!(c.reply().await, "+QUEUED\r\n");
+    }
+    assert_eq!(
+        c.reply().await,
+        "-ERR tallyproxy queues at most 10000 commands (67108864 bytes) in a transaction\r\n"
+    );
+    assert_eq!(c.cmd(&["EXEC"]).await, EXECABORT);
+    let many: Vec<String> = (0..10_001).map(|i| format!("ch{i}")).collect();
+    let mut cmd = vec!["SUBSCRIBE"];
+    cmd.extend(many.iter().map(|s| s.as_str()));
+    assert_eq!(
+        c.cmd(&cmd).await,
+        "-ERR tallyproxy allows at most 10000 channels and patterns per client\r\n"
+    );
+    assert_eq!(c.cmd(&["PING"]).await, "+PONG\r\n", "still usable");
+    assert_eq!(dedicated(&proxy).await, 0);
+    proxy.stop().await;
+}
