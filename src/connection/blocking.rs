@@ -14,15 +14,17 @@
 //! Owns running these commands. Does not own the key positions (`command`) or the cap
 //! (`backend::dedicated::Limit`).
 
-use super::{error_bytes, same_shard, Client, Pending};
+use super::{error_bytes, same_shard, Client, Pending, Task};
 use crate::backend::dedicated::Dedicated;
 use crate::backend::encode_command;
 use crate::command::{Keys, Spec};
 use crate::context::Context;
 use crate::resp::reply::{self, Proto};
+use crate::shutdown::Shutdown;
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 pub(super) fn dispatch(
     ctx: &Arc<Context>,
@@ -74,6 +76,36 @@ pub(super) fn dispatch(
             Err(e) => error_bytes(&e.client_message(&shard.name)),
         }
     })))
+}
+
+/// Most bytes read ahead from a client while its blocking command waits; past it the
+/// socket is not read until the command returns.
+const BLOCKED_READ_AHEAD: usize = 1024 * 1024;
+
+/// Awaits a blocking command while watching the client's socket: None when the client
+/// leaves or the proxy shuts down first (the command is dropped, closing its connection).
+/// What the client pipelines meanwhile is read into `rbuf`, dispatched after the command.
+pub(super) async fn wait<S: AsyncRead + Unpin>(
+    task: Task,
+    stream: &mut S,
+    rbuf: &mut BytesMut,
+    shutdown: &mut Shutdown,
+) -> Option<BytesMut> {
+    let mut task = task;
+    loop {
+        let room = rbuf.len() < BLOCKED_READ_AHEAD;
+        if rbuf.capacity() - rbuf.len() < 4096 {
+            rbuf.reserve(16 * 1024);
+        }
+        tokio::select! {
+            b = &mut task => return Some(b),
+            r = stream.read_buf(rbuf), if room => match r {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            },
+            _ = shutdown.wait() => return None,
+        }
+    }
 }
 
 /// None when the command does not block (XREAD without BLOCK); else how long it may

@@ -226,7 +226,7 @@ where
             let start = wbuf.len();
             match p {
                 Pending::Blocking(t) => {
-                    match blocked(t, &mut stream, &mut rbuf, &mut shutdown).await {
+                    match blocking::wait(t, &mut stream, &mut rbuf, &mut shutdown).await {
                         Some(b) => wbuf.extend_from_slice(&b),
                         // The client left (or the proxy is stopping): the command is
                         // dropped with its dedicated connection.
@@ -333,36 +333,6 @@ where
         }
     }
     let _ = stream.shutdown().await;
-}
-
-/// Most bytes read ahead from a client while its blocking command waits; past it the
-/// socket is not read until the command returns.
-const BLOCKED_READ_AHEAD: usize = 1024 * 1024;
-
-/// Awaits a blocking command while watching the client's socket: None when the client
-/// leaves or the proxy shuts down first (the command is dropped, closing its connection).
-/// What the client pipelines meanwhile is read into `rbuf`, dispatched after the command.
-async fn blocked<S: AsyncRead + Unpin>(
-    task: Task,
-    stream: &mut S,
-    rbuf: &mut BytesMut,
-    shutdown: &mut Shutdown,
-) -> Option<BytesMut> {
-    let mut task = task;
-    loop {
-        let room = rbuf.len() < BLOCKED_READ_AHEAD;
-        if rbuf.capacity() - rbuf.len() < 4096 {
-            rbuf.reserve(16 * 1024);
-        }
-        tokio::select! {
-            b = &mut task => return Some(b),
-            r = stream.read_buf(rbuf), if room => match r {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
-            },
-            _ = shutdown.wait() => return None,
-        }
-    }
 }
 
 /// Writes replies; false when the client is gone or has not read them within
