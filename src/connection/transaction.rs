@@ -25,6 +25,9 @@
 //! another client after a WATCH lands before EXEC, so it counts as a change of the watched
 //! key: EXEC answers nil, as Redis would had it arrived there.
 //!
+//! A shard change between queueing and EXEC (a rebalance began) that gives any of its keys to
+//! another shard makes EXEC answer `TRYAGAIN ...` and discard it: nothing runs on the old owner.
+//!
 //! Owns the transaction state of one client. Does not own the socket (`backend`).
 
 use super::{error_bytes, local, same_shard, Client, Pending, PendingTask, MEMORY_MODE, RESERVED};
@@ -42,6 +45,7 @@ pub const MAX_QUEUED: usize = 10_000;
 pub const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
 
 pub const EXECABORT: &str = "EXECABORT Transaction discarded because of previous errors.";
+pub const MOVED_MEANWHILE: &str = "TRYAGAIN the shards changed while the transaction was queued: its keys live elsewhere now; transaction discarded, run it again";
 
 /// One client's transaction: from WATCH or MULTI to EXEC, DISCARD or UNWATCH.
 #[derive(Default)]
@@ -348,6 +352,18 @@ fn exec(ctx: &Arc<Context>, client: &mut Client, out: &mut BytesMut) -> Option<P
     if txn.aborted {
         reply::error(out, EXECABORT);
         return None;
+    }
+    // A shard change since the keys were placed (a rebalance began) moved some of them.
+    let topo = ctx.router.topology();
+    if let Some(shard) = &txn.shard {
+        if txn
+            .keys
+            .iter()
+            .any(|k| topo.shard_for(k).name != shard.name)
+        {
+            reply::error(out, MOVED_MEANWHILE);
+            return None;
+        }
     }
     // The proxy's own commands run now, in order; their answers go in EXEC's array.
     let mut answers = Vec::new();

@@ -287,3 +287,42 @@ async fn a_transaction_and_a_subscriber_are_bounded() {
     assert_eq!(dedicated(&proxy).await, 0);
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_whose_keys_moved_while_queued_is_refused() {
+    let (a, c) = (Redis::start(), Redis::start());
+    let wal = TempDir::new("txn-moved");
+    let proxy = Proxy::start(support::config(&[&a], &wal)).await;
+    // A key that the ring gives to the shard about to join.
+    let key = (0..1000)
+        .map(|i| format!("m{i}"))
+        .find(|k| ring_owner(&[&a, &c], k) == c.port)
+        .unwrap();
+    let mut t = proxy.conn().await;
+    assert_eq!(t.cmd(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(t.cmd(&["SET", &key, "v"]).await, "+QUEUED\r\n");
+    let body = format!("{{\"addr\": \"{}\"}}", c.addr());
+    let (status, _) = support::http_json(proxy.http, "POST", "/admin/shards", &body).await;
+    assert_eq!(status, 202);
+    let mut done = false;
+    for _ in 0..300 {
+        let (_, p) = support::http_json(proxy.http, "GET", "/admin/rebalance", "").await;
+        if p["state"] == "done" {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(done, "the rebalance finished within 30 s");
+    assert_eq!(
+        t.cmd(&["EXEC"]).await,
+        "-TRYAGAIN the shards changed while the transaction was queued: its keys live elsewhere now; transaction discarded, run it again\r\n"
+    );
+    assert_eq!(a.get(&key), None, "nothing ran on the old owner");
+    // Run again, it lands on the new owner.
+    assert_eq!(t.cmd(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(t.cmd(&["SET", &key, "v"]).await, "+QUEUED\r\n");
+    assert_eq!(t.cmd(&["EXEC"]).await, "*1\r\n+OK\r\n");
+    assert_eq!(c.get(&key).as_deref(), Some("v"));
+    proxy.stop().await;
+}
