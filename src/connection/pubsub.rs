@@ -16,7 +16,8 @@
 //! PING, QUIT and RESET; anything else gets Redis's own refusal), decided from what the
 //! client has subscribed to, tracked at dispatch; PING then goes to the shard, which answers
 //! `*2 pong <arg>`. A RESP3 client gets push frames (`>`), from a connection that said
-//! `HELLO 3`, and may send any command meanwhile.
+//! `HELLO 3`, and may send any command meanwhile but `HELLO` (the connection's pushes could
+//! not follow a switch of protocol).
 //!
 //! Bounds: messages not yet written to the client are capped at `limits.max_output_bytes`
 //! (and 65,536 frames); past that the client is disconnected, as Redis's
@@ -107,6 +108,9 @@ fn pubsub_shard(ctx: &Context) -> Option<Arc<Shard>> {
     ctx.router.topology().shards.first().cloned()
 }
 
+pub const HELLO_SUBSCRIBED: &str =
+    "ERR HELLO while subscribed is not supported by tallyproxy: UNSUBSCRIBE (or RESET) first";
+
 /// Redis's refusal of a command in RESP2 subscribed mode.
 pub fn not_allowed(name: &str) -> String {
     format!("ERR Can't execute '{name}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context")
@@ -116,6 +120,10 @@ pub fn not_allowed(name: &str) -> String {
 /// PING to the shard); None when the command takes the ordinary path.
 pub(super) fn intercept(client: &mut Client, spec: &Spec, args: &[Bytes]) -> Option<Pending> {
     let sub = client.sub.as_ref()?;
+    if client.proto == Proto::Resp3 && sub.active() && spec.name == "hello" {
+        // The subscription connection speaks RESP3: its pushes cannot follow a switch.
+        return Some(Pending::Ready(error_bytes(HELLO_SUBSCRIBED).freeze()));
+    }
     if client.proto != Proto::Resp2 || !sub.active() {
         return None;
     }

@@ -182,6 +182,19 @@ async fn a_resp3_subscriber_gets_push_frames_and_keeps_using_the_connection() {
         "*1\r\n$1\r\nx\r\n"
     );
     assert_eq!(dedicated(&proxy).await, 1);
+    let mut r3 = proxy.conn().await;
+    r3.cmd(&["HELLO", "3"]).await;
+    assert_eq!(
+        r3.cmd(&["SUBSCRIBE", "y"]).await,
+        ">3\r\n$9\r\nsubscribe\r\n$1\r\ny\r\n:1\r\n"
+    );
+    assert_eq!(
+        r3.cmd(&["HELLO", "2"]).await,
+        "-ERR HELLO while subscribed is not supported by tallyproxy: UNSUBSCRIBE (or RESET) first\r\n"
+    );
+    assert_eq!(r3.cmd(&["RESET"]).await, "+RESET\r\n");
+    drop(r3);
+    assert!(gauge_becomes(&proxy, 1).await);
     // RESET ends the subscription and releases the connection.
     assert_eq!(sub.cmd(&["RESET"]).await, "+RESET\r\n");
     assert!(gauge_becomes(&proxy, 0).await);
