@@ -5,6 +5,7 @@
 //! lost). Does not own what a command means, nor which shard a key belongs to (`router`).
 
 pub mod conn;
+pub mod dedicated;
 pub mod follower;
 pub mod health;
 pub mod identity;

@@ -126,6 +126,12 @@ pub fn render(ctx: &Context) -> String {
         &per(&|sh| sh.stats.inflight.load(Relaxed) as f64),
     );
     o.one(
+        "dedicated_connections",
+        "gauge",
+        "Dedicated shard connections open (transactions with WATCH, subscriptions, blocked commands).",
+        ctx.dedicated.in_use() as f64,
+    );
+    o.one(
         "ring_version",
         "gauge",
         "Version of the ring in use.",
