@@ -16,4 +16,5 @@ mod resp3;
 mod same_shard;
 mod security;
 mod sentinel;
+mod window_flush;
 mod windows;
