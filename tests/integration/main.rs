@@ -10,6 +10,7 @@ mod durability;
 mod full_disk;
 mod hostile;
 mod layers;
+mod mget;
 mod ops;
 mod rebalance;
 mod resp3;
