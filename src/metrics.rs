@@ -4,9 +4,10 @@
 //! in their own structs), rendered by `http/metrics.rs`; and counters and histograms kept by
 //! the `metrics` crate with metrics-exporter-prometheus (per-command counts by outcome, the
 //! flush histogram). The command latency histograms are this module's own ([`Latency`]):
-//! the exporter keeps every observation, with a clock read, until its upkeep, which cost
-//! about 5 % of the proxy's CPU at a million commands a second. Hot-path figures are
-//! aggregated per burst before they touch a shared counter.
+//! the exporter keeps every observation, with a clock read, until its upkeep, a share of
+//! the proxy's CPU per command that showed at a million commands a second (see
+//! docs/performance.md). Hot-path figures are aggregated per burst before they touch a
+//! shared counter.
 
 use metrics::Counter;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
