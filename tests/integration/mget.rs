@@ -4,6 +4,8 @@
 //! statistics count each key once either way.
 
 use crate::support::{config, Proxy, Raw, Redis, TempDir};
+use std::time::Duration;
+use tallyproxy::config::HumanDuration;
 
 async fn info_counter(c: &mut Raw, field: &str) -> u64 {
     let text = c.cmd(&["INFO", "counters"]).await;
@@ -21,7 +23,10 @@ async fn an_mget_of_cached_counters_is_answered_from_memory_byte_for_byte() {
     let (a, b) = (Redis::start(), Redis::start());
     let plain = Redis::start();
     let wal = TempDir::new("mget-cached");
-    let proxy = Proxy::start(config(&[&a, &b], &wal)).await;
+    let mut cfg = config(&[&a, &b], &wal);
+    // Every base stays fresh for the whole test, however slow the machine.
+    cfg.counters.cache_ttl = HumanDuration(Duration::from_secs(3600));
+    let proxy = Proxy::start(cfg).await;
     let mut p = proxy.conn().await;
     let mut r = Raw::connect(plain.addr().parse().unwrap()).await;
     let keys: Vec<String> = (0..10).map(|i| format!("mc:{i}")).collect();
