@@ -40,7 +40,7 @@ done
 
 # BENCH_PORT_BASE (default 17070) moves every port, so that two runs can share a machine. Keep
 # it (and it + 1010) below 32768: above, the kernel hands the ports out as client ports, and a
-# busy machine's TIME-WAIT connections can hold the one a shard needs.
+# busy machine's client connections (or their TIME-WAIT) can hold the one a shard needs.
 BASE="${BENCH_PORT_BASE:-17070}"
 REDIS_A=$BASE
 REDIS_B=$((BASE + 1))
