@@ -27,11 +27,12 @@ pub fn render(ctx: &Context) -> String {
     let m = crate::metrics::global();
     let e = &ctx.engine;
     let s = &e.stats;
-    // Per-command counters and latency histograms, from the metrics crate's recorder.
+    // Per-command counters (the metrics crate's recorder), then the latency histograms.
     let mut o = Out(crate::metrics::prometheus().render());
     if !o.0.is_empty() && !o.0.ends_with('\n') {
         o.0.push('\n');
     }
+    crate::metrics::render_latency(&mut o.0);
     o.one(
         "connections",
         "gauge",
