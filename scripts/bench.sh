@@ -8,7 +8,9 @@
 #
 # Environment: ROUNDS (default 5; 1 with --smoke), BENCH_TMPDIR (parent of the temp dir,
 # default $TMPDIR or /tmp; the tallyproxy WAL lives there, so put it on the disk you care about),
-# and for full runs the request counts N_P1, N_P16, N_MGET_P1, N_MGET_P16.
+# and for full runs the request counts N_P1, N_P16, N_MGET_P1, N_MGET_P16, the scale run's key
+# counts SCALE_KEYS (default "10000 100000 1000000 10000000"; 10 million keys need about 2 GB of
+# proxy memory and 1 GB in the shards), the many-clients run's CONNS_MANY (1000) and N_CONNS.
 #
 # Everything runs on 127.0.0.1 on its own ports, so it does not disturb scripts/run.sh
 # (6380/8080/7070/7071):
@@ -36,7 +38,9 @@ for arg in "$@"; do
   esac
 done
 
-# BENCH_PORT_BASE (default 17070) moves every port, so that two runs can share a machine.
+# BENCH_PORT_BASE (default 17070) moves every port, so that two runs can share a machine. Keep
+# it (and it + 1010) below 32768: above, the kernel hands the ports out as client ports, and a
+# busy machine's client connections (or their TIME-WAIT) can hold the one a shard needs.
 BASE="${BENCH_PORT_BASE:-17070}"
 REDIS_A=$BASE
 REDIS_B=$((BASE + 1))
@@ -52,6 +56,7 @@ if ((SMOKE)); then
   N_P1=2000 N_P16=2000 N_MGET_P1=2000 N_MGET_P16=2000
   ECON_N=10000 ECON_KEYS=1000
   MEM_KEYS=10000
+  SCALE_KEYS=${SCALE_KEYS:-10000} CONNS_MANY=1000 N_CONNS=5000
 else
   # Runs of a few seconds each: at a million requests a second, a 1 s run is mostly noise.
   ROUNDS=${ROUNDS:-5}
@@ -59,13 +64,19 @@ else
   N_MGET_P1=${N_MGET_P1:-100000} N_MGET_P16=${N_MGET_P16:-400000}
   ECON_N=1000000 ECON_KEYS=10000
   MEM_KEYS=1000000
+  SCALE_KEYS=${SCALE_KEYS:-10000 100000 1000000 10000000} CONNS_MANY=${CONNS_MANY:-1000}
+  N_CONNS=${N_CONNS:-200000}
 fi
-for var in ROUNDS N_P1 N_P16 N_MGET_P1 N_MGET_P16; do
+for var in ROUNDS N_P1 N_P16 N_MGET_P1 N_MGET_P16 CONNS_MANY N_CONNS; do
   [[ "${!var}" =~ ^[1-9][0-9]*$ ]] || {
     echo "bench.sh: $var must be a positive integer" >&2
     exit 2
   }
 done
+[[ "$SCALE_KEYS" =~ ^[1-9][0-9]*( [1-9][0-9]*)*$ ]] || {
+  echo "bench.sh: SCALE_KEYS must be positive integers separated by spaces" >&2
+  exit 2
+}
 BENCH_TIMEOUT=600 # seconds, per redis-benchmark run
 CLI_TIMEOUT=20    # seconds, per redis-cli call
 
@@ -80,7 +91,7 @@ cli() { timeout "$CLI_TIMEOUT" redis-cli -h 127.0.0.1 "$@"; }
 # Dependencies and build
 # ---------------------------------------------------------------------------------------------
 scripts/ensure-deps.sh --bench
-for tool in redis-server redis-cli redis-benchmark nutcracker timeout awk; do
+for tool in redis-server redis-cli redis-benchmark nutcracker timeout awk curl; do
   command -v "$tool" >/dev/null 2>&1 || die "$tool is not installed"
 done
 log "cargo build --release (may wait for the shared build directory lock)"
@@ -296,7 +307,7 @@ RAW="$WORK/raw.csv" # round,workload,target,rps,p50,p99
 bench() {
   local port=$1 pipeline=$2 n=$3 keyspace=$4 out line
   shift 4
-  out=$(timeout "$BENCH_TIMEOUT" redis-benchmark -h 127.0.0.1 -p "$port" -c "$CLIENTS" \
+  out=$(timeout "$BENCH_TIMEOUT" redis-benchmark -h 127.0.0.1 -p "$port" -c "${CLIENTS}" \
     -r "$keyspace" -n "$n" -P "$pipeline" --csv "$@" 2>>"$WORK/redis-benchmark.stderr") ||
     die "redis-benchmark -p $port -P $pipeline $* failed or timed out: $out"
   line=$(printf '%s\n' "$out" | grep -v '^"test"' | grep '^"' | tail -n 1 || true)
@@ -542,11 +553,12 @@ win_total=$(all_calls)
 win_eval=$(cmd_calls eval)
 win_incrby=$(cmd_calls incrby)
 win_hincrby=$(cmd_calls hincrby)
+win_hmget=$(cmd_calls hmget)
 win_expireat=$(cmd_calls expireat)
 # The flushes' own commands: the writes and the watermark's HGET/HSET per write batch. Each
 # lane counts a flush pass, so a flush of both shards is 2; the final flush at SIGTERM is 1
 # more per shard.
-win_flush_cmds=$((win_incrby + $(cmd_calls hincrby) + win_expireat + $(cmd_calls hget) + $(cmd_calls hset)))
+win_flush_cmds=$((win_incrby + win_hincrby + win_hmget + win_expireat + $(cmd_calls hget) + $(cmd_calls hset)))
 win_flushes=$(((win_flushes_before_stop + 2) / 2))
 win_breakdown=$(calls_breakdown)
 # What landed: the totals, and the per-day buckets (every increment counts into one day).
@@ -560,6 +572,31 @@ for port in $REDIS_A $REDIS_B; do
 done
 ((win_landed == ECON_N)) || log "WARNING: the shards hold $win_landed windowed increments, expected $ECON_N"
 ((win_days == ECON_N)) || log "WARNING: the day buckets hold $win_days increments, expected $ECON_N"
+
+# Steady state: flushes every second while the load runs, so buckets already exist (a bucket
+# hash's EXPIREAT is sent only by the flush that creates a bucket in it).
+log "windows economy, steady state: $ECON_N INCRs over $ECON_KEYS windowed keys, 1 s flush interval"
+for port in $REDIS_A $REDIS_B; do cli -p "$port" FLUSHALL >/dev/null; done
+write_tally_conf windows-steady 1s on everysec 100000
+start_tally "$TALLY_CONF"
+# Every key once, so that the measured flushes write existing buckets of existing keys.
+bench "$TALLY_PORT" 16 "$ECON_KEYS" "$ECON_KEYS" INCR "visits:__rand_int__" >/dev/null
+cli -p "$TALLY_PORT" PING >/dev/null
+curl -fsS -m 60 -X POST "http://127.0.0.1:$TALLY_HTTP/admin/flush" >/dev/null ||
+  die "POST /admin/flush failed"
+for port in $REDIS_A $REDIS_B; do cli -p "$port" CONFIG RESETSTAT >/dev/null; done
+steady_before=$(info_field "$TALLY_PORT" counters flushes)
+res=$(bench "$TALLY_PORT" 16 "$ECON_N" "$ECON_KEYS" INCR "visits:__rand_int__")
+read -r steady_rps _ _ <<<"$res"
+steady_passes=$(($(info_field "$TALLY_PORT" counters flushes) - steady_before))
+stop_tally
+collect_commandstats "$WORK/commandstats-windows-steady.txt"
+steady_incrby=$(cmd_calls incrby)
+steady_flush_cmds=$((steady_incrby + $(cmd_calls hincrby) + $(cmd_calls hmget) + $(cmd_calls expireat) + $(cmd_calls hget) + $(cmd_calls hset)))
+steady_breakdown=$(calls_breakdown)
+# Distinct keys written per flush, summed over the flushes = the INCRBYs (one per key and flush).
+steady_per_key=$(per "$steady_flush_cmds" "$steady_incrby")
+win_per_key=$(per "$win_flush_cmds" "$win_incrby")
 
 # ---------------------------------------------------------------------------------------------
 # 4. Memory per pending key: MEM_KEYS distinct keys, one INCR each, nothing flushed
@@ -605,6 +642,163 @@ mem_per_pending=$(awk -v a="$rss_before" -v b="$rss_after" -v n="$mem_pending" '
 ((mem_pending == MEM_KEYS)) || log "WARNING: pending_keys is $mem_pending, expected $MEM_KEYS"
 
 # ---------------------------------------------------------------------------------------------
+# 5. Scale: K distinct pending keys (K = 10k .. 10M): RSS per key, the time of one full flush,
+#    INCR throughput while that flush runs against the same proxy idle
+# ---------------------------------------------------------------------------------------------
+SCALE_RAW="$WORK/scale.csv" # keys,rss_before_kb,rss_after_kb,pending,load_s,flush_s,idle_rps,flushing_rps
+: >"$SCALE_RAW"
+# incr_rate SECONDS: client INCRs per second the proxy received over SECONDS (INFO counters),
+# while a background redis-benchmark keeps it busy.
+incr_rate() {
+  local a b t0
+  a=$(info_field "$TALLY_PORT" counters increments_received)
+  t0=$(date +%s.%N)
+  sleep "$1"
+  b=$(info_field "$TALLY_PORT" counters increments_received)
+  awk -v a="$a" -v b="$b" -v t0="$t0" -v t1="$(date +%s.%N)" 'BEGIN {printf "%.0f", (b - a) / (t1 - t0)}'
+}
+# start_load KEYS: INCR of s:<12 digits> over KEYS keys (redis-benchmark's __rand_int__
+# format, so it hits the loaded keys), -P 16, until stop_load.
+start_load() {
+  timeout "$BENCH_TIMEOUT" redis-benchmark -h 127.0.0.1 -p "$TALLY_PORT" -c "$CLIENTS" -P 16 \
+    -r "$1" -n 2000000000 INCR "s:__rand_int__" >/dev/null 2>&1 &
+  LOAD_PID=$!
+  PROC_NAME[$LOAD_PID]="redis-benchmark load"
+}
+stop_load() {
+  stop_pid "$LOAD_PID" 50
+}
+for keys in $SCALE_KEYS; do
+  log "scale: $keys distinct keys over $MEM_CONNS pipes, then one full flush under INCR load"
+  for ((c = 0; c < MEM_CONNS; c++)); do
+    awk -v n="$keys" -v c="$c" -v m="$MEM_CONNS" 'BEGIN {
+      for (i = c; i < n; i += m) { k = sprintf("s:%012d", i); printf "*2\r\n$4\r\nINCR\r\n$%d\r\n%s\r\n", length(k), k }
+    }' >"$WORK/scale-$c.resp"
+  done
+  for port in $REDIS_A $REDIS_B; do cli -p "$port" FLUSHALL >/dev/null; done
+  write_tally_conf "scale-$keys" 1h on everysec $((keys * 2))
+  start_tally "$TALLY_CONF"
+  sleep 1
+  rss_before=$(rss_kb "$TALLY_PID")
+  t0=$(date +%s.%N)
+  pipe_pids=()
+  for ((c = 0; c < MEM_CONNS; c++)); do
+    timeout "$BENCH_TIMEOUT" redis-cli -h 127.0.0.1 -p "$TALLY_PORT" --pipe \
+      <"$WORK/scale-$c.resp" >"$WORK/scale-pipe-$c.out" 2>&1 &
+    pipe_pids+=($!)
+    PROC_NAME[$!]="redis-cli --pipe $c"
+  done
+  pipe_failed=0
+  for pid in "${pipe_pids[@]}"; do
+    wait "$pid" || pipe_failed=1
+    unset "PROC_NAME[$pid]"
+  done
+  ((pipe_failed == 0)) || die "redis-cli --pipe failed or timed out: $(cat "$WORK"/scale-pipe-*.out)"
+  load_s=$(elapsed "$t0")
+  rm -f "$WORK"/scale-*.resp
+  sleep 1
+  rss_after=$(rss_kb "$TALLY_PID")
+  pending=$(info_field "$TALLY_PORT" counters pending_keys)
+  ((pending == keys)) || log "WARNING: pending_keys is $pending, expected $keys"
+  start_load "$keys"
+  sleep 1
+  idle_rps=$(incr_rate 3)
+  a=$(info_field "$TALLY_PORT" counters increments_received)
+  t0=$(date +%s.%N)
+  curl -fsS -m "$BENCH_TIMEOUT" -X POST "http://127.0.0.1:$TALLY_HTTP/admin/flush" >/dev/null ||
+    log "WARNING: POST /admin/flush did not report success"
+  flush_s=$(awk -v t0="$t0" -v t1="$(date +%s.%N)" 'BEGIN {printf "%.3f", t1 - t0}')
+  b=$(info_field "$TALLY_PORT" counters increments_received)
+  flushing_rps=$(awk -v a="$a" -v b="$b" -v s="$flush_s" 'BEGIN {printf "%.0f", (b - a) / s}')
+  stop_load
+  stop_tally
+  echo "$keys,$rss_before,$rss_after,$pending,$load_s,$flush_s,$idle_rps,$flushing_rps" >>"$SCALE_RAW"
+  log "scale $keys: rss $rss_before -> $rss_after kB, load ${load_s} s, flush ${flush_s} s, INCR idle $idle_rps / flushing $flushing_rps rps"
+done
+SCALE_TABLE="$WORK/scale.md"
+{
+  echo "| pending keys | load (s) | VmRSS before / after (kB) | bytes per key (target <= 150) | one full flush (s) | INCR -P 16 idle (rps) | INCR while flushing (rps) | flushing / idle (target >= 0.8) |"
+  echo "|---:|---:|---:|---:|---:|---:|---:|---:|"
+  awk -F, '{
+    per = ($3 - $2) * 1024 / $1
+    r = ($7 > 0) ? sprintf("%.2f", $8 / $7) : "n/a"
+    note = ($6 < 0.5) ? " (flush under 0.5 s: noise)" : ""
+    printf "| %d | %s | %d / %d | %.0f | %s | %d | %d | %s%s |\n", $1, $5, $2, $3, per, $6, $7, $8, r, note
+  }' "$SCALE_RAW"
+} >"$SCALE_TABLE"
+
+# ---------------------------------------------------------------------------------------------
+# 6. Many clients: CONNS_MANY connections at -P 1, direct Redis and tallyproxy interleaved
+# ---------------------------------------------------------------------------------------------
+CONNS_RAW="$WORK/conns.csv" # round,workload,target,rps,p50,p99
+: >"$CONNS_RAW"
+write_tally_conf conns 30s on everysec 100000
+start_tally "$TALLY_CONF"
+log "many clients: $CONNS_MANY connections, $ROUNDS round(s), INCR and GET -P 1"
+for ((round = 1; round <= ROUNDS; round++)); do
+  for w in "INCR|-t incr" "GET|GET counter:__rand_int__"; do
+    IFS='|' read -r label cmd <<<"$w"
+    read -ra cmd_args <<<"$cmd"
+    order=(redis tallyproxy)
+    ((round % 2 == 0)) && order=(tallyproxy redis)
+    for t in "${order[@]}"; do
+      res=$(CLIENTS=$CONNS_MANY bench "${TARGET_PORT[$t]}" 1 "$N_CONNS" "$KEYSPACE" "${cmd_args[@]}")
+      read -r rps p50 p99 <<<"$res"
+      echo "$round,$label,$t,$rps,$p50,$p99" >>"$CONNS_RAW"
+      log "round $round  $CONNS_MANY clients  $label  $t: $rps rps, p50 $p50 ms, p99 $p99 ms"
+    done
+  done
+done
+conns_rss=$(rss_kb "$TALLY_PID")
+stop_tally
+CONNS_TABLE="$WORK/conns.md"
+{
+  echo "| Workload ($CONNS_MANY clients, -P 1) | Redis rps | tallyproxy rps | tallyproxy/Redis | Redis p50/p99 ms | tallyproxy p50/p99 ms |"
+  echo "|---|---:|---:|---:|---:|---:|"
+  for label in INCR GET; do
+    r=$(med_of "$CONNS_RAW" "$label" redis 4)
+    ta=$(med_of "$CONNS_RAW" "$label" tallyproxy 4)
+    echo "| $label | $(fmt_rps "$r") | $(fmt_rps "$ta") | $(ratio "$ta" "$r") | $(fmt_ms "$(med_of "$CONNS_RAW" "$label" redis 5)") / $(fmt_ms "$(med_of "$CONNS_RAW" "$label" redis 6)") | $(fmt_ms "$(med_of "$CONNS_RAW" "$label" tallyproxy 5)") / $(fmt_ms "$(med_of "$CONNS_RAW" "$label" tallyproxy 6)") |"
+  done
+} >"$CONNS_TABLE"
+
+# ---------------------------------------------------------------------------------------------
+# Targets of issue 20, each as a ratio next to its target
+# ---------------------------------------------------------------------------------------------
+TARGETS_TABLE="$WORK/targets.md"
+# verdict VALUE OP TARGET -> "met" / "not met" / "n/a"
+verdict() {
+  awk -v v="$1" -v op="$2" -v t="$3" 'BEGIN {
+    if (v == "n/a" || v == "") { print "n/a"; exit }
+    ok = (op == ">=") ? (v + 0 >= t + 0) : (v + 0 <= t + 0)
+    print (ok ? "met" : "not met") }'
+}
+vs_redis() { ratio "$(med_of "$RAW" "$1" tallyproxy "$2")" "$(med_of "$RAW" "$1" redis "$2")"; }
+last_scale=$(tail -n 1 "$SCALE_RAW")
+IFS=, read -r sk srb sra _ _ _ sidle sflush <<<"$last_scale"
+scale_per_key=$(awk -v a="$srb" -v b="$sra" -v n="$sk" 'BEGIN {printf "%.0f", (b - a) * 1024 / n}')
+scale_ratio=$(ratio "$sflush" "$sidle")
+win16=$(ratio "$(awk -F, '$2 == "windowed" && $3 == 16 {print $4}' "$WIN_RAW" | median)" \
+  "$(awk -F, '$2 == "plain" && $3 == 16 {print $4}' "$WIN_RAW" | median)")
+{
+  echo "| Target | Measured | Target | |"
+  echo "|---|---:|---:|---|"
+  row() { echo "| $1 | $2 | $3 $4 | $(verdict "$2" "$3" "$4") |"; }
+  row "INCR -P 16, tallyproxy / Redis rps" "$(vs_redis "INCR -P 16" 4)" ">=" 1.3
+  row "GET -P 16, tallyproxy / Redis rps" "$(vs_redis "GET -P 16" 4)" ">=" 1.3
+  row "MGET x10 -P 16, tallyproxy / Redis rps" "$(vs_redis "MGET x10 -P 16" 4)" ">=" 1.0
+  row "INCR -P 1, tallyproxy / Redis rps" "$(vs_redis "INCR -P 1" 4)" ">=" 1.0
+  row "GET -P 1, tallyproxy / Redis rps" "$(vs_redis "GET -P 1" 4)" ">=" 1.0
+  row "INCR -P 1, tallyproxy / Redis p99" "$(vs_redis "INCR -P 1" 6)" "<=" 1.2
+  row "GET -P 1, tallyproxy / Redis p99" "$(vs_redis "GET -P 1" 6)" "<=" 1.2
+  row "windowed / plain INCR -P 16 rps" "$win16" ">=" 0.9
+  row "windows: Redis commands per distinct key, one flush (economy run)" "$win_per_key" "<=" 3
+  row "windows: Redis commands per distinct key and flush, steady state" "$steady_per_key" "<=" 3
+  row "bytes per pending key at $sk keys" "$scale_per_key" "<=" 150
+  row "INCR while one full flush of $sk keys runs / idle" "$scale_ratio" ">=" 0.8
+} >"$TARGETS_TABLE"
+
+# ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
 mkdir -p bench-results
@@ -625,6 +819,10 @@ wal_fs=$(df -T "$WORK" | awk 'NR == 2 {print $2}')
   echo "- Shards: two redis-server, no persistence (\`--save \"\" --appendonly no\`). Direct Redis = one shard; twemproxy (fnv1a_64, ketama) and tallyproxy (defaults: flush 30 s, cache_ttl 5 s, WAL fsync everysec on $wal_fs) over both."
   echo "- redis-benchmark \`-c $CLIENTS -r $KEYSPACE\`; n = $N_P1 (-P 1), $N_P16 (-P 16), MGET: $N_MGET_P1 (-P 1), $N_MGET_P16 (-P 16). MGET x10 = \`MGET counter:__rand_int__\` x10, GET = \`GET counter:__rand_int__\` (the INCR test's keys)."
   echo "- Medians of $ROUNDS round(s); in each round every workload runs against each target in turn (target order rotated per round). Latencies are redis-benchmark's own, in ms."
+  echo
+  echo "## Targets of issue 20 (medians; met when the ratio is on the right side of the target)"
+  echo
+  cat "$TARGETS_TABLE"
   echo
   echo "## Side by side (medians)"
   echo
@@ -667,14 +865,38 @@ wal_fs=$(df -T "$WORK" | awk 'NR == 2 {print $2}')
   echo "| of which EVAL round trips | $win_eval |"
   echo "| of which INCRBY (totals) | $win_incrby |"
   echo "| of which HINCRBY (bucket fields) | $win_hincrby |"
+  echo "| of which HMGET (3 fields or more of one hash, with one HSET) | $win_hmget |"
   echo "| of which EXPIREAT | $win_expireat |"
   echo "| **Redis commands per EVAL batch** | **$(per "$win_total" "$win_eval")** |"
   echo "| flushes (periodic, plus the final one at SIGTERM) | $win_flushes |"
-  echo "| **Redis commands of the flushes, per flush** (INCRBY, HINCRBY, EXPIREAT, watermark HGET/HSET) | **$(per "$win_flush_cmds" "$win_flushes")** |"
+  echo "| **Redis commands of the flushes, per flush** (INCRBY, HINCRBY, HMGET, HSET, EXPIREAT, watermark HGET/HSET) | **$(per "$win_flush_cmds" "$win_flushes")** |"
+  echo "| **Redis commands of the flushes per distinct key flushed** (target <= 3) | **$win_per_key** |"
   echo "| client INCRs per Redis command | $(per "$ECON_N" "$win_total") |"
   echo "| increments landed (sum of the totals / of the day buckets) | $win_landed / $win_days |"
   echo
   echo "Per command: $win_breakdown."
+  echo
+  echo "Steady state: a warm-up of $ECON_KEYS INCRs and a flush, stats reset, then $ECON_N INCRs (\`-r $ECON_KEYS -P 16\`, $steady_rps rps) with \`flush_interval = \"1s\"\` ($steady_passes lane flush passes, two per flush), then SIGTERM: every flush writes to buckets and hashes that mostly exist."
+  echo
+  echo "| Figure | Value |"
+  echo "|---|---:|"
+  echo "| Redis commands of the flushes (INCRBY, HINCRBY, HMGET, HSET, HGET, EXPIREAT) | $steady_flush_cmds |"
+  echo "| distinct keys written, summed over the flushes (INCRBY) | $steady_incrby |"
+  echo "| **Redis commands per distinct key and flush** (target <= 3) | **$steady_per_key** |"
+  echo
+  echo "Per command: $steady_breakdown."
+  echo
+  echo "## Scale"
+  echo
+  echo "Per row: a fresh tallyproxy (flush_interval 1 h), K INCRs of K distinct keys \`s:<12 digits>\` through $MEM_CONNS parallel \`redis-cli --pipe\`; then \`redis-benchmark -c $CLIENTS -P 16 INCR s:__rand_int__ -r K\` runs in the background: its rate idle (3 s) and during one \`POST /admin/flush\` of all K keys (increments received per second, INFO counters)."
+  echo
+  cat "$SCALE_TABLE"
+  echo
+  echo "## $CONNS_MANY client connections"
+  echo
+  echo "\`redis-benchmark -c $CONNS_MANY -P 1 -n $N_CONNS -r $KEYSPACE\`, direct Redis and tallyproxy alternating, medians of $ROUNDS; tallyproxy VmRSS at the end: $conns_rss kB."
+  echo
+  cat "$CONNS_TABLE"
   echo
   echo "## Memory per pending key"
   echo

@@ -25,6 +25,13 @@ pub enum Kind {
     EveryShard,
     /// The whole keyspace, over every shard (see `connection::keyspace`).
     Keyspace(KeyspaceOp),
+    /// A command that may block, keys on one shard: run on a dedicated backend connection
+    /// while it blocks (see `connection::blocking`).
+    Blocking(Keys),
+    /// MULTI, EXEC, DISCARD, WATCH, UNWATCH (see `connection::transaction`).
+    Transaction(TxnOp),
+    /// Pub/sub (see `connection::pubsub`).
+    PubSub(PubSubOp),
     /// A time-window query of the key at argument 1 (see `counter::windows`).
     Window(WindowOp),
     /// Known but not served, with the reason.
@@ -53,6 +60,12 @@ pub enum Keys {
     /// The number of keys at argument `at`, the keys right after it; with `dest`, argument 1
     /// (before the number) is a key too (`ZUNIONSTORE dest numkeys key...`).
     NumKeys { at: usize, dest: bool },
+    /// XREAD / XREADGROUP: the first half of the arguments after `STREAMS` (options before
+    /// it parsed as Redis does, so a group named "streams" is not taken for the keyword).
+    Streams,
+    /// Argument 1, and the argument after each `STORE` / `STOREDIST` from argument
+    /// `options_from` on (SORT, GEORADIUS, GEORADIUSBYMEMBER).
+    Store { options_from: usize },
 }
 
 impl Keys {
@@ -74,6 +87,35 @@ impl Keys {
                 let keys = args.get(at + 1..at + 1 + n)?;
                 Some(args[1..at].iter().filter(|_| dest).chain(keys).collect())
             }
+            Keys::Streams => {
+                let mut i = 1;
+                while i < args.len() {
+                    match args[i].to_ascii_lowercase().as_slice() {
+                        b"streams" => break,
+                        b"group" => i += 3,
+                        b"count" | b"block" => i += 2,
+                        _ => i += 1,
+                    }
+                }
+                let rest = args.get(i + 1..)?;
+                (!rest.is_empty() && rest.len() % 2 == 0)
+                    .then(|| rest[..rest.len() / 2].iter().collect())
+            }
+            Keys::Store { options_from } => {
+                let mut keys = vec![args.get(1)?];
+                let mut i = options_from;
+                while i + 1 < args.len() {
+                    if matches!(
+                        args[i].to_ascii_lowercase().as_slice(),
+                        b"store" | b"storedist"
+                    ) {
+                        keys.push(&args[i + 1]);
+                        i += 1;
+                    }
+                    i += 1;
+                }
+                Some(keys)
+            }
         }
     }
 
@@ -82,7 +124,8 @@ impl Keys {
         match *self {
             Keys::Range { first, last, step } => (first as i64, last as i64, step as i64),
             Keys::NumKeys { dest: true, .. } => (1, 1, 1),
-            Keys::NumKeys { dest: false, .. } => (0, 0, 0),
+            Keys::NumKeys { dest: false, .. } | Keys::Streams => (0, 0, 0),
+            Keys::Store { .. } => (1, 1, 1),
         }
     }
 }
@@ -104,6 +147,24 @@ pub enum KeyspaceOp {
     DbSize,
     FlushDb,
     FlushAll,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxnOp {
+    Multi,
+    Exec,
+    Discard,
+    Watch,
+    Unwatch,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PubSubOp {
+    /// SUBSCRIBE, PSUBSCRIBE, UNSUBSCRIBE, PUNSUBSCRIBE: the client's subscription
+    /// connection.
+    Subscription,
+    /// PUBLISH and PUBSUB: forwarded to the pub/sub shard.
+    Publish,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,6 +293,29 @@ const SINGLE: &[(&str, i32)] = &[
     ("zscan", -3),
     // hyperloglog (one key)
     ("pfadd", -2),
+    // streams
+    ("xadd", -5),
+    ("xrange", -4),
+    ("xrevrange", -4),
+    ("xlen", 2),
+    ("xdel", -3),
+    ("xtrim", -4),
+    ("xack", -4),
+    ("xclaim", -6),
+    ("xautoclaim", -6),
+    ("xpending", -3),
+    ("xsetid", -3),
+    // geo
+    ("geoadd", -5),
+    ("geodist", -4),
+    ("geohash", -2),
+    ("geopos", -2),
+    ("georadius_ro", -6),
+    ("georadiusbymember_ro", -5),
+    ("geosearch", -7),
+    // bitfields
+    ("bitfield", -2),
+    ("bitfield_ro", -2),
 ];
 
 const MULTI: &[(&str, i32, Merge)] = &[
@@ -288,6 +372,49 @@ const SAME_SHARD: &[(&str, i32, Keys)] = &[
     ("evalsha_ro", -3, SCRIPT_KEYS),
     ("fcall", -3, SCRIPT_KEYS),
     ("fcall_ro", -3, SCRIPT_KEYS),
+    // the key is argument 2 (`XGROUP CREATE key ...`, `XINFO STREAM key`); HELP has none
+    ("xgroup", -2, range(2, 2, 1)),
+    ("xinfo", -2, range(2, 2, 1)),
+    ("geosearchstore", -8, TWO),
+    ("georadius", -6, Keys::Store { options_from: 5 }),
+    ("georadiusbymember", -5, Keys::Store { options_from: 4 }),
+    // BY and GET patterns that name other keys are refused (see `connection::same_shard`)
+    ("sort", -2, Keys::Store { options_from: 2 }),
+    ("sort_ro", -2, Keys::Store { options_from: 2 }),
+];
+
+/// Before the timeout (BLPOP key... timeout).
+const BEFORE_LAST: Keys = range(1, -2, 1);
+const BLOCKING_NUMKEYS: Keys = Keys::NumKeys { at: 2, dest: false };
+
+const BLOCKING: &[(&str, i32, Keys)] = &[
+    ("blpop", -3, BEFORE_LAST),
+    ("brpop", -3, BEFORE_LAST),
+    ("brpoplpush", 4, TWO),
+    ("blmove", 6, TWO),
+    ("blmpop", -5, BLOCKING_NUMKEYS),
+    ("bzpopmin", -3, BEFORE_LAST),
+    ("bzpopmax", -3, BEFORE_LAST),
+    ("bzmpop", -5, BLOCKING_NUMKEYS),
+    ("xread", -4, Keys::Streams),
+    ("xreadgroup", -7, Keys::Streams),
+];
+
+const TRANSACTION: &[(&str, i32, TxnOp)] = &[
+    ("multi", 1, TxnOp::Multi),
+    ("exec", 1, TxnOp::Exec),
+    ("discard", 1, TxnOp::Discard),
+    ("watch", -2, TxnOp::Watch),
+    ("unwatch", 1, TxnOp::Unwatch),
+];
+
+const PUBSUB: &[(&str, i32, PubSubOp)] = &[
+    ("subscribe", -2, PubSubOp::Subscription),
+    ("psubscribe", -2, PubSubOp::Subscription),
+    ("unsubscribe", -1, PubSubOp::Subscription),
+    ("punsubscribe", -1, PubSubOp::Subscription),
+    ("publish", 3, PubSubOp::Publish),
+    ("pubsub", -2, PubSubOp::Publish),
 ];
 
 const COUNTER: &[(&str, i32, CounterOp)] = &[
@@ -322,12 +449,9 @@ const LOCAL: &[(&str, i32)] = &[
     ("lastsave", 1),
 ];
 
-const SORT_PATTERNS: &str = "its BY and GET patterns may name keys on any shard";
-const BLOCKING: &str = "blocking commands would hold a shared backend connection";
-const TRANSACTIONS: &str = "transactions cannot span the proxy's shared backend connections";
-const PUBSUB: &str = "pub/sub is not proxied";
-const SCRIPTING: &str = "function management would have to reach every shard";
 const DATABASES: &str = "each shard has one database";
+const WAITING: &str = "the proxy spreads a client's writes over several shard connections, so WAIT on one of them would not cover them";
+const SHARDED_PUBSUB: &str = "sharded pub/sub is not proxied; SUBSCRIBE and PUBLISH are";
 const ADMIN: &str = "server administration goes to each shard directly";
 
 const KEYSPACE_OPS: &[(&str, i32, KeyspaceOp)] = &[
@@ -342,33 +466,11 @@ const KEYSPACE_OPS: &[(&str, i32, KeyspaceOp)] = &[
 const REFUSED: &[(&str, &str)] = &[
     ("swapdb", DATABASES),
     ("move", DATABASES),
-    ("multi", TRANSACTIONS),
-    ("exec", TRANSACTIONS),
-    ("discard", TRANSACTIONS),
-    ("watch", TRANSACTIONS),
-    ("unwatch", TRANSACTIONS),
-    ("subscribe", PUBSUB),
-    ("psubscribe", PUBSUB),
-    ("ssubscribe", PUBSUB),
-    ("unsubscribe", PUBSUB),
-    ("punsubscribe", PUBSUB),
-    ("publish", PUBSUB),
-    ("pubsub", PUBSUB),
-    ("blpop", BLOCKING),
-    ("brpop", BLOCKING),
-    ("brpoplpush", BLOCKING),
-    ("blmove", BLOCKING),
-    ("blmpop", BLOCKING),
-    ("bzpopmin", BLOCKING),
-    ("bzpopmax", BLOCKING),
-    ("bzmpop", BLOCKING),
-    ("wait", BLOCKING),
-    ("waitaof", BLOCKING),
-    ("xread", BLOCKING),
-    ("xreadgroup", BLOCKING),
-    ("function", SCRIPTING),
-    ("sort", SORT_PATTERNS),
-    ("sort_ro", SORT_PATTERNS),
+    ("ssubscribe", SHARDED_PUBSUB),
+    ("sunsubscribe", SHARDED_PUBSUB),
+    ("spublish", SHARDED_PUBSUB),
+    ("wait", WAITING),
+    ("waitaof", WAITING),
     ("migrate", ADMIN),
     ("dump", ADMIN),
     ("restore", ADMIN),
@@ -419,10 +521,20 @@ fn table() -> &'static Table {
         for &(n, a, k) in SAME_SHARD {
             add(n, a, Kind::SameShard(k));
         }
+        for &(n, a, k) in BLOCKING {
+            add(n, a, Kind::Blocking(k));
+        }
+        for &(n, a, op) in TRANSACTION {
+            add(n, a, Kind::Transaction(op));
+        }
+        for &(n, a, op) in PUBSUB {
+            add(n, a, Kind::PubSub(op));
+        }
         add("script", -2, Kind::EveryShard);
         for &(n, a, op) in KEYSPACE_OPS {
             add(n, a, Kind::Keyspace(op));
         }
+        add("function", -2, Kind::EveryShard);
         for &(n, a) in LOCAL {
             add(n, a, Kind::Local);
         }
@@ -497,8 +609,70 @@ mod tests {
         );
         assert!(matches!(lookup(b"SWAPDB").unwrap().kind, Kind::Refused(_)));
         assert!(matches!(lookup(b"move").unwrap().kind, Kind::Refused(_)));
+        assert!(matches!(lookup(b"WAIT").unwrap().kind, Kind::Refused(_)));
+        assert_eq!(
+            lookup(b"multi").unwrap().kind,
+            Kind::Transaction(TxnOp::Multi)
+        );
+        assert_eq!(lookup(b"BLPOP").unwrap().kind, Kind::Blocking(BEFORE_LAST));
+        assert_eq!(
+            lookup(b"subscribe").unwrap().kind,
+            Kind::PubSub(PubSubOp::Subscription)
+        );
+        assert_eq!(lookup(b"function").unwrap().kind, Kind::EveryShard);
+        assert_eq!(lookup(b"xadd").unwrap().kind, Kind::Single);
         assert!(lookup(b"nosuchcommand").is_none());
         assert!(lookup(&[b'x'; 100]).is_none());
+    }
+
+    fn keys_of(spec: Keys, args: &[&str]) -> Option<Vec<String>> {
+        let args: Vec<bytes::Bytes> = args
+            .iter()
+            .map(|a| bytes::Bytes::copy_from_slice(a.as_bytes()))
+            .collect();
+        spec.of(&args).map(|k| {
+            k.into_iter()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .collect()
+        })
+    }
+
+    #[test]
+    fn key_specs_find_stream_and_store_keys() {
+        let xread = [
+            "XREAD", "COUNT", "2", "BLOCK", "0", "STREAMS", "a", "b", "0", "$",
+        ];
+        assert_eq!(
+            keys_of(Keys::Streams, &xread),
+            Some(vec!["a".into(), "b".into()])
+        );
+        let group = ["XREADGROUP", "GROUP", "streams", "c", "STREAMS", "k", ">"];
+        assert_eq!(keys_of(Keys::Streams, &group), Some(vec!["k".into()]));
+        assert_eq!(keys_of(Keys::Streams, &["XREAD", "STREAMS", "a"]), None);
+        let sort = ["SORT", "l", "LIMIT", "0", "5", "STORE", "d"];
+        let store = Keys::Store { options_from: 2 };
+        assert_eq!(keys_of(store, &sort), Some(vec!["l".into(), "d".into()]));
+        let geo = [
+            "GEORADIUSBYMEMBER",
+            "g",
+            "store",
+            "1",
+            "km",
+            "STOREDIST",
+            "d",
+        ];
+        let by_member = Keys::Store { options_from: 4 };
+        assert_eq!(keys_of(by_member, &geo), Some(vec!["g".into(), "d".into()]));
+        let blpop = ["BLPOP", "a", "b", "0"];
+        assert_eq!(
+            keys_of(BEFORE_LAST, &blpop),
+            Some(vec!["a".into(), "b".into()])
+        );
+        let bzmpop = ["BZMPOP", "1", "2", "a", "b", "MIN"];
+        assert_eq!(
+            keys_of(BLOCKING_NUMKEYS, &bzmpop),
+            Some(vec!["a".into(), "b".into()])
+        );
     }
 
     #[test]

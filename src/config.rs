@@ -250,6 +250,11 @@ pub struct BackendConfig {
     /// How long one `WAIT` may block; a batch it does not confirm is retried (same id).
     #[serde(default = "defaults::wait_timeout")]
     pub wait_timeout: HumanDuration,
+    /// Dedicated shard connections open at once, for all clients: one per client holding a
+    /// WATCH or running EXEC, one per subscribed client, one per blocked command. Past it
+    /// those commands are refused with a clear error (never waited on).
+    #[serde(default = "defaults::max_dedicated")]
+    pub max_dedicated: usize,
 }
 
 /// A Redis Cluster behind the proxy: its nodes are learned from the seeds.
@@ -294,6 +299,7 @@ impl Default for BackendConfig {
             tls_ca_file: None,
             wait_replicas: 0,
             wait_timeout: defaults::wait_timeout(),
+            max_dedicated: defaults::max_dedicated(),
         }
     }
 }
@@ -562,6 +568,9 @@ mod defaults {
     }
     pub fn queue_depth() -> usize {
         4096
+    }
+    pub fn max_dedicated() -> usize {
+        256
     }
     pub fn wait_timeout() -> HumanDuration {
         HumanDuration(Duration::from_secs(1))
@@ -913,6 +922,9 @@ impl Config {
         if b.pool_size == 0 || b.pool_size > 64 {
             return err("backend.pool_size must be 1-64");
         }
+        if b.max_dedicated == 0 || b.max_dedicated > 100_000 {
+            return err("backend.max_dedicated must be 1-100000");
+        }
         if b.timeout.0.is_zero() {
             return err("backend.timeout must be above zero");
         }
@@ -1114,6 +1126,7 @@ mod tests {
         assert!(c.shards.is_empty());
         assert_eq!(c.ring.vnodes, 160);
         assert_eq!(c.backend.pool_size, 2);
+        assert_eq!(c.backend.max_dedicated, 256);
         assert_eq!(c.backend.timeout.0, Duration::from_secs(1));
         assert_eq!(c.counters.cache_ttl.0, Duration::from_secs(5));
         assert_eq!(c.counters.flush_interval.0, Duration::from_secs(30));

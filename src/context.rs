@@ -33,4 +33,6 @@ pub struct Context {
     pub users: crate::auth::Users,
     /// `admin_token` as read at start-up (a secret may come from the environment or a file).
     pub admin_token: Option<String>,
+    /// The cap on dedicated shard connections (`[backend] max_dedicated`).
+    pub dedicated: crate::backend::dedicated::Limit,
 }

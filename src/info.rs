@@ -81,6 +81,8 @@ fn clients(ctx: &Context) -> Lines {
         // Buffered client input counted against `limits.max_input_bytes` (resp::budget).
         line("client_input_budget_used", ctx.input_budget.used()),
         line("client_input_budget", ctx.config.limits.max_input_bytes),
+        line("dedicated_connections", ctx.dedicated.in_use()),
+        line("max_dedicated", ctx.dedicated.cap()),
     ]
 }
 

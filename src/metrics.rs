@@ -2,14 +2,18 @@
 //!
 //! Two kinds: plain atomics owned by the parts (connections here; shards, engine and log
 //! in their own structs), rendered by `http/metrics.rs`; and counters and histograms kept by
-//! the `metrics` crate with metrics-exporter-prometheus (per-command counts by outcome,
-//! latency histograms), because histograms with lock-free buckets are what that crate does
-//! well. Hot-path figures are aggregated per burst before they touch a shared counter.
+//! the `metrics` crate with metrics-exporter-prometheus (per-command counts by outcome, the
+//! flush histogram). The command latency histograms are this module's own ([`Latency`]):
+//! the exporter keeps every observation, with a clock read, until its upkeep, a share of
+//! the proxy's CPU per command that showed at a million commands a second (see
+//! docs/performance.md). Hot-path figures are aggregated per burst before they touch a
+//! shared counter.
 
-use metrics::{Counter, Histogram};
+use metrics::Counter;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -112,16 +116,60 @@ pub enum Class {
     Backend,
 }
 
-fn class_histogram(c: Class) -> &'static Histogram {
-    static H: OnceLock<[Histogram; 2]> = OnceLock::new();
-    let h = H.get_or_init(|| {
-        prometheus();
-        [
-            metrics::histogram!("tallyproxy_command_duration_seconds", "answered_from" => "memory"),
-            metrics::histogram!("tallyproxy_command_duration_seconds", "answered_from" => "backend"),
-        ]
-    });
-    &h[c as usize]
+/// A fixed-bucket histogram of atomics: `n` observations of one value are one bucket
+/// increment, however large `n`.
+#[derive(Default)]
+pub struct Latency {
+    /// Observations per bucket of [`BUCKETS`] (not cumulative), above the previous bound
+    /// and at most this one; the last slot is above every bound.
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl Latency {
+    pub fn record_many(&self, d: Duration, n: u64) {
+        let secs = d.as_secs_f64();
+        let i = BUCKETS.partition_point(|&b| b < secs);
+        self.buckets[i].fetch_add(n, Relaxed);
+        self.count.fetch_add(n, Relaxed);
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_nanos.fetch_add(nanos.saturating_mul(n), Relaxed);
+    }
+
+    /// The Prometheus text lines of this histogram (cumulative buckets, `_sum`, `_count`).
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            cumulative += b.load(Relaxed);
+            let le = match BUCKETS.get(i) {
+                Some(bound) => bound.to_string(),
+                None => "+Inf".to_string(),
+            };
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+        }
+        let sum = self.sum_nanos.load(Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count.load(Relaxed));
+    }
+}
+
+fn class_histogram(c: Class) -> &'static Latency {
+    static H: OnceLock<[Latency; 2]> = OnceLock::new();
+    &H.get_or_init(Default::default)[c as usize]
+}
+
+/// `tallyproxy_command_duration_seconds`, for `/metrics`.
+pub fn render_latency(out: &mut String) {
+    const NAME: &str = "tallyproxy_command_duration_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {NAME} Command latency inside the proxy, recorded per burst."
+    );
+    let _ = writeln!(out, "# TYPE {NAME} histogram");
+    for (class, label) in [(Class::Memory, "memory"), (Class::Backend, "backend")] {
+        class_histogram(class).render(out, NAME, &format!("answered_from=\"{label}\""));
+    }
 }
 
 /// One connection's figures for one burst, pushed to the shared ones at its end.
@@ -174,13 +222,37 @@ impl Burst {
                 }
             }
         }
-        let secs = elapsed.as_secs_f64();
         for (class, n) in [(Class::Memory, self.memory), (Class::Backend, self.backend)] {
             if n > 0 {
-                class_histogram(class).record_many(secs, n as usize);
+                class_histogram(class).record_many(elapsed, n);
             }
         }
         self.memory = 0;
         self.backend = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_is_one_bucket_increment_rendered_cumulatively() {
+        let h = Latency::default();
+        h.record_many(Duration::from_micros(30), 16);
+        h.record_many(Duration::from_micros(10), 2);
+        h.record_many(Duration::from_secs(3), 1);
+        let mut out = String::new();
+        h.render(&mut out, "x", "a=\"b\"");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), BUCKETS.len() + 3);
+        // 10 µs is at most the first bound (le is inclusive); 30 µs falls under 50 µs.
+        assert_eq!(lines[0], "x_bucket{a=\"b\",le=\"0.00001\"} 2");
+        assert_eq!(lines[1], "x_bucket{a=\"b\",le=\"0.000025\"} 2");
+        assert_eq!(lines[2], "x_bucket{a=\"b\",le=\"0.00005\"} 18");
+        assert_eq!(lines[BUCKETS.len() - 1], "x_bucket{a=\"b\",le=\"2.5\"} 18");
+        assert_eq!(lines[BUCKETS.len()], "x_bucket{a=\"b\",le=\"+Inf\"} 19");
+        assert_eq!(lines[BUCKETS.len() + 1], "x_sum{a=\"b\"} 3.0005");
+        assert_eq!(lines[BUCKETS.len() + 2], "x_count{a=\"b\"} 19");
     }
 }

@@ -196,7 +196,7 @@ async fn actor(
     }
 }
 
-async fn connect(opts: &ConnOptions) -> std::io::Result<Box<dyn Io>> {
+pub(crate) async fn connect(opts: &ConnOptions) -> std::io::Result<Box<dyn Io>> {
     let role = opts
         .primary
         .as_ref()

@@ -6,6 +6,7 @@
 
 pub mod cluster;
 pub mod conn;
+pub mod dedicated;
 pub mod follower;
 pub mod health;
 pub mod identity;

@@ -29,6 +29,25 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<(BytesFrame, Bytes)>, String>
     Ok(Some((view, raw)))
 }
 
+/// The raw bytes of each element of the whole aggregate reply `raw` (`*`, `~`, `>`; RESP2 or
+/// RESP3), for a reply whose elements come from different places (EXEC's array with the
+/// proxy's own answers spliced in). None when `raw` is not one whole aggregate.
+pub fn elements(raw: &Bytes) -> Option<Vec<Bytes>> {
+    if !matches!(raw.first(), Some(b'*' | b'~' | b'>')) {
+        return None;
+    }
+    let cr = line_end(raw, 1)?;
+    let n: usize = number(&raw[1..cr]).ok()?.try_into().ok()?;
+    let mut pos = cr + 2;
+    let mut out = Vec::with_capacity(n.min(1024));
+    for _ in 0..n {
+        let end = end_of(raw, pos, 1).ok()??;
+        out.push(raw.slice(pos..end));
+        pos = end;
+    }
+    (pos == raw.len()).then_some(out)
+}
+
 /// The index of the CR ending the line that starts at `at`, if the whole line is there.
 fn line_end(b: &[u8], at: usize) -> Option<usize> {
     let cr = at + b.get(at..)?.windows(2).position(|w| w == b"\r\n")?;
@@ -170,6 +189,18 @@ mod tests {
 
     fn bulk(s: &str) -> BytesFrame {
         BytesFrame::BulkString(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn elements_are_the_raw_members() {
+        let raw = Bytes::from_static(b"*3\r\n+OK\r\n*2\r\n:1\r\n$1\r\na\r\n%1\r\n+k\r\n_\r\n");
+        let e = elements(&raw).unwrap();
+        assert_eq!(e.len(), 3);
+        assert_eq!(&e[1][..], b"*2\r\n:1\r\n$1\r\na\r\n");
+        assert_eq!(&e[2][..], b"%1\r\n+k\r\n_\r\n");
+        assert!(elements(&Bytes::from_static(b"*-1\r\n")).is_none());
+        assert!(elements(&Bytes::from_static(b"*2\r\n+OK\r\n")).is_none());
+        assert_eq!(elements(&Bytes::from_static(b"*0\r\n")).unwrap().len(), 0);
     }
 
     #[test]

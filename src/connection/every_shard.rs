@@ -5,6 +5,14 @@
 //! the reply. Other `SCRIPT` subcommands (`KILL`, `DEBUG`) concern one running script on one
 //! server and are refused.
 //!
+//! Function management the same way: `FUNCTION LOAD`, `DELETE`, `FLUSH` and `LIST` go to
+//! every shard, the first error any shard gives is the reply, else the first shard's answer
+//! (every shard holds the same libraries when they were loaded through the proxy), so that
+//! `FCALL` finds a function whichever shard its keys lead to. A LOAD that one shard refuses
+//! (the library exists there) may have succeeded on others: `FUNCTION LOAD REPLACE` makes
+//! them agree again. `FUNCTION DUMP`, `RESTORE`, `KILL` and `STATS` concern one server's
+//! state and are refused.
+//!
 //! Owns these fan-outs. Does not own routing by key (`same_shard`).
 
 use super::{call, error_bytes, join_all, Client, Pending, MEMORY_MODE};
@@ -14,27 +22,35 @@ use bytes::{Bytes, BytesMut};
 use redis_protocol::resp2::types::BytesFrame;
 use std::sync::Arc;
 
+pub const FUNCTION_REFUSED: &str = "ERR FUNCTION subcommands other than LOAD, DELETE, FLUSH, LIST and HELP are not supported by tallyproxy: they concern one server's state";
 pub const SCRIPT_REFUSED: &str = "ERR SCRIPT subcommands other than LOAD, EXISTS and FLUSH are not supported by tallyproxy: they concern one running script on one server";
 
 #[derive(Clone, Copy)]
 enum Sub {
-    Load,
+    /// Every shard agrees: the first answer.
+    First,
+    /// SCRIPT EXISTS: a script exists where every shard has it.
     Exists,
-    Flush,
 }
 
-pub(super) fn script(
+pub(super) fn dispatch(
     ctx: &Arc<Context>,
     client: &Client,
+    spec: &crate::command::Spec,
     args: Vec<Bytes>,
     out: &mut BytesMut,
 ) -> Option<Pending> {
-    let sub = match args[1].to_ascii_lowercase().as_slice() {
-        b"load" => Sub::Load,
-        b"exists" => Sub::Exists,
-        b"flush" => Sub::Flush,
-        _ => {
+    let sub = args[1].to_ascii_lowercase();
+    let sub = match (spec.name, sub.as_slice()) {
+        ("script", b"load" | b"flush") => Sub::First,
+        ("script", b"exists") => Sub::Exists,
+        ("script", _) => {
             reply::error(out, SCRIPT_REFUSED);
+            return None;
+        }
+        (_, b"load" | b"delete" | b"flush" | b"list" | b"help") => Sub::First,
+        _ => {
+            reply::error(out, FUNCTION_REFUSED);
             return None;
         }
     };
@@ -56,7 +72,7 @@ pub(super) fn script(
         }
         match sub {
             // Every shard answered; they agree (same script, same digest), so the first.
-            Sub::Load | Sub::Flush => BytesMut::from(&frames[0].raw[..]),
+            Sub::First => BytesMut::from(&frames[0].raw[..]),
             Sub::Exists => {
                 let mut all: Option<Vec<bool>> = None;
                 for f in &frames {

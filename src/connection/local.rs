@@ -41,6 +41,8 @@ pub fn run(
             _ => reply::error(out, "ERR DB index is out of range"),
         },
         "reset" => {
+            super::transaction::reset(client);
+            super::pubsub::reset(client);
             client.name = None;
             client.authenticated = !ctx.users.required();
             client.proto = Proto::Resp2;
@@ -256,8 +258,14 @@ fn command_entry(out: &mut BytesMut, spec: &Spec, proto: Proto) {
         Kind::Single | Kind::Counter(_) | Kind::Window(_) => (1, 1, 1),
         Kind::Multi(command::Merge::Pairs) => (1, -1, 2),
         Kind::Multi(_) => (1, -1, 1),
-        Kind::SameShard(k) => k.legacy_range(),
-        Kind::Local | Kind::Refused(_) | Kind::EveryShard | Kind::Keyspace(_) => (0, 0, 0),
+        Kind::SameShard(k) | Kind::Blocking(k) => k.legacy_range(),
+        Kind::Transaction(command::TxnOp::Watch) => (1, -1, 1),
+        Kind::Local
+        | Kind::Refused(_)
+        | Kind::EveryShard
+        | Kind::Keyspace(_)
+        | Kind::Transaction(_)
+        | Kind::PubSub(_) => (0, 0, 0),
     };
     reply::array(out, 10);
     reply::bulk(out, spec.name.as_bytes());

@@ -15,12 +15,15 @@
 //! Owns the per-client loop and dispatch. Does not own parsing (`resp`), counting
 //! (`counter`) or sockets to shards (`backend`).
 
+pub mod blocking;
 pub mod every_shard;
 pub mod keyspace;
 pub mod local;
 pub mod multi;
+pub mod pubsub;
 mod redirect;
 pub mod same_shard;
+pub mod transaction;
 
 use crate::backend::{encode_command, BackendError, Reply, Shard};
 use crate::command::{self, CounterOp, Kind};
@@ -62,6 +65,13 @@ pub(crate) enum Pending {
     },
     /// A barrier: runs when everything before it is done.
     Task(Task),
+    /// A barrier that may wait for a long time (a blocking command on its dedicated
+    /// connection): while it waits, the client's socket is watched, and a client that
+    /// leaves drops it (see `blocking`).
+    Blocking(Task),
+    /// A command on the client's subscription connection: its replies are the relayed
+    /// frames up to its end (see `pubsub`). Not a barrier.
+    Sub(u64),
     /// A multi-key command whose pieces are in flight (not a barrier; see `multi`).
     Gather(multi::Gather),
     /// An increment of a key whose base is being read (queued at dispatch, so that the
@@ -102,6 +112,10 @@ pub struct Client {
     /// The protocol this client speaks (HELLO changes it): every reply the proxy builds
     /// follows it, and its forwarded commands go to shard connections that speak it.
     pub proto: Proto,
+    /// A WATCH or MULTI under way (see `transaction`).
+    pub txn: Option<Box<transaction::Txn>>,
+    /// The subscription connection, once the client subscribed (see `pubsub`).
+    pub sub: Option<pubsub::Subscription>,
 }
 
 impl Client {
@@ -115,6 +129,8 @@ impl Client {
             logged: false,
             deferred: Vec::new(),
             authenticated: true,
+            txn: None,
+            sub: None,
         }
     }
 }
@@ -159,7 +175,11 @@ where
             };
             match next {
                 Ok(Some(args)) if args.is_empty() => continue,
-                Ok(Some(args)) if !queue.is_empty() && touches_deferred(&client, &args) => {
+                Ok(Some(args))
+                    if !queue.is_empty()
+                        && (touches_deferred(&client, &args)
+                            || pubsub::must_wait(&client, &args)) =>
+                {
                     stashed = Some(args);
                     more = true;
                     break;
@@ -191,7 +211,7 @@ where
                             if writes {
                                 client.writes_in_flight = true;
                             }
-                            let barrier = matches!(p, Pending::Task(_));
+                            let barrier = matches!(p, Pending::Task(_) | Pending::Blocking(_));
                             queue.push_back((p, name));
                             if barrier {
                                 more = true;
@@ -212,7 +232,29 @@ where
             .fetch_add(commands, Ordering::Relaxed);
         while let Some((p, name)) = queue.pop_front() {
             let start = wbuf.len();
-            resolve(p, &ctx, &mut wbuf).await;
+            match p {
+                Pending::Blocking(t) => {
+                    match blocking::wait(t, &mut stream, &mut rbuf, &mut shutdown).await {
+                        Some(b) => wbuf.extend_from_slice(&b),
+                        // The client left (or the proxy is stopping): the command is
+                        // dropped with its dedicated connection.
+                        None => {
+                            client.close = true;
+                            wbuf.clear();
+                            break;
+                        }
+                    }
+                }
+                Pending::Sub(id) => {
+                    let limit = ctx.config.backend.timeout.0 * 2;
+                    if !pubsub::collect(&mut client, id, &mut wbuf, limit).await {
+                        tracing::debug!(client = client.id, "subscription lost, closing");
+                        client.close = true;
+                        break;
+                    }
+                }
+                p => resolve(p, &ctx, &mut wbuf).await,
+            }
             // Ready replies were counted at dispatch (their name is empty here).
             if !name.is_empty() {
                 burst.command(name, wbuf.get(start) == Some(&b'-'), Class::Backend);
@@ -289,6 +331,13 @@ where
                     break;
                 }
             },
+            // Messages of the client's subscriptions, written as they come.
+            live = pubsub::next_messages(&mut client.sub, &mut wbuf) => {
+                if !live || !write_out(&mut stream, &wbuf, &ctx).await {
+                    break;
+                }
+                wbuf.clear();
+            }
             _ = shutdown.wait() => break,
         }
         if !held.set(rbuf.len()) {
@@ -355,7 +404,9 @@ fn touches_deferred(client: &Client, args: &[Bytes]) -> bool {
 async fn resolve(p: Pending, ctx: &Context, out: &mut BytesMut) {
     match p {
         Pending::Ready(b) => out.extend_from_slice(&b),
-        Pending::Task(t) => out.extend_from_slice(&t.await),
+        Pending::Task(t) | Pending::Blocking(t) => out.extend_from_slice(&t.await),
+        // Only the connection loop has the subscription; no nested dispatch makes one.
+        Pending::Sub(_) => {}
         Pending::Gather(g) => out.extend_from_slice(&multi::finish(g, ctx).await),
         Pending::Deferred { key, delta, rx } => {
             let engine = &ctx.engine;
@@ -547,6 +598,9 @@ fn dispatch_spec(
     args: Vec<Bytes>,
     out: &mut BytesMut,
 ) -> Option<Pending> {
+    if client.txn.as_ref().is_some_and(|t| t.multi) {
+        return transaction::queue(ctx, client, spec, args, out);
+    }
     let Some(spec) = spec else {
         crate::metrics::global()
             .command_errors
@@ -560,9 +614,10 @@ fn dispatch_spec(
     }
     // The proxy's own keys (exactly-once records, rebalance tombstones) are off limits;
     // keyspace commands take patterns, not keys, and filter those keys from their answers.
+    // (Channels are not keys.)
     if !matches!(
         spec.kind,
-        Kind::Local | Kind::Refused(_) | Kind::Keyspace(_)
+        Kind::Local | Kind::Refused(_) | Kind::Keyspace(_) | Kind::PubSub(_)
     ) && args[1..].iter().any(|a| a.starts_with(b"tally:"))
     {
         reply::error(out, RESERVED);
@@ -574,6 +629,11 @@ fn dispatch_spec(
             .fetch_add(1, Ordering::Relaxed);
         reply::error(out, &command::arity_error(spec.name));
         return None;
+    }
+    if client.sub.is_some() {
+        if let Some(p) = pubsub::intercept(client, spec, &args) {
+            return Some(p);
+        }
     }
     match spec.kind {
         Kind::Local => {
@@ -612,8 +672,11 @@ fn dispatch_spec(
         }
         Kind::Multi(m) => multi::dispatch(ctx, client, spec, m, args, out),
         Kind::SameShard(keys) => same_shard::dispatch(ctx, client, keys, args, out),
-        Kind::EveryShard => every_shard::script(ctx, client, args, out),
+        Kind::EveryShard => every_shard::dispatch(ctx, client, spec, args, out),
         Kind::Keyspace(op) => keyspace::dispatch(ctx, client, op, args, out),
+        Kind::Blocking(keys) => blocking::dispatch(ctx, client, spec, keys, args, out),
+        Kind::Transaction(op) => transaction::dispatch(ctx, client, op, args, out),
+        Kind::PubSub(_) => pubsub::dispatch(ctx, client, spec, args, out),
         Kind::Window(op) => {
             let ctx = ctx.clone();
             Some(Pending::Task(Box::pin(async move {

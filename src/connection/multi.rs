@@ -22,6 +22,7 @@ use crate::resp::reply::{self, Proto};
 use crate::router::Topology;
 use bytes::{Bytes, BytesMut};
 use redis_protocol::resp2::types::BytesFrame;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::time::Instant;
 
@@ -208,6 +209,9 @@ pub(crate) fn dispatch(
         }
         return None;
     }
+    if merge == Merge::Values && !client.writes_in_flight && all_cached(ctx, &args, client, out) {
+        return None;
+    }
     let who = (client.id, client.proto);
     let p = plan(ctx, &topo, merge, &args, client.proto);
     let moving = p.keys.iter().any(|k| ctx.engine.needs_move(k));
@@ -220,6 +224,38 @@ pub(crate) fn dispatch(
     Some(Pending::Task(Box::pin(async move {
         run_barrier(&ctx, who, spec, merge, args).await
     })))
+}
+
+/// MGET whose keys are all fresh in the counter cache (the common case for counters read
+/// in bulk): the reply is written straight into `out`, with no piece, no per-key buffer and
+/// no merge. False, with `out` as it was, as soon as one key is not (the usual path then).
+fn all_cached(ctx: &Context, args: &[Bytes], client: &Client, out: &mut BytesMut) -> bool {
+    let engine = &ctx.engine;
+    let start = out.len();
+    reply::array(out, args.len() - 1);
+    for (i, k) in args[1..].iter().enumerate() {
+        let looked_up = engine.is_batched(k) && !engine.needs_move(k);
+        let hit = if looked_up {
+            engine.cached(k)
+        } else {
+            Cached::Absent
+        };
+        match hit {
+            Cached::Hit(Some(v)) => reply::bulk_int(out, v),
+            Cached::Hit(None) => reply::null(out, client.proto),
+            Cached::Stale | Cached::Absent => {
+                out.truncate(start);
+                // `plan` looks these keys up again: count each once.
+                let stats = &engine.stats;
+                stats.cache_hits.fetch_sub(i as u64, Ordering::Relaxed);
+                if looked_up {
+                    stats.cache_misses.fetch_sub(1, Ordering::Relaxed);
+                }
+                return false;
+            }
+        }
+    }
+    true
 }
 
 /// The barrier path: lane reads (MGET of stale counter keys) or landings (writes to keys

@@ -12,6 +12,7 @@
 //! Owns routing and refusing these commands. Does not own the key positions (`command`).
 
 use super::{call, error_bytes, forward, After, Client, Pending, MEMORY_MODE};
+use crate::backend::Shard;
 use crate::command::Keys;
 use crate::context::Context;
 use crate::resp::reply;
@@ -20,20 +21,18 @@ use std::sync::Arc;
 
 pub const CROSSSLOT: &str = "CROSSSLOT Keys in request don't hash to the same slot";
 
-pub(super) fn dispatch(
-    ctx: &Arc<Context>,
-    client: &Client,
+/// The shard that every key of `args` lives on, with the keys; the refusal otherwise.
+pub(super) fn owner(
+    ctx: &Context,
     keys: Keys,
-    args: Vec<Bytes>,
-    out: &mut BytesMut,
-) -> Option<Pending> {
+    args: &[Bytes],
+) -> Result<(Arc<Shard>, Vec<Bytes>), &'static str> {
     let topo = ctx.router.topology();
     if topo.is_empty() {
-        reply::error(out, MEMORY_MODE);
-        return None;
+        return Err(MEMORY_MODE);
     }
     // A bad key count is the shard's to answer, in its own words: sent where argument 1 goes.
-    let named: Vec<Bytes> = match keys.of(&args) {
+    let named: Vec<Bytes> = match keys.of(args) {
         Some(k) => k.into_iter().cloned().collect(),
         None => Vec::new(),
     };
@@ -45,10 +44,38 @@ pub(super) fn dispatch(
     // when one node serves both.
     let place = topo.place(first);
     if named.iter().any(|k| topo.place(k) != place) {
-        reply::error(out, CROSSSLOT);
+        return Err(CROSSSLOT);
+    }
+    Ok((topo.shards[index].clone(), named))
+}
+
+/// SORT's BY and GET patterns name other keys (any with a `*`), which may live anywhere.
+fn sort_patterns(args: &[Bytes]) -> bool {
+    args.windows(2).skip(1).any(|w| {
+        matches!(w[0].to_ascii_lowercase().as_slice(), b"by" | b"get") && w[1].contains(&b'*')
+    })
+}
+
+pub const SORT_PATTERNS: &str = "ERR SORT with BY or GET patterns naming other keys is not supported by tallyproxy: those keys may live on any shard";
+
+pub(super) fn dispatch(
+    ctx: &Arc<Context>,
+    client: &Client,
+    keys: Keys,
+    args: Vec<Bytes>,
+    out: &mut BytesMut,
+) -> Option<Pending> {
+    if matches!(keys, Keys::Store { options_from: 2 }) && sort_patterns(&args) {
+        reply::error(out, SORT_PATTERNS);
         return None;
     }
-    let shard = topo.shards[index].clone();
+    let (shard, named) = match owner(ctx, keys, &args) {
+        Ok(o) => o,
+        Err(e) => {
+            reply::error(out, e);
+            return None;
+        }
+    };
     let engine = &ctx.engine;
     let counters: Vec<Bytes> = named
         .iter()
@@ -80,32 +107,47 @@ fn barrier(
     client: &Client,
     named: Vec<Bytes>,
     counters: Vec<Bytes>,
-    shard: Arc<crate::backend::Shard>,
+    shard: Arc<Shard>,
     args: Vec<Bytes>,
 ) -> Pending {
     let (ctx, id, proto) = (ctx.clone(), client.id, client.proto);
     Pending::Task(Box::pin(async move {
-        let engine = &ctx.engine;
-        if let Some(m) = ctx.router.migration() {
-            for k in &named {
-                if let Err(e) = engine.ensure_moved(&m, k).await {
-                    return error_bytes(&e.client_message(&engine.owner_name(k)));
-                }
-            }
-        }
-        for k in &counters {
-            if let Err(e) = engine.land(k).await {
-                return error_bytes(&e.client_message(&shard.name));
-            }
-            engine.invalidate(k);
+        if let Err(e) = prepare(&ctx, &named, &counters, &shard).await {
+            return e;
         }
         let r = call(&ctx, &shard, id, proto, &args).await;
         for k in &counters {
-            engine.invalidate(k);
+            ctx.engine.invalidate(k);
         }
         match r {
             Ok(r) => BytesMut::from(&r.raw[..]),
             Err(e) => error_bytes(&e.client_message(&shard.name)),
         }
     }))
+}
+
+/// Before a command runs on `shard` outside the pool (a barrier, a transaction, a blocking
+/// command): keys still on their old owner move, counters' pending increments land, and
+/// their cached bases are dropped. The error is the client's reply.
+pub(super) async fn prepare(
+    ctx: &Context,
+    named: &[Bytes],
+    counters: &[Bytes],
+    shard: &Shard,
+) -> Result<(), BytesMut> {
+    let engine = &ctx.engine;
+    if let Some(m) = ctx.router.migration() {
+        for k in named {
+            if let Err(e) = engine.ensure_moved(&m, k).await {
+                return Err(error_bytes(&e.client_message(&engine.owner_name(k))));
+            }
+        }
+    }
+    for k in counters {
+        if let Err(e) = engine.land(k).await {
+            return Err(error_bytes(&e.client_message(&shard.name)));
+        }
+        engine.invalidate(k);
+    }
+    Ok(())
 }

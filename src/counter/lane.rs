@@ -48,7 +48,8 @@ pub const APPLIED_KEY: &str = "tally:applied";
 /// bucket hash b: expire-at (0: never), field count, field value pairs], where a delta of
 /// "" means "read only". seq 0: a read-only batch that leaves the watermark alone. The
 /// bucket hashes (time windows, see `windows`) are written under the same watermark as the
-/// counters: a batch lands whole, once.
+/// counters: a batch lands whole, once. A bucket hash's `EXPIREAT` is sent only when the
+/// batch created a bucket (a field) in it, so an existing hash costs no expiry per flush.
 pub const SCRIPT: &str = r#"
 local seq = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
@@ -70,23 +71,61 @@ for i = 1, n do
     if type(out[i]) == 'table' and out[i].err then
       -- Refused (no longer an integer): the value as GET gives it, for the read waiting.
       out[i] = redis.pcall('GET', KEYS[i + 1])
+    elseif math.abs(out[i]) >= 9007199254740992 then
+      -- Past 2^53 a Lua number (a double) is not the value: GET's string is.
+      out[i] = redis.pcall('GET', KEYS[i + 1])
     end
   else
     out[i] = redis.pcall('GET', KEYS[i + 1])
   end
 end
 if fresh then
+  -- Most fields of one hash merged into one HMGET and HSET (unpack's limit is 8000).
+  local MERGE = 1000
   local a = n + 4
   for j = n + 2, #KEYS do
+    local h = KEYS[j]
     local at = ARGV[a]
     local f = tonumber(ARGV[a + 1])
     a = a + 2
-    for _ = 1, f do
-      redis.pcall('HINCRBY', KEYS[j], ARGV[a], ARGV[a + 1])
-      a = a + 2
+    -- created: a field was new, so the hash may be (its expiry is set once, then).
+    local created = false
+    local last = a + 2 * f - 1
+    while a <= last do
+      local m = math.min(MERGE, (last - a + 1) / 2)
+      if m < 3 then
+        for _ = 1, m do
+          local v = redis.pcall('HINCRBY', h, ARGV[a], ARGV[a + 1])
+          if v == tonumber(ARGV[a + 1]) then created = true end
+          a = a + 2
+        end
+      else
+        -- Many fields of one hash: one HMGET and one HSET. Lua numbers are doubles, so
+        -- a sum is written this way only when exact (below 2^53); a field holding other
+        -- than an integer is left alone (as HINCRBY would refuse it); the rest HINCRBY.
+        local names = {}
+        for i = 1, m do names[i] = ARGV[a + 2 * i - 2] end
+        local cur = redis.pcall('HMGET', h, unpack(names))
+        local set = {}
+        for i = 1, m do
+          local c = cur[i]
+          local d = ARGV[a + 2 * i - 1]
+          if c == false then c = '0' end
+          if type(c) ~= 'string' or not string.match(c, '^-?%d+$') then
+            -- Not an integer (or not a hash at all): left alone, as HINCRBY would.
+          elseif #c < 16 and #d < 16 then
+            set[#set + 1] = names[i]
+            set[#set + 1] = string.format('%.0f', tonumber(c) + tonumber(d))
+          elseif redis.pcall('HINCRBY', h, names[i], d) == tonumber(d) then
+            created = true
+          end
+        end
+        if #set > 0 and redis.pcall('HSET', h, unpack(set)) ~= 0 then created = true end
+        a = a + 2 * m
+      end
     end
-    if at ~= '0' then
-      redis.pcall('EXPIREAT', KEYS[j], at)
+    if created and at ~= '0' then
+      redis.pcall('EXPIREAT', h, at)
     end
   end
 end

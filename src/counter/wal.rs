@@ -24,7 +24,8 @@
 //! A checkpoint must be a consistent cut: it waits for lanes to be between operations
 //! (`lane_gate`), holds the file, locks every map shard at once, drains the buffers into the
 //! old segment and snapshots the state, then lets go. That stalls increments for the time
-//! of one pass over the keys, once per `segment_bytes` of log.
+//! of one pass over the keys, once per `segment_bytes` of log (or per checkpoint size, when
+//! the state is larger: see [`Segment::wants_checkpoint`]).
 //!
 //! fsync: `always`: a commit returns after `fdatasync`, shared by every increment that
 //! arrived meanwhile (group commit); `everysec`: a background sync each second; `no`: the
@@ -92,6 +93,24 @@ struct Segment {
     file: Arc<File>,
     index: u64,
     size: u64,
+    /// Size of the checkpoint the segment starts with.
+    start: u64,
+}
+
+impl Segment {
+    /// Whether the segment has grown enough for a checkpoint: by `segment_bytes` of records
+    /// since its own checkpoint, and by at least that checkpoint's size. A state larger than
+    /// `segment_bytes` (millions of pending keys) would otherwise be snapshotted again every
+    /// second, each time with every map shard locked; this way a checkpoint costs at most
+    /// as much writing as the records it retires.
+    fn wants_checkpoint(&self, segment_bytes: u64) -> bool {
+        checkpoint_due(self.size, self.start, segment_bytes)
+    }
+}
+
+/// See [`Segment::wants_checkpoint`].
+fn checkpoint_due(size: u64, start: u64, segment_bytes: u64) -> bool {
+    size.saturating_sub(start) > segment_bytes.max(start)
 }
 
 struct Meta {
@@ -225,6 +244,7 @@ impl Wal {
                 file: Arc::new(file),
                 index,
                 size: cp.len() as u64,
+                start: cp.len() as u64,
             }),
             lane_gate: tokio::sync::RwLock::new(()),
             engine: OnceLock::new(),
@@ -507,6 +527,7 @@ impl Wal {
             file,
             index,
             size: cp.len() as u64,
+            start: cp.len() as u64,
         };
         self.done.store(n, Ordering::SeqCst);
         drop(seg);
@@ -568,8 +589,8 @@ impl Wal {
                     let file = wal.segment.lock().await.file.clone();
                     let _ = wal.sync_file(file).await;
                 }
-                let size = wal.segment.lock().await.size;
-                if size > wal.segment_bytes {
+                let due = wal.segment.lock().await.wants_checkpoint(wal.segment_bytes);
+                if due {
                     // A failure is logged by `fail` and recovered from above.
                     let _ = wal.checkpoint(&engine).await;
                 }
@@ -984,6 +1005,18 @@ pub async fn restore(engine: &Arc<Engine>, rec: Recovered) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_checkpoint_is_due_after_segment_bytes_of_records_or_its_own_size() {
+        const MIB: u64 = 1 << 20;
+        // A small state: every 64 MiB of records, as before.
+        assert!(!checkpoint_due(MIB + 64 * MIB, MIB, 64 * MIB));
+        assert!(checkpoint_due(MIB + 64 * MIB + 1, MIB, 64 * MIB));
+        // A state of 300 MiB (ten million keys): not again at once, but after as much again.
+        assert!(!checkpoint_due(300 * MIB, 300 * MIB, 64 * MIB));
+        assert!(!checkpoint_due(600 * MIB, 300 * MIB, 64 * MIB));
+        assert!(checkpoint_due(600 * MIB + 1, 300 * MIB, 64 * MIB));
+    }
 
     fn roundtrip(bytes: &[u8]) -> Recovered {
         let dir = std::env::temp_dir().join(format!(

@@ -10,9 +10,10 @@
 //! **In Redis**, on `K`'s own shard, the flush expands a window delta into one `HINCRBY`
 //! per kept granularity, into hashes named [`bucket_key`]:
 //! `tally:w:{<K's hash part>}:<g>:<period start>:<K>`, field = bucket start (Unix seconds),
-//! value = count. The hash tag keeps the buckets on `K`'s shard (and slot). A hash holds one
-//! period (an hour of seconds, a day of minutes, 30 days of hours, 365 days of days) and
-//! expires (`EXPIREAT`) when its last bucket passes the granularity's retention.
+//! value = count (three fields or more of one hash: one `HMGET` and one `HSET`). The hash tag
+//! keeps the buckets on `K`'s shard (and slot). A hash holds one period (an hour of seconds, a
+//! day of minutes, 30 days of hours, 365 days of days) and expires (`EXPIREAT`, sent by the
+//! flush that creates a bucket in it) when its last bucket passes the granularity's retention.
 //!
 //! **A read** plans the range ([`Windows::plan`]): the coarsest kept buckets that fit the
 //! range exactly, finer ones at the edges; parts no kept granularity can answer exactly are

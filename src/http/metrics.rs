@@ -27,11 +27,12 @@ pub fn render(ctx: &Context) -> String {
     let m = crate::metrics::global();
     let e = &ctx.engine;
     let s = &e.stats;
-    // Per-command counters and latency histograms, from the metrics crate's recorder.
+    // Per-command counters (the metrics crate's recorder), then the latency histograms.
     let mut o = Out(crate::metrics::prometheus().render());
     if !o.0.is_empty() && !o.0.ends_with('\n') {
         o.0.push('\n');
     }
+    crate::metrics::render_latency(&mut o.0);
     o.one(
         "connections",
         "gauge",
@@ -167,6 +168,12 @@ pub fn render(ctx: &Context) -> String {
         "gauge",
         "Forwarded requests awaiting a reply.",
         &per(&|sh| sh.stats.inflight.load(Relaxed) as f64),
+    );
+    o.one(
+        "dedicated_connections",
+        "gauge",
+        "Dedicated shard connections open (transactions with WATCH, subscriptions, blocked commands).",
+        ctx.dedicated.in_use() as f64,
     );
     o.one(
         "ring_version",

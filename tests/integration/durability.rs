@@ -424,3 +424,39 @@ async fn a_shard_that_comes_back_empty_is_documented_not_fatal() {
     proxy.stop().await;
     assert_eq!(b.get(&key).as_deref(), Some("1"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_larger_than_a_segment_is_not_checkpointed_again_every_second() {
+    let r = Redis::start();
+    let wal = TempDir::new("durability-big-state");
+    let mut cfg = support::config(&[&r], &wal);
+    cfg.durability.segment_bytes = 4096;
+    let proxy = Proxy::start(cfg).await;
+    let mut c = proxy.conn().await;
+    // 400 pending keys: a checkpoint of them is several times 4096 bytes.
+    let mut burst = Vec::new();
+    for i in 0..400 {
+        burst.extend_from_slice(&support::encode(&["INCR", &format!("big-state:{i:05}")]));
+    }
+    c.send(&burst).await;
+    for _ in 0..400 {
+        assert_eq!(c.reply().await, ":1\r\n");
+    }
+    let checkpoints = |info: &str| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix("wal_checkpoints_total:"))
+            .unwrap_or_else(|| panic!("no wal_checkpoints_total in {info}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    // The log task looks once a second: one checkpoint retires the records (their size
+    // passed 4096), and none follows while nothing more is appended.
+    let mut seen = Vec::new();
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        seen.push(checkpoints(&c.cmd(&["INFO", "persistence"]).await));
+    }
+    assert!(seen[7] - seen[0] <= 1, "checkpoints over 3.5 s: {seen:?}");
+    proxy.stop().await;
+}

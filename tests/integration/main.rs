@@ -3,19 +3,25 @@
 
 mod support;
 
+mod blocking;
 mod core;
 mod counters;
 mod dashboard;
 mod durability;
+mod families;
 mod full_disk;
 mod hostile;
 mod keyspace;
 mod layers;
+mod mget;
 mod ops;
 mod protocol;
+mod pubsub;
 mod rebalance;
 mod resp3;
 mod same_shard;
 mod security;
 mod sentinel;
+mod transactions;
+mod window_flush;
 mod windows;

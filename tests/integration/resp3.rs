@@ -259,7 +259,7 @@ async fn local_replies_follow_redis_7_in_resp3() {
         .cmd(&["CLIENT", "TRACKING", "on"])
         .await
         .starts_with("-ERR CLIENT TRACKING is not supported by tallyproxy: "));
-    assert!(p.cmd(&["SUBSCRIBE", "ch"]).await.starts_with("-ERR"));
+    assert!(p.cmd(&["SSUBSCRIBE", "ch"]).await.starts_with("-ERR"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

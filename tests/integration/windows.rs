@@ -14,7 +14,7 @@ use tallyproxy::clock::Clock;
 use tallyproxy::counter::windows::bucket_key;
 use tallyproxy::Config;
 
-fn real_now() -> u64 {
+pub(crate) fn real_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -22,11 +22,11 @@ fn real_now() -> u64 {
 }
 
 /// An hour boundary two hours or so ahead of the real clock.
-fn hour_ahead() -> u64 {
+pub(crate) fn hour_ahead() -> u64 {
     (real_now() / 3600 + 2) * 3600
 }
 
-fn config_at(shards: &[&Redis], wal: &TempDir, clock: &Clock) -> Config {
+pub(crate) fn config_at(shards: &[&Redis], wal: &TempDir, clock: &Clock) -> Config {
     let mut c = support::config(shards, wal);
     c.clock = clock.clone();
     c
@@ -41,14 +41,14 @@ fn int(reply: &str) -> i64 {
         .unwrap()
 }
 
-async fn incr(c: &mut Raw, key: &str, n: usize) {
+pub(crate) async fn incr(c: &mut Raw, key: &str, n: usize) {
     for _ in 0..n {
         let r = c.cmd(&["INCR", key]).await;
         assert!(r.starts_with(':'), "{r}");
     }
 }
 
-async fn range(c: &mut Raw, key: &str, from: u64, to: u64) -> i64 {
+pub(crate) async fn range(c: &mut Raw, key: &str, from: u64, to: u64) -> i64 {
     int(&c
         .cmd(&["TALLY.RANGE", key, &from.to_string(), &to.to_string()])
         .await)
@@ -60,7 +60,7 @@ async fn json(p: &Proxy, method: &str, path: &str) -> (u16, Value) {
     (status, v)
 }
 
-async fn flush(p: &Proxy) {
+pub(crate) async fn flush(p: &Proxy) {
     let (status, body) = json(p, "POST", "/admin/flush").await;
     assert_eq!(status, 200, "{body}");
 }

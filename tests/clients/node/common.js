@@ -72,6 +72,18 @@ function helloFields(reply) {
   return reply;
 }
 
+// A promise and the function that settles it, rejected if not settled within `ms`.
+function deferred(ms, what) {
+  let resolve;
+  let timer;
+  const promise = new Promise((res, rej) => {
+    resolve = res;
+    timer = setTimeout(() => rej(new Error(`${what}: nothing within ${ms} ms`)), ms);
+  });
+  return { promise: promise.finally(() => clearTimeout(timer)), resolve };
+}
+
 module.exports = {
   host, port, prefixFor, flush, openStores, assertSpread, landed, expectedReplies, helloFields,
+  deferred,
 };

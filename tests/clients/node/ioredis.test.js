@@ -1,7 +1,8 @@
 // ioredis against the server under test: its defaults first (protocol 3 from version 6 on:
 // HELLO 3), then protocol 2, and protocol 3 with replyMapping "resp3" (maps and doubles as
 // RESP3 gives them). Auto-pipelining on, as applications turn it on for throughput.
-// ioredis's pipeline() sends no MULTI (MULTI is not supported by tallyproxy).
+// ioredis's pipeline() sends no MULTI; multi() with WATCH and pub/sub have tests of their own,
+// with a {hash tag} where keys must share a shard.
 'use strict';
 
 const { describe, it, before, after } = require('node:test');
@@ -167,6 +168,56 @@ for (const variant of VARIANTS) {
         mixed.map(([err, v]) => (err ? err.message : v)),
         ['OK', 'v', null, 1, { f: '1' }, 1, ['a']],
       );
+    });
+
+    it('multi().exec() and WATCH', async () => {
+      const k = prefix + '{t}k';
+      const n = prefix + '{t}n';
+      const replies = await r.multi().set(k, '1').incr(n).incrby(n, 5).get(k).exec();
+      assert.deepEqual(replies, [[null, 'OK'], [null, 1], [null, 6], [null, '1']]);
+      const w = r.duplicate({ enableAutoPipelining: false });
+      const other = r.duplicate();
+      try {
+        assert.equal(await w.watch(k), 'OK');
+        assert.equal(await other.set(k, 'changed'), 'OK');
+        assert.equal(await w.multi().set(k, 'mine').exec(), null);
+        assert.equal(await r.get(k), 'changed');
+        assert.equal(await w.watch(k), 'OK');
+        assert.deepEqual(await w.multi().set(k, 'mine').exec(), [[null, 'OK']]);
+        assert.equal(await r.get(k), 'mine');
+      } finally {
+        w.disconnect();
+        other.disconnect();
+      }
+    });
+
+    it('pub/sub: subscribe, psubscribe, messages in order', async () => {
+      const sub = r.duplicate();
+      try {
+        const ch = prefix + 'ch';
+        const got = [];
+        const done = c.deferred(5000, 'messages');
+        sub.on('message', (channel, message) => {
+          got.push([channel, message]);
+          if (got.length === 3) done.resolve();
+        });
+        sub.on('pmessage', (pattern, channel, message) => {
+          got.push([channel, message]);
+          if (got.length === 3) done.resolve();
+        });
+        assert.equal(await sub.subscribe(ch), 1);
+        assert.equal(await sub.psubscribe(prefix + 'p*'), 2);
+        assert.equal(await r.publish(ch, 'one'), 1);
+        assert.equal(await r.publish(ch, 'two'), 1);
+        assert.equal(await r.publish(prefix + 'pq', 'three'), 1);
+        await done.promise;
+        assert.deepEqual(got, [[ch, 'one'], [ch, 'two'], [prefix + 'pq', 'three']]);
+        await sub.unsubscribe(ch);
+        await sub.punsubscribe();
+        assert.equal(await r.publish(ch, 'nobody'), 0);
+      } finally {
+        sub.disconnect();
+      }
     });
   });
 }

@@ -1,7 +1,8 @@
 // node-redis (the `redis` package) against the server under test: createClient() with its
 // defaults first (RESP3 from version 6 on: HELLO 3), then RESP: 2 and RESP: 3 spelt out.
-// Exact values and the JavaScript types the library hands back. MULTI is not supported by
-// tallyproxy: the pipeline is execAsPipeline(), which sends no MULTI.
+// Exact values and the JavaScript types the library hands back. The plain pipeline is
+// execAsPipeline() (no MULTI); multi().exec() and pub/sub (push frames on RESP3) have tests of
+// their own, with a {hash tag} where keys must share a shard.
 'use strict';
 
 const { describe, it, before, after } = require('node:test');
@@ -157,6 +158,41 @@ for (const variant of VARIANTS) {
         .execAsPipeline();
       assert.deepEqual(mixed, ['OK', 'v', null, 1, 1, 2]);
       assert.deepEqual({ ...(await client.hGetAll(prefix + 'ph')) }, { f: '1' });
+    });
+
+    it('multi().exec(): one transaction on one shard', async () => {
+      const k = prefix + '{t}k';
+      const n = prefix + '{t}n';
+      const replies = await client.multi().set(k, '1').incr(n).incrBy(n, 5).get(k).ping().exec();
+      assert.deepEqual(replies, ['OK', 1, 6, '1', 'PONG']);
+      assert.equal(await client.get(n), '6');
+    });
+
+    it('pub/sub: subscribe, pSubscribe, messages in order', async () => {
+      const sub = client.duplicate();
+      sub.on('error', () => {});
+      await sub.connect();
+      try {
+        const ch = prefix + 'ch';
+        const got = [];
+        const done = c.deferred(5000, 'messages');
+        const listener = (message, channel) => {
+          got.push([channel, message]);
+          if (got.length === 3) done.resolve();
+        };
+        await sub.subscribe(ch, listener);
+        await sub.pSubscribe(prefix + 'p*', (message, channel) => listener(message, channel));
+        assert.equal(await client.publish(ch, 'one'), 1);
+        assert.equal(await client.publish(ch, 'two'), 1);
+        assert.equal(await client.publish(prefix + 'pq', 'three'), 1);
+        await done.promise;
+        assert.deepEqual(got, [[ch, 'one'], [ch, 'two'], [prefix + 'pq', 'three']]);
+        await sub.unsubscribe(ch);
+        await sub.pUnsubscribe();
+        assert.equal(await client.publish(ch, 'nobody'), 0);
+      } finally {
+        await sub.close();
+      }
     });
   });
 }

@@ -3,7 +3,8 @@ settings first (8.x speaks RESP3: HELLO 3), then with protocol=2 and protocol=3 
 
 Every test asserts exact values and the Python types redis-py hands back, which is where a
 protocol mismatch shows (a dict from HGETALL, a set from SMEMBERS, a float from ZSCORE).
-Pipelines use transaction=False: MULTI is not supported by tallyproxy.
+Plain pipelines use transaction=False (no MULTI); transactions (pipeline(transaction=True),
+WATCH) and pub/sub have tests of their own, with a {hash tag} where keys must share a shard.
 """
 
 import asyncio
@@ -250,3 +251,66 @@ def test_scan_iter_and_keys_exact_key_sets(r, prefix, stores, flush):
         direct |= {k.decode() for k in s.keys(prefix + "*")}
     assert direct == want
     assert all(not k.startswith(b"tally:") for k in r.scan_iter(count=50))
+
+
+def test_transaction_pipeline_and_watch(r, port, proto, prefix):
+    # One {hash tag}: every key of a transaction must live on one shard behind the proxy.
+    k, n = prefix + "{t}k", prefix + "{t}n"
+    with r.pipeline(transaction=True) as pipe:
+        pipe.set(k, "1").incr(n).incrby(n, 5).get(k).ping()
+        assert pipe.execute() == [True, 1, 6, b"1", True]
+    other = redis.Redis(host=HOST, port=port, **PROTOCOLS[proto])
+    try:
+        with r.pipeline() as pipe:
+            pipe.watch(k)
+            assert pipe.get(k) == b"1"
+            other.set(k, "changed")
+            pipe.multi()
+            pipe.set(k, "mine")
+            with pytest.raises(redis.WatchError):
+                pipe.execute()
+        assert r.get(k) == b"changed"
+        # Without interference, the watched transaction runs.
+        with r.pipeline() as pipe:
+            pipe.watch(k)
+            pipe.multi()
+            pipe.set(k, "mine")
+            assert pipe.execute() == [True]
+        assert r.get(k) == b"mine"
+    finally:
+        other.close()
+
+
+def test_pubsub_messages(r, port, proto, prefix):
+    # Brackets are glob syntax in a pattern: the channels use the prefix without them.
+    prefix = prefix.replace("[", "(").replace("]", ")")
+    ch = prefix + "ch"
+    sub = redis.Redis(host=HOST, port=port, **PROTOCOLS[proto])
+    p = sub.pubsub()
+    try:
+        p.subscribe(ch)
+        assert p.get_message(timeout=5) == {
+            "type": "subscribe", "pattern": None, "channel": ch.encode(), "data": 1,
+        }
+        p.psubscribe(prefix + "p*")
+        assert p.get_message(timeout=5)["type"] == "psubscribe"
+        assert r.publish(ch, "hello") == 1
+        assert p.get_message(timeout=5) == {
+            "type": "message", "pattern": None, "channel": ch.encode(), "data": b"hello",
+        }
+        assert r.publish(prefix + "pq", "world") == 1
+        assert p.get_message(timeout=5) == {
+            "type": "pmessage",
+            "pattern": (prefix + "p*").encode(),
+            "channel": (prefix + "pq").encode(),
+            "data": b"world",
+        }
+        assert r.pubsub_numsub(ch) == [(ch.encode(), 1)]
+        p.unsubscribe(ch)
+        assert p.get_message(timeout=5)["type"] == "unsubscribe"
+        p.punsubscribe()
+        assert p.get_message(timeout=5)["type"] == "punsubscribe"
+        assert r.publish(ch, "nobody") == 0
+    finally:
+        p.close()
+        sub.close()

@@ -1,0 +1,328 @@
+//! MULTI / EXEC / DISCARD / WATCH / UNWATCH through the proxy: byte for byte what a Redis
+//! answers (RESP2 and RESP3) when every key lives on one shard, CROSSSLOT at the command that
+//! would cross and EXECABORT after it, WATCH conflicts, counter increments inside a
+//! transaction counted once, and the dedicated connection released afterwards.
+
+use crate::support::{self, ring_owner, Proxy, Raw, Redis, TempDir};
+use std::time::Duration;
+
+const CROSSSLOT: &str = "-CROSSSLOT Keys in request don't hash to the same slot\r\n";
+const EXECABORT: &str = "-EXECABORT Transaction discarded because of previous errors.\r\n";
+
+/// Transactions on keys sharing the `{t}` tag, with the proxy's own commands inside.
+const SCRIPT: &[&[&str]] = &[
+    &["EXEC"],
+    &["DISCARD"],
+    &["MULTI"],
+    &["MULTI"],
+    &["WATCH", "{t}a"],
+    &["SET", "{t}a", "1"],
+    &["PING"],
+    &["ECHO", "hi"],
+    &["INCR", "{t}n"],
+    &["GET", "{t}a"],
+    &["LPUSH", "{t}l", "x", "y"],
+    &["INCR", "{t}l"],
+    &["PING", "again"],
+    &["EXEC"],
+    &["MULTI"],
+    &["EXEC"],
+    &["MULTI"],
+    &["SET", "{t}a", "2"],
+    &["DISCARD"],
+    &["GET", "{t}a"],
+    // An arity error at queue time: EXECABORT, nothing ran.
+    &["MULTI"],
+    &["SET", "{t}a", "3"],
+    &["GET"],
+    &["EXEC"],
+    &["GET", "{t}a"],
+    // An unknown command too.
+    &["MULTI"],
+    &["NOSUCHCOMMAND", "x"],
+    &["EXEC"],
+    // WATCH, nothing changes: EXEC runs.
+    &["WATCH", "{t}a", "{t}n"],
+    &["MULTI"],
+    &["INCRBY", "{t}n", "10"],
+    &["SET", "{t}a", "4"],
+    &["EXEC"],
+    &["UNWATCH"],
+    &["GET", "{t}n"],
+    &["WATCH", "{t}a"],
+    &["UNWATCH"],
+    &["MULTI"],
+    &["BLPOP", "{t}empty", "0"],
+    &["EXEC"],
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_answer_as_redis_in_both_protocols() {
+    let (a, b, direct) = (Redis::start(), Redis::start(), Redis::start());
+    let wal = TempDir::new("txn");
+    let proxy = Proxy::start(support::config(&[&a, &b], &wal)).await;
+    for hello in [None, Some("3")] {
+        let (mut p, mut d) = (
+            Raw::connect(proxy.addr).await,
+            Raw::connect(direct.addr().parse().unwrap()).await,
+        );
+        if let Some(v) = hello {
+            p.cmd(&["HELLO", v]).await;
+            d.cmd(&["HELLO", v]).await;
+        }
+        for cmd in SCRIPT {
+            let (got, want) = (p.cmd(cmd).await, d.cmd(cmd).await);
+            assert_eq!(got, want, "{cmd:?} (HELLO {hello:?})");
+        }
+        // Pipelined as one write: the same bytes.
+        let mut burst = Vec::new();
+        for cmd in [
+            &["MULTI"][..],
+            &["SET", "{t}p", "v"],
+            &["GET", "{t}p"],
+            &["EXEC"],
+            &["GET", "{t}p"],
+        ] {
+            burst.extend_from_slice(&support::encode(cmd));
+        }
+        p.send(&burst).await;
+        d.send(&burst).await;
+        for _ in 0..5 {
+            assert_eq!(
+                p.reply().await,
+                d.reply().await,
+                "pipelined (HELLO {hello:?})"
+            );
+        }
+        for s in [&a, &b, &direct] {
+            s.cmd(&["FLUSHALL"]);
+        }
+    }
+    assert_eq!(dedicated(&proxy).await, 0, "every connection released");
+    proxy.stop().await;
+}
+
+/// Two keys, one on each shard.
+fn apart(a: &Redis, b: &Redis) -> (String, String) {
+    let shards = [a, b];
+    let on = |port: u16| {
+        (0..1000)
+            .map(|i| format!("k{i}"))
+            .find(|k| ring_owner(&shards, k) == port)
+            .unwrap()
+    };
+    (on(a.port), on(b.port))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_across_shards_is_refused_at_the_crossing_command() {
+    let (a, b) = (Redis::start(), Redis::start());
+    let wal = TempDir::new("txn-crossslot");
+    let proxy = Proxy::start(support::config(&[&a, &b], &wal)).await;
+    let (on_a, on_b) = apart(&a, &b);
+    let mut c = proxy.conn().await;
+    assert_eq!(c.cmd(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(c.cmd(&["SET", &on_a, "1"]).await, "+QUEUED\r\n");
+    assert_eq!(c.cmd(&["SET", &on_b, "1"]).await, CROSSSLOT);
+    assert_eq!(c.cmd(&["MGET", &on_a, &on_b]).await, CROSSSLOT);
+    assert_eq!(c.cmd(&["EXEC"]).await, EXECABORT);
+    assert_eq!(a.get(&on_a), None, "nothing ran");
+    assert_eq!(b.get(&on_b), None);
+    assert_eq!(c.cmd(&["WATCH", &on_a, &on_b]).await, CROSSSLOT);
+    // A WATCH fixes the shard: a queued command elsewhere crosses.
+    assert_eq!(c.cmd(&["WATCH", &on_a]).await, "+OK\r\n");
+    assert_eq!(c.cmd(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(c.cmd(&["SET", &on_b, "1"]).await, CROSSSLOT);
+    assert_eq!(c.cmd(&["EXEC"]).await, EXECABORT);
+    // Commands the proxy refuses inside MULTI abort it too, with a clear reason.
+    assert_eq!(c.cmd(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(
+        c.cmd(&["SUBSCRIBE", "ch"]).await,
+        "-ERR SUBSCRIBE inside MULTI is not supported by tallyproxy\r\n"
+    );
+    assert_eq!(c.cmd(&["EXEC"]).await, EXECABORT);
+    assert_eq!(c.cmd(&["SET", &on_b, "2"]).await, "+OK\r\n", "usable after");
+    assert_eq!(dedicated(&proxy).await, 0);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_key_changed_by_another_client_makes_exec_answer_nil() {
+    let (a, b) = (Redis::start(), Redis::start());
+    let wal = TempDir::new("txn-watch");
+    let proxy = Proxy::start(support::config(&[&a, &b], &wal)).await;
+    let (mut c1, mut c2) = (proxy.conn().await, proxy.conn().await);
+    assert_eq!(c1.cmd(&["SET", "w", "1"]).await, "+OK\r\n");
+    assert_eq!(c1.cmd(&["WATCH", "w"]).await, "+OK\r\n");
+    assert_eq!(dedicated(&proxy).await, 1, "WATCH holds a connection");
+    assert_eq!(c2.cmd(&["SET", "w", "2"]).await, "+OK\r\n");
+    assert_eq!(c1.cmd(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(c1.cmd(&["SET", "w", "3"]).await, "+QUEUED\r\n");
+    assert_eq!(c1.cmd(&["EXEC"]).await, "*-1\r\n");
+    assert_eq!(c1.cmd(&["GET", "w"]).await, "$1\r\n2\r\n");
+    assert_eq!(dedicated(&proxy).await, 0, "released at EXEC");
+    // In RESP3 the nil is `_`.
+    c1.cmd(&["HELLO", "3"]).await;
+    assert_eq!(c1.cmd(&["WATCH", "w"]).await, "+OK\r\n");
+    assert_eq!(c2.cmd(&["DEL", "w"]).await, ":1\r\n");
+    assert_eq!(c1.cmd(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(c1.cmd(&["SET", "w", "3"]).await, "+QUEUED\r\n");
+    assert_eq!(c1.cmd(&["EXEC"]).await, "_\r\n");
+    // An increment buffered by another client after the WATCH lands before EXEC: a change.
+    assert_eq!(c2.cmd(&["INCR", "visits:w"]).await, ":1\r\n");
+    assert_eq!(c1.cmd(&["WATCH", "visits:w"]).await, "+OK\r\n");
+    assert_eq!(c2.cmd(&["INCR", "visits:w"]).await, ":2\r\n");
+    assert_eq!(c1.cmd(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(c1.cmd(&["INCRBY", "visits:w", "10"]).await, "+QUEUED\r\n");
+    assert_eq!(c1.cmd(&["EXEC"]).await, "_\r\n");
+    assert_eq!(c1.cmd(&["GET", "visits:w"]).await, "$1\r\n2\r\n");
+    // A client that leaves while watching frees its connection.
+    let mut c3 = proxy.conn().await;
+    assert_eq!(c3.cmd(&["WATCH", "w"]).await, "+OK\r\n");
+    assert_eq!(dedicated(&proxy).await, 1);
+    drop(c3);
+    assert!(
+        gauge_becomes(&proxy, 0).await,
+        "released when the client left"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counter_increments_inside_a_transaction_are_counted_once() {
+    let (a, b) = (Redis::start(), Redis::start());
+    let wal = TempDir::new("txn-counters");
+    let proxy = Proxy::start(support::config(&[&a, &b], &wal)).await;
+    let owner = if ring_owner(&[&a, &b], "visits:home") == a.port {
+        &a
+    } else {
+        &b
+    };
+    let mut c = proxy.conn().await;
+    for i in 1..=3 {
+        assert_eq!(c.cmd(&["INCR", "visits:home"]).await, format!(":{i}\r\n"));
+    }
+    assert_eq!(
+        owner.get("visits:home"),
+        None,
+        "buffered (flush every hour)"
+    );
+    assert_eq!(c.cmd(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(c.cmd(&["INCRBY", "visits:home", "10"]).await, "+QUEUED\r\n");
+    assert_eq!(c.cmd(&["GET", "visits:home"]).await, "+QUEUED\r\n");
+    assert_eq!(c.cmd(&["DECR", "visits:home"]).await, "+QUEUED\r\n");
+    assert_eq!(
+        c.cmd(&["EXEC"]).await,
+        "*3\r\n:13\r\n$2\r\n13\r\n:12\r\n",
+        "the buffered increments landed first"
+    );
+    assert_eq!(owner.get("visits:home").as_deref(), Some("12"));
+    // Reads after EXEC see it, and later increments count on top.
+    assert_eq!(c.cmd(&["GET", "visits:home"]).await, "$2\r\n12\r\n");
+    assert_eq!(c.cmd(&["INCR", "visits:home"]).await, ":13\r\n");
+    let (status, _) = support::http_request(proxy.http, "POST", "/admin/flush").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        owner.get("visits:home").as_deref(),
+        Some("13"),
+        "none lost or doubled"
+    );
+    let (_, body) = support::http_request(proxy.http, "GET", "/visits/home").await;
+    assert!(body.replace(' ', "").contains("\"visits\":13"), "{body}");
+    proxy.stop().await;
+}
+
+/// The proxy's count of dedicated connections (INFO clients).
+pub async fn dedicated(proxy: &Proxy) -> u64 {
+    let mut c = proxy.conn().await;
+    parse_gauge(&c.cmd(&["INFO", "clients"]).await)
+}
+
+fn parse_gauge(info: &str) -> u64 {
+    info.lines()
+        .find_map(|l| l.strip_prefix("dedicated_connections:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("INFO clients has dedicated_connections")
+}
+
+/// Waits (bounded: 5 s) until the proxy counts `want` dedicated connections.
+pub async fn gauge_becomes(proxy: &Proxy, want: u64) -> bool {
+    for _ in 0..250 {
+        if dedicated(proxy).await == want {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_and_a_subscriber_are_bounded() {
+    let a = Redis::start();
+    let wal = TempDir::new("txn-bounds");
+    let proxy = Proxy::start(support::config(&[&a], &wal)).await;
+    let mut c = proxy.conn().await;
+    assert_eq!(c.cmd(&["MULTI"]).await, "+OK\r\n");
+    let mut burst = Vec::new();
+    for _ in 0..10_001 {
+        burst.extend_from_slice(&support::encode(&["PING"]));
+    }
+    c.send(&burst).await;
+    for _ in 0..10_000 {
+        assert_eq!(c.reply().await, "+QUEUED\r\n");
+    }
+    assert_eq!(
+        c.reply().await,
+        "-ERR tallyproxy queues at most 10000 commands (67108864 bytes) in a transaction\r\n"
+    );
+    assert_eq!(c.cmd(&["EXEC"]).await, EXECABORT);
+    let many: Vec<String> = (0..10_001).map(|i| format!("ch{i}")).collect();
+    let mut cmd = vec!["SUBSCRIBE"];
+    cmd.extend(many.iter().map(|s| s.as_str()));
+    assert_eq!(
+        c.cmd(&cmd).await,
+        "-ERR tallyproxy allows at most 10000 channels and patterns per client\r\n"
+    );
+    assert_eq!(c.cmd(&["PING"]).await, "+PONG\r\n", "still usable");
+    assert_eq!(dedicated(&proxy).await, 0);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_whose_keys_moved_while_queued_is_refused() {
+    let (a, c) = (Redis::start(), Redis::start());
+    let wal = TempDir::new("txn-moved");
+    let proxy = Proxy::start(support::config(&[&a], &wal)).await;
+    // A key that the ring gives to the shard about to join.
+    let key = (0..1000)
+        .map(|i| format!("m{i}"))
+        .find(|k| ring_owner(&[&a, &c], k) == c.port)
+        .unwrap();
+    let mut t = proxy.conn().await;
+    assert_eq!(t.cmd(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(t.cmd(&["SET", &key, "v"]).await, "+QUEUED\r\n");
+    let body = format!("{{\"addr\": \"{}\"}}", c.addr());
+    let (status, _) = support::http_json(proxy.http, "POST", "/admin/shards", &body).await;
+    assert_eq!(status, 202);
+    let mut done = false;
+    for _ in 0..300 {
+        let (_, p) = support::http_json(proxy.http, "GET", "/admin/rebalance", "").await;
+        if p["state"] == "done" {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(done, "the rebalance finished within 30 s");
+    assert_eq!(
+        t.cmd(&["EXEC"]).await,
+        "-TRYAGAIN the shards changed while the transaction was queued: its keys live elsewhere now; transaction discarded, run it again\r\n"
+    );
+    assert_eq!(a.get(&key), None, "nothing ran on the old owner");
+    // Run again, it lands on the new owner.
+    assert_eq!(t.cmd(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(t.cmd(&["SET", &key, "v"]).await, "+QUEUED\r\n");
+    assert_eq!(t.cmd(&["EXEC"]).await, "*1\r\n+OK\r\n");
+    assert_eq!(c.get(&key).as_deref(), Some("v"));
+    proxy.stop().await;
+}
