@@ -3,6 +3,7 @@
 
 mod support;
 
+mod cluster_support;
 mod core;
 mod counters;
 mod dashboard;
