@@ -3,6 +3,7 @@
 
 mod support;
 
+mod cluster;
 mod cluster_support;
 mod core;
 mod counters;
