@@ -81,6 +81,22 @@ fn check(cluster: &Cluster, load: &Load, when: &str) {
         load.refusals,
         load.closed
     );
+    if (lost, doubled) != (0, 0) {
+        let mut keys: Vec<_> = load.keys.iter().collect();
+        keys.sort_by_key(|(k, _)| k.as_str());
+        for (k, seen) in keys {
+            let got = cluster.sum_of(k);
+            if got < seen.acked || got > seen.sent {
+                eprintln!(
+                    "  {k} (slot {}, on {}): acknowledged {}, sent {}, landed {got}",
+                    slot_of(k.as_bytes()),
+                    cluster.node_for_key(k),
+                    seen.acked,
+                    seen.sent
+                );
+            }
+        }
+    }
     assert!(acked > 1000, "{when}: the load ran ({acked} acknowledged)");
     assert_eq!((lost, doubled), (0, 0), "{when}: (lost, doubled)");
     cluster.assert_no_key_on_two_nodes();
@@ -436,8 +452,8 @@ async fn cluster_steady_state_replies_byte_for_byte_and_counts_exactly() {
     for n in &view {
         let e = entry(&shards, n.port);
         assert_eq!(e["addr"], format!("127.0.0.1:{}", n.port).as_str(), "{e}");
-        assert_eq!(e["health"], "up", "{e}");
         if n.primary {
+            assert_eq!(e["health"], "up", "{e}");
             assert_eq!(e["role"], PRIMARY, "{e}");
             let ranges: Vec<Value> = n
                 .slots
@@ -446,7 +462,9 @@ async fn cluster_steady_state_replies_byte_for_byte_and_counts_exactly() {
                 .collect();
             assert_eq!(e["slots"], Value::Array(ranges), "{e}");
         } else {
+            // The proxy sends nothing to replicas: their health is the cluster's word.
             assert_eq!(e["role"], REPLICA, "{e}");
+            assert!(e["health"].is_string(), "{e}");
         }
     }
     // Resharding is the cluster's job: the rebalance routes say so.
@@ -703,7 +721,13 @@ async fn windows_and_visits_over_the_cluster_follow_the_slot() {
         new
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(proxy.http("POST", "/visits/home").await.0, 200);
+    // Counted either way: 200 with the total, or 202 when the read of its base met the
+    // slot's move (accepted blind, logged, landed with the next flush).
+    let posted = proxy.http("POST", "/visits/home").await.0;
+    assert!(
+        posted == 200 || posted == 202,
+        "POST after the move: {posted}"
+    );
     let (status, _) = http_json(proxy.http, "POST", "/admin/flush", "").await;
     assert_eq!(status, 200);
     tokio::time::sleep(Duration::from_millis(200)).await;
