@@ -7,45 +7,22 @@
 //! Every node is stopped by PID when the [`Cluster`] drops; every wait is bounded. The
 //! helpers talk to the nodes directly, never through the proxy.
 
+mod keys;
+mod reshard;
+mod slot;
+
+pub use reshard::Pace;
+pub use slot::{crc16, slot_of};
+
 use super::{wait_until, Redis};
-use std::collections::HashMap;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Failure detection: short, so that an automatic failover takes a few seconds.
 pub const NODE_TIMEOUT_MS: u64 = 2000;
 
 /// How long a cluster may take to form, fail over or agree after a change.
 const SETTLE: Duration = Duration::from_secs(30);
-
-/// CRC16-CCITT (XMODEM: polynomial 0x1021, initial value 0), Redis Cluster's key hash.
-pub fn crc16(bytes: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &b in bytes {
-        crc ^= (b as u16) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
-}
-
-/// The slot of `key`: CRC16 of its hash tag (the text between the first `{` and the next
-/// `}`, when not empty) or of the whole key, modulo 16384.
-pub fn slot_of(key: &[u8]) -> u16 {
-    let part = match key.iter().position(|&b| b == b'{') {
-        Some(open) => match key[open + 1..].iter().position(|&b| b == b'}') {
-            Some(len) if len > 0 => &key[open + 1..open + 1 + len],
-            _ => key,
-        },
-        None => key,
-    };
-    crc16(part) % 16384
-}
 
 /// A node's role as the cluster says (`CLUSTER NODES`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,36 +36,6 @@ pub struct NodeInfo {
     pub failing: bool,
     /// Slot ranges served, inclusive (import/migrate markers left out).
     pub slots: Vec<(u16, u16)>,
-}
-
-/// How fast [`Cluster::move_slots`] migrates keys.
-#[derive(Debug, Clone, Copy)]
-pub struct Pace {
-    /// Keys per `MIGRATE`.
-    pub batch: usize,
-    /// Between two batches (the window in which a test's load meets a half-moved slot).
-    pub pause: Duration,
-}
-
-impl Default for Pace {
-    fn default() -> Pace {
-        Pace {
-            batch: 10,
-            pause: Duration::ZERO,
-        }
-    }
-}
-
-/// A slot being moved, one step at a time (`begin`, `step` as often as wanted, `finish`),
-/// so that a test can hold it mid-migration: `MIGRATING` on the source, `IMPORTING` on the
-/// target, some keys on each.
-#[derive(Debug)]
-pub struct SlotMove {
-    pub slot: u16,
-    pub from: u16,
-    pub to: u16,
-    to_id: String,
-    from_id: String,
 }
 
 /// A connection to one node with timeouts, or the error.
@@ -332,19 +279,6 @@ impl Cluster {
         self.node_for_slot(slot_of(key.as_bytes()))
     }
 
-    /// A key with `prefix` whose slot the primary at `port` serves (tries suffixes 0, 1, ...).
-    pub fn key_on(&self, port: u16, prefix: &str) -> String {
-        let view = self.view();
-        let ranges = &view.iter().find(|n| n.port == port).expect("a node").slots;
-        (0..100_000)
-            .map(|i| format!("{prefix}{i}"))
-            .find(|k| {
-                let s = slot_of(k.as_bytes());
-                ranges.iter().any(|&(a, b)| (a..=b).contains(&s))
-            })
-            .expect("a key for that node")
-    }
-
     /// Waits (bounded) until every live node says `cluster_state:ok`, knows as many nodes
     /// as the others, every node's view agrees on who serves which slot, and every replica
     /// has its link to its primary up.
@@ -393,95 +327,6 @@ impl Cluster {
             ok,
             "{when}: the cluster did not settle in {SETTLE:?} ({last})"
         );
-    }
-
-    /// Moves `slots` from the primary at `from` to the one at `to`, online, as
-    /// `redis-cli --cluster reshard` does (each slot: [`SlotMove::begin`], its keys moved in
-    /// batches of `pace.batch` with `pace.pause` between, [`SlotMove::finish`]).
-    pub fn move_slots(&self, slots: &[u16], from: u16, to: u16, pace: Pace) {
-        for &slot in slots {
-            let m = self.begin_move(slot, from, to);
-            let deadline = Instant::now() + SETTLE;
-            while self.step(&m, pace.batch) > 0 {
-                assert!(Instant::now() < deadline, "slot {slot} still has keys");
-                if !pace.pause.is_zero() {
-                    std::thread::sleep(pace.pause);
-                }
-            }
-            self.finish(&m);
-        }
-    }
-
-    /// `CLUSTER SETSLOT <slot> IMPORTING` on the target, then `MIGRATING` on the source.
-    pub fn begin_move(&self, slot: u16, from: u16, to: u16) -> SlotMove {
-        let m = SlotMove {
-            slot,
-            from,
-            to,
-            to_id: self.id_of(to),
-            from_id: self.id_of(from),
-        };
-        let s = slot.to_string();
-        ok(node_cmd(
-            to,
-            &["CLUSTER", "SETSLOT", &s, "IMPORTING", &m.from_id],
-        ));
-        ok(node_cmd(
-            from,
-            &["CLUSTER", "SETSLOT", &s, "MIGRATING", &m.to_id],
-        ));
-        m
-    }
-
-    /// Moves up to `batch` keys of the slot (`CLUSTER GETKEYSINSLOT`, `MIGRATE ... KEYS`);
-    /// returns how many it moved (0: the source holds none of the slot's keys any more).
-    pub fn step(&self, m: &SlotMove, batch: usize) -> usize {
-        let keys = match node_cmd(
-            m.from,
-            &[
-                "CLUSTER",
-                "GETKEYSINSLOT",
-                &m.slot.to_string(),
-                &batch.to_string(),
-            ],
-        ) {
-            Ok(redis::Value::Array(v)) => v.iter().map(text).collect::<Vec<_>>(),
-            other => panic!("GETKEYSINSLOT {}: {other:?}", m.slot),
-        };
-        if keys.is_empty() {
-            return 0;
-        }
-        let port = m.to.to_string();
-        let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
-        args.extend(keys.iter().map(String::as_str));
-        // BUSYKEY would mean the key lives on both nodes: a bug, never replaced here.
-        ok(node_cmd(m.from, &args));
-        keys.len()
-    }
-
-    /// Moves the slot's remaining keys, then `CLUSTER SETSLOT <slot> NODE <target>` on the
-    /// target, the source and every other primary, and waits for the cluster to agree.
-    pub fn finish(&self, m: &SlotMove) {
-        let deadline = Instant::now() + SETTLE;
-        while self.step(m, 100) > 0 {
-            assert!(Instant::now() < deadline, "slot {} still has keys", m.slot);
-        }
-        let s = m.slot.to_string();
-        ok(node_cmd(
-            m.to,
-            &["CLUSTER", "SETSLOT", &s, "NODE", &m.to_id],
-        ));
-        ok(node_cmd(
-            m.from,
-            &["CLUSTER", "SETSLOT", &s, "NODE", &m.to_id],
-        ));
-        for p in self.primaries() {
-            if p != m.to && p != m.from {
-                ok(node_cmd(p, &["CLUSTER", "SETSLOT", &s, "NODE", &m.to_id]));
-            }
-        }
-        self.wait_settled("slot move");
-        assert_eq!(self.node_for_slot(m.slot), m.to, "slot {} moved", m.slot);
     }
 
     /// `CLUSTER FAILOVER` on `replica`; waits until it is a primary, its old primary
@@ -552,103 +397,6 @@ impl Cluster {
     pub fn restart(&mut self, port: u16) {
         self.node_mut(port).restart();
         self.wait_settled("node restarted");
-    }
-
-    /// The value of `key` read straight from the node that serves it, following `MOVED`
-    /// and `ASK` (at most 5 redirections).
-    pub fn value_of(&self, key: &str) -> Option<String> {
-        let mut port = self.node_for_key(key);
-        let mut asking = false;
-        for _ in 0..5 {
-            let mut c = node_conn(port).expect("the owner answers");
-            if asking {
-                query(&mut c, &["ASKING"]).expect("ASKING");
-            }
-            match query(&mut c, &["GET", key]) {
-                Ok(redis::Value::Nil) => return None,
-                Ok(v) => return Some(text(&v)),
-                Err(e) => match e.redirect_node() {
-                    Some((addr, _)) => {
-                        asking = e.kind() == redis::ErrorKind::Ask;
-                        port = addr.rsplit(':').next().unwrap().parse().unwrap();
-                    }
-                    None => panic!("GET {key} on {port}: {e}"),
-                },
-            }
-        }
-        panic!("GET {key}: too many redirections");
-    }
-
-    /// The integer at `key` on the node that owns it (0 when missing).
-    pub fn sum_of(&self, key: &str) -> i64 {
-        self.value_of(key)
-            .map(|v| v.parse().unwrap_or_else(|_| panic!("{key} = {v:?}")))
-            .unwrap_or(0)
-    }
-
-    /// Every key on every live primary (`SCAN`), by port.
-    pub fn keys_by_node(&self) -> HashMap<u16, Vec<String>> {
-        let mut out = HashMap::new();
-        for p in self.primaries() {
-            let mut c = node_conn(p).expect("a primary answers");
-            let mut keys = Vec::new();
-            let mut cursor = "0".to_string();
-            for _ in 0..100_000 {
-                let v = query(&mut c, &["SCAN", &cursor, "COUNT", "1000"]).expect("SCAN");
-                let redis::Value::Array(parts) = v else {
-                    panic!("SCAN: {v:?}")
-                };
-                cursor = text(&parts[0]);
-                if let redis::Value::Array(k) = &parts[1] {
-                    keys.extend(k.iter().map(text));
-                }
-                if cursor == "0" {
-                    break;
-                }
-            }
-            let dbsize: i64 = redis::cmd("DBSIZE").query(&mut c).expect("DBSIZE");
-            assert_eq!(keys.len() as i64, dbsize, "SCAN saw every key of {p}");
-            out.insert(p, keys);
-        }
-        out
-    }
-
-    /// Asserts that no key lives on two primaries and that each key is on the primary that
-    /// serves its slot; returns how many keys there are in all.
-    pub fn assert_no_key_on_two_nodes(&self) -> usize {
-        let view = self.view();
-        let by_node = self.keys_by_node();
-        let mut seen: HashMap<&str, u16> = HashMap::new();
-        for (&port, keys) in &by_node {
-            let ranges = &view.iter().find(|n| n.port == port).expect("a node").slots;
-            for k in keys {
-                if let Some(other) = seen.insert(k, port) {
-                    panic!("{k} lives on {other} and {port}");
-                }
-                let s = slot_of(k.as_bytes());
-                assert!(
-                    ranges.iter().any(|&(a, b)| (a..=b).contains(&s)),
-                    "{k} (slot {s}) is on {port}, which does not serve it"
-                );
-            }
-        }
-        seen.len()
-    }
-
-    /// `FLUSHALL` on every primary.
-    pub fn flushall(&self) {
-        for p in self.primaries() {
-            ok(node_cmd(p, &["FLUSHALL"]));
-        }
-    }
-
-    /// Total calls of `cmd` (e.g. "incrby", "eval") over every live node (INFO commandstats).
-    pub fn calls(&self, cmd: &str) -> u64 {
-        self.nodes
-            .iter()
-            .filter(|n| n.running())
-            .map(|n| n.calls(cmd))
-            .sum()
     }
 }
 
