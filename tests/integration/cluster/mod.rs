@@ -7,6 +7,7 @@
 //! mid-reshard and restarted; and time windows and `/visits` over the cluster.
 
 mod faults;
+mod migrate;
 mod replies;
 mod windows;
 
