@@ -23,6 +23,8 @@ pub enum Kind {
     Counter(CounterOp),
     /// Sent to every shard, replies merged (see `connection::every_shard`).
     EveryShard,
+    /// The whole keyspace, over every shard (see `connection::keyspace`).
+    Keyspace(KeyspaceOp),
     /// A time-window query of the key at argument 1 (see `counter::windows`).
     Window(WindowOp),
     /// Known but not served, with the reason.
@@ -92,6 +94,16 @@ pub enum CounterOp {
     IncrBy,
     Decr,
     DecrBy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyspaceOp {
+    Scan,
+    Keys,
+    RandomKey,
+    DbSize,
+    FlushDb,
+    FlushAll,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,7 +314,6 @@ const LOCAL: &[(&str, i32)] = &[
     ("client", -2),
     ("command", -1),
     ("info", -1),
-    ("dbsize", 1),
     ("time", 1),
     ("config", -2),
     ("reset", 1),
@@ -316,17 +327,21 @@ const BLOCKING: &str = "blocking commands would hold a shared backend connection
 const TRANSACTIONS: &str = "transactions cannot span the proxy's shared backend connections";
 const PUBSUB: &str = "pub/sub is not proxied";
 const SCRIPTING: &str = "function management would have to reach every shard";
-const KEYSPACE: &str = "a keyspace-wide command would have to visit every shard";
+const DATABASES: &str = "each shard has one database";
 const ADMIN: &str = "server administration goes to each shard directly";
 
+const KEYSPACE_OPS: &[(&str, i32, KeyspaceOp)] = &[
+    ("scan", -2, KeyspaceOp::Scan),
+    ("keys", 2, KeyspaceOp::Keys),
+    ("randomkey", 1, KeyspaceOp::RandomKey),
+    ("dbsize", 1, KeyspaceOp::DbSize),
+    ("flushdb", -1, KeyspaceOp::FlushDb),
+    ("flushall", -1, KeyspaceOp::FlushAll),
+];
+
 const REFUSED: &[(&str, &str)] = &[
-    ("keys", KEYSPACE),
-    ("scan", KEYSPACE),
-    ("randomkey", KEYSPACE),
-    ("flushall", KEYSPACE),
-    ("flushdb", KEYSPACE),
-    ("swapdb", KEYSPACE),
-    ("move", KEYSPACE),
+    ("swapdb", DATABASES),
+    ("move", DATABASES),
     ("multi", TRANSACTIONS),
     ("exec", TRANSACTIONS),
     ("discard", TRANSACTIONS),
@@ -405,6 +420,9 @@ fn table() -> &'static Table {
             add(n, a, Kind::SameShard(k));
         }
         add("script", -2, Kind::EveryShard);
+        for &(n, a, op) in KEYSPACE_OPS {
+            add(n, a, Kind::Keyspace(op));
+        }
         for &(n, a) in LOCAL {
             add(n, a, Kind::Local);
         }
@@ -469,7 +487,16 @@ mod tests {
         let set = lookup(b"SET").unwrap();
         assert!(set.arity_ok(3) && set.arity_ok(7) && !set.arity_ok(2));
         assert_eq!(lookup(b"mget").unwrap().kind, Kind::Multi(Merge::Values));
-        assert!(matches!(lookup(b"KEYS").unwrap().kind, Kind::Refused(_)));
+        assert_eq!(
+            lookup(b"KEYS").unwrap().kind,
+            Kind::Keyspace(KeyspaceOp::Keys)
+        );
+        assert_eq!(
+            lookup(b"scan").unwrap().kind,
+            Kind::Keyspace(KeyspaceOp::Scan)
+        );
+        assert!(matches!(lookup(b"SWAPDB").unwrap().kind, Kind::Refused(_)));
+        assert!(matches!(lookup(b"move").unwrap().kind, Kind::Refused(_)));
         assert!(lookup(b"nosuchcommand").is_none());
         assert!(lookup(&[b'x'; 100]).is_none());
     }

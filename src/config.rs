@@ -284,7 +284,8 @@ impl Default for BackendConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
-    /// Longest bulk string a client may send (Redis allows 512 MB; a counter proxy needs far less).
+    /// Longest bulk string a client may send: 512 MB, Redis's `proto-max-bulk-len`, so that
+    /// what Redis accepts the proxy accepts; memory is protected by `max_input_bytes`.
     #[serde(default = "defaults::max_bulk_len")]
     pub max_bulk_len: usize,
     /// Most arguments in one command.
@@ -293,9 +294,15 @@ pub struct LimitsConfig {
     /// Longest inline (telnet-style) command line.
     #[serde(default = "defaults::max_inline_len")]
     pub max_inline_len: usize,
-    /// Most bytes one command may claim in all (sum of its arguments).
+    /// Most bytes one command may claim in all (sum of its arguments): the cap on one
+    /// connection's request in progress.
     #[serde(default = "defaults::max_request_bytes")]
     pub max_request_bytes: usize,
+    /// Most bytes all client connections may hold in their read buffers at once (each
+    /// connection's first 64 KiB not counted); a connection that would pass it gets a
+    /// protocol error and is closed.
+    #[serde(default = "defaults::max_input_bytes")]
+    pub max_input_bytes: usize,
     /// Commands of one client in flight at once; past it the proxy stops reading that
     /// client's socket until replies are written (back-pressure, not buffering).
     #[serde(default = "defaults::max_pipeline")]
@@ -319,6 +326,7 @@ impl Default for LimitsConfig {
             max_array_len: defaults::max_array_len(),
             max_inline_len: defaults::max_inline_len(),
             max_request_bytes: defaults::max_request_bytes(),
+            max_input_bytes: defaults::max_input_bytes(),
             max_pipeline: defaults::max_pipeline(),
             max_output_bytes: defaults::max_output_bytes(),
             idle_timeout: defaults::idle_timeout(),
@@ -548,7 +556,7 @@ mod defaults {
         3
     }
     pub fn max_bulk_len() -> usize {
-        16 * 1024 * 1024
+        512 * 1024 * 1024
     }
     pub fn max_array_len() -> usize {
         1024 * 1024
@@ -557,7 +565,10 @@ mod defaults {
         64 * 1024
     }
     pub fn max_request_bytes() -> usize {
-        64 * 1024 * 1024
+        1024 * 1024 * 1024
+    }
+    pub fn max_input_bytes() -> usize {
+        1024 * 1024 * 1024
     }
     pub fn max_pipeline() -> usize {
         1024
@@ -876,6 +887,9 @@ impl Config {
         }
         if l.max_request_bytes < l.max_bulk_len {
             return err("limits.max_request_bytes must be at least limits.max_bulk_len");
+        }
+        if l.max_input_bytes < l.max_bulk_len {
+            return err("limits.max_input_bytes must be at least limits.max_bulk_len");
         }
         if l.max_pipeline == 0 {
             return err("limits.max_pipeline must be at least 1");

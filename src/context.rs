@@ -21,6 +21,8 @@ pub struct Context {
     pub router: Arc<Router>,
     pub engine: Arc<Engine>,
     pub limits: Limits,
+    /// Bytes all client connections may hold in their read buffers at once.
+    pub input_budget: Arc<crate::resp::budget::InputBudget>,
     pub started: Instant,
     pub started_unix: u64,
     pub next_client_id: AtomicU64,

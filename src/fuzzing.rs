@@ -40,6 +40,7 @@ max_bulk_len = 256
 max_array_len = 32
 max_inline_len = 128
 max_request_bytes = 1024
+max_input_bytes = 1024
 max_pipeline = 4
 [durability]
 enabled = false

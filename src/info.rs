@@ -33,7 +33,7 @@ pub fn render(ctx: &Context, section: Option<&str>) -> String {
         let _ = writeln!(out, "# {}\r", capitalise(s));
         let lines = match *s {
             "server" => server(ctx),
-            "clients" => clients(),
+            "clients" => clients(ctx),
             "stats" => stats(ctx),
             "shards" => shards(ctx),
             "counters" => counters(ctx),
@@ -73,11 +73,14 @@ fn server(ctx: &Context) -> Lines {
     ]
 }
 
-fn clients() -> Lines {
+fn clients(ctx: &Context) -> Lines {
     let m = crate::metrics::global();
     vec![
         line("connected_clients", m.connections_current.load(Relaxed)),
         line("maxclients_refused", m.connections_refused.load(Relaxed)),
+        // Buffered client input counted against `limits.max_input_bytes` (resp::budget).
+        line("client_input_budget_used", ctx.input_budget.used()),
+        line("client_input_budget", ctx.config.limits.max_input_bytes),
     ]
 }
 

@@ -210,6 +210,7 @@ pub async fn build(
         .unwrap_or(0);
     let ctx = Context {
         limits: Limits::from(&config.limits),
+        input_budget: crate::resp::budget::InputBudget::new(config.limits.max_input_bytes),
         users: crate::auth::Users::from_config(&config).map_err(std::io::Error::other)?,
         admin_token: match &config.admin_token {
             Some(t) => Some(t.resolve("admin_token").map_err(std::io::Error::other)?),

@@ -5,13 +5,11 @@
 //! Redis 7 gives a RESP2 or a RESP3 client (maps, sets, verbatim text, nulls). Does not own
 //! anything that touches a key.
 
-use super::{join_all, Client};
-use crate::backend::{encode_command, BackendError};
+use super::Client;
 use crate::command::{self, Kind, Spec};
 use crate::context::Context;
 use crate::resp::reply::{self, Proto};
 use bytes::{Bytes, BytesMut};
-use redis_protocol::resp2::types::BytesFrame;
 use std::sync::Arc;
 
 type Out = Option<super::PendingTask>;
@@ -88,7 +86,6 @@ pub fn run(
             let text = crate::info::render(ctx, section.as_deref());
             reply::verbatim(out, text.as_bytes(), client.proto);
         }
-        "dbsize" => return Some(dbsize(ctx.clone(), client.id)),
         other => reply::error(out, &format!("ERR command '{other}' is not answered here")),
     }
     None
@@ -260,7 +257,7 @@ fn command_entry(out: &mut BytesMut, spec: &Spec, proto: Proto) {
         Kind::Multi(command::Merge::Pairs) => (1, -1, 2),
         Kind::Multi(_) => (1, -1, 1),
         Kind::SameShard(k) => k.legacy_range(),
-        Kind::Local | Kind::Refused(_) | Kind::EveryShard => (0, 0, 0),
+        Kind::Local | Kind::Refused(_) | Kind::EveryShard | Kind::Keyspace(_) => (0, 0, 0),
     };
     reply::array(out, 10);
     reply::bulk(out, spec.name.as_bytes());
@@ -337,48 +334,4 @@ fn config_cmd(args: &[Bytes], proto: Proto, out: &mut BytesMut) {
         reply::bulk(out, k.as_bytes());
         reply::bulk(out, v.as_bytes());
     }
-}
-
-/// DBSIZE: the sum over shards (memory mode: the keys in the proxy).
-fn dbsize(ctx: Arc<Context>, client: u64) -> super::PendingTask {
-    Box::pin(async move {
-        let mut out = BytesMut::new();
-        let topo = ctx.router.topology();
-        if topo.is_empty() {
-            reply::int(&mut out, ctx.engine.key_count() as i64);
-            return out;
-        }
-        let cmd = encode_command(&["DBSIZE"]);
-        let results = join_all(topo.shards.iter().map(|s| {
-            let rx = s.send(client, cmd.clone());
-            let s = s.clone();
-            async move {
-                let r = match rx {
-                    Some(rx) => match tokio::time::timeout(s.timeout, rx).await {
-                        Ok(Ok(r)) => r,
-                        Ok(Err(_)) => Err(BackendError::Lost),
-                        Err(_) => Err(BackendError::Timeout),
-                    },
-                    None => Err(BackendError::Unavailable),
-                };
-                (s, r)
-            }
-        }))
-        .await;
-        let mut sum = 0;
-        for (s, r) in results {
-            match r {
-                Ok(r) => match r.frame {
-                    BytesFrame::Integer(n) => sum += n,
-                    _ => return BytesMut::from(&r.raw[..]),
-                },
-                Err(e) => {
-                    reply::error(&mut out, &e.client_message(&s.name));
-                    return out;
-                }
-            }
-        }
-        reply::int(&mut out, sum);
-        out
-    })
 }

@@ -16,6 +16,7 @@
 //! (`counter`) or sockets to shards (`backend`).
 
 pub mod every_shard;
+pub mod keyspace;
 pub mod local;
 pub mod multi;
 pub mod same_shard;
@@ -124,6 +125,8 @@ where
     client.authenticated = !ctx.users.required();
     let mut rbuf = BytesMut::with_capacity(16 * 1024);
     let mut parser = RequestParser::default();
+    // This connection's share of the budget on buffered input (see `resp::budget`).
+    let mut held = crate::resp::budget::Held::new(ctx.input_budget.clone());
     let mut wbuf = BytesMut::with_capacity(16 * 1024);
     // Each reply not yet written, with its command's name (for the per-command figures).
     let mut queue: VecDeque<(Pending, &'static str)> = VecDeque::new();
@@ -260,6 +263,7 @@ where
         if more {
             continue;
         }
+        held.set(rbuf.len()); // gives back what the requests taken off the buffer held
         if rbuf.capacity() - rbuf.len() < 4096 {
             rbuf.reserve(16 * 1024);
         }
@@ -282,8 +286,41 @@ where
             },
             _ = shutdown.wait() => break,
         }
+        if !held.set(rbuf.len()) {
+            crate::metrics::global()
+                .protocol_errors
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                client = client.id,
+                buffered = rbuf.len(),
+                "client input over the budget, closing"
+            );
+            drop(held); // this connection's share goes back before anyone hears of it
+            wbuf.clear();
+            reply::error(
+                &mut wbuf,
+                &format!("ERR Protocol error: {}", crate::resp::budget::OVER_BUDGET),
+            );
+            if write_out(&mut stream, &wbuf, &ctx).await {
+                linger(&mut stream).await;
+            }
+            break;
+        }
     }
     let _ = stream.shutdown().await;
+}
+
+/// After a refusal that leaves the client's request half sent: the error is followed by a
+/// FIN, and what the client still sends is read and dropped (into a small fixed buffer,
+/// for at most 2 s), so that the close does not reset the connection before the client
+/// has read the error.
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 16 * 1024];
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }
 
 /// Writes replies; false when the client is gone or has not read them within
@@ -474,9 +511,12 @@ fn dispatch_spec(
         reply::error(out, crate::auth::NOAUTH);
         return None;
     }
-    // The proxy's own keys (exactly-once records, rebalance tombstones) are off limits.
-    if !matches!(spec.kind, Kind::Local | Kind::Refused(_))
-        && args[1..].iter().any(|a| a.starts_with(b"tally:"))
+    // The proxy's own keys (exactly-once records, rebalance tombstones) are off limits;
+    // keyspace commands take patterns, not keys, and filter those keys from their answers.
+    if !matches!(
+        spec.kind,
+        Kind::Local | Kind::Refused(_) | Kind::Keyspace(_)
+    ) && args[1..].iter().any(|a| a.starts_with(b"tally:"))
     {
         reply::error(out, RESERVED);
         return None;
@@ -526,6 +566,7 @@ fn dispatch_spec(
         Kind::Multi(m) => multi::dispatch(ctx, client, spec, m, args, out),
         Kind::SameShard(keys) => same_shard::dispatch(ctx, client, keys, args, out),
         Kind::EveryShard => every_shard::script(ctx, client, args, out),
+        Kind::Keyspace(op) => keyspace::dispatch(ctx, client, op, args, out),
         Kind::Window(op) => {
             let ctx = ctx.clone();
             Some(Pending::Task(Box::pin(async move {

@@ -19,6 +19,7 @@
 //! Owns the exactly-once protocol. Does not own the deltas themselves (the engine does;
 //! the lane takes them, and settles them with the shard's reply).
 
+use super::forget::Flush;
 use super::windows::Windows;
 use super::{parse_i64, Engine};
 use crate::backend::{BackendError, Reply, Shard};
@@ -143,7 +144,11 @@ struct Queue {
     replay: Vec<(u64, Vec<(Bytes, i64)>)>,
     /// Commands sent between round trips (window reads), each with what to do on reply.
     between: Vec<(Bytes, OnReply)>,
+    /// FLUSHDB / FLUSHALL, run between round trips (see `forget`).
+    forget: Vec<(Flush, ForgetWaiter)>,
 }
+
+type ForgetWaiter = oneshot::Sender<Result<(), super::forget::ForgetError>>;
 
 impl Queue {
     fn is_empty(&self) -> bool {
@@ -151,6 +156,7 @@ impl Queue {
             && self.flush.is_empty()
             && self.replay.is_empty()
             && self.between.is_empty()
+            && self.forget.is_empty()
     }
 
     /// Takes everything a round trip would answer, leaving the replays.
@@ -160,11 +166,12 @@ impl Queue {
             flush: std::mem::take(&mut self.flush),
             replay: Vec::new(),
             between: std::mem::take(&mut self.between),
+            forget: std::mem::take(&mut self.forget),
         }
     }
 
     /// Answers requests without the shard: reads fail, flush waiters learn `flushed`.
-    fn answer_without_shard(self, flushed: bool) {
+    fn answer_without_shard(self, flushed: bool, shard: &str) {
         fail_waiters(
             self.reads.into_values().map(|(_, ws)| ws),
             LaneError::Unavailable,
@@ -174,6 +181,9 @@ impl Queue {
         }
         for f in self.flush {
             let _ = f.send(flushed);
+        }
+        for (_, w) in self.forget {
+            let _ = w.send(Err(LaneError::Unavailable.client_message(shard)));
         }
     }
 }
@@ -270,6 +280,23 @@ impl Lane {
         self.wake.notify_one();
     }
 
+    /// Flushes the shard between two round trips, absorbing its pending deltas (see
+    /// `forget`).
+    pub fn forget(
+        &self,
+        flush: Flush,
+    ) -> impl std::future::Future<Output = Result<(), super::forget::ForgetError>> + Send + 'static
+    {
+        let (tx, rx) = oneshot::channel();
+        self.queue.lock().forget.push((flush, tx));
+        self.wake.notify_one();
+        let name = self.shard.name.clone();
+        async move {
+            rx.await
+                .unwrap_or_else(|_| Err(LaneError::Unavailable.client_message(&name)))
+        }
+    }
+
     /// Lands every pending delta of this shard; true when all landed.
     pub fn flush(&self) -> impl std::future::Future<Output = bool> + Send + 'static {
         let (tx, rx) = oneshot::channel();
@@ -297,13 +324,14 @@ async fn run(lane: Arc<Lane>) {
                     engine.abandon_batch(seq, &items).await;
                 }
                 // Nothing is left to land on a lost shard: flushes succeed.
-                taken.answer_without_shard(true);
+                taken.answer_without_shard(true, &lane.shard.name);
                 continue;
             }
             let Queue {
                 reads,
                 flush: flushers,
                 between,
+                forget,
                 ..
             } = taken;
             for (seq, items) in replay {
@@ -324,6 +352,13 @@ async fn run(lane: Arc<Lane>) {
                 let ok = round(&lane, &engine, reads, flush, &mut flushers).await;
                 for f in flushers {
                     let _ = f.send(ok);
+                }
+            }
+            for (flush, waiter) in forget {
+                let (result, fallback) = super::forget::run(&lane, &engine, &flush).await;
+                let _ = waiter.send(result);
+                if let Some((seq, items)) = fallback {
+                    send_logged(&lane, &engine, seq, items).await;
                 }
             }
             for (frame, on_reply) in between {
@@ -565,13 +600,32 @@ async fn send_batch(
                         _ = lane.wake.notified() => {
                             // Flush waiters learn the shard is down; the batch keeps trying.
                             let requests = lane.queue.lock().take_requests();
-                            requests.answer_without_shard(false);
+                            requests.answer_without_shard(false, &lane.shard.name);
                         }
                     }
                 }
             }
         }
     }
+}
+
+/// Sends a batch already logged under `seq` (a flush's absorbed batch whose flush had an
+/// unknown outcome), retried until it lands, and settles it.
+pub(super) async fn send_logged(
+    lane: &Lane,
+    engine: &Arc<Engine>,
+    seq: u64,
+    items: Vec<(Bytes, Option<i64>)>,
+) {
+    let batch = Batch::new(engine, seq, items);
+    send_batch(
+        lane,
+        engine,
+        batch,
+        &mut HashMap::default(),
+        &mut Vec::new(),
+    )
+    .await;
 }
 
 impl Batch {

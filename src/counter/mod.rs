@@ -26,7 +26,8 @@
 //! window entries are the buckets, swept past retention.
 //!
 //! One idea per file: `stripe` (the entry table), `incr` (the hot increment), `cache` (bases,
-//! freshness, reads), `flush` (taking, settling, the background jobs), `recovery` (the
+//! freshness, reads), `flush` (taking, settling, the background jobs), `forget` (FLUSHDB and FLUSHALL),
+//! `recovery` (the
 //! engine's side of the log), `moving` (values moved by a rebalance), `window_deltas`;
 //! `lane` (the exactly-once round trips), `wal` (the log's file and format), `windows`
 //! (bucket layout and queries).
@@ -36,6 +37,7 @@
 
 mod cache;
 mod flush;
+pub mod forget;
 pub mod glob;
 mod incr;
 pub mod key;

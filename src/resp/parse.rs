@@ -285,34 +285,116 @@ fn parse_inline(buf: &mut BytesMut, lim: &Limits) -> Result<Option<Vec<Bytes>>, 
         Some(b'\r') => text.slice(..text.len() - 1),
         _ => text,
     };
-    let mut args = Vec::new();
-    let mut i = 0;
-    while i < text.len() {
-        while i < text.len() && text[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        if i == text.len() {
-            break;
-        }
-        if text[i] == b'"' || text[i] == b'\'' {
-            let quote = text[i];
-            let Some(close) = text[i + 1..].iter().position(|&b| b == quote) else {
-                return perr("unbalanced quotes in request");
-            };
-            args.push(text.slice(i + 1..i + 1 + close));
-            i += close + 2;
-            continue;
-        }
-        let start = i;
-        while i < text.len() && !text[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        args.push(text.slice(start..i));
-    }
+    let Some(args) = split_args(&text) else {
+        return perr("unbalanced quotes in request");
+    };
     if args.len() > lim.max_array_len {
         return perr("invalid multibulk length");
     }
     Ok(Some(args))
+}
+
+/// C's `isspace`: what separates inline arguments in Redis.
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\x0b' | b'\x0c' | b'\r')
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// Splits an inline command line as Redis's `sdssplitargs` does: arguments separated by
+/// spaces; `"..."` with the escapes `\n \r \t \b \a \xHH` and `\<any>` for that byte;
+/// `'...'` with `\'` only; a quote may start in the middle of an argument (`a"b c"` is
+/// `ab c`), but a closing quote must be followed by a space or the end of the line. None
+/// for unbalanced quotes. A NUL byte ends the line (Redis, which looks for the newline
+/// with `strchr`, would wait for more bytes instead).
+fn split_args(line: &[u8]) -> Option<Vec<Bytes>> {
+    let line = match line.iter().position(|&b| b == 0) {
+        Some(n) => &line[..n],
+        None => line,
+    };
+    let at = |i: usize| line.get(i).copied();
+    let mut args = Vec::new();
+    let mut i = 0;
+    loop {
+        while at(i).is_some_and(is_space) {
+            i += 1;
+        }
+        if i >= line.len() {
+            return Some(args);
+        }
+        let mut cur = Vec::new();
+        let (mut dq, mut sq) = (false, false);
+        loop {
+            let c = at(i);
+            if dq {
+                match c {
+                    None => return None,
+                    Some(b'\\') if at(i + 1) == Some(b'x') => {
+                        match (at(i + 2).and_then(hex), at(i + 3).and_then(hex)) {
+                            (Some(h), Some(l)) => {
+                                cur.push(h * 16 + l);
+                                i += 3;
+                            }
+                            _ => {
+                                cur.push(b'x');
+                                i += 1;
+                            }
+                        }
+                    }
+                    Some(b'\\') if at(i + 1).is_some() => {
+                        i += 1;
+                        cur.push(match line[i] {
+                            b'n' => b'\n',
+                            b'r' => b'\r',
+                            b't' => b'\t',
+                            b'b' => 0x08,
+                            b'a' => 0x07,
+                            other => other,
+                        });
+                    }
+                    Some(b'"') => {
+                        if at(i + 1).is_some_and(|b| !is_space(b)) {
+                            return None;
+                        }
+                        i += 1;
+                        break;
+                    }
+                    Some(b) => cur.push(b),
+                }
+            } else if sq {
+                match c {
+                    None => return None,
+                    Some(b'\\') if at(i + 1) == Some(b'\'') => {
+                        i += 1;
+                        cur.push(b'\'');
+                    }
+                    Some(b'\'') => {
+                        if at(i + 1).is_some_and(|b| !is_space(b)) {
+                            return None;
+                        }
+                        i += 1;
+                        break;
+                    }
+                    Some(b) => cur.push(b),
+                }
+            } else {
+                match c {
+                    None => break,
+                    Some(b' ' | b'\n' | b'\r' | b'\t') => {
+                        i += 1;
+                        break;
+                    }
+                    Some(b'"') => dq = true,
+                    Some(b'\'') => sq = true,
+                    Some(b) => cur.push(b),
+                }
+            }
+            i += 1;
+        }
+        args.push(Bytes::from(cur));
+    }
 }
 
 fn printable(b: u8) -> char {
@@ -473,6 +555,44 @@ mod tests {
         );
         assert!(args(b"\r\n").is_empty());
         assert_eq!(parse(b"PIN").unwrap(), None);
+    }
+
+    #[test]
+    fn inline_quotes_follow_sdssplitargs() {
+        let split = |s: &[u8]| {
+            super::split_args(s).map(|v| v.iter().map(|a| a.to_vec()).collect::<Vec<_>>())
+        };
+        let ok = |s: &[u8], want: &[&[u8]]| {
+            assert_eq!(
+                split(s),
+                Some(want.iter().map(|a| a.to_vec()).collect()),
+                "{:?}",
+                String::from_utf8_lossy(s)
+            )
+        };
+        ok(br#"set "a\x41\n" 'it\'s'"#, &[b"set", b"aA\n", b"it's"]);
+        ok(br#""\t\r\b\a\\\"\q""#, &[b"\t\r\x08\x07\\\"q"]);
+        ok(br#""\x4" "\xZZ""#, &[b"x4", b"xZZ"]);
+        ok(br#"a"b c"  d"#, &[b"ab c", b"d"]);
+        // Only space, \\n, \\r and \\t end an unquoted argument; any isspace byte separates.
+        ok(b"  x\x0by\x0b z\x0c", &[b"x\x0by\x0b", b"z\x0c"]);
+        ok(b"\x0c x", &[b"x"]);
+        ok(br#"'a\"b' """#, &[br#"a\"b"#, b""]);
+        ok(b"get k\0ignored", &[b"get", b"k"]);
+        for bad in [
+            &br#"set """test-key""" v"#[..],
+            br#""open"#,
+            b"'open",
+            br#""a"b"#,
+            b"'a'b",
+            br#""\""#,
+        ] {
+            assert_eq!(split(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+        assert_eq!(
+            parse(b"set \"\"\"test-key\"\"\" v\r\n").unwrap_err().0,
+            "unbalanced quotes in request"
+        );
     }
 
     #[test]

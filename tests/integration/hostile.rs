@@ -197,16 +197,16 @@ async fn every_malformed_frame_class_is_refused_and_closed_without_harm() {
         still_served(&mut other, &proxy, class).await;
     }
 
-    // A 512 MB length claim: refused at its header, and the proxy does not reserve what it
+    // A claim past 512 MB (Redis's proto-max-bulk-len): refused at its header, and the proxy does not reserve what it
     // claims (the proxy runs in this process, so its memory is this process's).
     let before = vm_rss();
     for body in [&b""[..], &[b'x'; 1024 * 1024][..]] {
-        let mut claim = b"*2\r\n$3\r\nGET\r\n$536870912\r\n".to_vec();
+        let mut claim = b"*2\r\n$3\r\nGET\r\n$536870913\r\n".to_vec();
         claim.extend_from_slice(body);
         let started = Instant::now();
         refused(
             &proxy,
-            "a 512 MB claim",
+            "a claim past 512 MB",
             &claim,
             Some("invalid bulk length"),
         )
@@ -217,8 +217,8 @@ async fn every_malformed_frame_class_is_refused_and_closed_without_harm() {
         );
         refused(
             &proxy,
-            "a 512 MB claim, alone",
-            b"*1\r\n$536870912\r\n",
+            "a claim past 512 MB, alone",
+            b"*1\r\n$536870913\r\n",
             Some("invalid bulk length"),
         )
         .await;
@@ -229,7 +229,7 @@ async fn every_malformed_frame_class_is_refused_and_closed_without_harm() {
         "memory grew by {} MB after 512 MB claims",
         grown / (1024 * 1024)
     );
-    still_served(&mut other, &proxy, "a 512 MB claim").await;
+    still_served(&mut other, &proxy, "a claim past 512 MB").await;
 
     // Half a frame, then the client closes: no reply, the connection just ends.
     for half in [
@@ -278,7 +278,7 @@ async fn vandal(addr: std::net::SocketAddr, id: u64, rounds: u64) -> u64 {
         let seed = id * 1_000 + round;
         let bytes: Vec<u8> = match seed % 7 {
             0 => b"*1\r\n".repeat(20_000),
-            1 => b"*2\r\n$3\r\nGET\r\n$536870912\r\n".to_vec(),
+            1 => b"*2\r\n$3\r\nGET\r\n$536870913\r\n".to_vec(),
             2 => {
                 let mut v = b"*".to_vec();
                 v.extend(garbage(2048, seed, b"0123456789-\r\n"));

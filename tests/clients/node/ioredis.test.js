@@ -65,6 +65,22 @@ for (const variant of VARIANTS) {
       assert.equal(v, 11);
     });
 
+    it('scanStream: every key of the run exactly once, across both shards', async () => {
+      const want = [];
+      for (let i = 0; i < 30; i++) want.push(`${prefix}scan:s${i}`, `${prefix}scan:c${i}`);
+      for (let i = 0; i < 30; i++) {
+        assert.equal(await r.set(`${prefix}scan:s${i}`, 'v'), 'OK');
+        assert.equal(await r.incrby(`${prefix}scan:c${i}`, 2), 2);
+      }
+      const seen = [];
+      for await (const batch of r.scanStream({ match: `${prefix}scan:*`, count: 7 })) seen.push(...batch);
+      assert.equal(new Set(seen).size, seen.length, 'a key returned twice');
+      assert.deepEqual([...seen].sort(), [...want].sort());
+      assert.deepEqual([...(await r.keys(`${prefix}scan:*`))].sort(), [...want].sort());
+      await c.flush();
+      await c.assertSpread(stores, want);
+    });
+
     it('GET returns a string, a missing key null', async () => {
       assert.equal(await r.set(prefix + 's', 'hello'), 'OK');
       assert.equal(await r.get(prefix + 's'), 'hello');

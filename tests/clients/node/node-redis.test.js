@@ -54,6 +54,25 @@ for (const variant of VARIANTS) {
       assert.equal(v, 11);
     });
 
+    it('scanIterator: every key of the run exactly once, across both shards', async () => {
+      const want = [];
+      for (let i = 0; i < 30; i++) want.push(`${prefix}scan:s${i}`, `${prefix}scan:c${i}`);
+      for (let i = 0; i < 30; i++) {
+        assert.equal(await client.set(`${prefix}scan:s${i}`, 'v'), 'OK');
+        assert.equal(await client.incrBy(`${prefix}scan:c${i}`, 2), 2);
+      }
+      const seen = [];
+      // node-redis 5 yields a batch (an array) per SCAN call; 4 yielded one key at a time.
+      for await (const batch of client.scanIterator({ MATCH: `${prefix}scan:*`, COUNT: 7 })) {
+        seen.push(...(Array.isArray(batch) ? batch : [batch]));
+      }
+      assert.equal(new Set(seen).size, seen.length, 'a key returned twice');
+      assert.deepEqual([...seen].sort(), [...want].sort());
+      assert.deepEqual([...(await client.keys(`${prefix}scan:*`))].sort(), [...want].sort());
+      await c.flush();
+      await c.assertSpread(stores, want);
+    });
+
     it('GET returns a string, a missing key null', async () => {
       assert.equal(await client.set(prefix + 's', 'hello'), 'OK');
       assert.equal(await client.get(prefix + 's'), 'hello');

@@ -224,3 +224,29 @@ def test_asyncio_client(port, proto, prefix):
             await pool.disconnect()
 
     asyncio.run(asyncio.wait_for(main(), timeout=60))
+
+
+def test_scan_iter_and_keys_exact_key_sets(r, prefix, stores, flush):
+    """scan_iter over every shard: each key of the run exactly once, counters incremented only
+    through the proxy included; KEYS and the stores (read directly) agree."""
+    # The test id's brackets ("[resp2]") would be a glob character class in MATCH.
+    prefix = prefix.translate(str.maketrans("[]", "__"))
+    strings = {f"{prefix}s{i}" for i in range(40)}
+    counters = {f"{prefix}c{i}" for i in range(40)}
+    assert r.mset({k: "v" for k in strings}) is True
+    for k in counters:
+        assert r.incrby(k, 3) == 3
+    assert r.hset(prefix + "h", "f", "v") == 1
+    want = strings | counters | {prefix + "h"}
+    seen = list(r.scan_iter(match=prefix + "*", count=7))
+    assert all(type(k) is bytes for k in seen)
+    assert len(seen) == len(set(seen)), "a key returned twice"
+    assert {k.decode() for k in seen} == want
+    assert {k.decode() for k in r.scan_iter(match=prefix + "*", _type="hash")} == {prefix + "h"}
+    assert {k.decode() for k in r.keys(prefix + "*")} == want
+    flush()
+    direct = set()
+    for s in stores:
+        direct |= {k.decode() for k in s.keys(prefix + "*")}
+    assert direct == want
+    assert all(not k.startswith(b"tally:") for k in r.scan_iter(count=50))
