@@ -3,20 +3,25 @@
 # redis-benchmark workloads, plus tallyproxy's own figures (durability cost, backend economy,
 # memory per pending key).
 #
-#   scripts/bench.sh            full run (several minutes)
-#   scripts/bench.sh --smoke    seconds: proves the script works end to end, numbers mean nothing
+#   scripts/bench.sh                 full run (several minutes)
+#   scripts/bench.sh --smoke         seconds: proves the script works end to end, numbers mean nothing
+#   scripts/bench.sh --cluster-only  only the Redis Cluster run (section 5; with --smoke, tiny)
 #
 # Environment: ROUNDS (default 5; 1 with --smoke), BENCH_TMPDIR (parent of the temp dir,
 # default $TMPDIR or /tmp; the tallyproxy WAL lives there, so put it on the disk you care about),
 # and for full runs the request counts N_P1, N_P16, N_MGET_P1, N_MGET_P16, the scale run's key
 # counts SCALE_KEYS (default "10000 100000 1000000 10000000"; 10 million keys need about 2 GB of
-# proxy memory and 1 GB in the shards), the many-clients run's CONNS_MANY (1000) and N_CONNS.
+# proxy memory and 1 GB in the shards), the many-clients run's CONNS_MANY (1000) and N_CONNS,
+# CL_N (cluster, -P 16), and TALLY_BIN: a tallyproxy binary to measure instead of building
+# target/release (e.g. to check the script with a debug build; its numbers are then not the
+# product's).
 #
 # Everything runs on 127.0.0.1 on its own ports, so it does not disturb scripts/run.sh
 # (6380/8080/7070/7071):
 #   17070, 17071  redis-server shards (no persistence)
 #   17072         twemproxy over both shards (stats on 17222)
-#   16380, 18080  tallyproxy over both shards (RESP, HTTP)
+#   16380, 18080  tallyproxy over both shards (RESP, HTTP), later over the cluster
+#   17170-17172   a 3-primary Redis Cluster (bus 27170-27172), section 5 (scripts/bench-cluster.sh)
 # Each process started here is stopped by its PID when the script exits. Results (medians per
 # workload and target) are printed and written to bench-results/results-<timestamp>.md.
 # Timings are reported, never asserted: the script exits 0 when it ran.
@@ -24,9 +29,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SMOKE=0
+RUN_MAIN=1 # sections 1-6 (all but the cluster run)
 for arg in "$@"; do
   case "$arg" in
     --smoke) SMOKE=1 ;;
+    --cluster-only) RUN_MAIN=0 ;;
     -h | --help)
       sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
       exit 0
@@ -57,6 +64,7 @@ if ((SMOKE)); then
   ECON_N=10000 ECON_KEYS=1000
   MEM_KEYS=10000
   SCALE_KEYS=${SCALE_KEYS:-10000} CONNS_MANY=1000 N_CONNS=5000
+  CL_N=2000 CL_ECON_N=10000
 else
   # Runs of a few seconds each: at a million requests a second, a 1 s run is mostly noise.
   ROUNDS=${ROUNDS:-5}
@@ -66,8 +74,9 @@ else
   MEM_KEYS=1000000
   SCALE_KEYS=${SCALE_KEYS:-10000 100000 1000000 10000000} CONNS_MANY=${CONNS_MANY:-1000}
   N_CONNS=${N_CONNS:-200000}
+  CL_N=${CL_N:-1000000} CL_ECON_N=1000000
 fi
-for var in ROUNDS N_P1 N_P16 N_MGET_P1 N_MGET_P16 CONNS_MANY N_CONNS; do
+for var in ROUNDS N_P1 N_P16 N_MGET_P1 N_MGET_P16 CONNS_MANY N_CONNS CL_N; do
   [[ "${!var}" =~ ^[1-9][0-9]*$ ]] || {
     echo "bench.sh: $var must be a positive integer" >&2
     exit 2
@@ -94,9 +103,15 @@ scripts/ensure-deps.sh --bench
 for tool in redis-server redis-cli redis-benchmark nutcracker timeout awk curl; do
   command -v "$tool" >/dev/null 2>&1 || die "$tool is not installed"
 done
-log "cargo build --release (may wait for the shared build directory lock)"
-cargo build --release
-TALLY_BIN=$PWD/target/release/tallyproxy
+TALLY_BIN_GIVEN=${TALLY_BIN:-}
+if [[ -n "$TALLY_BIN_GIVEN" ]]; then
+  TALLY_BIN=$(realpath "$TALLY_BIN")
+  log "measuring $TALLY_BIN (TALLY_BIN), not a release build"
+else
+  log "cargo build --release (may wait for the shared build directory lock)"
+  cargo build --release
+  TALLY_BIN=$PWD/target/release/tallyproxy
+fi
 [[ -x "$TALLY_BIN" ]] || die "$TALLY_BIN was not built"
 
 # ---------------------------------------------------------------------------------------------
@@ -339,12 +354,16 @@ fmt_rps() { awk -v x="$1" 'BEGIN { if (x == "n/a") print x; else printf "%.0f", 
 fmt_ms() { awk -v x="$1" 'BEGIN { if (x == "n/a") print x; else printf "%.3f", x }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "n/a" || b == "n/a" || b == 0) print "n/a"; else printf "%.2f", a / b }'; }
 
-# ---------------------------------------------------------------------------------------------
-# 1. Side by side
-# ---------------------------------------------------------------------------------------------
+# shellcheck source=scripts/bench-cluster.sh
+source scripts/bench-cluster.sh
 REDIS_PIDS=()
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 log "work dir $WORK"
+
+if ((RUN_MAIN)); then
+# ---------------------------------------------------------------------------------------------
+# 1. Side by side
+# ---------------------------------------------------------------------------------------------
 start_redis "$REDIS_A"
 start_redis "$REDIS_B"
 start_twemproxy
@@ -640,6 +659,7 @@ stop_tally
 mem_per_key=$(awk -v a="$rss_before" -v b="$rss_after" -v n="$MEM_KEYS" 'BEGIN {printf "%.0f", (b - a) * 1024 / n}')
 mem_per_pending=$(awk -v a="$rss_before" -v b="$rss_after" -v n="$mem_pending" 'BEGIN { if (n + 0 == 0) print "n/a"; else printf "%.0f", (b - a) * 1024 / n }')
 ((mem_pending == MEM_KEYS)) || log "WARNING: pending_keys is $mem_pending, expected $MEM_KEYS"
+for pid in "${REDIS_PIDS[@]}"; do stop_pid "$pid" 50; done
 
 # ---------------------------------------------------------------------------------------------
 # 5. Scale: K distinct pending keys (K = 10k .. 10M): RSS per key, the time of one full flush,
@@ -805,6 +825,13 @@ mkdir -p bench-results
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 RESULT="bench-results/results-$stamp.md"
 ((SMOKE)) && RESULT="bench-results/results-$stamp-smoke.md"
+fi # RUN_MAIN
+
+# ---------------------------------------------------------------------------------------------
+# 7. Redis Cluster: through tallyproxy next to redis-benchmark --cluster, and the economy
+# ---------------------------------------------------------------------------------------------
+run_cluster_bench
+
 wal_fs=$(df -T "$WORK" | awk 'NR == 2 {print $2}')
 {
   echo "# tallyproxy side-by-side benchmark ($stamp)"
@@ -816,10 +843,14 @@ wal_fs=$(df -T "$WORK" | awk 'NR == 2 {print $2}')
   echo "- Load average at start / end: $LOAD_START / $(cut -d' ' -f1-3 /proc/loadavg) (anything else running on the machine shares its CPUs with this benchmark)."
   echo "- Machine: $(nproc) CPUs ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)), Linux $(uname -r); everything on 127.0.0.1, client and servers sharing the CPUs."
   echo "- $(redis-server --version | awk '{print $1, $2, $3}'), $(redis-benchmark --version), $(nutcracker -V 2>&1 | head -n 1 | sed 's/^This is //'), tallyproxy $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- src 2>/dev/null || echo ' (with uncommitted changes in src/)')."
+  [[ -z "$TALLY_BIN_GIVEN" ]] || echo "- **tallyproxy binary given by TALLY_BIN** ($TALLY_BIN_GIVEN), not a release build of this checkout."
+  if ((RUN_MAIN)); then
   echo "- Shards: two redis-server, no persistence (\`--save \"\" --appendonly no\`). Direct Redis = one shard; twemproxy (fnv1a_64, ketama) and tallyproxy (defaults: flush 30 s, cache_ttl 5 s, WAL fsync everysec on $wal_fs) over both."
   echo "- redis-benchmark \`-c $CLIENTS -r $KEYSPACE\`; n = $N_P1 (-P 1), $N_P16 (-P 16), MGET: $N_MGET_P1 (-P 1), $N_MGET_P16 (-P 16). MGET x10 = \`MGET counter:__rand_int__\` x10, GET = \`GET counter:__rand_int__\` (the INCR test's keys)."
+  fi
   echo "- Medians of $ROUNDS round(s); in each round every workload runs against each target in turn (target order rotated per round). Latencies are redis-benchmark's own, in ms."
   echo
+  if ((RUN_MAIN)); then
   echo "## Targets of issue 20 (medians; met when the ratio is on the right side of the target)"
   echo
   cat "$TARGETS_TABLE"
@@ -911,6 +942,9 @@ wal_fs=$(df -T "$WORK" | awk 'NR == 2 {print $2}')
   echo "| VmRSS before / after | $rss_before kB / $rss_after kB |"
   echo "| **bytes per pending key** ((after - before) / $MEM_KEYS) | **$mem_per_key** |"
   echo "| bytes per key by pending_keys | $mem_per_pending |"
+  echo
+  fi # RUN_MAIN
+  cat "$WORK/cluster.md"
 } >"$RESULT"
 
 echo

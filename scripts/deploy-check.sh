@@ -6,7 +6,15 @@
 #     alerts.test.yml (`promtool test rules`), and the same metric check;
 #   - deploy/k8s/*.yaml validate against the Kubernetes schemas (kubernetes-validate, with
 #     its bundled schemas: no network needed once installed), kustomization.yaml lists them
-#     all, and the ConfigMap's proxy.toml passes `tallyproxy --check`.
+#     all, and the ConfigMap's proxy.toml passes `tallyproxy --check`;
+#   - docker-compose.yml validates against the Compose Specification's JSON schema
+#     (deploy/compose-spec.json: schema/compose-spec.json of the compose-spec/compose-spec
+#     repository, Apache-2.0; no Compose CLI needed), and per profile (none, `ha`, `cluster`)
+#     every dependency is started by that profile, addresses are unique and in the subnet,
+#     ports are published on 127.0.0.1 only and once, volumes are declared, mounted files
+#     exist; the cluster profile's six nodes are cluster-enabled, the one-shot create joins
+#     exactly them, the cluster proxy's seeds are among them; each mounted proxy config passes
+#     `tallyproxy --check`.
 # Installs promtool (Debian package prometheus), curl and python3-venv when missing, and
 # kubernetes-validate from PyPI into a venv under target/ (once; validation is offline).
 # Every process started here is stopped by its PID; only 127.0.0.1.
@@ -69,7 +77,71 @@ TALLY_ADMIN_TOKEN=0123456789abcdef-check TALLY_SHARD_PASSWORD=check "$bin" --che
   fail "the ConfigMap's proxy.toml does not pass tallyproxy --check"
 echo "deploy-check: the ConfigMap's proxy.toml passes tallyproxy --check"
 
-# 3. A real scrape: two shards, the proxy, traffic that gives every histogram a sample.
+# 3. docker-compose.yml: the Compose schema, then what the schema cannot see, per profile.
+"$py" - <<'EOF'
+import ipaddress, json, os, re, sys, tomllib, yaml
+import jsonschema
+
+compose = yaml.safe_load(open("docker-compose.yml"))
+jsonschema.validate(compose, json.load(open("deploy/compose-spec.json")))
+services = compose["services"]
+subnets = [ipaddress.ip_network(c["subnet"]) for c in compose["networks"]["tally"]["ipam"]["config"]]
+declared = set(compose.get("volumes") or {})
+profiles = sorted({p for s in services.values() for p in s.get("profiles", [])})
+assert profiles == ["cluster", "ha"], f"profiles {profiles}"
+hosts = {}
+for name, svc in services.items():
+    for port in svc.get("ports", []):
+        assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond 127.0.0.1"
+        host = port.split(":")[1]
+        assert host not in hosts, f"{name} and {hosts[host]} both publish host port {host}"
+        hosts[host] = name
+    for vol in svc.get("volumes", []):
+        src = vol.split(":")[0]
+        if src.startswith("./"):
+            assert os.path.isfile(src), f"{name} mounts {src}, which does not exist"
+        else:
+            assert src in declared, f"{name} uses volume {src}, not declared"
+for profile in [None] + profiles:
+    on = {n: s for n, s in services.items() if not s.get("profiles") or profile in s["profiles"]}
+    addrs = {}
+    for name, svc in on.items():
+        deps = svc.get("depends_on", [])
+        for dep in deps if isinstance(deps, list) else deps.keys():
+            assert dep in on, f"profile {profile}: {name} depends on {dep}, which it does not start"
+        ip = ipaddress.ip_address(svc["networks"]["tally"]["ipv4_address"])
+        assert any(ip in n for n in subnets), f"{name}: {ip} is outside the subnet"
+        assert ip not in addrs, f"profile {profile}: {name} and {addrs[ip]} share {ip}"
+        addrs[ip] = name
+    print(f"deploy-check: compose profile {profile or '(default)'}: {len(on)} services")
+
+# The cluster profile: six cluster-enabled nodes, all joined by cluster-create, seeds among them.
+nodes = {n: s for n, s in services.items() if re.fullmatch(r"cluster-\d", n)}
+assert len(nodes) == 6, f"cluster nodes: {sorted(nodes)}"
+addrs = set()
+for name, svc in nodes.items():
+    cmd = svc["command"]
+    assert cmd[cmd.index("--cluster-enabled") + 1] == "yes", f"{name} is not cluster-enabled"
+    assert "--appendonly" in cmd, f"{name} persists nothing"
+    addrs.add(f'{svc["networks"]["tally"]["ipv4_address"]}:{cmd[cmd.index("--port") + 1]}')
+create = " ".join(services["cluster-create"]["command"])
+named = set(re.findall(r"--cluster create ((?:[\d.]+:\d+ )+)", create)[0].split())
+assert named == addrs, f"cluster-create joins {sorted(named)}, the nodes are {sorted(addrs)}"
+assert "--cluster-replicas 1" in create
+assert services["cluster-create"]["restart"] == "no"
+dep = services["tallyproxy-cluster"]["depends_on"]["cluster-create"]["condition"]
+assert dep == "service_completed_successfully", dep
+conf = tomllib.load(open("deploy/docker/proxy-cluster.toml", "rb"))
+assert "shards" not in conf, "the cluster proxy has [[shards]]"
+assert set(conf["cluster"]["seeds"]) <= addrs, f"seeds {conf['cluster']['seeds']} are not nodes"
+print(f"deploy-check: compose cluster profile: {len(nodes)} nodes, create names them all, {len(conf['cluster']['seeds'])} seeds among them")
+EOF
+for f in deploy/docker/proxy.toml deploy/docker/proxy-ha.toml deploy/docker/proxy-cluster.toml; do
+  "$bin" --check --config "$f" >/dev/null || fail "$f does not pass tallyproxy --check"
+done
+echo "deploy-check: docker-compose.yml valid (Compose schema, every profile); its proxy configs pass tallyproxy --check"
+
+# 4. A real scrape: two shards, the proxy, traffic that gives every histogram a sample.
 a=$(free_port)
 b=$(free_port)
 resp=$(free_port)

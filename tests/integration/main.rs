@@ -4,6 +4,8 @@
 mod support;
 
 mod blocking;
+mod cluster;
+mod cluster_support;
 mod core;
 mod counters;
 mod dashboard;

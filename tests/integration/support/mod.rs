@@ -3,6 +3,7 @@
 //! its handle drops; every wait is bounded.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod load;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
@@ -120,6 +121,11 @@ impl Redis {
 
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// True unless stopped (by [`Redis::stop`], until [`Redis::restart`]).
+    pub fn running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// Stops the server (SIGKILL by PID) and waits for it to be gone.
@@ -649,6 +655,20 @@ impl ProxyProcess {
         let addrs: Vec<String> = sentinels.iter().map(|a| format!("\"{a}\"")).collect();
         shards.push_str(&format!("[sentinel]\naddrs = [{}]\n", addrs.join(", ")));
         Self::spawn_toml(shards, backend, wal, "always", "100ms", "", "", log)
+    }
+
+    /// In front of a Redis Cluster: `[cluster] seeds` and `cluster` (more `[cluster]` keys,
+    /// e.g. `wait_replicas = 1`), no `[[shards]]`; `extra` more TOML appended (sections).
+    pub fn start_cluster(
+        seeds: &[String],
+        cluster: &str,
+        wal: &TempDir,
+        extra: &str,
+        log: Option<&Path>,
+    ) -> ProxyProcess {
+        let quoted: Vec<String> = seeds.iter().map(|a| format!("\"{a}\"")).collect();
+        let section = format!("[cluster]\nseeds = [{}]\n{cluster}\n", quoted.join(", "));
+        Self::spawn_toml(section, "", wal, "always", "100ms", "", extra, log)
     }
 
     fn spawn(
