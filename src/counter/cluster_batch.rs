@@ -39,6 +39,8 @@ pub fn applied_key(slot: u16) -> String {
 /// The part of a batch bound for one slot.
 pub(super) struct Part {
     slot: u16,
+    /// The batch's number, or 0 for a part that only reads.
+    seq: u64,
     /// Positions in the batch's items of this part's items, in order.
     items: Vec<usize>,
     /// How many of them are counters (which the script answers a value for).
@@ -69,12 +71,21 @@ pub(super) fn split(
         .into_iter()
         .map(|(slot, idx)| {
             let sub: Vec<(Bytes, Option<i64>)> = idx.iter().map(|&i| items[i].clone()).collect();
+            // A part that only reads leaves its slot's watermark alone (number 0): its slot
+            // need not be this lane's (`slot_holds`), and a number written there could
+            // overtake a batch of the lane that holds it.
+            let seq = if sub.iter().any(|(_, d)| d.is_some()) {
+                seq
+            } else {
+                0
+            };
             let (frame, w) =
                 encode_batch(proxy_id, windows, seq, &sub, applied_key(slot).as_bytes());
             writes.0 += w.0;
             writes.1 += w.1;
             Part {
                 slot,
+                seq,
                 counters: sub
                     .iter()
                     .filter(|(k, _)| windows::parse_pending(k).is_none())
@@ -94,7 +105,6 @@ pub(super) async fn attempt(
     router: &Router,
     parts: &mut [Part],
     items: &[(Bytes, Option<i64>)],
-    seq: u64,
 ) -> Result<Vec<KeyValue>, BackendError> {
     let mut last_err = None;
     // Parts an `-ASK` redirected are sent again at once, a few times at most.
@@ -193,9 +203,13 @@ pub(super) async fn attempt(
                 .iter()
                 .filter(|(_, m, _, _)| Arc::ptr_eq(m, n))
                 .all(|(_, _, c, _)| *c == connects);
-            let ok = match seq {
-                0 => Ok(true),
-                _ => n.lane_wait(connects).await.map(|ok| ok && all_same),
+            // Only a node that took a write has something for its replicas to confirm.
+            let wrote = landed
+                .iter()
+                .any(|(i, m, _, _)| Arc::ptr_eq(m, n) && parts[*i].seq != 0);
+            let ok = match wrote {
+                false => Ok(true),
+                true => n.lane_wait(connects).await.map(|ok| ok && all_same),
             };
             match ok {
                 Ok(true) => confirmed.push(n.name.clone()),
@@ -247,9 +261,17 @@ mod tests {
             (Bytes::from_static(b"visits:{b}x"), Some(1)),
             (Bytes::from(win), Some(3)),
             (Bytes::from_static(b"{a}other"), None),
+            (Bytes::from_static(b"{c}only-read"), None),
         ];
         let (parts, writes) = split("p1", &windows, 42, &items);
-        assert_eq!(parts.len(), 2);
+        assert_eq!(parts.len(), 3);
+        // A part that only reads leaves its slot's watermark alone: another lane may hold it.
+        let read = parts
+            .iter()
+            .find(|p| p.slot == slots::key_slot(b"c"))
+            .unwrap();
+        assert_eq!(read.seq, 0);
+        assert!(parts.iter().filter(|p| p.slot != read.slot).all(|p| p.seq == 42));
         assert_eq!(writes.0, 2, "two counter deltas");
         for p in &parts {
             let key = applied_key(p.slot);

@@ -746,8 +746,7 @@ async fn attempt(
     batch: &mut Batch,
 ) -> Result<Vec<KeyValue>, BackendError> {
     if let Some(parts) = &mut batch.parts {
-        return super::cluster_batch::attempt(engine.router(), parts, &batch.items, batch.seq)
-            .await;
+        return super::cluster_batch::attempt(engine.router(), parts, &batch.items).await;
     }
     let connects = lane.shard.lane_conn.connects();
     let rx = lane.shard.lane_send(batch.frame.clone());
