@@ -205,12 +205,9 @@ impl Cluster {
     }
 
     fn check_health(&self, s: &Arc<Shard>, engine: &Engine, shutdown: &Shutdown) {
-        let b = &self.config.backend;
-        health::spawn_checker(
+        health::spawn_for(
             s.clone(),
-            b.health_interval.0,
-            b.health_failures,
-            b.connect_timeout.0,
+            &self.config.backend,
             engine.proxy_id.clone(),
             shutdown.clone(),
         );

@@ -361,12 +361,9 @@ impl Rebalancer {
         for s in &new.shards {
             if engine.lane(&s.name).is_none() {
                 engine.add_lane(crate::counter::lane::Lane::spawn(s.clone(), engine));
-                let b = &self.config.backend;
-                health::spawn_checker(
+                health::spawn_for(
                     s.clone(),
-                    b.health_interval.0,
-                    b.health_failures,
-                    b.connect_timeout.0,
+                    &self.config.backend,
                     engine.proxy_id.clone(),
                     self.shutdown.subscribe(),
                 );

@@ -284,12 +284,9 @@ pub async fn run_with_reload(
         .iter()
         .filter(|_| ctx.cluster.is_none())
     {
-        let b = &ctx.config.backend;
-        health::spawn_checker(
+        health::spawn_for(
             s.clone(),
-            b.health_interval.0,
-            b.health_failures,
-            b.connect_timeout.0,
+            &ctx.config.backend,
             ctx.engine.proxy_id.clone(),
             shutdown.clone(),
         );

@@ -14,6 +14,23 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// [`spawn_checker`] with `[backend]`'s interval, failures and connect timeout.
+pub fn spawn_for(
+    shard: Arc<Shard>,
+    cfg: &crate::config::BackendConfig,
+    proxy_id: String,
+    shutdown: Shutdown,
+) {
+    spawn_checker(
+        shard,
+        cfg.health_interval.0,
+        cfg.health_failures,
+        cfg.connect_timeout.0,
+        proxy_id,
+        shutdown,
+    );
+}
+
 pub fn spawn_checker(
     shard: Arc<Shard>,
     interval: Duration,

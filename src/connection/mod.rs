@@ -548,11 +548,11 @@ async fn call(
     proto: Proto,
     args: &[Bytes],
 ) -> Result<Reply, BackendError> {
-    let sent = Instant::now();
-    let frame = encode_command(args);
-    let rx = send(shard, client, proto, frame.clone());
-    let r = await_reply(rx, shard, sent).await;
-    redirect::follow(ctx, r, shard, &frame, client, proto)
+    let r = call_direct(shard, client, proto, args).await;
+    if ctx.cluster.is_none() {
+        return r;
+    }
+    redirect::follow(ctx, r, shard, &encode_command(args), client, proto)
         .await
         .0
 }

@@ -32,14 +32,7 @@ pub(crate) fn config_at(shards: &[&Redis], wal: &TempDir, clock: &Clock) -> Conf
     c
 }
 
-fn int(reply: &str) -> i64 {
-    reply
-        .strip_prefix(':')
-        .and_then(|r| r.strip_suffix("\r\n"))
-        .unwrap_or_else(|| panic!("not an integer reply: {reply:?}"))
-        .parse()
-        .unwrap()
-}
+use crate::support::int_reply as int;
 
 pub(crate) async fn incr(c: &mut Raw, key: &str, n: usize) {
     for _ in 0..n {

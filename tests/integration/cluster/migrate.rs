@@ -13,14 +13,7 @@ use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tallyproxy::clock::Clock;
 
-fn int(reply: &str) -> i64 {
-    reply
-        .strip_prefix(':')
-        .and_then(|r| r.strip_suffix("\r\n"))
-        .unwrap_or_else(|| panic!("not an integer reply: {reply:?}"))
-        .parse()
-        .unwrap()
-}
+use crate::support::int_reply as int;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_shards_imported_into_a_cluster_keep_every_count_and_window() {

@@ -9,14 +9,7 @@ use crate::support::{http_json, Proxy, TempDir};
 use serde_json::Value;
 use std::time::Duration;
 
-fn int(reply: &str) -> i64 {
-    reply
-        .strip_prefix(':')
-        .and_then(|r| r.strip_suffix("\r\n"))
-        .unwrap_or_else(|| panic!("not an integer reply: {reply:?}"))
-        .parse()
-        .unwrap()
-}
+use crate::support::int_reply as int;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn windows_and_visits_over_the_cluster_follow_the_slot() {

@@ -794,3 +794,13 @@ pub async fn http_json(
         serde_json::from_str(body.trim()).unwrap_or(serde_json::Value::Null),
     )
 }
+
+/// The integer of a raw `:<n>\r\n` reply (panics on anything else).
+pub fn int_reply(reply: &str) -> i64 {
+    reply
+        .strip_prefix(':')
+        .and_then(|r| r.strip_suffix("\r\n"))
+        .unwrap_or_else(|| panic!("not an integer reply: {reply:?}"))
+        .parse()
+        .unwrap()
+}
