@@ -36,6 +36,9 @@ pub fn applied_key(slot: u16) -> String {
     format!("{APPLIED_KEY}:{{{}}}", slots::slot_tag(slot))
 }
 
+/// A part that only reads one key: the reply has the shape of `lane::SCRIPT`'s.
+const READ_SCRIPT: &str = "return {0, {redis.pcall('GET', KEYS[1])}}";
+
 /// The part of a batch bound for one slot.
 pub(super) struct Part {
     slot: u16,
@@ -67,36 +70,49 @@ pub(super) fn split(
             .push(i);
     }
     let mut writes = (0, 0);
-    let parts = by_slot
-        .into_iter()
-        .map(|(slot, idx)| {
-            let sub: Vec<(Bytes, Option<i64>)> = idx.iter().map(|&i| items[i].clone()).collect();
-            // A part that only reads leaves its slot's watermark alone (number 0): its slot
-            // need not be this lane's (`slot_holds`), and a number written there could
-            // overtake a batch of the lane that holds it.
-            let seq = if sub.iter().any(|(_, d)| d.is_some()) {
-                seq
-            } else {
-                0
-            };
-            let (frame, w) =
-                encode_batch(proxy_id, windows, seq, &sub, applied_key(slot).as_bytes());
-            writes.0 += w.0;
-            writes.1 += w.1;
-            Part {
-                slot,
-                seq,
-                counters: sub
-                    .iter()
-                    .filter(|(k, _)| windows::parse_pending(k).is_none())
-                    .count(),
-                items: idx,
-                frame,
-                ask: None,
-                done: None,
+    let mut parts = Vec::new();
+    for (slot, idx) in by_slot {
+        let sub: Vec<(Bytes, Option<i64>)> = idx.iter().map(|&i| items[i].clone()).collect();
+        if sub.iter().all(|(_, d)| d.is_none()) {
+            // Only reads: one single-key script per key. It leaves the slot's watermark
+            // alone (its slot need not be this lane's, see `slot_holds`, and a number written
+            // there could overtake the batch of the lane that holds it), and a single key
+            // follows `-ASK` during a migration where a multi-key script gets `-TRYAGAIN`
+            // until the slot has moved (a key not created yet counts as missing).
+            for (i, (k, _)) in idx.into_iter().zip(sub) {
+                parts.push(Part {
+                    slot,
+                    seq: 0,
+                    counters: 1,
+                    items: vec![i],
+                    frame: crate::backend::encode_command(&[
+                        &b"EVAL"[..],
+                        READ_SCRIPT.as_bytes(),
+                        b"1",
+                        &k,
+                    ]),
+                    ask: None,
+                    done: None,
+                });
             }
-        })
-        .collect();
+            continue;
+        }
+        let (frame, w) = encode_batch(proxy_id, windows, seq, &sub, applied_key(slot).as_bytes());
+        writes.0 += w.0;
+        writes.1 += w.1;
+        parts.push(Part {
+            slot,
+            seq,
+            counters: sub
+                .iter()
+                .filter(|(k, _)| windows::parse_pending(k).is_none())
+                .count(),
+            items: idx,
+            frame,
+            ask: None,
+            done: None,
+        });
+    }
     (parts, writes)
 }
 
@@ -271,6 +287,12 @@ mod tests {
             .find(|p| p.slot == slots::key_slot(b"c"))
             .unwrap();
         assert_eq!(read.seq, 0);
+        assert!(std::str::from_utf8(&read.frame)
+            .unwrap()
+            .contains(READ_SCRIPT));
+        assert!(!std::str::from_utf8(&read.frame)
+            .unwrap()
+            .contains("tally:applied"));
         assert!(parts
             .iter()
             .filter(|p| p.slot != read.slot)
@@ -280,7 +302,7 @@ mod tests {
             let key = applied_key(p.slot);
             assert_eq!(slots::key_slot(key.as_bytes()), p.slot);
             let frame = std::str::from_utf8(&p.frame).unwrap();
-            assert!(frame.contains(&key), "{frame}");
+            assert_eq!(frame.contains(&key), p.seq != 0, "{frame}");
             for &i in &p.items {
                 let k = windows::placement_key(&items[i].0);
                 assert_eq!(slots::key_slot(k), p.slot);

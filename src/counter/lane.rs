@@ -321,16 +321,21 @@ impl Lane {
 
     /// Queues a batch recovered from the log; it goes before any new work.
     pub fn replay(&self, seq: u64, items: Vec<(Bytes, i64)>) {
+        let mut q = self.queue.lock();
         if let Some(engine) = self.engine.upgrade() {
             if let Some(h) = &engine.holds {
-                // Before any new batch could take these slots (see `slot_holds`).
+                // Before any new batch could take these slots (see `slot_holds`), and under
+                // the queue's lock, so that the lane lets go of them only once every replay
+                // queued is sent (see `run`). In a cluster all replays go to one lane
+                // (`wal::restore`), so no other lane can hold one of their slots.
                 for (k, _) in &items {
                     let slot = crate::router::slots::key_slot(super::windows::placement_key(k));
                     h.try_hold(slot, self.id);
                 }
             }
         }
-        self.queue.lock().replay.push((seq, items));
+        q.replay.push((seq, items));
+        drop(q);
         self.wake.notify_one();
     }
 
@@ -416,8 +421,12 @@ async fn run(lane: Arc<Lane>) {
                 }
             }
             if let Some(h) = &engine.holds {
-                // Every batch this lane took is settled (or given back): its slots are free.
-                h.release(lane.id);
+                // Every batch this lane took is settled (or given back): its slots are free,
+                // unless replays were queued meanwhile (they hold theirs until sent).
+                let q = lane.queue.lock();
+                if q.replay.is_empty() {
+                    h.release(lane.id);
+                }
             }
             for (frame, on_reply) in between {
                 let rx = lane.shard.lane_send(frame);
@@ -480,8 +489,9 @@ async fn round(
         .collect();
     if let Some(h) = &engine.holds {
         // A key whose slot another lane holds cannot land now (its batch is out there).
-        let (held, free): (Vec<Bytes>, Vec<Bytes>) = land_keys.into_iter().partition(|k| {
-            h.held_by_other(
+        // Held now (not just checked), so that no other lane takes the slot before `take`.
+        let (free, held): (Vec<Bytes>, Vec<Bytes>) = land_keys.into_iter().partition(|k| {
+            h.try_hold(
                 crate::router::slots::key_slot(super::windows::placement_key(k)),
                 lane.id,
             )

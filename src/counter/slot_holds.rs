@@ -41,12 +41,6 @@ impl SlotHolds {
         }
     }
 
-    /// Whether a lane other than `lane` holds `slot`.
-    pub fn held_by_other(&self, slot: u16, lane: u32) -> bool {
-        let h = self.holder[slot as usize].load(Ordering::Acquire);
-        h != 0 && h != lane
-    }
-
     /// Lets go of every slot `lane` holds.
     pub fn release(&self, lane: u32) {
         for h in self.holder.iter() {
@@ -65,10 +59,10 @@ mod tests {
         assert!(h.try_hold(7, 1));
         assert!(h.try_hold(7, 1));
         assert!(!h.try_hold(7, 2));
-        assert!(h.held_by_other(7, 2));
-        assert!(!h.held_by_other(7, 1));
+        h.release(2);
+        assert!(!h.try_hold(7, 2), "only the holder lets go");
         h.release(1);
         assert!(h.try_hold(7, 2));
-        assert!(h.held_by_other(7, 1));
+        assert!(!h.try_hold(7, 1));
     }
 }

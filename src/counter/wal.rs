@@ -983,9 +983,14 @@ pub async fn restore(engine: &Arc<Engine>, rec: Recovered) {
         engine.restore_pending(k, *d);
     }
     for (seq, (shard, items)) in rec.unapplied {
-        // In a cluster the batch's parts go where their slots are served now: a node gone
-        // since (failed over, removed) leaves its batches to any lane.
-        match engine.lane(&shard).or_else(|| engine.any_lane()) {
+        // In a cluster the batch's parts go where their slots are served now, whichever
+        // lane sends them: all replays go to one lane, in order, so that no two lanes hold
+        // (and send) batches of one slot at once (see `slot_holds`).
+        let lane = match engine.any_lane() {
+            Some(any) => Some(any),
+            None => engine.lane(&shard),
+        };
+        match lane {
             Some(lane) => {
                 engine.restore_inflight(&items);
                 lane.replay(seq, items);
