@@ -818,13 +818,6 @@ win16=$(ratio "$(awk -F, '$2 == "windowed" && $3 == 16 {print $4}' "$WIN_RAW" | 
   row "INCR while one full flush of $sk keys runs / idle" "$scale_ratio" ">=" 0.8
 } >"$TARGETS_TABLE"
 
-# ---------------------------------------------------------------------------------------------
-# Report
-# ---------------------------------------------------------------------------------------------
-mkdir -p bench-results
-stamp=$(date -u +%Y%m%dT%H%M%SZ)
-RESULT="bench-results/results-$stamp.md"
-((SMOKE)) && RESULT="bench-results/results-$stamp-smoke.md"
 fi # RUN_MAIN
 
 # ---------------------------------------------------------------------------------------------
@@ -832,6 +825,13 @@ fi # RUN_MAIN
 # ---------------------------------------------------------------------------------------------
 run_cluster_bench
 
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+mkdir -p bench-results
+stamp=$(date -u +%Y%m%dT%H%M%SZ)
+RESULT="bench-results/results-$stamp.md"
+((SMOKE)) && RESULT="bench-results/results-$stamp-smoke.md"
 wal_fs=$(df -T "$WORK" | awk 'NR == 2 {print $2}')
 {
   echo "# tallyproxy side-by-side benchmark ($stamp)"
