@@ -271,7 +271,10 @@ mod tests {
             .find(|p| p.slot == slots::key_slot(b"c"))
             .unwrap();
         assert_eq!(read.seq, 0);
-        assert!(parts.iter().filter(|p| p.slot != read.slot).all(|p| p.seq == 42));
+        assert!(parts
+            .iter()
+            .filter(|p| p.slot != read.slot)
+            .all(|p| p.seq == 42));
         assert_eq!(writes.0, 2, "two counter deltas");
         for p in &parts {
             let key = applied_key(p.slot);
