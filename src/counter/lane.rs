@@ -11,6 +11,8 @@
 //!
 //! Requests that arrive while a round trip is out wait for the next one and share it:
 //! concurrent first reads of one key cost one read, and many keys cost one round trip.
+//! Plain reads that arrive during a flush of several batches go in the next gap between
+//! two of them (`lane_between`), not after the last.
 //! Window deltas in a batch become `HINCRBY`s of bucket hashes in the same script, under the
 //! same number. A window read is sent between round trips ([`Lane::read_between`]), when no
 //! batch of the lane is in flight. A lane whose shard was declared lost ([`Lane::abandon`])

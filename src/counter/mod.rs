@@ -29,7 +29,7 @@
 //! freshness, reads), `flush` (taking, settling, the background jobs), `forget` (FLUSHDB and FLUSHALL),
 //! `recovery` (the
 //! engine's side of the log), `moving` (values moved by a rebalance), `window_deltas`;
-//! `lane` (the exactly-once round trips), `wal` (the log's file and format), `windows`
+//! `lane` (the exactly-once round trips), `lane_between` (reads between a flush's batches), `wal` (the log's file and format), `windows`
 //! (bucket layout and queries).
 //!
 //! Owns counting and caching. Does not own the wire (`connection`, `http` call it) or
