@@ -659,7 +659,6 @@ stop_tally
 mem_per_key=$(awk -v a="$rss_before" -v b="$rss_after" -v n="$MEM_KEYS" 'BEGIN {printf "%.0f", (b - a) * 1024 / n}')
 mem_per_pending=$(awk -v a="$rss_before" -v b="$rss_after" -v n="$mem_pending" 'BEGIN { if (n + 0 == 0) print "n/a"; else printf "%.0f", (b - a) * 1024 / n }')
 ((mem_pending == MEM_KEYS)) || log "WARNING: pending_keys is $mem_pending, expected $MEM_KEYS"
-for pid in "${REDIS_PIDS[@]}"; do stop_pid "$pid" 50; done
 
 # ---------------------------------------------------------------------------------------------
 # 5. Scale: K distinct pending keys (K = 10k .. 10M): RSS per key, the time of one full flush,
@@ -771,6 +770,8 @@ for ((round = 1; round <= ROUNDS; round++)); do
 done
 conns_rss=$(rss_kb "$TALLY_PID")
 stop_tally
+# The shards of sections 1-6 are done with (the cluster run has its own servers).
+for pid in "${REDIS_PIDS[@]}"; do stop_pid "$pid" 50; done
 CONNS_TABLE="$WORK/conns.md"
 {
   echo "| Workload ($CONNS_MANY clients, -P 1) | Redis rps | tallyproxy rps | tallyproxy/Redis | Redis p50/p99 ms | tallyproxy p50/p99 ms |"

@@ -155,6 +155,7 @@ fn counters(ctx: &Context) -> Lines {
         line("flushes", s.flushes.load(Relaxed)),
         line("flush_failures", s.flush_failures.load(Relaxed)),
         line("batch_retries", s.batch_retries.load(Relaxed)),
+        line("reads_between_batches", s.reads_between.load(Relaxed)),
         line("dropped_deltas", s.dropped_deltas.load(Relaxed)),
         line("window_writes", s.window_writes.load(Relaxed)),
         line("window_queries", s.window_queries.load(Relaxed)),

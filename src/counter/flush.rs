@@ -88,13 +88,7 @@ impl Engine {
     /// counter key ran since, the value may predate it, so it answers this read but is
     /// not cached as fresh.
     pub(crate) fn settle(&self, key: &[u8], delta: Option<i64>, value: &KeyValue, epoch: u64) {
-        let now = if self.invalidation_epoch() == epoch {
-            self.now_ms()
-        } else {
-            self.now_ms()
-                .wrapping_sub(self.ttl_ms as u32)
-                .wrapping_sub(1)
-        };
+        let now = self.settle_time(epoch);
         let mut stripe = self.lock(key);
         if windows::parse_pending(key).is_some() {
             // A window delta has no value of its own: once landed, it is gone.
@@ -125,6 +119,49 @@ impl Engine {
             // Another round trip for this key is still out; its reply will settle the base.
             return;
         }
+        self.set_base(key, e, value, now);
+    }
+
+    /// Applies a read sent between two batches of one flush (see `lane_between`): `ahead`
+    /// is the delta of `key` in that lane's batches not yet sent, which the shard's `value`
+    /// does not hold, so `value` is the base under `inflight`. Only when `ahead` is all the
+    /// key has in flight; otherwise the entry is left as it is (another round trip's reply
+    /// will settle the base) and the reader asks again.
+    pub(crate) fn settle_ahead(&self, key: &[u8], ahead: i64, value: &KeyValue, epoch: u64) {
+        let now = self.settle_time(epoch);
+        let mut stripe = self.lock(key);
+        let Some(e) = stripe.map.get_mut(key) else {
+            return;
+        };
+        if e.flags & INFLIGHT == 0 || e.inflight != ahead {
+            return;
+        }
+        e.refreshing = false;
+        self.set_base(key, e, value, now);
+    }
+
+    /// The delta `key` has in flight, if any round trip carries one.
+    pub(crate) fn inflight_of(&self, key: &[u8]) -> Option<i64> {
+        let stripe = self.lock(key);
+        let e = stripe.map.get(key)?;
+        (e.flags & INFLIGHT != 0).then_some(e.inflight)
+    }
+
+    /// When a value read in a round trip sent at invalidation epoch `epoch` was read: now,
+    /// or, if a write to a counter key ran since, already past the TTL (it answers the read
+    /// but is not cached as fresh).
+    fn settle_time(&self, epoch: u64) -> u32 {
+        if self.invalidation_epoch() == epoch {
+            self.now_ms()
+        } else {
+            self.now_ms()
+                .wrapping_sub(self.ttl_ms as u32)
+                .wrapping_sub(1)
+        }
+    }
+
+    /// The shard's reply becomes `e`'s base, read at `now`.
+    fn set_base(&self, key: &[u8], e: &mut Entry, value: &KeyValue, now: u32) {
         if self.needs_move(key) {
             // The shard's value is only part of the total until the key has moved.
             e.state = BaseState::Unknown;

@@ -11,6 +11,8 @@
 //!
 //! Requests that arrive while a round trip is out wait for the next one and share it:
 //! concurrent first reads of one key cost one read, and many keys cost one round trip.
+//! Plain reads that arrive during a flush of several batches go in the next gap between
+//! two of them (`lane_between`), not after the last.
 //! Window deltas in a batch become `HINCRBY`s of bucket hashes in the same script, under the
 //! same number. A window read is sent between round trips ([`Lane::read_between`]), when no
 //! batch of the lane is in flight. A lane whose shard was declared lost ([`Lane::abandon`])
@@ -169,7 +171,7 @@ impl LaneError {
 pub const LOG_FAILED_LAND: &str =
     "TRYAGAIN the write-ahead log failed; this key's pending increments cannot land before the command";
 
-type Waiter = oneshot::Sender<Result<KeyValue, LaneError>>;
+pub(super) type Waiter = oneshot::Sender<Result<KeyValue, LaneError>>;
 
 /// Called on the lane's task with the reply to a [`Lane::read_between`] request.
 pub type OnReply = Box<dyn FnOnce(Result<BytesFrame, LaneError>) + Send>;
@@ -227,7 +229,7 @@ impl Queue {
     }
 }
 
-fn fail_waiters(waiters: impl IntoIterator<Item = Vec<Waiter>>, e: LaneError) {
+pub(super) fn fail_waiters(waiters: impl IntoIterator<Item = Vec<Waiter>>, e: LaneError) {
     for w in waiters.into_iter().flatten() {
         let _ = w.send(Err(e));
     }
@@ -245,10 +247,13 @@ pub struct Lane {
 }
 
 /// One batch: what is sent, and what each key carried.
-struct Batch {
+pub(super) struct Batch {
     seq: u64,
     /// (key, delta): None for a read.
-    items: Vec<(Bytes, Option<i64>)>,
+    pub(super) items: Vec<(Bytes, Option<i64>)>,
+    /// Reads sent between two batches of a flush: per key, its delta in the batches not
+    /// yet sent, which the value read does not hold (`lane_between`).
+    pub(super) under: HashMap<Bytes, i64>,
     frame: Bytes,
     /// In a cluster: one part per slot, sent instead of `frame` (`cluster_batch`).
     parts: Option<Vec<super::cluster_batch::Part>>,
@@ -297,6 +302,43 @@ impl Lane {
         }
         self.wake.notify_one();
         rx
+    }
+
+    /// Takes the queued reads that need no landing (see `lane_between`).
+    pub(super) fn take_plain_reads(&self) -> Vec<(Bytes, Vec<Waiter>)> {
+        let mut q = self.queue.lock();
+        if q.reads.values().all(|(land, _)| *land) {
+            return Vec::new();
+        }
+        let mut plain = Vec::new();
+        let all = std::mem::take(&mut q.reads);
+        for (k, (land, ws)) in all {
+            if land {
+                q.reads.insert(k, (land, ws));
+            } else {
+                plain.push((k, ws));
+            }
+        }
+        plain
+    }
+
+    /// Reads waiting for the next round.
+    #[cfg(test)]
+    pub(super) fn queued_reads(&self) -> usize {
+        self.queue.lock().reads.len()
+    }
+
+    /// Puts reads taken by [`Lane::take_plain_reads`] back for the next round.
+    pub(super) fn requeue_reads(&self, reads: Vec<(Bytes, Vec<Waiter>)>) {
+        if reads.is_empty() {
+            return;
+        }
+        let mut q = self.queue.lock();
+        for (k, ws) in reads {
+            q.reads.entry(k).or_insert((false, Vec::new())).1.extend(ws);
+        }
+        drop(q);
+        self.wake.notify_one();
     }
 
     /// Sends `frame` between two round trips, when no batch of this lane is in flight, and
@@ -572,7 +614,19 @@ async fn round(
     }
     drop(gate);
     let mut all_ok = true;
-    for b in batches {
+    let mut ahead = None;
+    let mut batches = batches.into_iter();
+    let mut gap = false;
+    while !batches.as_slice().is_empty() {
+        if gap && !lane.is_abandoned() {
+            // Reads queued since the round began go now, not after its last batch.
+            super::lane_between::reads_between(lane, engine, batches.as_slice(), &mut ahead).await;
+        }
+        gap = true;
+        let Some(b) = batches.next() else { break };
+        if let Some(a) = &mut ahead {
+            a.sent(&b);
+        }
         all_ok &= send_batch(lane, engine, b, &mut waiters, flushers).await;
     }
     fail_waiters(waiters.into_values(), LaneError::Unavailable);
@@ -602,7 +656,7 @@ fn flush_histogram() -> &'static metrics::Histogram {
 /// sequence number, until it lands, for as long as the process lives: a shutdown waits for
 /// it only until its deadline, and its deltas stay in the log for the next start. Read
 /// waiters get the first outcome.
-async fn send_batch(
+pub(super) async fn send_batch(
     lane: &Lane,
     engine: &Arc<Engine>,
     mut batch: Batch,
@@ -649,7 +703,10 @@ async fn send_batch(
                     if let (Some(d), KeyValue::Other(_) | KeyValue::Error(_)) = (delta, &value) {
                         engine.drop_delta(key, *d, &format!("{value:?}"));
                     }
-                    engine.settle(key, *delta, &value, epoch);
+                    match batch.under.get(key) {
+                        Some(&ahead) => engine.settle_ahead(key, ahead, &value, epoch),
+                        None => engine.settle(key, *delta, &value, epoch),
+                    }
                     if let Some(ws) = waiters.remove(key) {
                         for w in ws {
                             let _ = w.send(Ok(value.clone()));
@@ -721,7 +778,7 @@ pub(super) async fn send_logged(
 }
 
 impl Batch {
-    fn new(engine: &Engine, seq: u64, items: Vec<(Bytes, Option<i64>)>) -> Batch {
+    pub(super) fn new(engine: &Engine, seq: u64, items: Vec<(Bytes, Option<i64>)>) -> Batch {
         if engine.holds.is_some() {
             let (parts, writes) =
                 super::cluster_batch::split(&engine.proxy_id, engine.windows(), seq, &items);
@@ -730,6 +787,7 @@ impl Batch {
                 frame: Bytes::new(),
                 parts: Some(parts),
                 items,
+                under: HashMap::default(),
                 writes,
             };
         }
@@ -745,6 +803,7 @@ impl Batch {
             frame,
             parts: None,
             items,
+            under: HashMap::default(),
             writes,
         }
     }

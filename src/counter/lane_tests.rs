@@ -29,24 +29,26 @@ const BUSY: &str =
     "BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSCRIPT.";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Value {
+pub(super) enum Value {
     Str(Vec<u8>),
     /// Any non-string type: every string command on it fails with WRONGTYPE.
     Hash,
 }
 
 #[derive(Debug, Clone, Copy)]
-enum Fault {
+pub(super) enum Fault {
     /// Runs the script, then closes the connection without a reply.
     LoseReply,
     /// Runs the script, then holds the reply this long before sending it.
     Stall(Duration),
     /// Answers the whole EVAL with this error and runs nothing.
     Refuse(&'static str),
+    /// Runs the script, then holds the reply until [`FakeShard::release`] (at most `WAIT`).
+    Hold,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
+pub(super) enum Outcome {
     /// The number was above the watermark: the deltas were applied.
     Applied,
     /// The number was not above the watermark: the keys were only read.
@@ -57,11 +59,11 @@ enum Outcome {
 
 /// One EVAL of the lane script, as the fake read it.
 #[derive(Debug, Clone)]
-struct Arrival {
-    seq: u64,
+pub(super) struct Arrival {
+    pub(super) seq: u64,
     /// (key, delta): None for a read.
-    items: Vec<(Vec<u8>, Option<i64>)>,
-    outcome: Outcome,
+    pub(super) items: Vec<(Vec<u8>, Option<i64>)>,
+    pub(super) outcome: Outcome,
     /// The highest sequence number whose reply had been delivered when this one arrived.
     acked_before: u64,
 }
@@ -78,8 +80,19 @@ struct State {
     writes_seen: usize,
     /// The highest sequence number whose (successful) reply was written.
     acked: u64,
-    /// Replies being held back by a `Stall` right now.
+    /// Replies being held back by a `Stall` or `Hold` right now.
     stalled: usize,
+    /// Permits for `Hold`s to reply.
+    release: Release,
+}
+
+/// Permits for held replies (none at first).
+struct Release(Arc<tokio::sync::Semaphore>);
+
+impl Default for Release {
+    fn default() -> Self {
+        Release(Arc::new(tokio::sync::Semaphore::new(0)))
+    }
 }
 
 /// What the fake does with one command.
@@ -306,11 +319,19 @@ async fn serve(mut sock: TcpStream, state: Arc<Mutex<State>>) {
                     state.lock().stalled += 1;
                     tokio::time::sleep(d).await;
                 }
+                Some(Fault::Hold) => {
+                    let release = {
+                        let mut st = state.lock();
+                        st.stalled += 1;
+                        st.release.0.clone()
+                    };
+                    let _ = tokio::time::timeout(WAIT, release.acquire()).await;
+                }
                 _ => {}
             }
             let written = sock.write_all(&a.reply).await.is_ok();
             let mut st = state.lock();
-            if matches!(a.fault, Some(Fault::Stall(_))) {
+            if matches!(a.fault, Some(Fault::Stall(_) | Fault::Hold)) {
                 st.stalled -= 1;
             }
             if !written {
@@ -328,7 +349,7 @@ async fn serve(mut sock: TcpStream, state: Arc<Mutex<State>>) {
 }
 
 /// A shard on 127.0.0.1:0 that runs the lane script on a map, and misbehaves when told.
-struct FakeShard {
+pub(super) struct FakeShard {
     addr: SocketAddr,
     state: Arc<Mutex<State>>,
     accept: tokio::task::JoinHandle<()>,
@@ -341,7 +362,7 @@ impl Drop for FakeShard {
 }
 
 impl FakeShard {
-    async fn start() -> FakeShard {
+    pub(super) async fn start() -> FakeShard {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State::default()));
@@ -359,11 +380,11 @@ impl FakeShard {
     }
 
     /// The `nth` EVAL carrying a sequence number (from 0) meets `fault`.
-    fn misbehave(&self, nth: usize, fault: Fault) {
+    pub(super) fn misbehave(&self, nth: usize, fault: Fault) {
         self.state.lock().faults.insert(nth, fault);
     }
 
-    fn set(&self, key: &str, v: Value) {
+    pub(super) fn set(&self, key: &str, v: Value) {
         self.state.lock().values.insert(key.as_bytes().to_vec(), v);
     }
 
@@ -371,7 +392,7 @@ impl FakeShard {
         self.state.lock().values.get(key.as_bytes()).cloned()
     }
 
-    fn int(&self, key: &str) -> Option<i64> {
+    pub(super) fn int(&self, key: &str) -> Option<i64> {
         match self.value(key)? {
             Value::Str(s) => parse_i64(&s),
             Value::Hash => None,
@@ -379,26 +400,41 @@ impl FakeShard {
     }
 
     /// The EVALs that carried a sequence number (reads alone carry 0).
-    fn writes(&self) -> Vec<Arrival> {
+    pub(super) fn writes(&self) -> Vec<Arrival> {
         let st = self.state.lock();
         st.arrivals.iter().filter(|a| a.seq > 0).cloned().collect()
     }
 
-    fn watermark(&self) -> u64 {
+    pub(super) fn watermark(&self) -> u64 {
         let st = self.state.lock();
         st.applied.get(PROXY_ID.as_bytes()).copied().unwrap_or(0)
     }
 
-    fn stalled(&self) -> usize {
+    pub(super) fn stalled(&self) -> usize {
         self.state.lock().stalled
+    }
+
+    /// Lets one held reply go.
+    pub(super) fn release(&self) {
+        self.state.lock().release.0.add_permits(1);
+    }
+
+    /// Every EVAL of the lane script so far, in the order read.
+    pub(super) fn arrivals(&self) -> Vec<Arrival> {
+        self.state.lock().arrivals.clone()
     }
 }
 
 /// An engine wired as `server::build` wires it (no log), with one lane to `fake`.
 /// `extra`: more config, e.g. a `[counters]` table.
 fn engine_for(fake: &FakeShard, extra: &str) -> Arc<Engine> {
+    engine_with(fake, "200ms", extra)
+}
+
+/// [`engine_for`] with the shard's request `timeout`.
+pub(super) fn engine_with(fake: &FakeShard, timeout: &str, extra: &str) -> Arc<Engine> {
     let config = Config::from_toml_str(&format!(
-        "[backend]\ntimeout = \"200ms\"\nconnect_timeout = \"200ms\"\n\
+        "[backend]\ntimeout = \"{timeout}\"\nconnect_timeout = \"200ms\"\n\
          [durability]\nenabled = false\n{extra}"
     ))
     .unwrap();
@@ -420,14 +456,14 @@ fn engine_for(fake: &FakeShard, extra: &str) -> Arc<Engine> {
     engine
 }
 
-async fn within<F: std::future::Future>(what: &str, f: F) -> F::Output {
+pub(super) async fn within<F: std::future::Future>(what: &str, f: F) -> F::Output {
     match tokio::time::timeout(WAIT, f).await {
         Ok(v) => v,
         Err(_) => panic!("{what}: not within {WAIT:?}"),
     }
 }
 
-async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+pub(super) async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     within(what, async {
         while !cond() {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -437,7 +473,7 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 /// INCRBY through the engine, reading the base through the lane first when needed.
-async fn incr(engine: &Engine, key: &str, delta: i64) -> i64 {
+pub(super) async fn incr(engine: &Engine, key: &str, delta: i64) -> i64 {
     for _ in 0..3 {
         match engine.try_incr(key.as_bytes(), delta) {
             Incr::Value(v) => return v,
@@ -462,7 +498,7 @@ async fn landed(engine: &Engine, keys: &[&str]) {
 }
 
 /// Until a whole flush reports that everything landed.
-async fn flush_until_ok(engine: &Engine) {
+pub(super) async fn flush_until_ok(engine: &Engine) {
     within("a flush that lands everything", async {
         while !engine.flush_all().await {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -471,7 +507,7 @@ async fn flush_until_ok(engine: &Engine) {
     .await
 }
 
-fn stat(a: &std::sync::atomic::AtomicU64) -> u64 {
+pub(super) fn stat(a: &std::sync::atomic::AtomicU64) -> u64 {
     a.load(Ordering::Relaxed)
 }
 

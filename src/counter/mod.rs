@@ -29,7 +29,7 @@
 //! freshness, reads), `flush` (taking, settling, the background jobs), `forget` (FLUSHDB and FLUSHALL),
 //! `recovery` (the
 //! engine's side of the log), `moving` (values moved by a rebalance), `window_deltas`;
-//! `lane` (the exactly-once round trips), `wal` (the log's file and format), `windows`
+//! `lane` (the exactly-once round trips), `lane_between` (reads between a flush's batches), `wal` (the log's file and format), `windows`
 //! (bucket layout and queries).
 //!
 //! Owns counting and caching. Does not own the wire (`connection`, `http` call it) or
@@ -43,6 +43,9 @@ pub mod glob;
 mod incr;
 pub mod key;
 pub mod lane;
+mod lane_between;
+#[cfg(test)]
+mod lane_between_tests;
 #[cfg(test)]
 mod lane_tests;
 mod moving;
@@ -105,6 +108,8 @@ pub struct CounterStats {
     pub flushes: AtomicU64,
     pub flush_failures: AtomicU64,
     pub batch_retries: AtomicU64,
+    /// Plain reads sent between two batches of a flush (`lane_between`).
+    pub reads_between: AtomicU64,
     pub backend_writes: AtomicU64,
     pub dropped_deltas: AtomicU64,
     pub flush_micros: AtomicU64,
