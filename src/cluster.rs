@@ -120,9 +120,12 @@ impl Cluster {
         version: u64,
         view: &[ShardInfo],
     ) -> Result<(Topology, Vec<Arc<Shard>>), String> {
+        // Primaries serving slots, and healthy ones serving none yet (a node just added gets
+        // its first slot by a migration, whose -ASK must find it); not a failed one left
+        // without slots by a failover (fan-outs would wait on it).
         let mut primaries: Vec<SocketAddr> = view
             .iter()
-            .filter(|s| !s.ranges.is_empty())
+            .filter(|s| !s.ranges.is_empty() || s.primary().is_some_and(|p| p.health == "online"))
             .filter_map(|s| s.primary().map(|p| p.addr))
             .collect();
         primaries.sort();
