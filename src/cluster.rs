@@ -71,7 +71,7 @@ impl Cluster {
             crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
         loop {
             match c.ask(&[]).await {
-                Ok(view) if view.iter().any(|s| !s.ranges.is_empty()) => {
+                Ok(view) if serves_slots(&view) => {
                     let (t, _) = c.topology_of(1, &view)?;
                     *c.view.lock() = view;
                     return Ok((c, t));
@@ -222,7 +222,7 @@ impl Cluster {
         let first: Vec<SocketAddr> = current.shards.iter().map(|s| s.addr()).collect();
         self.refreshes.fetch_add(1, Ordering::Relaxed);
         let view = match self.ask(&first).await {
-            Ok(v) if v.iter().any(|s| !s.ranges.is_empty()) => v,
+            Ok(v) if serves_slots(&v) => v,
             Ok(_) => return self.failed("the cluster serves no slots".into()),
             Err(e) => return self.failed(e),
         };
@@ -255,6 +255,11 @@ impl Cluster {
         }
         *last = Some(why);
     }
+}
+
+/// Whether a map serves any slot (a cluster still forming serves none).
+fn serves_slots(view: &[ShardInfo]) -> bool {
+    view.iter().any(|s| !s.ranges.is_empty())
 }
 
 /// Whether two topologies route every slot to the same servers.

@@ -283,15 +283,23 @@ impl Shard {
         client: u64,
         frame: Bytes,
     ) -> Option<tokio::sync::oneshot::Receiver<Result<Reply, BackendError>>> {
-        let conn = &self.pool[(client as usize) % self.pool.len()];
+        self.send_as(client, crate::resp::reply::Proto::Resp2, frame)
+    }
+
+    /// The connection assigned to `client` for `proto` (a RESP3 client's among the RESP3
+    /// connections, made on first use); None when nothing may be sent to the shard now: not
+    /// known to be Redis, or known down with that connection not up (fail fast, not after
+    /// the timeout).
+    fn conn_for(&self, client: u64, proto: crate::resp::reply::Proto) -> Option<&BackendConn> {
         if !self.is_verified() {
             return None;
         }
-        if self.is_up() || conn.is_connected() {
-            Some(conn.send(frame))
-        } else {
-            None
-        }
+        let pool = match proto {
+            crate::resp::reply::Proto::Resp2 => &self.pool,
+            _ => self.resp3_pool(),
+        };
+        let conn = &pool[(client as usize) % pool.len()];
+        (self.is_up() || conn.is_connected()).then_some(conn)
     }
 
     /// One command and its reply frame within `wait`, for the control plane (moves, scans,
@@ -323,19 +331,7 @@ impl Shard {
         proto: crate::resp::reply::Proto,
         frame: Bytes,
     ) -> Option<tokio::sync::oneshot::Receiver<Result<Reply, BackendError>>> {
-        if proto == crate::resp::reply::Proto::Resp2 {
-            return self.send(client, frame);
-        }
-        if !self.is_verified() {
-            return None;
-        }
-        let pool = self.resp3_pool();
-        let conn = &pool[(client as usize) % pool.len()];
-        if self.is_up() || conn.is_connected() {
-            Some(conn.send(frame))
-        } else {
-            None
-        }
+        self.conn_for(client, proto).map(|c| c.send(frame))
     }
 
     /// The RESP3 connections, made on first use.
@@ -357,17 +353,7 @@ impl Shard {
         proto: crate::resp::reply::Proto,
         frame: &[u8],
     ) -> Option<tokio::sync::oneshot::Receiver<Result<Reply, BackendError>>> {
-        if !self.is_verified() {
-            return None;
-        }
-        let conn = match proto {
-            crate::resp::reply::Proto::Resp2 => &self.pool[(client as usize) % self.pool.len()],
-            _ => {
-                let pool = self.resp3_pool();
-                &pool[(client as usize) % pool.len()]
-            }
-        };
-        Some(conn.send_asking(frame))
+        self.conn_for(client, proto).map(|c| c.send_asking(frame))
     }
 
     /// [`Shard::lane_send`] after `ASKING`, in one write.

@@ -155,6 +155,7 @@ pub(super) async fn attempt(
         }
         let mut asked = false;
         let mut moved = false;
+        let mut unanswered = false;
         let mut landed: Vec<(usize, Arc<Shard>, u64, Vec<KeyValue>)> = Vec::new();
         // Every part was sent at once: one deadline for all their replies.
         let deadline = tokio::time::Instant::now()
@@ -166,16 +167,13 @@ pub(super) async fn attempt(
         for (i, node, connects, rx) in sent {
             let reply = match tokio::time::timeout_at(deadline, rx).await {
                 Ok(Ok(Ok(r))) => r,
-                Ok(Ok(Err(e))) => {
-                    last_err = Some(e);
-                    continue;
-                }
-                Ok(Err(_)) => {
-                    last_err = Some(BackendError::Lost);
-                    continue;
-                }
-                Err(_) => {
-                    last_err = Some(BackendError::Timeout);
+                failed => {
+                    last_err = Some(match failed {
+                        Ok(Ok(Err(e))) => e,
+                        Ok(Err(_)) => BackendError::Lost,
+                        _ => BackendError::Timeout,
+                    });
+                    unanswered = true;
                     continue;
                 }
             };
@@ -200,43 +198,39 @@ pub(super) async fn attempt(
                 }
             }
         }
-        // One WAIT per node, after all its parts, on the connection that sent them.
-        let mut nodes: Vec<&Arc<Shard>> = Vec::new();
-        for (_, n, _, _) in &landed {
-            if !nodes.iter().any(|m| Arc::ptr_eq(m, n)) {
-                nodes.push(n);
-            }
+        // One WAIT per node, after all its parts, on the one connection that sent them all
+        // (a reconnect in between: not confirmed). Only a node that took a write has
+        // something for its replicas to confirm.
+        type Landed = Vec<(usize, u64, Vec<KeyValue>)>;
+        let mut by_node: BTreeMap<String, (Arc<Shard>, Landed)> = BTreeMap::new();
+        for (i, n, connects, v) in landed {
+            let e = by_node
+                .entry(n.name.clone())
+                .or_insert_with(|| (n, Vec::new()));
+            e.1.push((i, connects, v));
         }
-        let mut confirmed: Vec<String> = Vec::new();
-        for n in nodes {
-            let connects = landed
-                .iter()
-                .filter(|(_, m, _, _)| Arc::ptr_eq(m, n))
-                .map(|(_, _, c, _)| *c)
-                .min()
-                .unwrap_or(0);
-            let all_same = landed
-                .iter()
-                .filter(|(_, m, _, _)| Arc::ptr_eq(m, n))
-                .all(|(_, _, c, _)| *c == connects);
-            // Only a node that took a write has something for its replicas to confirm.
-            let wrote = landed
-                .iter()
-                .any(|(i, m, _, _)| Arc::ptr_eq(m, n) && parts[*i].seq != 0);
-            let ok = match wrote {
-                false => Ok(true),
-                true => n.lane_wait(connects).await.map(|ok| ok && all_same),
+        for (node, done) in by_node.into_values() {
+            let connects = done[0].1;
+            let confirmed = if done.iter().all(|(i, _, _)| parts[*i].seq == 0) {
+                Ok(true)
+            } else if done.iter().any(|(_, c, _)| *c != connects) {
+                Ok(false)
+            } else {
+                node.lane_wait(connects).await
             };
-            match ok {
-                Ok(true) => confirmed.push(n.name.clone()),
+            match confirmed {
+                Ok(true) => {
+                    for (i, _, v) in done {
+                        parts[i].done = Some(v);
+                    }
+                }
                 Ok(false) => last_err = Some(BackendError::Timeout),
                 Err(e) => last_err = Some(e),
             }
         }
-        for (i, n, _, v) in landed {
-            if confirmed.contains(&n.name) {
-                parts[i].done = Some(v);
-            }
+        if unanswered {
+            // A node that did not answer may have failed over: have the map looked at.
+            router.report_stale();
         }
         if moved {
             // Give the map a moment to catch up before the batch's back-off resends.

@@ -2,7 +2,7 @@
 //! what a Redis answers (RESP2 and RESP3); SORT patterns and cross-shard STORE refused;
 //! FUNCTION LOAD on every shard so that FCALL finds it whichever shard its key leads to.
 
-use crate::support::{self, ring_owner, Proxy, Raw, Redis, TempDir};
+use crate::support::{self, ring_owner, Proxy, Redis, TempDir};
 
 /// One function, so that FUNCTION LIST's order is defined.
 const LIBRARY: &str = "#!lua name=lib\nredis.register_function{function_name='getk', callback=function(keys, args) return redis.call('GET', keys[1]) end, flags={'no-writes'}}";
@@ -131,18 +131,8 @@ async fn stream_geo_bitfield_sort_and_function_families_answer_as_redis() {
     let wal = TempDir::new("families");
     let proxy = Proxy::start(support::config(&[&a, &b], &wal)).await;
     for hello in [None, Some("3")] {
-        let (mut p, mut d) = (
-            Raw::connect(proxy.addr).await,
-            Raw::connect(direct.addr().parse().unwrap()).await,
-        );
-        if let Some(v) = hello {
-            p.cmd(&["HELLO", v]).await;
-            d.cmd(&["HELLO", v]).await;
-        }
-        for cmd in SCRIPT {
-            let (got, want) = (p.cmd(cmd).await, d.cmd(cmd).await);
-            assert_eq!(got, want, "{cmd:?} (HELLO {hello:?})");
-        }
+        let (mut p, mut d) = support::raw_pair(proxy.addr, &direct, hello).await;
+        support::assert_same_replies(&mut p, &mut d, SCRIPT, hello).await;
         for s in [&a, &b, &direct] {
             s.cmd(&["FLUSHALL"]);
         }

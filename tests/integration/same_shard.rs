@@ -89,18 +89,8 @@ async fn same_shard_commands_answer_as_redis_in_both_protocols() {
     let wal = TempDir::new("same-shard");
     let proxy = Proxy::start(config(&[&a, &b], &wal)).await;
     for hello in [None, Some("3")] {
-        let (mut p, mut d) = (
-            Raw::connect(proxy.addr).await,
-            Raw::connect(direct.addr().parse().unwrap()).await,
-        );
-        if let Some(v) = hello {
-            p.cmd(&["HELLO", v]).await;
-            d.cmd(&["HELLO", v]).await;
-        }
-        for cmd in SCRIPT {
-            let (got, want) = (p.cmd(cmd).await, d.cmd(cmd).await);
-            assert_eq!(got, want, "{cmd:?} (HELLO {hello:?})");
-        }
+        let (mut p, mut d) = support::raw_pair(proxy.addr, &direct, hello).await;
+        support::assert_same_replies(&mut p, &mut d, SCRIPT, hello).await;
         // FLUSHALL through the proxy empties both shards, as on the direct server.
         assert_eq!(p.cmd(&["FLUSHALL"]).await, d.cmd(&["FLUSHALL"]).await);
         assert_eq!(p.cmd(&["DBSIZE"]).await, ":0\r\n");

@@ -3,7 +3,7 @@
 //! would cross and EXECABORT after it, WATCH conflicts, counter increments inside a
 //! transaction counted once, and the dedicated connection released afterwards.
 
-use crate::support::{self, ring_owner, Proxy, Raw, Redis, TempDir};
+use crate::support::{self, ring_owner, Proxy, Redis, TempDir};
 use std::time::Duration;
 
 const CROSSSLOT: &str = "-CROSSSLOT Keys in request don't hash to the same slot\r\n";
@@ -62,18 +62,8 @@ async fn transactions_answer_as_redis_in_both_protocols() {
     let wal = TempDir::new("txn");
     let proxy = Proxy::start(support::config(&[&a, &b], &wal)).await;
     for hello in [None, Some("3")] {
-        let (mut p, mut d) = (
-            Raw::connect(proxy.addr).await,
-            Raw::connect(direct.addr().parse().unwrap()).await,
-        );
-        if let Some(v) = hello {
-            p.cmd(&["HELLO", v]).await;
-            d.cmd(&["HELLO", v]).await;
-        }
-        for cmd in SCRIPT {
-            let (got, want) = (p.cmd(cmd).await, d.cmd(cmd).await);
-            assert_eq!(got, want, "{cmd:?} (HELLO {hello:?})");
-        }
+        let (mut p, mut d) = support::raw_pair(proxy.addr, &direct, hello).await;
+        support::assert_same_replies(&mut p, &mut d, SCRIPT, hello).await;
         // Pipelined as one write: the same bytes.
         let mut burst = Vec::new();
         for cmd in [

@@ -804,3 +804,30 @@ pub fn int_reply(reply: &str) -> i64 {
         .parse()
         .unwrap()
 }
+
+/// A raw connection to the proxy at `proxy` and one to `direct`, both switched to `hello`
+/// (`Some("3")`: RESP3; None: RESP2 as connected), for byte-for-byte comparisons.
+pub async fn raw_pair(proxy: SocketAddr, direct: &Redis, hello: Option<&str>) -> (Raw, Raw) {
+    let (mut p, mut d) = (
+        Raw::connect(proxy).await,
+        Raw::connect(direct.addr().parse().unwrap()).await,
+    );
+    if let Some(v) = hello {
+        p.cmd(&["HELLO", v]).await;
+        d.cmd(&["HELLO", v]).await;
+    }
+    (p, d)
+}
+
+/// Sends each command of `script` to both connections and asserts the same reply bytes.
+pub async fn assert_same_replies(
+    p: &mut Raw,
+    d: &mut Raw,
+    script: &[&[&str]],
+    hello: Option<&str>,
+) {
+    for cmd in script {
+        let (got, want) = (p.cmd(cmd).await, d.cmd(cmd).await);
+        assert_eq!(got, want, "{cmd:?} (HELLO {hello:?})");
+    }
+}
