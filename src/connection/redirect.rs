@@ -42,6 +42,11 @@ pub(crate) async fn follow(
     let Some(cluster) = &ctx.cluster else {
         return (first, shard.clone());
     };
+    if first.is_err() {
+        // No reply: the node may have failed over; have the map looked at (the command is
+        // not sent again: it may have run).
+        ctx.router.report_stale();
+    }
     let mut reply = first;
     let mut at = shard.clone();
     let mut asking = false;

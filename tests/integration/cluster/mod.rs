@@ -8,6 +8,7 @@
 
 mod faults;
 mod migrate;
+mod redirects;
 mod replies;
 mod windows;
 
