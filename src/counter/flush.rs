@@ -24,6 +24,7 @@ impl Engine {
     ) -> Vec<(Bytes, i64)> {
         let mut out = Vec::new();
         let mut taken = 0usize;
+        let mut spilled = 0usize;
         // In a cluster a key's slot must be free or this lane's (see `slot_holds`).
         let holds = self.holds.as_ref();
         let may_take = |key: &[u8]| match holds {
@@ -47,6 +48,8 @@ impl Engine {
             Some(keys) => {
                 for k in keys {
                     let mut stripe = self.lock(k);
+                    // Its window delta leaves the entry first (the entry stops being dirty).
+                    spilled += stripe.spill_key(k);
                     if let Some(e) = stripe.map.get_mut(&k[..]) {
                         if e.flags & DIRTY != 0 && may_take(k) {
                             take_entry(k, e, &mut out);
@@ -61,6 +64,9 @@ impl Engine {
                         break;
                     }
                     let mut stripe = s.lock.lock();
+                    // Window deltas held in the entries of this shard's keys go to their own
+                    // entries first, so that this take sees them (and takes them).
+                    spilled += stripe.spill_all(|k| topo.shard_index(k) == idx);
                     for (k, e) in stripe.map.iter_mut() {
                         if out.len() >= limit {
                             break;
@@ -75,6 +81,7 @@ impl Engine {
                 }
             }
         }
+        self.dirty_keys.fetch_add(spilled, Ordering::Relaxed);
         self.dirty_keys.fetch_sub(taken, Ordering::Relaxed);
         if self.dirty_keys.load(Ordering::Relaxed) <= self.max_pending_keys {
             self.early_flush_armed.store(true, Ordering::Relaxed);
@@ -255,7 +262,9 @@ impl Engine {
 
     pub async fn flush_all(&self) -> bool {
         let started = unix_ms();
-        let started_wall = self.clock_wall.now_secs();
+        // The increments' own clock (the ticker's): every one counted after this read is
+        // stamped this second or later.
+        let started_wall = self.window_second();
         let lanes = self.lanes();
         let waits: Vec<_> = lanes.iter().map(|l| l.flush()).collect();
         let mut ok = true;

@@ -114,6 +114,9 @@ impl Engine {
         for cell in self.stripes.iter() {
             let mut guard = cell.lock.lock();
             let stripe = &mut *guard;
+            // Window deltas held in entries are cancelled under their own keys below.
+            let spilled = stripe.spill_all(|k| topo.shard_index(k) == idx);
+            self.dirty_keys.fetch_add(spilled, Ordering::Relaxed);
             let mut log = std::mem::take(&mut stripe.log);
             let mut unflushed = 0i64;
             stripe.map.retain(|k, e: &mut Entry| {

@@ -1,11 +1,12 @@
 //! The hot increment: INCR/INCRBY/DECR/DECRBY buffered into a key's pending delta under
 //! its stripe's lock, answered `base + inflight + pending`, with its log record appended in
-//! the same critical section (and the window deltas of a windowed key beside it).
+//! the same critical section (and the window delta of a windowed key beside it: in the
+//! entry itself while its second lasts, see `window_now`).
 //!
 //! Owns the decision to buffer or refuse. Does not own the base (`cache`) or landing
 //! (`flush`).
 
-use super::stripe::{stripe_of, BaseState, Entry, Stripe, DIRTY};
+use super::stripe::{stripe_of, BaseState, Entry, Stripe, DIRTY, NOT_WINDOWED, WINDOWED};
 use super::{wal, windows, Engine, Incr, Refusal};
 use std::sync::atomic::Ordering;
 
@@ -30,7 +31,6 @@ impl Engine {
         if self.log_failed() {
             return Incr::Refused(Refusal::LogFailed);
         }
-        let window_at = self.is_windowed(key).then(|| self.clock_wall.now_secs());
         let now = self.now_ms();
         let cell = &self.stripes[stripe_of(key)];
         let mut guard = cell.lock.lock();
@@ -83,22 +83,37 @@ impl Engine {
             e.flags |= DIRTY;
             self.note_dirty();
         }
+        let windowed = match e.windowed {
+            WINDOWED => true,
+            NOT_WINDOWED => false,
+            _ => {
+                let w = self.is_windowed(key);
+                e.windowed = if w { WINDOWED } else { NOT_WINDOWED };
+                w
+            }
+        };
+        let t = if windowed { self.window_second() } else { 0 };
+        // Same stripe, same lock, same log buffer: the increment and its window delta reach
+        // the log in one write, or neither does.
+        let held = if windowed && !self.memory_mode {
+            Some(self.count_window_now(&mut stripe.log, e, key, t, delta))
+        } else {
+            if self.wal.is_some() {
+                wal::encode_incr(&mut stripe.log, key, delta);
+            }
+            None
+        };
         if self.wal.is_some() {
-            wal::encode_incr(&mut stripe.log, key, delta);
             cell.has_log.store(true, Ordering::SeqCst);
         }
-        if let Some(t) = window_at {
-            // Same stripe, same lock, same log buffer: the increment and its window
-            // delta reach the log in one write, or neither does.
-            if self.memory_mode {
-                // No shard to expand a window delta into buckets: the buckets are entries
-                // here, one per kept granularity; `sweep_windows` drops them past retention.
-                for g in (0..windows::GRANULARITIES).filter(|&g| self.windows.kept(g)) {
-                    let bucket = t - t % windows::SIZE[g];
-                    self.add_window_delta(stripe, windows::LETTER[g], bucket, key, delta);
-                }
-            } else {
-                self.add_window_delta(stripe, windows::ALL, t, key, delta);
+        if let Some(add) = held {
+            self.apply_spills(stripe, key, t, delta, add);
+        } else if windowed {
+            // No shard to expand a window delta into buckets: the buckets are entries here,
+            // one per kept granularity; `sweep_windows` drops them past retention.
+            for g in (0..windows::GRANULARITIES).filter(|&g| self.windows.kept(g)) {
+                let bucket = t - t % windows::SIZE[g];
+                self.add_window_delta(stripe, windows::LETTER[g], bucket, key, delta);
             }
         }
         stripe.increments += 1;

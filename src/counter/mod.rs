@@ -19,7 +19,8 @@
 //! A key used after half its TTL is re-read in the background (`refresh_ahead`), so keys in
 //! use do not go stale. An increment of a windowed key also adds to a *window delta* entry
 //! (see [`windows`]) in the same stripe, under the same lock: window deltas are entries
-//! like any other for the log, the flush and the replay. INFO's figures are running totals
+//! like any other for the log, the flush and the replay (the current second's is held in
+//! the key's own entry until something else looks: `window_now`). INFO's figures are running totals
 //! kept per stripe, never a walk over the keys.
 //!
 //! With no shards (memory mode) the entries are the counters themselves and never expire;
@@ -28,7 +29,8 @@
 //! One idea per file: `stripe` (the entry table), `incr` (the hot increment), `cache` (bases,
 //! freshness, reads), `flush` (taking, settling, the background jobs), `forget` (FLUSHDB and FLUSHALL),
 //! `recovery` (the
-//! engine's side of the log), `moving` (values moved by a rebalance), `window_deltas`;
+//! engine's side of the log), `moving` (values moved by a rebalance), `window_deltas`, `window_now` (the current
+//! second's window delta in the key's entry);
 //! `lane` (the exactly-once round trips), `lane_between` (reads between a flush's batches), `wal` (the log's file and format), `windows`
 //! (bucket layout and queries).
 //!
@@ -55,6 +57,7 @@ mod slot_holds;
 mod stripe;
 pub mod wal;
 mod window_deltas;
+mod window_now;
 pub mod windows;
 
 pub use flush::spawn_background;
@@ -155,6 +158,8 @@ pub struct Engine {
     windows: windows::Windows,
     /// The wall clock window buckets are stamped with.
     clock_wall: crate::clock::Clock,
+    /// Its seconds as of the last clock tick (0: no ticker, or a test's manual clock).
+    wall_secs: AtomicU64,
     /// No window delta of an increment stamped before this second is in the proxy: every
     /// one older has landed (raised by each flush that landed everything).
     window_floor: AtomicU64,
@@ -218,6 +223,7 @@ impl Engine {
             windows,
             window_floor: AtomicU64::new(clock.now_secs()),
             clock_wall: clock,
+            wall_secs: AtomicU64::new(0),
             // In memory mode every window entry is per bucket (see `incr`).
             moved_windows: AtomicBool::new(memory_mode),
             activity: Default::default(),
@@ -269,6 +275,10 @@ impl Engine {
     /// Keeps the coarse clock (every 2 ms): one clock read per tick instead of per request.
     pub fn tick_clock(&self) {
         self.clock.store(self.read_clock(), Ordering::Relaxed);
+        if !self.clock_wall.is_manual() {
+            self.wall_secs
+                .store(self.clock_wall.now_secs(), Ordering::Relaxed);
+        }
     }
 
     fn read_clock(&self) -> u32 {

@@ -143,9 +143,12 @@ impl Engine {
             }
         }
         let mut pending = Vec::new();
+        let mut spilled = 0;
         for (g, cell) in guards.iter_mut().zip(self.stripes.iter()) {
             tail.append(&mut g.log);
             cell.has_log.store(false, Ordering::SeqCst);
+            // The checkpoint lists window deltas under their own keys (see `window_now`).
+            spilled += g.spill_all(|_| true);
             for (k, e) in g.map.iter() {
                 if e.flags == 0 {
                     continue;
@@ -159,6 +162,7 @@ impl Engine {
                 }
             }
         }
+        self.dirty_keys.fetch_add(spilled, Ordering::Relaxed);
         let moved = self.moved.lock().clone();
         (tail, pending, moved)
     }

@@ -45,7 +45,17 @@ pub(super) struct Entry {
     pub(super) flags: u8,
     /// A read-ahead of the base is queued on the lane (see [`Engine::refresh_ahead`]).
     pub(super) refreshing: bool,
+    /// Whether increments of this key count into time windows, once asked: [`WINDOWED`],
+    /// [`NOT_WINDOWED`], or 0 (not asked yet). The answer is fixed for the engine's life.
+    pub(super) windowed: u8,
+    /// The window delta of the second `win_t` (Unix seconds), kept here rather than in its
+    /// own entry while the second lasts (see `window_now`); 0: none.
+    pub(super) win: i32,
+    pub(super) win_t: u32,
 }
+
+pub(super) const WINDOWED: u8 = 1;
+pub(super) const NOT_WINDOWED: u8 = 2;
 
 impl Entry {
     pub(super) const NEW: Entry = Entry {
@@ -56,6 +66,9 @@ impl Entry {
         state: BaseState::Unknown,
         flags: 0,
         refreshing: false,
+        windowed: 0,
+        win: 0,
+        win_t: 0,
     };
 
     pub(super) fn exists(&self) -> bool {

@@ -5,6 +5,9 @@
 //! - `Incr { key, delta }`: an increment, appended before its reply is written. The engine
 //!   appends it into the buffer of the map shard it already holds locked, so the hot path
 //!   takes no extra lock; a commit drains every buffer into the file in one write.
+//! - `WindowedIncr { key, delta, second }`: an increment of a windowed key, which replays as
+//!   `delta` to `key` and to its window delta `tally:p:a<second>key` (one record for both: see
+//!   `window_now`). A log with these records cannot be read by a proxy older than them.
 //! - `Batch { seq, shard, items }`: deltas a lane took for a flush; written (and, with
 //!   `fsync = "always"`, synced) before the batch is sent.
 //! - `Applied { seq }`: the shard confirmed the batch.
@@ -53,6 +56,7 @@ const CHECKPOINT: u8 = 4;
 const PLACEMENT: u8 = 5;
 const MOVED: u8 = 6;
 const MARKED: u8 = 7;
+const WINDOWED_INCR: u8 = 8;
 /// Longest record accepted on replay; anything claiming more is corruption.
 const MAX_RECORD: usize = 1 << 30;
 
@@ -680,15 +684,27 @@ fn frame(out: &mut Vec<u8>, kind: u8, payload: &[u8]) {
 
 /// Appends an `Incr` record (called by the engine under its map shard lock).
 pub fn encode_incr(out: &mut Vec<u8>, key: &[u8], delta: i64) {
-    let len = (1 + 4 + key.len() + 8) as u32;
+    encode_key_delta(out, INCR, key, delta, None);
+}
+
+/// Appends a `WindowedIncr` record: `delta` to `key` and to its window delta of second `t`.
+pub fn encode_windowed_incr(out: &mut Vec<u8>, key: &[u8], delta: i64, t: u64) {
+    encode_key_delta(out, WINDOWED_INCR, key, delta, Some(t));
+}
+
+fn encode_key_delta(out: &mut Vec<u8>, kind: u8, key: &[u8], delta: i64, t: Option<u64>) {
+    let len = (1 + 4 + key.len() + 8 + if t.is_some() { 8 } else { 0 }) as u32;
     out.extend_from_slice(&len.to_le_bytes());
     let crc_at = out.len();
     out.extend_from_slice(&[0; 4]);
     let body = out.len();
-    out.push(INCR);
+    out.push(kind);
     out.extend_from_slice(&(key.len() as u32).to_le_bytes());
     out.extend_from_slice(key);
     out.extend_from_slice(&delta.to_le_bytes());
+    if let Some(t) = t {
+        out.extend_from_slice(&t.to_le_bytes());
+    }
     // One pass over the record in place (the framing of `frame`, without a copy).
     let crc = crc32fast::hash(&out[body..]);
     out[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
@@ -865,11 +881,17 @@ impl<'a> Cursor<'a> {
 fn apply(rec: &mut Recovered, kind: u8, payload: &[u8]) -> Option<()> {
     let mut c = Cursor(payload);
     match kind {
-        INCR => {
+        INCR | WINDOWED_INCR => {
             let kl = c.u32()? as usize;
-            let k = Bytes::copy_from_slice(c.take(kl)?);
+            let key = c.take(kl)?;
             let d = c.i64()?;
-            let e = rec.pending.entry(k).or_insert(0);
+            if kind == WINDOWED_INCR {
+                let t = c.u64()?;
+                let w = Bytes::from(super::windows::pending_key(super::windows::ALL, t, key));
+                let e = rec.pending.entry(w).or_insert(0);
+                *e = e.wrapping_add(d);
+            }
+            let e = rec.pending.entry(Bytes::copy_from_slice(key)).or_insert(0);
             *e = e.wrapping_add(d);
         }
         BATCH => {
@@ -1055,6 +1077,23 @@ mod tests {
         assert_eq!(r.unapplied.keys().copied().collect::<Vec<_>>(), vec![11]);
         assert_eq!(r.next_seq, 12);
         assert_eq!(r.truncated_bytes, 0);
+    }
+
+    #[test]
+    fn a_windowed_incr_replays_as_the_key_and_its_window_delta() {
+        use super::super::windows::{pending_key, ALL};
+        let mut b = Vec::new();
+        encode_windowed_incr(&mut b, b"visits:a", 3, 1_800_000_000);
+        encode_windowed_incr(&mut b, b"visits:a", 2, 1_800_000_001);
+        encode_incr(&mut b, b"visits:a", 1);
+        let w0 = Bytes::from(pending_key(ALL, 1_800_000_000, b"visits:a"));
+        let w1 = Bytes::from(pending_key(ALL, 1_800_000_001, b"visits:a"));
+        encode_batch(&mut b, 10, "s1", &[(w0.clone(), 3)]);
+        let r = roundtrip(&b);
+        assert_eq!(r.pending[&Bytes::from_static(b"visits:a")], 6);
+        assert_eq!(r.pending[&w0], 0);
+        assert_eq!(r.pending[&w1], 2);
+        assert_eq!(r.pending.len(), 3);
     }
 
     #[test]

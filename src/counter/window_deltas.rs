@@ -68,7 +68,10 @@ impl Engine {
         let lo = lo.max(self.window_floor.load(Ordering::Relaxed));
         let hi = hi.min(now.saturating_add(2));
         let moved = self.moved_windows.load(Ordering::Relaxed);
-        let stripe = self.lock(key);
+        let mut stripe = self.lock(key);
+        // The current second's delta, if the entry holds it, is read as its own entry.
+        let spilled = stripe.spill_key(key);
+        self.dirty_keys.fetch_add(spilled, Ordering::Relaxed);
         let mut seconds = Vec::new();
         let value = |e: &Entry| e.pending.wrapping_add(e.inflight);
         if lo < hi {
