@@ -625,7 +625,7 @@ async fn round(
         gap = true;
         let Some(b) = batches.next() else { break };
         if let Some(a) = &mut ahead {
-            a.sent(&b);
+            a.sent();
         }
         all_ok &= send_batch(lane, engine, b, &mut waiters, flushers).await;
     }
