@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod fake_node;
 pub mod load;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
