@@ -602,6 +602,8 @@ pub struct ProxyProcess {
     child: Option<Child>,
     pub port: u16,
     pub http: u16,
+    /// The config file it was started with (SIGHUP re-reads it).
+    config: PathBuf,
 }
 
 impl ProxyProcess {
@@ -727,6 +729,7 @@ impl ProxyProcess {
             child: Some(child),
             port,
             http,
+            config: cfg,
         };
         assert!(
             wait_until(Duration::from_secs(10), || ping(port)),
@@ -744,6 +747,13 @@ impl ProxyProcess {
             let _ = c.kill(); // SIGKILL
             let _ = c.wait();
         }
+    }
+
+    /// Replaces `from` (which must occur) with `to` in its config file, for a SIGHUP.
+    pub fn edit_config(&self, from: &str, to: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        assert!(text.contains(from), "{from:?} not in the config:\n{text}");
+        std::fs::write(&self.config, text.replace(from, to)).unwrap();
     }
 
     /// Sends `signal` (e.g. "HUP") to the process, by PID.
