@@ -256,15 +256,19 @@ impl Redirect {
         }
     }
 
-    /// A raw reply's redirect, if it is one (counted in the metrics): the cheap test first.
+    /// Counts this redirection in the metrics (`tallyproxy_cluster_redirects_total`): called
+    /// by whoever acts on it, e.g. `Redirect::of_raw(raw).inspect(Redirect::count)`.
+    pub fn count(&self) {
+        crate::metrics::global().count_redirect(self.kind());
+    }
+
+    /// A raw reply's redirect, if it is one: the cheap test first. Pure (see [`Redirect::count`]).
     pub fn of_raw(raw: &Bytes) -> Option<Redirect> {
         if raw.first() != Some(&b'-') {
             return None;
         }
         let end = raw.iter().position(|&b| b == b'\r').unwrap_or(raw.len());
-        let r = Redirect::parse(std::str::from_utf8(&raw[1..end]).ok()?)?;
-        crate::metrics::global().count_redirect(r.kind());
-        Some(r)
+        Redirect::parse(std::str::from_utf8(&raw[1..end]).ok()?)
     }
 }
 

@@ -21,7 +21,7 @@ pub mod keyspace;
 pub mod local;
 pub mod multi;
 pub mod pubsub;
-mod redirect;
+pub mod redirect;
 pub mod same_shard;
 pub mod transaction;
 

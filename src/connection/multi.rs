@@ -1,5 +1,6 @@
-//! Multi-key commands: MGET, MSET, DEL, UNLINK, EXISTS, TOUCH split by shard, sent in
-//! parallel, merged (values in key order, integers summed, `+OK` when every shard says so).
+//! Multi-key commands: MGET, MSET, DEL, UNLINK, EXISTS, TOUCH split by place (the shard in
+//! a ring, the slot in a cluster: `Topology::place`), sent in parallel, merged (values in
+//! key order, integers summed, `+OK` when every shard says so).
 //!
 //! The common case is not a barrier: when no key needs its lane (MGET keys are cached or
 //! unknown to the engine; writes touch no key with unflushed increments), the per-shard
@@ -58,14 +59,50 @@ impl Gather {
     }
 }
 
-/// Where each key goes: answered now, through its lane, or as a plain piece per shard.
+/// Where each key goes: answered now, through its lane, or as a plain piece per place.
 struct Plan {
     keys: Vec<Bytes>,
     values: Vec<Option<Bytes>>,
     lane: Vec<usize>,
-    /// Key positions per piece: per shard index in a ring, per `places` entry in a cluster.
-    per_shard: Vec<Vec<usize>>,
+    pieces: Pieces,
+}
+
+/// The keys' positions grouped by [`Topology::place`] (the unit served whole by one
+/// command: the shard in a ring, the slot in a cluster), in order of each place's first key.
+#[derive(Default)]
+struct Pieces {
     places: Vec<usize>,
+    keys: Vec<Vec<usize>>,
+    /// Place -> piece, built once there are more pieces than a scan should walk (a cluster
+    /// MGET may touch thousands of slots).
+    index: Option<std::collections::HashMap<usize, usize>>,
+}
+
+impl Pieces {
+    const SCAN: usize = 16;
+
+    fn push(&mut self, place: usize, key: usize) {
+        let found = match &self.index {
+            Some(index) => index.get(&place).copied(),
+            None => self.places.iter().position(|&p| p == place),
+        };
+        let i = found.unwrap_or_else(|| {
+            self.places.push(place);
+            self.keys.push(Vec::new());
+            let i = self.places.len() - 1;
+            match &mut self.index {
+                Some(index) => {
+                    index.insert(place, i);
+                }
+                None if self.places.len() > Self::SCAN => {
+                    self.index = Some(self.places.iter().copied().zip(0..).collect());
+                }
+                None => {}
+            }
+            i
+        });
+        self.keys[i].push(key);
+    }
 }
 
 fn plan(ctx: &Context, topo: &Topology, merge: Merge, args: &[Bytes], proto: Proto) -> Plan {
@@ -74,12 +111,7 @@ fn plan(ctx: &Context, topo: &Topology, merge: Merge, args: &[Bytes], proto: Pro
     let mut p = Plan {
         values: vec![None; keys.len()],
         lane: Vec::new(),
-        per_shard: if topo.is_cluster() {
-            Vec::new()
-        } else {
-            vec![Vec::new(); topo.shards.len()]
-        },
-        places: Vec::new(),
+        pieces: Pieces::default(),
         keys,
     };
     let engine = &ctx.engine;
@@ -106,27 +138,14 @@ fn plan(ctx: &Context, topo: &Topology, merge: Merge, args: &[Bytes], proto: Pro
                 p.lane.push(slot);
             }
         }
-        // One piece per shard in a ring; per slot in a cluster (a node refuses a command
-        // whose keys span slots), found by a scan of the few pieces of a typical command.
-        let piece = if topo.is_cluster() {
-            let place = topo.place(k);
-            match p.places.iter().position(|&x| x == place) {
-                Some(i) => i,
-                None => {
-                    p.places.push(place);
-                    p.per_shard.push(Vec::new());
-                    p.places.len() - 1
-                }
-            }
-        } else {
-            topo.shard_index(k)
-        };
-        p.per_shard[piece].push(slot);
+        // One piece per place: per shard in a ring, per slot in a cluster (a node refuses a
+        // command whose keys span slots).
+        p.pieces.push(topo.place(k), slot);
     }
     p
 }
 
-/// Queues one piece per shard on the client's connections.
+/// Queues one piece per place on the client's connections.
 fn send_parts(
     ctx: &Context,
     (client, proto): (u64, Proto),
@@ -146,11 +165,10 @@ fn send_parts(
         }
     }
     let parts = p
-        .per_shard
+        .pieces
+        .keys
         .into_iter()
-        .enumerate()
-        .filter(|(_, slots)| !slots.is_empty())
-        .map(|(_, slots)| {
+        .map(|slots| {
             let shard = topo.shard_for(&p.keys[slots[0]]).clone();
             let mut cmd = Vec::with_capacity(1 + slots.len() * 2);
             cmd.push(name.clone());
@@ -387,5 +405,38 @@ fn encode_frame(out: &mut BytesMut, f: &BytesFrame, proto: Proto) {
                 encode_frame(out, i, proto);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pieces;
+
+    /// Keys grouped by place in order of each place's first key, the same whether the
+    /// pieces are found by a scan or (past `Pieces::SCAN`) by the index.
+    #[test]
+    fn pieces_group_keys_by_place_in_first_key_order() {
+        let mut few = Pieces::default();
+        for (key, place) in [2, 0, 2, 1, 0].into_iter().enumerate() {
+            few.push(place, key);
+        }
+        assert_eq!(few.places, vec![2, 0, 1]);
+        assert_eq!(few.keys, vec![vec![0, 2], vec![1, 4], vec![3]]);
+        assert!(few.index.is_none());
+
+        let mut many = Pieces::default();
+        let places: Vec<usize> = (0..3000).map(|k| (k * 7919) % 1000).collect();
+        for (key, &place) in places.iter().enumerate() {
+            many.push(place, key);
+        }
+        assert!(many.index.is_some());
+        assert_eq!(many.places.len(), 1000);
+        for (piece, keys) in many.keys.iter().enumerate() {
+            assert!(keys.iter().all(|&k| places[k] == many.places[piece]));
+            assert!(keys.windows(2).all(|w| w[0] < w[1]));
+        }
+        let firsts: Vec<usize> = many.keys.iter().map(|k| k[0]).collect();
+        assert!(firsts.windows(2).all(|w| w[0] < w[1]), "first-key order");
+        assert_eq!(many.keys.iter().map(Vec::len).sum::<usize>(), 3000);
     }
 }

@@ -54,7 +54,7 @@ pub(crate) async fn follow(
     let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(400));
     for _ in 0..MAX_HOPS {
         let redirect = match &reply {
-            Ok(r) => Redirect::of_raw(&r.raw),
+            Ok(r) => Redirect::of_raw(&r.raw).inspect(Redirect::count),
             Err(_) => None,
         };
         let Some(redirect) = redirect else { break };

@@ -177,7 +177,7 @@ pub(super) async fn attempt(
                     continue;
                 }
             };
-            match Redirect::of_raw(&reply.raw) {
+            match Redirect::of_raw(&reply.raw).inspect(Redirect::count) {
                 Some(Redirect::Ask { addr, .. }) => {
                     parts[i].ask = Some(addr);
                     asked = true;

@@ -473,16 +473,22 @@ async fn run(lane: Arc<Lane>) {
             for (frame, on_reply) in between {
                 let rx = lane.shard.lane_send(frame);
                 let r = match tokio::time::timeout(lane.shard.timeout, rx).await {
-                    // A cluster slot that moved away: the reader is told to try again (the
-                    // map is looked at again), never shown the redirection.
-                    Ok(Ok(Ok(reply)))
-                        if engine.holds.is_some()
-                            && crate::backend::cluster::Redirect::of_raw(&reply.raw).is_some() =>
-                    {
-                        engine.router().report_stale();
-                        Err(LaneError::Unavailable)
+                    Ok(Ok(Ok(reply))) => {
+                        // A cluster slot that moved away: the reader is told to try again
+                        // (the map is looked at again), never shown the redirection.
+                        let redirect = engine
+                            .holds
+                            .as_ref()
+                            .and_then(|_| crate::backend::cluster::Redirect::of_raw(&reply.raw));
+                        match redirect {
+                            Some(r) => {
+                                r.count();
+                                engine.router().report_stale();
+                                Err(LaneError::Unavailable)
+                            }
+                            None => Ok(reply.frame),
+                        }
                     }
-                    Ok(Ok(Ok(reply))) => Ok(reply.frame),
                     Ok(Ok(Err(BackendError::Timeout))) | Err(_) => Err(LaneError::Timeout),
                     Ok(_) => Err(LaneError::Unavailable),
                 };

@@ -4,12 +4,16 @@
 //! node that owns it: 0 lost, 0 doubled, no key on two nodes. In steady state (with replies
 //! byte for byte against the cluster), while slots are resharded, through `CLUSTER
 //! FAILOVER`, through `kill -9` of a primary with `wait_replicas = 1`, with the proxy killed
-//! mid-reshard and restarted; and time windows and `/visits` over the cluster.
+//! mid-reshard and restarted; time windows and `/visits` over the cluster; the seeds re-read
+//! on SIGHUP (`reload`). What a real cluster cannot be made to do on demand (`-TRYAGAIN`,
+//! `-CLUSTERDOWN`, a burst of `-MOVED`) is played by a fake node (`retries`).
 
 mod faults;
 mod migrate;
 mod redirects;
+mod reload;
 mod replies;
+mod retries;
 mod windows;
 
 use crate::support::cluster::Cluster;

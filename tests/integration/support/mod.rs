@@ -4,7 +4,11 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod fake_node;
 pub mod load;
+mod sentinel;
+
+pub use sentinel::Sentinel;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
@@ -88,35 +92,7 @@ impl Redis {
     }
 
     fn spawn(&mut self) {
-        for attempt in 0..5 {
-            let child = Command::new("redis-server")
-                .args([
-                    "--port",
-                    &self.port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
-                .arg("--dir")
-                .arg(self.dir.path())
-                .args(&self.extra)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server must be installed (scripts/ensure-deps.sh)");
-            self.child = Some(child);
-            if wait_until(Duration::from_secs(5), || ping(self.port)) {
-                return;
-            }
-            self.stop();
-            if attempt < 4 {
-                self.port = free_port();
-            }
-        }
-        panic!("redis-server did not start");
+        launch_retrying(self, "redis-server");
     }
 
     pub fn addr(&self) -> String {
@@ -186,10 +162,67 @@ impl Redis {
     }
 }
 
+impl Launch for Redis {
+    fn launch(&mut self) -> bool {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/ensure-deps.sh)");
+        self.child = Some(child);
+        wait_until(Duration::from_secs(5), || ping(self.port))
+    }
+
+    fn stop(&mut self) {
+        Redis::stop(self);
+    }
+
+    fn port_mut(&mut self) -> &mut u16 {
+        &mut self.port
+    }
+}
+
 impl Drop for Redis {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A server process the support starts on a port of its own.
+trait Launch {
+    /// Starts the process on its port; true once it answers PING (within 5 s).
+    fn launch(&mut self) -> bool;
+    /// Stops the process (SIGKILL by PID), if it runs.
+    fn stop(&mut self);
+    fn port_mut(&mut self) -> &mut u16;
+}
+
+/// Launches `server`, moving it to a fresh free port when it does not come up on its own
+/// (another process may have taken the port since [`free_port`] found it): at most 5 tries.
+fn launch_retrying(server: &mut impl Launch, what: &str) {
+    for attempt in 0..5 {
+        if server.launch() {
+            return;
+        }
+        server.stop();
+        if attempt < 4 {
+            *server.port_mut() = free_port();
+        }
+    }
+    panic!("{what} did not start");
 }
 
 pub fn ping(port: u16) -> bool {
@@ -472,114 +505,6 @@ pub fn ring_owner(shards: &[&Redis], key: &str) -> u16 {
     shards[ring.locate(key.as_bytes())].port
 }
 
-/// A Redis Sentinel (`redis-server <conf> --sentinel`) on a free port, monitoring
-/// `masters` (name, primary's port) with a quorum of 2, killed by PID on drop.
-pub struct Sentinel {
-    pub port: u16,
-    child: Option<Child>,
-    dir: TempDir,
-    masters: Vec<(String, u16)>,
-}
-
-impl Sentinel {
-    pub fn start(masters: &[(&str, u16)]) -> Sentinel {
-        let mut s = Sentinel {
-            port: free_port(),
-            child: None,
-            dir: TempDir::new("sentinel"),
-            masters: masters.iter().map(|(n, p)| (n.to_string(), *p)).collect(),
-        };
-        s.spawn();
-        s
-    }
-
-    fn spawn(&mut self) {
-        for attempt in 0..5 {
-            let mut conf = format!(
-                "port {}\nbind 127.0.0.1\ndir {}\nsentinel resolve-hostnames no\n",
-                self.port,
-                self.dir.path().display()
-            );
-            for (name, port) in &self.masters {
-                conf.push_str(&format!(
-                    "sentinel monitor {name} 127.0.0.1 {port} 2\n\
-                     sentinel down-after-milliseconds {name} 1000\n\
-                     sentinel failover-timeout {name} 5000\n"
-                ));
-            }
-            std::fs::write(self.dir.path().join("sentinel.conf"), conf).unwrap();
-            if self.launch() {
-                return;
-            }
-            self.stop();
-            if attempt < 4 {
-                self.port = free_port();
-            }
-        }
-        panic!("redis sentinel did not start");
-    }
-
-    pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// Stops the sentinel (SIGKILL by PID).
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Starts it again on the same port, with the configuration it rewrote meanwhile.
-    pub fn restart(&mut self) {
-        self.stop();
-        assert!(self.launch(), "sentinel restarted");
-    }
-
-    /// Runs `redis-server sentinel.conf --sentinel` from its directory; true once it answers
-    /// PING (within 5 s).
-    fn launch(&mut self) -> bool {
-        let child = Command::new("redis-server")
-            .arg(self.dir.path().join("sentinel.conf"))
-            .arg("--sentinel")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (scripts/ensure-deps.sh)");
-        self.child = Some(child);
-        wait_until(Duration::from_secs(5), || ping(self.port))
-    }
-
-    pub fn cmd(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{}/", self.port)).unwrap();
-        let mut c = client.get_connection_with_timeout(Duration::from_secs(2))?;
-        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
-        cmd.query(&mut c)
-    }
-
-    /// The port of `master`'s primary, as this sentinel says.
-    pub fn master_port(&self, master: &str) -> Option<u16> {
-        match self.cmd(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", master]) {
-            Ok(redis::Value::Array(v)) if v.len() == 2 => match &v[1] {
-                redis::Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
-                _ => None,
-            },
-            _ => None,
-        }
-    }
-}
-
-impl Drop for Sentinel {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 /// The role a redis-server at `port` says it has (`master`, `slave`), if it answers.
 pub fn role(port: u16) -> Option<String> {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
@@ -601,6 +526,8 @@ pub struct ProxyProcess {
     child: Option<Child>,
     pub port: u16,
     pub http: u16,
+    /// The config file it was started with (SIGHUP re-reads it).
+    config: PathBuf,
 }
 
 impl ProxyProcess {
@@ -726,6 +653,7 @@ impl ProxyProcess {
             child: Some(child),
             port,
             http,
+            config: cfg,
         };
         assert!(
             wait_until(Duration::from_secs(10), || ping(port)),
@@ -743,6 +671,13 @@ impl ProxyProcess {
             let _ = c.kill(); // SIGKILL
             let _ = c.wait();
         }
+    }
+
+    /// Replaces `from` (which must occur) with `to` in its config file, for a SIGHUP.
+    pub fn edit_config(&self, from: &str, to: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        assert!(text.contains(from), "{from:?} not in the config:\n{text}");
+        std::fs::write(&self.config, text.replace(from, to)).unwrap();
     }
 
     /// Sends `signal` (e.g. "HUP") to the process, by PID.

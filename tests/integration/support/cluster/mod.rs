@@ -392,6 +392,17 @@ impl Cluster {
         new
     }
 
+    /// Stops the node at `port` (SIGKILL by PID), which must serve no slots (a replica), and
+    /// waits until the others are ok without it. It stays down until [`Cluster::restart`].
+    pub fn stop_node(&mut self, port: u16) {
+        assert!(
+            !self.primaries().contains(&port),
+            "{port} serves slots: use kill9"
+        );
+        self.node_mut(port).stop();
+        self.wait_settled("node stopped");
+    }
+
     /// Starts a killed node again on its port with its nodes file (its data is gone): it
     /// rejoins as a replica of whoever took its slots.
     pub fn restart(&mut self, port: u16) {
