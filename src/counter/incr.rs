@@ -84,8 +84,12 @@ impl Engine {
             self.note_dirty();
         }
         if self.wal.is_some() {
-            wal::encode_incr(&mut stripe.log, key, delta);
-            cell.has_log.store(true, Ordering::SeqCst);
+            wal::append_incr(&mut stripe.incrs, key, delta);
+            // The flag is cleared only under the stripe's lock, with the buffers taken: one
+            // still set here is cleared by a drain that takes this entry too.
+            if !cell.has_log.load(Ordering::Relaxed) {
+                cell.has_log.store(true, Ordering::SeqCst);
+            }
         }
         if let Some(t) = window_at {
             // Same stripe, same lock, same log buffer: the increment and its window
@@ -138,7 +142,7 @@ impl Engine {
             }
         };
         if self.wal.is_some() {
-            wal::encode_incr(&mut stripe.log, wk, delta);
+            wal::append_incr(&mut stripe.incrs, wk, delta);
         }
         if stripe.add_pending(wk, delta) {
             self.note_dirty();
