@@ -96,15 +96,19 @@ impl Engine {
         // Same stripe, same lock, same log buffer: the increment and its window delta reach
         // the log in one write, or neither does.
         let held = if windowed && !self.memory_mode {
-            Some(self.count_window_now(&mut stripe.log, e, key, t, delta))
+            Some(self.count_window_now(&mut stripe.incrs, e, key, t, delta))
         } else {
             if self.wal.is_some() {
-                wal::encode_incr(&mut stripe.log, key, delta);
+                wal::append_incr(&mut stripe.incrs, key, delta);
             }
             None
         };
         if self.wal.is_some() {
-            cell.has_log.store(true, Ordering::SeqCst);
+            // The flag is cleared only under the stripe's lock, with the buffers taken: one
+            // still set here is cleared by a drain that takes this entry too.
+            if !cell.has_log.load(Ordering::Relaxed) {
+                cell.has_log.store(true, Ordering::SeqCst);
+            }
         }
         if let Some(add) = held {
             self.apply_spills(stripe, key, t, delta, add);
@@ -153,7 +157,7 @@ impl Engine {
             }
         };
         if self.wal.is_some() {
-            wal::encode_incr(&mut stripe.log, wk, delta);
+            wal::append_incr(&mut stripe.incrs, wk, delta);
         }
         if stripe.add_pending(wk, delta) {
             self.note_dirty();

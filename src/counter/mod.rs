@@ -185,6 +185,7 @@ impl Engine {
                 .map(|_| Cell {
                     lock: Mutex::new(Stripe {
                         map: HashMap::with_hasher(state.clone()),
+                        incrs: Vec::new(),
                         log: Vec::new(),
                         increments: 0,
                         unflushed: 0,

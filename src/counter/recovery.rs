@@ -117,14 +117,21 @@ impl Engine {
     }
 
     /// Moves every buffered log record into `out` (a log commit).
+    /// The stripes' increments become one `Incrs` record, followed by their other records
+    /// (replay only adds them up, so their order against the increments does not matter).
     pub(crate) fn drain_logs(&self, out: &mut Vec<u8>) {
+        let mut framed = Vec::new();
+        let at = wal::begin_incrs(out);
         for cell in self.stripes.iter() {
             if cell.has_log.load(Ordering::SeqCst) {
                 let mut s = cell.lock.lock();
-                out.append(&mut s.log);
+                out.append(&mut s.incrs);
+                framed.append(&mut s.log);
                 cell.has_log.store(false, Ordering::SeqCst);
             }
         }
+        wal::end_incrs(out, at);
+        out.append(&mut framed);
     }
 
     /// A consistent cut for a log checkpoint: with every stripe locked at once, drains
@@ -136,6 +143,8 @@ impl Engine {
     ) -> (Vec<u8>, Vec<(Bytes, i64)>, std::collections::HashSet<Bytes>) {
         let mut guards: Vec<_> = self.stripes.iter().map(|c| c.lock.lock()).collect();
         let mut tail = Vec::new();
+        let mut framed = Vec::new();
+        let at = wal::begin_incrs(&mut tail);
         let mut covered: HashMap<&[u8], i64> = HashMap::new();
         for (_, items) in unapplied.values() {
             for (k, d) in items {
@@ -145,7 +154,8 @@ impl Engine {
         let mut pending = Vec::new();
         let mut spilled = 0;
         for (g, cell) in guards.iter_mut().zip(self.stripes.iter()) {
-            tail.append(&mut g.log);
+            tail.append(&mut g.incrs);
+            framed.append(&mut g.log);
             cell.has_log.store(false, Ordering::SeqCst);
             // The checkpoint lists window deltas under their own keys (see `window_now`).
             spilled += g.spill_all(|_| true);
@@ -163,6 +173,8 @@ impl Engine {
             }
         }
         self.dirty_keys.fetch_add(spilled, Ordering::Relaxed);
+        wal::end_incrs(&mut tail, at);
+        tail.append(&mut framed);
         let moved = self.moved.lock().clone();
         (tail, pending, moved)
     }

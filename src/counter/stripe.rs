@@ -105,7 +105,10 @@ impl Stripe {
 
 pub(super) struct Stripe {
     pub(super) map: Map,
-    /// Log records appended under this lock, drained by the log's next commit.
+    /// Increments appended under this lock as bare `Incrs` entries (`wal::append_incr`),
+    /// framed into one record by the log's next commit.
+    pub(super) incrs: Vec<u8>,
+    /// Other log records appended under this lock, drained by the log's next commit.
     pub(super) log: Vec<u8>,
     /// Increments buffered here (summed for INFO; no shared counter on the hot path).
     pub(super) increments: u64,
@@ -114,7 +117,7 @@ pub(super) struct Stripe {
     pub(super) unflushed: i64,
 }
 
-/// A stripe and, beside its lock, whether its log buffer has bytes, so that a commit
+/// A stripe and, beside its lock, whether its log buffers have bytes, so that a commit
 /// skips the locks of shards with nothing to write.
 pub(super) struct Cell {
     pub(super) lock: Mutex<Stripe>,

@@ -2,12 +2,17 @@
 //!
 //! Records, each framed `[len u32][crc32 u32][type u8][payload]` (little endian):
 //!
-//! - `Incr { key, delta }`: an increment, appended before its reply is written. The engine
-//!   appends it into the buffer of the map shard it already holds locked, so the hot path
-//!   takes no extra lock; a commit drains every buffer into the file in one write.
-//! - `WindowedIncr { key, delta, second }`: an increment of a windowed key, which replays as
-//!   `delta` to `key` and to its window delta `tally:p:a<second>key` (one record for both: see
-//!   `window_now`). A log with these records cannot be read by a proxy older than them.
+//! - `Incrs [(key, delta[, second])...]`: the increments of one commit, appended before their
+//!   replies are written. The engine appends each as a bare entry (varint of the key length
+//!   times two, plus one for a windowed key; the key; zigzag varint delta; for a windowed
+//!   key, varint second: 22 bytes for `INCR counter:000000001234`) into the buffer of the
+//!   stripe it already holds locked, so the hot path takes no extra lock and computes no
+//!   checksum; a commit drains every stripe's entries into one record, with one checksum
+//!   over all of them, and writes it with the other buffered records in one write. A
+//!   windowed entry replays as `delta` to `key` and to its window delta
+//!   `tally:p:a<second>key` (one entry for both: see `window_now`).
+//! - `Incr { key, delta }`: one increment, framed alone (the slower paths: a flush's
+//!   returned deltas, FLUSHDB's cancellations; and logs written before `Incrs` existed).
 //! - `Batch { seq, shard, items }`: deltas a lane took for a flush; written (and, with
 //!   `fsync = "always"`, synced) before the batch is sent.
 //! - `Applied { seq }`: the shard confirmed the batch.
@@ -56,7 +61,7 @@ const CHECKPOINT: u8 = 4;
 const PLACEMENT: u8 = 5;
 const MOVED: u8 = 6;
 const MARKED: u8 = 7;
-const WINDOWED_INCR: u8 = 8;
+const INCRS: u8 = 8;
 /// Longest record accepted on replay; anything claiming more is corruption.
 const MAX_RECORD: usize = 1 << 30;
 
@@ -684,30 +689,69 @@ fn frame(out: &mut Vec<u8>, kind: u8, payload: &[u8]) {
 
 /// Appends an `Incr` record (called by the engine under its map shard lock).
 pub fn encode_incr(out: &mut Vec<u8>, key: &[u8], delta: i64) {
-    encode_key_delta(out, INCR, key, delta, None);
-}
-
-/// Appends a `WindowedIncr` record: `delta` to `key` and to its window delta of second `t`.
-pub fn encode_windowed_incr(out: &mut Vec<u8>, key: &[u8], delta: i64, t: u64) {
-    encode_key_delta(out, WINDOWED_INCR, key, delta, Some(t));
-}
-
-fn encode_key_delta(out: &mut Vec<u8>, kind: u8, key: &[u8], delta: i64, t: Option<u64>) {
-    let len = (1 + 4 + key.len() + 8 + if t.is_some() { 8 } else { 0 }) as u32;
+    let len = (1 + 4 + key.len() + 8) as u32;
     out.extend_from_slice(&len.to_le_bytes());
     let crc_at = out.len();
     out.extend_from_slice(&[0; 4]);
     let body = out.len();
-    out.push(kind);
+    out.push(INCR);
     out.extend_from_slice(&(key.len() as u32).to_le_bytes());
     out.extend_from_slice(key);
     out.extend_from_slice(&delta.to_le_bytes());
-    if let Some(t) = t {
-        out.extend_from_slice(&t.to_le_bytes());
-    }
     // One pass over the record in place (the framing of `frame`, without a copy).
     let crc = crc32fast::hash(&out[body..]);
     out[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Appends one increment to a stripe's `Incrs` entries (by the engine, under the stripe's
+/// lock): the hot path. Framed by the commit that drains it ([`begin_incrs`]).
+pub fn append_incr(out: &mut Vec<u8>, key: &[u8], delta: i64) {
+    put_varint(out, (key.len() as u64) << 1);
+    out.extend_from_slice(key);
+    put_varint(out, zigzag(delta));
+}
+
+/// [`append_incr`] for an increment of a windowed key at second `t`: replays as `delta` to
+/// `key` and to its window delta of second `t` (see `window_now`).
+pub fn append_windowed_incr(out: &mut Vec<u8>, key: &[u8], delta: i64, t: u64) {
+    put_varint(out, (key.len() as u64) << 1 | 1);
+    out.extend_from_slice(key);
+    put_varint(out, zigzag(delta));
+    put_varint(out, t);
+}
+
+fn zigzag(d: i64) -> u64 {
+    ((d << 1) ^ (d >> 63)) as u64
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Starts an `Incrs` record at the end of `out`; the drained entries follow, then
+/// [`end_incrs`] with the returned position.
+pub(crate) fn begin_incrs(out: &mut Vec<u8>) -> usize {
+    let at = out.len();
+    out.extend_from_slice(&[0; 8]);
+    out.push(INCRS);
+    at
+}
+
+/// Frames the `Incrs` record begun at `at` (length and one checksum over every entry), or
+/// removes it when no entry followed.
+pub(crate) fn end_incrs(out: &mut Vec<u8>, at: usize) {
+    if out.len() == at + 9 {
+        out.truncate(at);
+        return;
+    }
+    let len = (out.len() - at - 8) as u32;
+    let crc = crc32fast::hash(&out[at + 8..]);
+    out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+    out[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
 fn put_items<'a>(p: &mut Vec<u8>, items: impl ExactSizeIterator<Item = (&'a [u8], i64)>) {
@@ -839,6 +883,17 @@ impl<'a> Cursor<'a> {
         }
         Some(v)
     }
+    fn varint(&mut self) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.take(1)?[0];
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
     fn str(&mut self) -> Option<&'a [u8]> {
         let n = self.u32()? as usize;
         self.take(n)
@@ -881,18 +936,32 @@ impl<'a> Cursor<'a> {
 fn apply(rec: &mut Recovered, kind: u8, payload: &[u8]) -> Option<()> {
     let mut c = Cursor(payload);
     match kind {
-        INCR | WINDOWED_INCR => {
+        INCR => {
             let kl = c.u32()? as usize;
-            let key = c.take(kl)?;
+            let k = Bytes::copy_from_slice(c.take(kl)?);
             let d = c.i64()?;
-            if kind == WINDOWED_INCR {
-                let t = c.u64()?;
-                let w = Bytes::from(super::windows::pending_key(super::windows::ALL, t, key));
-                let e = rec.pending.entry(w).or_insert(0);
-                *e = e.wrapping_add(d);
-            }
-            let e = rec.pending.entry(Bytes::copy_from_slice(key)).or_insert(0);
+            let e = rec.pending.entry(k).or_insert(0);
             *e = e.wrapping_add(d);
+        }
+        INCRS => {
+            let mut add = |key: &[u8], d: i64| match rec.pending.get_mut(key) {
+                Some(e) => *e = e.wrapping_add(d),
+                None => {
+                    rec.pending.insert(Bytes::copy_from_slice(key), d);
+                }
+            };
+            while !c.0.is_empty() {
+                let head = c.varint()?;
+                let kl = usize::try_from(head >> 1).ok()?;
+                let key = c.take(kl)?;
+                let z = c.varint()?;
+                let d = (z >> 1) as i64 ^ -((z & 1) as i64);
+                if head & 1 == 1 {
+                    let t = c.varint()?;
+                    add(&super::windows::pending_key(super::windows::ALL, t, key), d);
+                }
+                add(key, d);
+            }
         }
         BATCH => {
             let (seq, shard, items) = c.batch()?;
@@ -1083,9 +1152,11 @@ mod tests {
     fn a_windowed_incr_replays_as_the_key_and_its_window_delta() {
         use super::super::windows::{pending_key, ALL};
         let mut b = Vec::new();
-        encode_windowed_incr(&mut b, b"visits:a", 3, 1_800_000_000);
-        encode_windowed_incr(&mut b, b"visits:a", 2, 1_800_000_001);
-        encode_incr(&mut b, b"visits:a", 1);
+        let at = begin_incrs(&mut b);
+        append_windowed_incr(&mut b, b"visits:a", 3, 1_800_000_000);
+        append_windowed_incr(&mut b, b"visits:a", 2, 1_800_000_001);
+        append_incr(&mut b, b"visits:a", 1);
+        end_incrs(&mut b, at);
         let w0 = Bytes::from(pending_key(ALL, 1_800_000_000, b"visits:a"));
         let w1 = Bytes::from(pending_key(ALL, 1_800_000_001, b"visits:a"));
         encode_batch(&mut b, 10, "s1", &[(w0.clone(), 3)]);
@@ -1124,6 +1195,88 @@ mod tests {
         let mut framed = Vec::new();
         frame(&mut framed, INCR, &payload);
         assert_eq!(fast, framed);
+    }
+
+    /// The entries of a drain, as `Engine::drain_logs` frames them.
+    fn incrs(entries: &[(&[u8], i64)]) -> Vec<u8> {
+        let mut b = Vec::new();
+        let at = begin_incrs(&mut b);
+        for (k, d) in entries {
+            append_incr(&mut b, k, *d);
+        }
+        end_incrs(&mut b, at);
+        b
+    }
+
+    #[test]
+    fn a_group_of_increments_replays_as_its_sum_with_the_other_records() {
+        let long = vec![b'k'; 300];
+        let mut b = Vec::new();
+        encode_incr(&mut b, b"a", 5);
+        b.extend(incrs(&[
+            (b"a", 1),
+            (b"b", -7),
+            (b"a", i64::MAX),
+            (&long, i64::MIN),
+            (b"", 0),
+            (b"c", 63),
+            (b"c", -64),
+        ]));
+        encode_batch(&mut b, 3, "s1", &[(Bytes::from_static(b"b"), -7)]);
+        let r = roundtrip(&b);
+        assert_eq!(
+            r.pending[&Bytes::from_static(b"a")],
+            6i64.wrapping_add(i64::MAX)
+        );
+        assert_eq!(r.pending[&Bytes::from_static(b"b")], 0);
+        assert_eq!(r.pending[&Bytes::from(long)], i64::MIN);
+        assert_eq!(r.pending[&Bytes::from_static(b"c")], -1);
+        assert_eq!(r.pending[&Bytes::from_static(b"")], 0);
+        assert_eq!(r.records, 3);
+        assert_eq!(r.truncated_bytes, 0);
+    }
+
+    #[test]
+    fn an_empty_group_writes_nothing_and_a_delta_of_one_takes_one_byte() {
+        assert!(incrs(&[]).is_empty());
+        let mut e = Vec::new();
+        append_incr(&mut e, b"counter:000000001234", 1);
+        assert_eq!(e.len(), 1 + 20 + 1);
+    }
+
+    #[test]
+    fn a_torn_or_corrupt_group_is_dropped_whole() {
+        let mut b = Vec::new();
+        encode_incr(&mut b, b"k", 1);
+        let whole = b.len();
+        b.extend(incrs(&[(b"k", 2), (b"k", 4), (b"j", 8)]));
+        for cut in whole..b.len() {
+            let r = roundtrip(&b[..cut]);
+            assert_eq!(r.pending[&Bytes::from_static(b"k")], 1, "cut at {cut}");
+            assert_eq!(r.records, 1);
+        }
+        let mut bad = b.clone();
+        bad[whole + 12] ^= 0x01;
+        let r = roundtrip(&bad);
+        assert_eq!(r.pending[&Bytes::from_static(b"k")], 1);
+        assert!(r.truncated_bytes > 0);
+    }
+
+    #[test]
+    fn a_group_whose_entries_overrun_it_ends_replay() {
+        // A checksum that matches over entries that do not parse: a key longer than the
+        // record, a varint that never ends. Refused, not read past.
+        for body in [
+            &[0x05, b'a'][..],
+            &[0x01, b'a', 0xff, 0xff][..],
+            &[0xff; 11][..],
+        ] {
+            let mut b = Vec::new();
+            frame(&mut b, INCRS, body);
+            let r = roundtrip(&b);
+            assert!(r.pending.is_empty(), "{body:?}");
+            assert_eq!(r.truncated_bytes, b.len() as u64);
+        }
     }
 
     #[test]

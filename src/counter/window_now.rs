@@ -5,7 +5,7 @@
 //! and a second log record on every increment: the profile of `INCR visits:*` showed the
 //! two lookups and their key compares as a third of the proxy's time. So while a second
 //! lasts, its delta stays in `K`'s entry (`win`, `win_t`: 8 bytes), the increment is one
-//! lookup and one log record ([`wal::encode_windowed_incr`]: key, delta and second), and the
+//! lookup and one log entry ([`wal::append_windowed_incr`]: key, delta and second), and the
 //! delta moves to its own entry (*spills*) only when
 //!
 //! - an increment of another second arrives (once per key and second at most),
@@ -15,7 +15,7 @@
 //! - the delta would not fit the entry's 32 bits (it then goes to its own entry at once).
 //!
 //! A spill is not logged: the log already holds the delta, under the window delta's own key
-//! once replayed (a windowed-increment record replays as both deltas). So after a spill, and
+//! once replayed (a windowed increment's entry replays as both deltas). So after a spill, and
 //! after a replay, the engine is exactly as if every increment had written its window delta
 //! entry itself, which is what the flush, the checkpoint and the queries were built on.
 //!
@@ -137,9 +137,9 @@ impl Engine {
         let add = e.add_window(t, delta);
         if self.wal.is_some() {
             if add.held {
-                wal::encode_windowed_incr(log, key, delta, t);
+                wal::append_windowed_incr(log, key, delta, t);
             } else {
-                wal::encode_incr(log, key, delta);
+                wal::append_incr(log, key, delta);
             }
         }
         add
