@@ -9,7 +9,8 @@
 #
 # Environment: ROUNDS (default 5; 1 with --smoke), BENCH_TMPDIR (parent of the temp dir,
 # default $TMPDIR or /tmp; the tallyproxy WAL lives there, so put it on the disk you care about),
-# and for full runs the request counts N_P1, N_P16, N_MGET_P1, N_MGET_P16, the scale run's key
+# and for full runs the request counts N_P1, N_P16, N_MGET_P1, N_MGET_P16, STEADY_N (windows
+# steady state, default 10000000), the scale run's key
 # counts SCALE_KEYS (default "10000 100000 1000000 10000000"; 10 million keys need about 2 GB of
 # proxy memory and 1 GB in the shards), the many-clients run's CONNS_MANY (1000) and N_CONNS,
 # CL_N (cluster, -P 16), and TALLY_BIN: a tallyproxy binary to measure instead of building
@@ -61,7 +62,7 @@ KEYSPACE=10000
 if ((SMOKE)); then
   ROUNDS=${ROUNDS:-1}
   N_P1=2000 N_P16=2000 N_MGET_P1=2000 N_MGET_P16=2000
-  ECON_N=10000 ECON_KEYS=1000
+  ECON_N=10000 ECON_KEYS=1000 STEADY_N=10000
   MEM_KEYS=10000
   SCALE_KEYS=${SCALE_KEYS:-10000} CONNS_MANY=1000 N_CONNS=5000
   CL_N=2000 CL_ECON_N=10000
@@ -71,6 +72,9 @@ else
   N_P1=${N_P1:-200000} N_P16=${N_P16:-3000000}
   N_MGET_P1=${N_MGET_P1:-100000} N_MGET_P16=${N_MGET_P16:-400000}
   ECON_N=1000000 ECON_KEYS=10000
+  # The steady state needs several 1 s flushes under load: at 2 million INCRs a second a
+  # million of them is half a second, one flush.
+  STEADY_N=${STEADY_N:-10000000}
   MEM_KEYS=1000000
   SCALE_KEYS=${SCALE_KEYS:-10000 100000 1000000 10000000} CONNS_MANY=${CONNS_MANY:-1000}
   N_CONNS=${N_CONNS:-200000}
@@ -594,7 +598,7 @@ done
 
 # Steady state: flushes every second while the load runs, so buckets already exist (a bucket
 # hash's EXPIREAT is sent only by the flush that creates a bucket in it).
-log "windows economy, steady state: $ECON_N INCRs over $ECON_KEYS windowed keys, 1 s flush interval"
+log "windows economy, steady state: $STEADY_N INCRs over $ECON_KEYS windowed keys, 1 s flush interval"
 for port in $REDIS_A $REDIS_B; do cli -p "$port" FLUSHALL >/dev/null; done
 write_tally_conf windows-steady 1s on everysec 100000
 start_tally "$TALLY_CONF"
@@ -605,7 +609,7 @@ curl -fsS -m 60 -X POST "http://127.0.0.1:$TALLY_HTTP/admin/flush" >/dev/null ||
   die "POST /admin/flush failed"
 for port in $REDIS_A $REDIS_B; do cli -p "$port" CONFIG RESETSTAT >/dev/null; done
 steady_before=$(info_field "$TALLY_PORT" counters flushes)
-res=$(bench "$TALLY_PORT" 16 "$ECON_N" "$ECON_KEYS" INCR "visits:__rand_int__")
+res=$(bench "$TALLY_PORT" 16 "$STEADY_N" "$ECON_KEYS" INCR "visits:__rand_int__")
 read -r steady_rps _ _ <<<"$res"
 steady_passes=$(($(info_field "$TALLY_PORT" counters flushes) - steady_before))
 stop_tally
@@ -632,7 +636,7 @@ write_tally_conf memory 1h on everysec $((MEM_KEYS * 2))
 start_tally "$TALLY_CONF"
 cli -p "$TALLY_PORT" PING >/dev/null
 sleep 1
-rss_before=$(rss_kb "$TALLY_PID")
+mem_rss_before=$(rss_kb "$TALLY_PID")
 mem_start=$(date +%s.%N)
 pipe_pids=()
 for ((c = 0; c < MEM_CONNS; c++)); do
@@ -651,13 +655,13 @@ mem_secs=$(elapsed "$mem_start")
 pipe_summary=$(cat "$WORK"/pipe-*.out | awk '/errors: [0-9]+, replies: [0-9]+/ {
     gsub(/,/, ""); e += $2; r += $4 } END { printf "errors: %d, replies: %d", e, r }')
 sleep 1
-rss_after=$(rss_kb "$TALLY_PID")
+mem_rss_after=$(rss_kb "$TALLY_PID")
 mem_pending=$(info_field "$TALLY_PORT" counters pending_keys)
 mem_received=$(info_field "$TALLY_PORT" counters increments_received)
 mem_flushes=$(info_field "$TALLY_PORT" counters flushes)
 stop_tally
-mem_per_key=$(awk -v a="$rss_before" -v b="$rss_after" -v n="$MEM_KEYS" 'BEGIN {printf "%.0f", (b - a) * 1024 / n}')
-mem_per_pending=$(awk -v a="$rss_before" -v b="$rss_after" -v n="$mem_pending" 'BEGIN { if (n + 0 == 0) print "n/a"; else printf "%.0f", (b - a) * 1024 / n }')
+mem_per_key=$(awk -v a="$mem_rss_before" -v b="$mem_rss_after" -v n="$MEM_KEYS" 'BEGIN {printf "%.0f", (b - a) * 1024 / n}')
+mem_per_pending=$(awk -v a="$mem_rss_before" -v b="$mem_rss_after" -v n="$mem_pending" 'BEGIN { if (n + 0 == 0) print "n/a"; else printf "%.0f", (b - a) * 1024 / n }')
 ((mem_pending == MEM_KEYS)) || log "WARNING: pending_keys is $mem_pending, expected $MEM_KEYS"
 
 # ---------------------------------------------------------------------------------------------
@@ -908,7 +912,7 @@ wal_fs=$(df -T "$WORK" | awk 'NR == 2 {print $2}')
   echo
   echo "Per command: $win_breakdown."
   echo
-  echo "Steady state: a warm-up of $ECON_KEYS INCRs and a flush, stats reset, then $ECON_N INCRs (\`-r $ECON_KEYS -P 16\`, $steady_rps rps) with \`flush_interval = \"1s\"\` ($steady_passes lane flush passes, two per flush), then SIGTERM: every flush writes to buckets and hashes that mostly exist."
+  echo "Steady state: a warm-up of $ECON_KEYS INCRs and a flush, stats reset, then $STEADY_N INCRs (\`-r $ECON_KEYS -P 16\`, $steady_rps rps) with \`flush_interval = \"1s\"\` ($steady_passes lane flush passes, two per flush), then SIGTERM: every flush writes to buckets and hashes that mostly exist."
   echo
   echo "| Figure | Value |"
   echo "|---|---:|"
@@ -940,7 +944,7 @@ wal_fs=$(df -T "$WORK" | awk 'NR == 2 {print $2}')
   echo "| pending_keys (INFO counters) | $mem_pending |"
   echo "| increments_received | $mem_received |"
   echo "| flushes during the load | $mem_flushes |"
-  echo "| VmRSS before / after | $rss_before kB / $rss_after kB |"
+  echo "| VmRSS before / after | $mem_rss_before kB / $mem_rss_after kB |"
   echo "| **bytes per pending key** ((after - before) / $MEM_KEYS) | **$mem_per_key** |"
   echo "| bytes per key by pending_keys | $mem_per_pending |"
   echo
