@@ -10,7 +10,7 @@
 //! It runs on the test's runtime and stops (every connection with it) when dropped.
 
 use super::cluster::slot_of;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -220,49 +220,19 @@ fn slots(me: SocketAddr) -> Vec<u8> {
 }
 
 fn bulk(b: &[u8]) -> Vec<u8> {
-    let mut out = format!("${}\r\n", b.len()).into_bytes();
-    out.extend_from_slice(b);
-    out.extend_from_slice(b"\r\n");
-    out
+    let mut out = BytesMut::new();
+    tallyproxy::resp::reply::bulk(&mut out, b);
+    out.to_vec()
 }
 
 fn error(msg: &str) -> Vec<u8> {
-    format!("-{msg}\r\n").into_bytes()
+    let mut out = BytesMut::new();
+    tallyproxy::resp::reply::error(&mut out, msg);
+    out.to_vec()
 }
 
-/// One command (an array of bulk strings, as the proxy sends), or None until it is whole;
-/// Err on anything else.
+/// One command, or None until it is whole; Err on anything the proxy's own parser refuses.
 fn parse_command(buf: &mut BytesMut) -> Result<Option<Vec<Bytes>>, ()> {
-    fn line(buf: &[u8], pos: &mut usize, tag: u8) -> Result<Option<usize>, ()> {
-        let rest = &buf[*pos..];
-        let Some(end) = rest.windows(2).position(|w| w == b"\r\n") else {
-            return Ok(None);
-        };
-        if rest[0] != tag {
-            return Err(());
-        }
-        let n = std::str::from_utf8(&rest[1..end])
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .ok_or(())?;
-        *pos += end + 2;
-        Ok(Some(n))
-    }
-    let mut pos = 0;
-    let Some(n) = line(buf, &mut pos, b'*')? else {
-        return Ok(None);
-    };
-    let mut args = Vec::with_capacity(n.min(1024));
-    for _ in 0..n {
-        let Some(len) = line(buf, &mut pos, b'$')? else {
-            return Ok(None);
-        };
-        if buf.len() < pos + len + 2 {
-            return Ok(None);
-        }
-        args.push(Bytes::copy_from_slice(&buf[pos..pos + len]));
-        pos += len + 2;
-    }
-    buf.advance(pos);
-    Ok(Some(args))
+    let limits = (&tallyproxy::config::LimitsConfig::default()).into();
+    tallyproxy::resp::parse_request(buf, &limits).map_err(|_| ())
 }
