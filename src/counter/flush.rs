@@ -25,6 +25,8 @@ impl Engine {
         let mut out = Vec::new();
         let mut taken = 0usize;
         let mut spilled = 0usize;
+        // Dirty keys left behind because another lane holds their slot (cluster mode).
+        let mut held = 0u64;
         // In a cluster a key's slot must be free or this lane's (see `slot_holds`).
         let holds = self.holds.as_ref();
         let may_take = |key: &[u8]| match holds {
@@ -51,8 +53,12 @@ impl Engine {
                     // Its window delta leaves the entry first (the entry stops being dirty).
                     spilled += stripe.spill_key(k);
                     if let Some(e) = stripe.map.get_mut(&k[..]) {
-                        if e.flags & DIRTY != 0 && may_take(k) {
-                            take_entry(k, e, &mut out);
+                        if e.flags & DIRTY != 0 {
+                            if may_take(k) {
+                                take_entry(k, e, &mut out);
+                            } else {
+                                held += 1;
+                            }
                         }
                     }
                 }
@@ -73,9 +79,12 @@ impl Engine {
                         }
                         if e.flags & DIRTY != 0
                             && topo.shard_index(windows::placement_key(k)) == idx
-                            && may_take(k)
                         {
-                            take_entry(k, e, &mut out);
+                            if may_take(k) {
+                                take_entry(k, e, &mut out);
+                            } else {
+                                held += 1;
+                            }
                         }
                     }
                 }
@@ -83,6 +92,9 @@ impl Engine {
         }
         self.dirty_keys.fetch_add(spilled, Ordering::Relaxed);
         self.dirty_keys.fetch_sub(taken, Ordering::Relaxed);
+        if held > 0 {
+            self.left_held.fetch_add(held, Ordering::Relaxed);
+        }
         if self.dirty_keys.load(Ordering::Relaxed) <= self.max_pending_keys {
             self.early_flush_armed.store(true, Ordering::Relaxed);
         }
@@ -265,16 +277,18 @@ impl Engine {
         // The increments' own clock (the ticker's): every one counted after this read is
         // stamped this second or later.
         let started_wall = self.window_second();
+        let held_before = self.left_held.load(Ordering::Relaxed);
         let lanes = self.lanes();
         let waits: Vec<_> = lanes.iter().map(|l| l.flush()).collect();
         let mut ok = true;
         for w in waits {
             ok &= w.await;
         }
-        // Only a flush that landed everything bounds the age of what is pending.
-        if ok {
+        // Only a flush that landed everything bounds the age of what is pending, and every
+        // window delta stamped before it started has then landed. A take that left a key
+        // behind for another lane's hold on its slot (cluster mode) means it did not.
+        if ok && self.left_held.load(Ordering::Relaxed) == held_before {
             self.last_flush_ms.store(started, Ordering::Relaxed);
-            // Every window delta stamped before the flush started has landed.
             self.window_floor.fetch_max(started_wall, Ordering::Relaxed);
         }
         ok
@@ -295,7 +309,14 @@ pub fn spawn_background(
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = clock_stop.wait() => return,
+                _ = clock_stop.wait() => {
+                    // Increments served while the proxy stops read the clocks themselves
+                    // rather than the last tick's reading.
+                    if let Some(e) = clock.upgrade() {
+                        e.stop_clock();
+                    }
+                    return;
+                }
             }
             match clock.upgrade() {
                 Some(e) => e.tick_clock(),

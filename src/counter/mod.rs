@@ -163,6 +163,9 @@ pub struct Engine {
     /// No window delta of an increment stamped before this second is in the proxy: every
     /// one older has landed (raised by each flush that landed everything).
     window_floor: AtomicU64,
+    /// Dirty keys a take has left behind because another lane held their cluster slot, ever
+    /// (a whole flush during which this moved has not landed everything).
+    left_held: AtomicU64,
     /// Whether window deltas of single granularities (moved by a rebalance) may exist.
     moved_windows: AtomicBool,
     /// The busiest pages, from a sample of the increments (see `activity`).
@@ -225,6 +228,7 @@ impl Engine {
             window_floor: AtomicU64::new(clock.now_secs()),
             clock_wall: clock,
             wall_secs: AtomicU64::new(0),
+            left_held: AtomicU64::new(0),
             // In memory mode every window entry is per bucket (see `incr`).
             moved_windows: AtomicBool::new(memory_mode),
             activity: Default::default(),
@@ -280,6 +284,12 @@ impl Engine {
             self.wall_secs
                 .store(self.clock_wall.now_secs(), Ordering::Relaxed);
         }
+    }
+
+    /// The ticker has stopped: every reading goes to the clocks again.
+    pub fn stop_clock(&self) {
+        self.clock.store(0, Ordering::Relaxed);
+        self.wall_secs.store(0, Ordering::Relaxed);
     }
 
     fn read_clock(&self) -> u32 {

@@ -61,7 +61,9 @@ const CHECKPOINT: u8 = 4;
 const PLACEMENT: u8 = 5;
 const MOVED: u8 = 6;
 const MARKED: u8 = 7;
-const INCRS: u8 = 8;
+// 8 is not used: development builds between two releases wrote two different layouts under
+// it; replay refuses it like any unknown type (the segment ends there).
+const INCRS: u8 = 9;
 /// Longest record accepted on replay; anything claiming more is corruption.
 const MAX_RECORD: usize = 1 << 30;
 
@@ -944,20 +946,30 @@ fn apply(rec: &mut Recovered, kind: u8, payload: &[u8]) -> Option<()> {
             *e = e.wrapping_add(d);
         }
         INCRS => {
-            let mut add = |key: &[u8], d: i64| match rec.pending.get_mut(key) {
-                Some(e) => *e = e.wrapping_add(d),
-                None => {
-                    rec.pending.insert(Bytes::copy_from_slice(key), d);
-                }
-            };
+            // Parsed whole before any of it is applied: a record that does not parse is
+            // refused whole, as a torn or corrupt one is.
+            let mut entries: Vec<(&[u8], i64, Option<u64>)> = Vec::new();
             while !c.0.is_empty() {
                 let head = c.varint()?;
                 let kl = usize::try_from(head >> 1).ok()?;
                 let key = c.take(kl)?;
                 let z = c.varint()?;
                 let d = (z >> 1) as i64 ^ -((z & 1) as i64);
-                if head & 1 == 1 {
-                    let t = c.varint()?;
+                let t = if head & 1 == 1 {
+                    Some(c.varint()?)
+                } else {
+                    None
+                };
+                entries.push((key, d, t));
+            }
+            let mut add = |key: &[u8], d: i64| match rec.pending.get_mut(key) {
+                Some(e) => *e = e.wrapping_add(d),
+                None => {
+                    rec.pending.insert(Bytes::copy_from_slice(key), d);
+                }
+            };
+            for (key, d, t) in entries {
+                if let Some(t) = t {
                     add(&super::windows::pending_key(super::windows::ALL, t, key), d);
                 }
                 add(key, d);
@@ -1259,6 +1271,34 @@ mod tests {
         bad[whole + 12] ^= 0x01;
         let r = roundtrip(&bad);
         assert_eq!(r.pending[&Bytes::from_static(b"k")], 1);
+        assert!(r.truncated_bytes > 0);
+    }
+
+    #[test]
+    fn a_group_with_one_bad_entry_applies_none_of_it() {
+        // CRC-valid: a whole first entry ("a" +1), then a key longer than what is left.
+        let mut b = Vec::new();
+        encode_incr(&mut b, b"k", 1);
+        frame(&mut b, INCRS, &[0x02, b'a', 0x02, 0x7f, b'a']);
+        let r = roundtrip(&b);
+        assert_eq!(
+            r.pending.get(&Bytes::from_static(b"a")),
+            None,
+            "{:?}",
+            r.pending
+        );
+        assert_eq!(r.pending[&Bytes::from_static(b"k")], 1);
+        assert_eq!(r.records, 1);
+    }
+
+    #[test]
+    fn a_record_of_type_8_ends_replay() {
+        let mut b = Vec::new();
+        encode_incr(&mut b, b"k", 1);
+        frame(&mut b, 8, &[0x02, b'a', 0x02]);
+        encode_incr(&mut b, b"j", 1);
+        let r = roundtrip(&b);
+        assert_eq!(r.pending.len(), 1, "{:?}", r.pending);
         assert!(r.truncated_bytes > 0);
     }
 

@@ -166,7 +166,9 @@ impl Engine {
     }
 
     /// The second a windowed increment counts in: the clock ticker's reading (refreshed
-    /// every 2 ms), the clock itself when no ticker runs or the clock is a test's.
+    /// every 2 ms, later only while the runtime's workers are all busy), the clock itself
+    /// when no ticker runs (none yet, or stopped) or the clock is a test's. An increment
+    /// within a tick of a second's end may so count in that second rather than the next.
     pub(super) fn window_second(&self) -> u64 {
         match self.wall_secs.load(Ordering::Relaxed) {
             0 => self.clock_wall.now_secs(),
