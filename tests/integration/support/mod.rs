@@ -3,6 +3,7 @@
 //! its handle drops; every wait is bounded.
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod cluster;
 pub mod fake_node;
 pub mod load;
