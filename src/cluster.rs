@@ -76,9 +76,7 @@ impl Cluster {
                     *c.view.lock() = view;
                     return Ok((c, t));
                 }
-                Ok(_) => {
-                    *c.last_error.lock() = Some("the cluster serves no slots yet".into());
-                }
+                Ok(view) => *c.last_error.lock() = Some(unserved(&view)),
                 Err(e) => *c.last_error.lock() = Some(e),
             }
             if Instant::now() >= deadline {
@@ -223,7 +221,7 @@ impl Cluster {
         self.refreshes.fetch_add(1, Ordering::Relaxed);
         let view = match self.ask(&first).await {
             Ok(v) if serves_slots(&v) => v,
-            Ok(_) => return self.failed("the cluster serves no slots".into()),
+            Ok(v) => return self.failed(unserved(&v)),
             Err(e) => return self.failed(e),
         };
         *self.last_error.lock() = None;
@@ -257,9 +255,23 @@ impl Cluster {
     }
 }
 
-/// Whether a map serves any slot (a cluster still forming serves none).
+/// Whether a map serves any slot from a primary the proxy can dial (a cluster still forming
+/// serves none; a map whose primaries list no port of the proxy's kind, plain or TLS, is
+/// not served either: its slots would have no server).
 fn serves_slots(view: &[ShardInfo]) -> bool {
-    view.iter().any(|s| !s.ranges.is_empty())
+    view.iter()
+        .any(|s| !s.ranges.is_empty() && s.primary().is_some())
+}
+
+/// Why a map that does not [`serves_slots`] is not used.
+fn unserved(view: &[ShardInfo]) -> String {
+    if view.iter().any(|s| !s.ranges.is_empty()) {
+        "the slot map names no primary with a port the proxy can dial \
+         (nodes with only a TLS port need [backend] tls = true)"
+            .to_string()
+    } else {
+        "the cluster serves no slots yet".to_string()
+    }
 }
 
 /// Whether two topologies route every slot to the same servers.

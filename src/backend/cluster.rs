@@ -3,6 +3,11 @@
 //! answers with (`-MOVED`, `-ASK`) and the refusals worth a retry (`-TRYAGAIN`,
 //! `-CLUSTERDOWN`).
 //!
+//! A node reached over TLS is described by its TLS port: `CLUSTER SHARDS` names a node's
+//! ports `port` (plain text) and `tls-port` (with `tls-cluster yes`), and the proxy takes the
+//! one it dials with (`[backend] tls`); `CLUSTER SLOTS` and redirections already give the
+//! port of the kind of connection they were asked on.
+//!
 //! Owns the wire format of those replies. Does not own the slot map the proxy routes by
 //! (`router::slots`), nor when it is refreshed (`cluster`).
 
@@ -53,10 +58,17 @@ pub async fn ask_map(opts: &ConnOptions, wait: Duration) -> Result<Vec<ShardInfo
     while !conn.is_connected() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    if !conn.is_connected() {
+        // Say why (a refused AUTH, a failed TLS handshake), not just that it is down.
+        return Err(match super::conn::connect(opts).await {
+            Err(e) => e.to_string(),
+            Ok(_) => "not connected yet".to_string(),
+        });
+    }
     match call(&["CLUSTER", "SHARDS"]).await? {
         BytesFrame::Error(e) if e.contains("unknown subcommand") || e.contains("Unknown") => {}
         BytesFrame::Error(e) => return Err(e.to_string()),
-        f => return parse_shards(&f, opts.addr),
+        f => return parse_shards(&f, opts.addr, opts.tls.is_some()),
     }
     match call(&["CLUSTER", "SLOTS"]).await? {
         BytesFrame::Error(e) => Err(e.to_string()),
@@ -93,8 +105,13 @@ fn node_addr(ip: &str, port: i64, asked: SocketAddr) -> Option<SocketAddr> {
 }
 
 /// `CLUSTER SHARDS` (Redis 7): per shard, `slots` (flat start/end pairs) and `nodes` (each
-/// a flat field/value list).
-pub fn parse_shards(f: &BytesFrame, asked: SocketAddr) -> Result<Vec<ShardInfo>, String> {
+/// a flat field/value list). `tls`: the proxy dials the nodes over TLS, so a node's address
+/// is its `tls-port` (its `port` where it lists none).
+pub fn parse_shards(
+    f: &BytesFrame,
+    asked: SocketAddr,
+    tls: bool,
+) -> Result<Vec<ShardInfo>, String> {
     let bad = || format!("unexpected CLUSTER SHARDS reply: {f:?}");
     let BytesFrame::Array(shards) = f else {
         return Err(bad());
@@ -123,8 +140,9 @@ pub fn parse_shards(f: &BytesFrame, asked: SocketAddr) -> Result<Vec<ShardInfo>,
                         let BytesFrame::Array(nf) = n else {
                             return Err(bad());
                         };
-                        let (mut ip, mut port, mut id, mut role, mut health) = (
+                        let (mut ip, mut port, mut tls_port, mut id, mut role, mut health) = (
                             String::new(),
+                            0,
                             0,
                             String::new(),
                             String::new(),
@@ -135,14 +153,18 @@ pub fn parse_shards(f: &BytesFrame, asked: SocketAddr) -> Result<Vec<ShardInfo>,
                             match text(k).as_deref() {
                                 Some("ip") => ip = text(v).unwrap_or_default(),
                                 Some("port") => port = int(v).unwrap_or(0),
+                                Some("tls-port") => tls_port = int(v).unwrap_or(0),
                                 Some("id") => id = text(v).unwrap_or_default(),
                                 Some("role") => role = text(v).unwrap_or_default(),
                                 Some("health") => health = text(v).unwrap_or_default(),
                                 _ => {}
                             }
                         }
-                        // A node without a plain-text port (TLS-only) is not reachable here.
-                        let Some(addr) = node_addr(&ip, port, asked) else {
+                        // Without TLS, a node with no plain-text port (TLS only) is not
+                        // reachable; with it, a node listing no TLS port is dialled (and
+                        // fails its handshake) on its plain one.
+                        let dialled = if tls && tls_port != 0 { tls_port } else { port };
+                        let Some(addr) = node_addr(&ip, dialled, asked) else {
                             continue;
                         };
                         info.nodes.push(NodeInfo {
@@ -338,7 +360,7 @@ mod tests {
             bulk("nodes"),
             BytesFrame::Array(vec![node(31001, "master"), node(31004, "replica")]),
         ])]);
-        let a = parse_shards(&shards, asked).unwrap();
+        let a = parse_shards(&shards, asked, false).unwrap();
         assert_eq!(a[0].ranges, vec![(0, 5460), (6000, 6001)]);
         assert_eq!(a[0].primary().unwrap().addr, asked);
         assert_eq!(a[0].nodes.len(), 2);
@@ -371,5 +393,39 @@ mod tests {
                 .map(|n| (n.addr, n.primary))
                 .collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn a_tls_cluster_is_dialled_on_its_tls_ports() {
+        let asked: SocketAddr = "127.0.0.1:32001".parse().unwrap();
+        // As Redis 7.0 with `tls-cluster yes` lists its nodes: `tls-port`, and `port` only
+        // when the plain-text port is open too.
+        let node = |ports: &[(&str, i64)], role: &str| {
+            let mut f = vec![bulk("id"), bulk("abc")];
+            for (k, v) in ports {
+                f.extend([bulk(k), BytesFrame::Integer(*v)]);
+            }
+            f.extend([bulk("ip"), bulk("127.0.0.1"), bulk("role"), bulk(role)]);
+            BytesFrame::Array(f)
+        };
+        let shards = BytesFrame::Array(vec![BytesFrame::Array(vec![
+            bulk("slots"),
+            BytesFrame::Array(vec![BytesFrame::Integer(0), BytesFrame::Integer(16383)]),
+            bulk("nodes"),
+            BytesFrame::Array(vec![
+                node(&[("tls-port", 32001)], "master"),
+                node(&[("port", 31004), ("tls-port", 32004)], "replica"),
+            ]),
+        ])]);
+        let ports = |tls| {
+            parse_shards(&shards, asked, tls).unwrap()[0]
+                .nodes
+                .iter()
+                .map(|n| (n.addr.port(), n.primary))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ports(true), vec![(32001, true), (32004, false)]);
+        // Without TLS the TLS-only primary is unreachable: left out, never dialled in clear.
+        assert_eq!(ports(false), vec![(31004, false)]);
     }
 }

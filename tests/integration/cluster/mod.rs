@@ -6,7 +6,8 @@
 //! FAILOVER`, through `kill -9` of a primary with `wait_replicas = 1`, with the proxy killed
 //! mid-reshard and restarted; time windows and `/visits` over the cluster; the seeds re-read
 //! on SIGHUP (`reload`). What a real cluster cannot be made to do on demand (`-TRYAGAIN`,
-//! `-CLUSTERDOWN`, a burst of `-MOVED`) is played by a fake node (`retries`).
+//! `-CLUSTERDOWN`, a burst of `-MOVED`) is played by a fake node (`retries`). Nodes that
+//! require a password, and nodes that speak only TLS, in `secure`.
 
 mod faults;
 mod migrate;
@@ -14,6 +15,7 @@ mod redirects;
 mod reload;
 mod replies;
 mod retries;
+mod secure;
 mod windows;
 
 use crate::support::cluster::Cluster;

@@ -3,6 +3,7 @@
 //! its handle drops; every wait is bounded.
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod cluster;
 pub mod fake_node;
 pub mod load;
@@ -302,17 +303,21 @@ impl Proxy {
         let (addr, http_addr) = (listener.local_addr().unwrap(), http.local_addr().unwrap());
         let (trigger, _) = tallyproxy::shutdown::channel();
         let task = tokio::spawn(tallyproxy::run(config, listener, http, trigger.clone()));
-        let p = Proxy {
+        // Ready once it answers PING; a proxy that stopped at start-up says why.
+        let pong = match first_reply(addr, &["PING"]).await {
+            Ok(pong) => pong,
+            Err(e) => {
+                let ended = tokio::time::timeout(Duration::from_secs(5), task).await;
+                panic!("the proxy did not start ({e}): {ended:?}");
+            }
+        };
+        assert!(pong == "+PONG\r\n" || pong.starts_with("-NOAUTH"), "{pong}");
+        Proxy {
             addr,
             http: http_addr,
             trigger,
             task: Some(task),
-        };
-        // Ready once it answers PING.
-        let mut c = p.conn().await;
-        let pong = c.cmd(&["PING"]).await;
-        assert!(pong == "+PONG\r\n" || pong.starts_with("-NOAUTH"), "{pong}");
-        p
+        }
     }
 
     pub fn url(&self) -> String {
@@ -347,6 +352,27 @@ impl Proxy {
     pub async fn http(&self, method: &str, path: &str) -> (u16, String) {
         http_request(self.http, method, path).await
     }
+}
+
+/// The first line of the reply to `args` on a new connection to `addr` (within 10 s).
+async fn first_reply(addr: SocketAddr, args: &[&str]) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(&encode(args)).await?;
+    let mut got = Vec::new();
+    let read = async {
+        let mut b = [0u8; 256];
+        while !got.ends_with(b"\r\n") {
+            match s.read(&mut b).await? {
+                0 => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
+                n => got.extend_from_slice(&b[..n]),
+            }
+        }
+        Ok::<(), std::io::Error>(())
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    Ok(String::from_utf8_lossy(&got).to_string())
 }
 
 impl Drop for Proxy {

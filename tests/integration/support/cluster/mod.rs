@@ -9,6 +9,7 @@
 
 mod keys;
 mod reshard;
+pub mod secure;
 mod slot;
 
 pub use reshard::Pace;
@@ -427,13 +428,24 @@ pub fn proxy_config(
     cluster_keys: &str,
     extra: &str,
 ) -> tallyproxy::config::Config {
+    proxy_config_for(&cluster.seeds_toml(), wal, cluster_keys, "", extra)
+}
+
+/// [`proxy_config`] for the cluster whose `seeds = ...` array is `seeds`, with `backend_keys`
+/// more `[backend]` keys (e.g. credentials and TLS).
+pub fn proxy_config_for(
+    seeds: &str,
+    wal: &super::TempDir,
+    cluster_keys: &str,
+    backend_keys: &str,
+    extra: &str,
+) -> tallyproxy::config::Config {
     let toml = format!(
         "listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n\
-         [cluster]\nseeds = {}\n{cluster_keys}\n\
-         [backend]\ntimeout = \"2s\"\nhealth_interval = \"100ms\"\nhealth_failures = 2\n\
+         [cluster]\nseeds = {seeds}\n{cluster_keys}\n\
+         [backend]\ntimeout = \"2s\"\nhealth_interval = \"100ms\"\nhealth_failures = 2\n{backend_keys}\n\
          [counters]\nflush_interval = \"200ms\"\ncache_ttl = \"5s\"\n\
          [durability]\nwal_dir = \"{}\"\n{extra}",
-        cluster.seeds_toml(),
         wal.path().display()
     );
     tallyproxy::config::Config::from_toml_str(&toml)
