@@ -625,35 +625,45 @@ win_per_key=$(per "$win_flush_cmds" "$win_incrby")
 # 4. Memory per pending key: MEM_KEYS distinct keys, one INCR each, nothing flushed
 # ---------------------------------------------------------------------------------------------
 MEM_CONNS=8 # parallel redis-cli --pipe connections, key i on connection i % MEM_CONNS
+# load_distinct NAME N FORMAT FIRST: one INCR of each of N distinct keys (awk's sprintf of
+# FORMAT with FIRST .. FIRST + N - 1), key i on connection i % MEM_CONNS, through MEM_CONNS
+# parallel `redis-cli --pipe` into the running tallyproxy. Sets LOAD_SECS (wall time of the
+# pipes) and LOAD_SUMMARY (their errors and replies).
+load_distinct() {
+  local name=$1 n=$2 format=$3 first=$4 c pid failed=0 t0
+  local pids=()
+  for ((c = 0; c < MEM_CONNS; c++)); do
+    awk -v n="$n" -v c="$c" -v m="$MEM_CONNS" -v f="$format" -v s="$first" 'BEGIN {
+      for (i = c; i < n; i += m) { k = sprintf(f, s + i); printf "*2\r\n$4\r\nINCR\r\n$%d\r\n%s\r\n", length(k), k }
+    }' >"$WORK/$name-$c.resp"
+  done
+  t0=$(date +%s.%N)
+  for ((c = 0; c < MEM_CONNS; c++)); do
+    timeout "$BENCH_TIMEOUT" redis-cli -h 127.0.0.1 -p "$TALLY_PORT" --pipe \
+      <"$WORK/$name-$c.resp" >"$WORK/$name-pipe-$c.out" 2>&1 &
+    pids+=($!)
+    PROC_NAME[$!]="redis-cli --pipe $c"
+  done
+  for pid in "${pids[@]}"; do
+    wait "$pid" || failed=1
+    unset "PROC_NAME[$pid]"
+  done
+  ((failed == 0)) || die "redis-cli --pipe failed or timed out: $(cat "$WORK/$name"-pipe-*.out)"
+  LOAD_SECS=$(elapsed "$t0")
+  LOAD_SUMMARY=$(cat "$WORK/$name"-pipe-*.out | awk '/errors: [0-9]+, replies: [0-9]+/ {
+      gsub(/,/, ""); e += $2; r += $4 } END { printf "errors: %d, replies: %d", e, r }')
+  rm -f "$WORK/$name"-*.resp
+}
 log "memory: $MEM_KEYS INCRs on $MEM_KEYS distinct keys over $MEM_CONNS pipes, flush interval 1h"
-for ((c = 0; c < MEM_CONNS; c++)); do
-  awk -v n="$MEM_KEYS" -v c="$c" -v m="$MEM_CONNS" 'BEGIN {
-    for (i = 1 + c; i <= n; i += m) { k = "k:" i; printf "*2\r\n$4\r\nINCR\r\n$%d\r\n%s\r\n", length(k), k }
-  }' >"$WORK/incr-distinct-$c.resp"
-done
 for port in $REDIS_A $REDIS_B; do cli -p "$port" FLUSHALL >/dev/null; done
 write_tally_conf memory 1h on everysec $((MEM_KEYS * 2))
 start_tally "$TALLY_CONF"
 cli -p "$TALLY_PORT" PING >/dev/null
 sleep 1
 mem_rss_before=$(rss_kb "$TALLY_PID")
-mem_start=$(date +%s.%N)
-pipe_pids=()
-for ((c = 0; c < MEM_CONNS; c++)); do
-  timeout "$BENCH_TIMEOUT" redis-cli -h 127.0.0.1 -p "$TALLY_PORT" --pipe \
-    <"$WORK/incr-distinct-$c.resp" >"$WORK/pipe-$c.out" 2>&1 &
-  pipe_pids+=($!)
-  PROC_NAME[$!]="redis-cli --pipe $c"
-done
-pipe_failed=0
-for pid in "${pipe_pids[@]}"; do
-  wait "$pid" || pipe_failed=1
-  unset "PROC_NAME[$pid]"
-done
-((pipe_failed == 0)) || die "redis-cli --pipe failed or timed out: $(cat "$WORK"/pipe-*.out)"
-mem_secs=$(elapsed "$mem_start")
-pipe_summary=$(cat "$WORK"/pipe-*.out | awk '/errors: [0-9]+, replies: [0-9]+/ {
-    gsub(/,/, ""); e += $2; r += $4 } END { printf "errors: %d, replies: %d", e, r }')
+load_distinct memory "$MEM_KEYS" "k:%d" 1
+mem_secs=$LOAD_SECS
+pipe_summary=$LOAD_SUMMARY
 sleep 1
 mem_rss_after=$(rss_kb "$TALLY_PID")
 mem_pending=$(info_field "$TALLY_PORT" counters pending_keys)
@@ -693,32 +703,13 @@ stop_load() {
 }
 for keys in $SCALE_KEYS; do
   log "scale: $keys distinct keys over $MEM_CONNS pipes, then one full flush under INCR load"
-  for ((c = 0; c < MEM_CONNS; c++)); do
-    awk -v n="$keys" -v c="$c" -v m="$MEM_CONNS" 'BEGIN {
-      for (i = c; i < n; i += m) { k = sprintf("s:%012d", i); printf "*2\r\n$4\r\nINCR\r\n$%d\r\n%s\r\n", length(k), k }
-    }' >"$WORK/scale-$c.resp"
-  done
   for port in $REDIS_A $REDIS_B; do cli -p "$port" FLUSHALL >/dev/null; done
   write_tally_conf "scale-$keys" 1h on everysec $((keys * 2))
   start_tally "$TALLY_CONF"
   sleep 1
   rss_before=$(rss_kb "$TALLY_PID")
-  t0=$(date +%s.%N)
-  pipe_pids=()
-  for ((c = 0; c < MEM_CONNS; c++)); do
-    timeout "$BENCH_TIMEOUT" redis-cli -h 127.0.0.1 -p "$TALLY_PORT" --pipe \
-      <"$WORK/scale-$c.resp" >"$WORK/scale-pipe-$c.out" 2>&1 &
-    pipe_pids+=($!)
-    PROC_NAME[$!]="redis-cli --pipe $c"
-  done
-  pipe_failed=0
-  for pid in "${pipe_pids[@]}"; do
-    wait "$pid" || pipe_failed=1
-    unset "PROC_NAME[$pid]"
-  done
-  ((pipe_failed == 0)) || die "redis-cli --pipe failed or timed out: $(cat "$WORK"/scale-pipe-*.out)"
-  load_s=$(elapsed "$t0")
-  rm -f "$WORK"/scale-*.resp
+  load_distinct scale "$keys" "s:%012d" 0
+  load_s=$LOAD_SECS
   sleep 1
   rss_after=$(rss_kb "$TALLY_PID")
   pending=$(info_field "$TALLY_PORT" counters pending_keys)
