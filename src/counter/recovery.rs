@@ -5,7 +5,7 @@
 //!
 //! Owns the engine's state as the log sees it. Does not own the file or its format (`wal`).
 
-use super::stripe::{BaseState, Entry, DIRTY, INFLIGHT};
+use super::stripe::{BaseState, Cell, Entry, Stripe, DIRTY, INFLIGHT};
 use super::{wal, windows, Engine};
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -117,21 +117,14 @@ impl Engine {
     }
 
     /// Moves every buffered log record into `out` (a log commit).
-    /// The stripes' increments become one `Incrs` record, followed by their other records
-    /// (replay only adds them up, so their order against the increments does not matter).
     pub(crate) fn drain_logs(&self, out: &mut Vec<u8>) {
-        let mut framed = Vec::new();
-        let at = wal::begin_incrs(out);
+        let mut drain = Drain::new(out);
         for cell in self.stripes.iter() {
             if cell.has_log.load(Ordering::SeqCst) {
-                let mut s = cell.lock.lock();
-                out.append(&mut s.incrs);
-                framed.append(&mut s.log);
-                cell.has_log.store(false, Ordering::SeqCst);
+                drain.take(&mut cell.lock.lock(), cell);
             }
         }
-        wal::end_incrs(out, at);
-        out.append(&mut framed);
+        drain.finish();
     }
 
     /// A consistent cut for a log checkpoint: with every stripe locked at once, drains
@@ -143,8 +136,7 @@ impl Engine {
     ) -> (Vec<u8>, Vec<(Bytes, i64)>, std::collections::HashSet<Bytes>) {
         let mut guards: Vec<_> = self.stripes.iter().map(|c| c.lock.lock()).collect();
         let mut tail = Vec::new();
-        let mut framed = Vec::new();
-        let at = wal::begin_incrs(&mut tail);
+        let mut drain = Drain::new(&mut tail);
         let mut covered: HashMap<&[u8], i64> = HashMap::new();
         for (_, items) in unapplied.values() {
             for (k, d) in items {
@@ -154,9 +146,7 @@ impl Engine {
         let mut pending = Vec::new();
         let mut spilled = 0;
         for (g, cell) in guards.iter_mut().zip(self.stripes.iter()) {
-            tail.append(&mut g.incrs);
-            framed.append(&mut g.log);
-            cell.has_log.store(false, Ordering::SeqCst);
+            drain.take(g, cell);
             // The checkpoint lists window deltas under their own keys (see `window_now`).
             spilled += g.spill_all(|_| true);
             for (k, e) in g.map.iter() {
@@ -173,8 +163,7 @@ impl Engine {
             }
         }
         self.dirty_keys.fetch_add(spilled, Ordering::Relaxed);
-        wal::end_incrs(&mut tail, at);
-        tail.append(&mut framed);
+        drain.finish();
         let moved = self.moved.lock().clone();
         (tail, pending, moved)
     }
@@ -199,5 +188,37 @@ impl Engine {
 
     pub fn ensure_seq_above(&self, seq: u64) {
         self.next_seq.fetch_max(seq + 1, Ordering::Relaxed);
+    }
+}
+
+/// Stripes' buffered records on their way into one write: their increments as one `Incrs`
+/// record, then their other records (replay only adds them up, so the order of the two does
+/// not matter).
+struct Drain<'a> {
+    out: &'a mut Vec<u8>,
+    at: usize,
+    framed: Vec<u8>,
+}
+
+impl<'a> Drain<'a> {
+    fn new(out: &'a mut Vec<u8>) -> Drain<'a> {
+        let at = wal::begin_incrs(out);
+        Drain {
+            out,
+            at,
+            framed: Vec::new(),
+        }
+    }
+
+    /// Takes the buffers of `stripe` (locked; `cell` is its own) and clears its flag.
+    fn take(&mut self, stripe: &mut Stripe, cell: &Cell) {
+        self.out.append(&mut stripe.incrs);
+        self.framed.append(&mut stripe.log);
+        cell.has_log.store(false, Ordering::SeqCst);
+    }
+
+    fn finish(self) {
+        wal::end_incrs(self.out, self.at);
+        self.out.append(&mut { self.framed });
     }
 }
