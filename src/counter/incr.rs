@@ -137,8 +137,7 @@ impl Engine {
         }
     }
 
-    /// Adds `delta` to the window delta `g`/`t` of `key` in `stripe` (locked),
-    /// logged. The entry's key is built on the stack: no allocation unless it is new.
+    /// Adds `delta` to the window delta `g`/`t` of `key` in `stripe` (locked), logged.
     pub(super) fn add_window_delta(
         &self,
         stripe: &mut Stripe,
@@ -147,19 +146,13 @@ impl Engine {
         key: &[u8],
         delta: i64,
     ) {
-        let mut stack = [0u8; 96];
-        let heap;
-        let wk = match windows::pending_key_in(&mut stack, g, t, key) {
-            Some(k) => k,
-            None => {
-                heap = windows::pending_key(g, t, key);
-                &heap[..]
+        let newly_dirty = windows::with_pending_key(g, t, key, |wk| {
+            if self.wal.is_some() {
+                wal::append_incr(&mut stripe.incrs, wk, delta);
             }
-        };
-        if self.wal.is_some() {
-            wal::append_incr(&mut stripe.incrs, wk, delta);
-        }
-        if stripe.add_pending(wk, delta) {
+            stripe.add_pending(wk, delta)
+        });
+        if newly_dirty {
             self.note_dirty();
         }
     }

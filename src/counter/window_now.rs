@@ -86,16 +86,7 @@ impl Stripe {
     /// Adds a spilled window delta of `key` at second `t` to its own entry (not logged).
     /// True when that entry was not dirty before (the caller counts it).
     pub(super) fn spill(&mut self, key: &[u8], (t, delta): (u64, i64)) -> bool {
-        let mut stack = [0u8; 96];
-        let heap;
-        let wk = match windows::pending_key_in(&mut stack, windows::ALL, t, key) {
-            Some(k) => k,
-            None => {
-                heap = windows::pending_key(windows::ALL, t, key);
-                &heap[..]
-            }
-        };
-        self.add_pending(wk, delta)
+        windows::with_pending_key(windows::ALL, t, key, |wk| self.add_pending(wk, delta))
     }
 
     /// Spills `key`'s window delta, if it has one; the number of entries made dirty.

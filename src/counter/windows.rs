@@ -73,6 +73,16 @@ pub fn pending_key_in<'a>(buf: &'a mut [u8], g: u8, t: u64, key: &[u8]) -> Optio
     Some(out)
 }
 
+/// Calls `f` with the window delta entry's key of `key` for `g`/`t`, built on the stack
+/// when it fits (no allocation on the hot path).
+pub fn with_pending_key<R>(g: u8, t: u64, key: &[u8], f: impl FnOnce(&[u8]) -> R) -> R {
+    let mut stack = [0u8; 96];
+    match pending_key_in(&mut stack, g, t, key) {
+        Some(k) => f(k),
+        None => f(&pending_key(g, t, key)),
+    }
+}
+
 /// (letter, bucket start, counter key) of a window delta entry; None for any other key.
 pub fn parse_pending(k: &[u8]) -> Option<(u8, u64, &[u8])> {
     if k.len() < PENDING_HEADER || !k.starts_with(PENDING_PREFIX) {
