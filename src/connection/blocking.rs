@@ -44,10 +44,7 @@ pub(super) fn dispatch(
             return None;
         }
     };
-    let Some(permit) = ctx.dedicated.try_take() else {
-        reply::error(out, &ctx.dedicated.exhausted_message());
-        return None;
-    };
+    let permit = super::take_dedicated(ctx, out)?;
     let counters: Vec<Bytes> = named
         .iter()
         .filter(|k| ctx.engine.is_batched(k))

@@ -377,6 +377,17 @@ async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
     .await;
 }
 
+/// A place among the dedicated backend connections (transactions with WATCH, subscriptions,
+/// blocking commands), or None with the client's error written to `out` when the cap is
+/// reached.
+fn take_dedicated(ctx: &Context, out: &mut BytesMut) -> Option<crate::backend::dedicated::Permit> {
+    let permit = ctx.dedicated.try_take();
+    if permit.is_none() {
+        reply::error(out, &ctx.dedicated.exhausted_message());
+    }
+    permit
+}
+
 /// Writes replies; false when the client is gone or has not read them within
 /// `limits.write_timeout` (a client that never reads must not hold its slot for ever).
 async fn write_out<S: AsyncWrite + Unpin>(stream: &mut S, buf: &[u8], ctx: &Context) -> bool {

@@ -180,10 +180,7 @@ pub(super) fn dispatch(
             unsubscribed_all(spec.name, &args, client.proto, out);
             return None;
         }
-        let Some(permit) = ctx.dedicated.try_take() else {
-            reply::error(out, &ctx.dedicated.exhausted_message());
-            return None;
-        };
+        let permit = super::take_dedicated(ctx, out)?;
         client.sub = Some(open(ctx, shard, client.proto, permit));
     }
     Some(send(client, spec.name, &args))

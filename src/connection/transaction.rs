@@ -188,13 +188,7 @@ fn watch(
     let slot = txn.watch.get_or_insert_with(Default::default).clone();
     // A WATCH before this one has run (barriers run in order): its connection is there.
     let permit = if slot.lock().conn.is_none() {
-        match ctx.dedicated.try_take() {
-            Some(p) => Some(p),
-            None => {
-                reply::error(out, &ctx.dedicated.exhausted_message());
-                return None;
-            }
-        }
+        Some(super::take_dedicated(ctx, out)?)
     } else {
         None
     };
@@ -405,13 +399,7 @@ fn exec(ctx: &Arc<Context>, client: &mut Client, out: &mut BytesMut) -> Option<P
         (w.conn.take(), w.lost.take())
     });
     let permit: Option<Permit> = match (&shard, &conn) {
-        (Some(_), None | Some((None, None))) => match ctx.dedicated.try_take() {
-            Some(p) => Some(p),
-            None => {
-                reply::error(out, &ctx.dedicated.exhausted_message());
-                return None;
-            }
-        },
+        (Some(_), None | Some((None, None))) => Some(super::take_dedicated(ctx, out)?),
         _ => None,
     };
     let (ctx, resp3) = (ctx.clone(), client.proto == Proto::Resp3);
