@@ -578,10 +578,11 @@ win_incrby=$(cmd_calls incrby)
 win_hincrby=$(cmd_calls hincrby)
 win_hmget=$(cmd_calls hmget)
 win_expireat=$(cmd_calls expireat)
+win_hdel=$(cmd_calls hdel)
 # The flushes' own commands: the writes and the watermark's HGET/HSET per write batch. Each
 # lane counts a flush pass, so a flush of both shards is 2; the final flush at SIGTERM is 1
 # more per shard.
-win_flush_cmds=$((win_incrby + win_hincrby + win_hmget + win_expireat + $(cmd_calls hget) + $(cmd_calls hset)))
+win_flush_cmds=$((win_incrby + win_hincrby + win_hmget + win_expireat + win_hdel + $(cmd_calls persist) + $(cmd_calls hget) + $(cmd_calls hset)))
 win_flushes=$(((win_flushes_before_stop + 2) / 2))
 win_breakdown=$(calls_breakdown)
 # What landed: the totals, and the per-day buckets (every increment counts into one day).
@@ -589,15 +590,15 @@ win_landed=0
 win_days=0
 for port in $REDIS_A $REDIS_B; do
   v=$(cli -p "$port" EVAL "local s = 0 for _, k in ipairs(redis.call('KEYS', 'visits:*')) do s = s + tonumber(redis.call('GET', k)) end return s" 0)
-  d=$(cli -p "$port" EVAL "local s = 0 for _, k in ipairs(redis.call('KEYS', 'tally:w:*:d:*')) do for _, v in ipairs(redis.call('HVALS', k)) do s = s + tonumber(v) end end return s" 0)
+  d=$(cli -p "$port" EVAL "local s = 0 for _, k in ipairs(redis.call('KEYS', 'tally:win:*')) do local f = redis.call('HGETALL', k) for i = 1, #f, 2 do if string.match(f[i], '^d%d+$') then s = s + tonumber(f[i + 1]) end end end return s" 0)
   win_landed=$((win_landed + v))
   win_days=$((win_days + d))
 done
 ((win_landed == ECON_N)) || log "WARNING: the shards hold $win_landed windowed increments, expected $ECON_N"
 ((win_days == ECON_N)) || log "WARNING: the day buckets hold $win_days increments, expected $ECON_N"
 
-# Steady state: flushes every second while the load runs, so buckets already exist (a bucket
-# hash's EXPIREAT is sent only by the flush that creates a bucket in it).
+# Steady state: flushes every second while the load runs, so the keys' window hashes already
+# exist (and past seconds get trimmed once a tenth of their retention has piled up).
 log "windows economy, steady state: $STEADY_N INCRs over $ECON_KEYS windowed keys, 1 s flush interval"
 for port in $REDIS_A $REDIS_B; do cli -p "$port" FLUSHALL >/dev/null; done
 write_tally_conf windows-steady 1s on everysec 100000
@@ -615,7 +616,7 @@ steady_passes=$(($(info_field "$TALLY_PORT" counters flushes) - steady_before))
 stop_tally
 collect_commandstats "$WORK/commandstats-windows-steady.txt"
 steady_incrby=$(cmd_calls incrby)
-steady_flush_cmds=$((steady_incrby + $(cmd_calls hincrby) + $(cmd_calls hmget) + $(cmd_calls expireat) + $(cmd_calls hget) + $(cmd_calls hset)))
+steady_flush_cmds=$((steady_incrby + $(cmd_calls hincrby) + $(cmd_calls hmget) + $(cmd_calls expireat) + $(cmd_calls hdel) + $(cmd_calls persist) + $(cmd_calls hget) + $(cmd_calls hset)))
 steady_breakdown=$(calls_breakdown)
 # Distinct keys written per flush, summed over the flushes = the INCRBYs (one per key and flush).
 steady_per_key=$(per "$steady_flush_cmds" "$steady_incrby")
@@ -891,12 +892,13 @@ wal_fs=$(df -T "$WORK" | awk 'NR == 2 {print $2}')
   echo "| Redis commands on both shards | $win_total |"
   echo "| of which EVAL round trips | $win_eval |"
   echo "| of which INCRBY (totals) | $win_incrby |"
-  echo "| of which HINCRBY (bucket fields) | $win_hincrby |"
-  echo "| of which HMGET (3 fields or more of one hash, with one HSET) | $win_hmget |"
+  echo "| of which HINCRBY (bucket sums past 15 digits) | $win_hincrby |"
+  echo "| of which HMGET (one per window hash, with one HSET) | $win_hmget |"
+  echo "| of which HDEL (trims of fields past retention) | $win_hdel |"
   echo "| of which EXPIREAT | $win_expireat |"
   echo "| **Redis commands per EVAL batch** | **$(per "$win_total" "$win_eval")** |"
   echo "| flushes (periodic, plus the final one at SIGTERM) | $win_flushes |"
-  echo "| **Redis commands of the flushes, per flush** (INCRBY, HINCRBY, HMGET, HSET, EXPIREAT, watermark HGET/HSET) | **$(per "$win_flush_cmds" "$win_flushes")** |"
+  echo "| **Redis commands of the flushes, per flush** (INCRBY, HINCRBY, HMGET, HSET, HDEL, EXPIREAT, PERSIST, watermark HGET/HSET) | **$(per "$win_flush_cmds" "$win_flushes")** |"
   echo "| **Redis commands of the flushes per distinct key flushed** (target <= 3) | **$win_per_key** |"
   echo "| client INCRs per Redis command | $(per "$ECON_N" "$win_total") |"
   echo "| increments landed (sum of the totals / of the day buckets) | $win_landed / $win_days |"
@@ -907,7 +909,7 @@ wal_fs=$(df -T "$WORK" | awk 'NR == 2 {print $2}')
   echo
   echo "| Figure | Value |"
   echo "|---|---:|"
-  echo "| Redis commands of the flushes (INCRBY, HINCRBY, HMGET, HSET, HGET, EXPIREAT) | $steady_flush_cmds |"
+  echo "| Redis commands of the flushes (INCRBY, HINCRBY, HMGET, HSET, HDEL, HGET, EXPIREAT, PERSIST) | $steady_flush_cmds |"
   echo "| distinct keys written, summed over the flushes (INCRBY) | $steady_incrby |"
   echo "| **Redis commands per distinct key and flush** (target <= 3) | **$steady_per_key** |"
   echo

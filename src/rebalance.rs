@@ -22,7 +22,7 @@
 use crate::backend::{health, Shard};
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::counter::windows;
+use crate::counter::window_store;
 use crate::counter::Engine;
 use crate::router::Router;
 use crate::router::{Migration, Topology};
@@ -606,7 +606,7 @@ impl Rebalancer {
                         } else {
                             engine.move_once(&m, k, from).await
                         }
-                    } else if windows::parse_bucket_key(&key).is_some()
+                    } else if window_store::bucket_owner(&key).is_some()
                         && m.old.shard_for(&key).name == from.name
                         && m.owner_changed(&key)
                     {

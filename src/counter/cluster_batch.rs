@@ -59,6 +59,7 @@ pub(super) struct Part {
 pub(super) fn split(
     proxy_id: &str,
     windows: &Windows,
+    now: u64,
     seq: u64,
     items: &[(Bytes, Option<i64>)],
 ) -> (Vec<Part>, (u64, u64)) {
@@ -97,7 +98,14 @@ pub(super) fn split(
             }
             continue;
         }
-        let (frame, w) = encode_batch(proxy_id, windows, seq, &sub, applied_key(slot).as_bytes());
+        let (frame, w) = encode_batch(
+            proxy_id,
+            windows,
+            now,
+            seq,
+            &sub,
+            applied_key(slot).as_bytes(),
+        );
         writes.0 += w.0;
         writes.1 += w.1;
         parts.push(Part {
@@ -273,7 +281,7 @@ mod tests {
             (Bytes::from_static(b"{a}other"), None),
             (Bytes::from_static(b"{c}only-read"), None),
         ];
-        let (parts, writes) = split("p1", &windows, 42, &items);
+        let (parts, writes) = split("p1", &windows, 1_800_000_000, 42, &items);
         assert_eq!(parts.len(), 3);
         // A part that only reads leaves its slot's watermark alone: another lane may hold it.
         let read = parts
@@ -308,9 +316,9 @@ mod tests {
             .unwrap();
         assert_eq!(a.items, vec![0, 2, 3]);
         assert_eq!(a.counters, 2, "the window delta has no value of its own");
-        // Bucket hashes of the windowed key are in its slot: the same EVAL writes them.
+        // The windowed key's window hash is in its slot: the same EVAL writes it.
         assert!(std::str::from_utf8(&a.frame)
             .unwrap()
-            .contains("tally:w:{a}"));
+            .contains("tally:win:{a}:visits:{a}home"));
     }
 }

@@ -29,7 +29,6 @@ use crate::backoff::Backoff;
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use redis_protocol::resp2::types::BytesFrame;
-use std::collections::BTreeMap;
 /// The lane's maps are keyed by counter keys: ahash with random seeds per map, as the
 /// engine's own maps (faster than SipHash, still keyed against chosen collisions).
 type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
@@ -46,13 +45,13 @@ pub const APPLIED_KEY: &str = "tally:applied";
 /// the retry (on a new connection, maybe) covers the first application too, and so that a
 /// replica refuses the retry (`-READONLY`) rather than answer from its copy.
 ///
-/// KEYS = [APPLIED_KEY, k1..kn, b1..bm]; ARGV = [proxy id, seq, n, d1..dn, then per
-/// bucket hash b: expire-at (0: never), field count, field value pairs], where a delta of
-/// "" means "read only". seq 0: a read-only batch that leaves the watermark alone. The
-/// bucket hashes (time windows, see `windows`) are written under the same watermark as the
-/// counters: a batch lands whole, once. A bucket hash's `EXPIREAT` is sent only when the
-/// batch created a bucket (a field) in it, so an existing hash costs no expiry per flush.
-pub const SCRIPT: &str = r#"
+/// KEYS = [APPLIED_KEY, k1..kn, w1..wm]; ARGV = [proxy id, seq, n, d1..dn, then the window
+/// writes (`window_store::SCRIPT_PART`, none when the batch has no window hash)], where a
+/// delta of "" means "read only". seq 0: a read-only batch that leaves the watermark alone.
+/// The window hashes (time windows) are written under the same watermark as the counters: a
+/// batch lands whole, once.
+pub const SCRIPT: &str = concat!(
+    r#"
 local seq = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
 local fresh = false
@@ -82,57 +81,15 @@ for i = 1, n do
   end
 end
 if fresh then
-  -- Most fields of one hash merged into one HMGET and HSET (unpack's limit is 8000).
-  local MERGE = 1000
   local a = n + 4
-  for j = n + 2, #KEYS do
-    local h = KEYS[j]
-    local at = ARGV[a]
-    local f = tonumber(ARGV[a + 1])
-    a = a + 2
-    -- created: a field was new, so the hash may be (its expiry is set once, then).
-    local created = false
-    local last = a + 2 * f - 1
-    while a <= last do
-      local m = math.min(MERGE, (last - a + 1) / 2)
-      if m < 3 then
-        for _ = 1, m do
-          local v = redis.pcall('HINCRBY', h, ARGV[a], ARGV[a + 1])
-          if v == tonumber(ARGV[a + 1]) then created = true end
-          a = a + 2
-        end
-      else
-        -- Many fields of one hash: one HMGET and one HSET. Lua numbers are doubles, so
-        -- a sum is written this way only when exact (below 2^53); a field holding other
-        -- than an integer is left alone (as HINCRBY would refuse it); the rest HINCRBY.
-        local names = {}
-        for i = 1, m do names[i] = ARGV[a + 2 * i - 2] end
-        local cur = redis.pcall('HMGET', h, unpack(names))
-        local set = {}
-        for i = 1, m do
-          local c = cur[i]
-          local d = ARGV[a + 2 * i - 1]
-          if c == false then c = '0' end
-          if type(c) ~= 'string' or not string.match(c, '^-?%d+$') then
-            -- Not an integer (or not a hash at all): left alone, as HINCRBY would.
-          elseif #c < 16 and #d < 16 then
-            set[#set + 1] = names[i]
-            set[#set + 1] = string.format('%.0f', tonumber(c) + tonumber(d))
-          elseif redis.pcall('HINCRBY', h, names[i], d) == tonumber(d) then
-            created = true
-          end
-        end
-        if #set > 0 and redis.pcall('HSET', h, unpack(set)) ~= 0 then created = true end
-        a = a + 2 * m
-      end
-    end
-    if created and at ~= '0' then
-      redis.pcall('EXPIREAT', h, at)
-    end
-  end
+  local first = n + 2
+"#,
+    super::window_store::script_part!(),
+    r#"
 end
 return {fresh and 1 or 0, out}
-"#;
+"#
+);
 
 /// What a shard holds for a key after a round trip.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -587,11 +544,19 @@ async fn round(
     let mut waiters: HashMap<Bytes, Vec<Waiter>> =
         reads.into_iter().map(|(k, (_, w))| (k, w)).collect();
     let mut batches = Vec::new();
+    let items = group_window_deltas(items);
     // Chunks taken front to back in one pass (split_off copied the remainder per chunk:
-    // quadratic in the number of pending keys, minutes at a million).
+    // quadratic in the number of pending keys, minutes at a million). A key's window deltas
+    // are never split between two chunks: its window hash is written once per round.
     let mut rest = items.into_iter().peekable();
     while rest.peek().is_some() {
-        let chunk: Vec<_> = rest.by_ref().take(limit.max(1)).collect();
+        let mut chunk: Vec<_> = rest.by_ref().take(limit.max(1)).collect();
+        while let (Some(last), Some(next)) = (chunk.last(), rest.peek()) {
+            if !same_window_hash(&last.0, &next.0) {
+                break;
+            }
+            chunk.extend(rest.next());
+        }
         let seq = if chunk.iter().any(|(_, d)| d.is_some()) {
             engine.next_seq()
         } else {
@@ -648,6 +613,30 @@ async fn round(
         }
     }
     all_ok && logging
+}
+
+/// The round's items with the window deltas last, those of one key side by side (counter
+/// keys and reads keep their order).
+fn group_window_deltas(items: Vec<(Bytes, Option<i64>)>) -> Vec<(Bytes, Option<i64>)> {
+    let (mut wins, mut out): (Vec<_>, Vec<_>) = items
+        .into_iter()
+        .partition(|(k, _)| super::windows::parse_pending(k).is_some());
+    wins.sort_by(|a, b| {
+        super::windows::placement_key(&a.0).cmp(super::windows::placement_key(&b.0))
+    });
+    out.append(&mut wins);
+    out
+}
+
+/// Whether two items are window deltas of the same key (so write the same window hash).
+fn same_window_hash(a: &[u8], b: &[u8]) -> bool {
+    match (
+        super::windows::parse_pending(a),
+        super::windows::parse_pending(b),
+    ) {
+        (Some((_, _, x)), Some((_, _, y))) => x == y,
+        _ => false,
+    }
 }
 
 fn flush_histogram() -> &'static metrics::Histogram {
@@ -786,8 +775,13 @@ pub(super) async fn send_logged(
 impl Batch {
     pub(super) fn new(engine: &Engine, seq: u64, items: Vec<(Bytes, Option<i64>)>) -> Batch {
         if engine.holds.is_some() {
-            let (parts, writes) =
-                super::cluster_batch::split(&engine.proxy_id, engine.windows(), seq, &items);
+            let (parts, writes) = super::cluster_batch::split(
+                &engine.proxy_id,
+                engine.windows(),
+                engine.wall_clock().now_secs(),
+                seq,
+                &items,
+            );
             return Batch {
                 seq,
                 frame: Bytes::new(),
@@ -800,6 +794,7 @@ impl Batch {
         let (frame, writes) = encode_batch(
             &engine.proxy_id,
             engine.windows(),
+            engine.wall_clock().now_secs(),
             seq,
             &items,
             APPLIED_KEY.as_bytes(),
@@ -879,15 +874,14 @@ pub(super) fn parse_results(reply: &Reply, n: usize) -> Option<Vec<KeyValue>> {
     )
 }
 
-/// A bucket hash's part of a batch: when it expires, and field -> delta.
-type BucketWrite = (Option<u64>, BTreeMap<u64, i64>);
-
 /// The `EVAL` of a batch, and how many counter deltas and bucket fields it writes.
-/// Window deltas (see `windows`) become `HINCRBY`s of the buckets of every kept granularity,
-/// merged per bucket, so the frame is the same however often it is rebuilt (a replay).
+/// Window deltas (see `windows`) become the fields of their keys' window hashes
+/// (`window_store`), merged per bucket; `now` decides which buckets are past retention
+/// (left out) and which old fields a write trims.
 pub(super) fn encode_batch(
     proxy_id: &str,
     windows: &Windows,
+    now: u64,
     seq: u64,
     items: &[(Bytes, Option<i64>)],
     applied_key: &[u8],
@@ -895,44 +889,37 @@ pub(super) fn encode_batch(
     let (wins, counters): (Vec<_>, Vec<_>) = items
         .iter()
         .partition(|(k, _)| super::windows::parse_pending(k).is_some());
-    // bucket hash -> (expire at, field -> delta)
-    let mut buckets: BTreeMap<Vec<u8>, BucketWrite> = BTreeMap::new();
+    let mut buckets = super::window_store::Writes::default();
     for (k, d) in &wins {
-        let (Some(d), Some((letter, t, key))) = (d, super::windows::parse_pending(k)) else {
-            continue;
-        };
-        for g in 0..super::windows::GRANULARITIES {
-            let wanted = letter == super::windows::ALL || letter == super::windows::LETTER[g];
-            if !wanted || !windows.kept(g) {
-                continue;
-            }
-            let bucket = t - t % super::windows::SIZE[g];
-            let period = bucket - bucket % super::windows::PERIOD[g];
-            let slot = buckets
-                .entry(super::windows::bucket_key(key, g, bucket))
-                .or_insert_with(|| (windows.expire_at(g, period), BTreeMap::new()));
-            let f = slot.1.entry(bucket).or_insert(0);
-            *f = f.wrapping_add(*d);
+        if let (Some(d), Some((letter, t, key))) = (d, super::windows::parse_pending(k)) {
+            buckets.add(windows, now, letter, t, key, *d);
         }
     }
-    let fields: usize = buckets.values().map(|b| b.1.len()).sum();
+    let fields = buckets.field_count();
     let n = counters.len();
-    let mut out = BytesMut::with_capacity(SCRIPT.len() + 64 + n * 48 + fields * 80);
+    let mut out = BytesMut::with_capacity(SCRIPT.len() + 64 + n * 48 + fields * 40);
     let writes = (
         counters.iter().filter(|(_, d)| d.is_some()).count() as u64,
         fields as u64,
     );
-    let args = 4 + n + 3 + n + buckets.len() * 3 + fields * 2;
+    let window_args = match buckets.hash_count() {
+        0 => 0,
+        _ => buckets.arg_count(windows),
+    };
+    let args = 4 + n + buckets.hash_count() + 3 + n + window_args;
     crate::resp::reply::array(&mut out, args);
     let mut num = itoa::Buffer::new();
     crate::resp::reply::bulk(&mut out, b"EVAL");
     crate::resp::reply::bulk(&mut out, SCRIPT.as_bytes());
-    crate::resp::reply::bulk(&mut out, num.format(1 + n + buckets.len()).as_bytes());
+    crate::resp::reply::bulk(
+        &mut out,
+        num.format(1 + n + buckets.hash_count()).as_bytes(),
+    );
     crate::resp::reply::bulk(&mut out, applied_key);
     for (k, _) in &counters {
         crate::resp::reply::bulk(&mut out, k);
     }
-    for b in buckets.keys() {
+    for b in buckets.hash_names() {
         crate::resp::reply::bulk(&mut out, b);
     }
     crate::resp::reply::bulk(&mut out, proxy_id.as_bytes());
@@ -944,13 +931,8 @@ pub(super) fn encode_batch(
             None => crate::resp::reply::bulk(&mut out, b""),
         }
     }
-    for (expire, fields) in buckets.values() {
-        crate::resp::reply::bulk(&mut out, num.format(expire.unwrap_or(0)).as_bytes());
-        crate::resp::reply::bulk(&mut out, num.format(fields.len()).as_bytes());
-        for (f, d) in fields {
-            crate::resp::reply::bulk(&mut out, num.format(*f).as_bytes());
-            crate::resp::reply::bulk(&mut out, num.format(*d).as_bytes());
-        }
+    if buckets.hash_count() > 0 {
+        buckets.encode_args(&mut out, windows, now);
     }
     (out.freeze(), writes)
 }

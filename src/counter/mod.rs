@@ -58,6 +58,7 @@ mod stripe;
 pub mod wal;
 mod window_deltas;
 mod window_now;
+pub mod window_store;
 pub mod windows;
 
 pub use flush::spawn_background;

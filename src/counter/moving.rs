@@ -5,7 +5,8 @@
 //!   one step; the value lands on the new owner with the next flush, added to whatever
 //!   reached it meanwhile (counters merge). A crash at any point leaves the value in exactly
 //!   one of: the key, the tombstone, the log; moving again handles each.
-//! - a bucket hash of time windows moves the same way: its fields become window deltas.
+//! - a window hash (time windows, either layout of `window_store`) moves the same way: its
+//!   fields become window deltas.
 //! - any other key moves with Redis's own `MIGRATE` (TTL kept; a key the new owner already
 //!   holds is newer and wins).
 //!
@@ -17,7 +18,7 @@
 
 use super::lane::LaneError;
 use super::stripe::stripe_of;
-use super::{parse_i64, wal, windows, Engine};
+use super::{parse_i64, wal, window_store, windows, Engine};
 use crate::backend::Shard;
 use crate::router::Migration;
 use bytes::Bytes;
@@ -76,21 +77,14 @@ impl Engine {
         self.moved.lock().insert(Bytes::copy_from_slice(key));
     }
 
-    /// Adds the counts of bucket hash `bk` (granularity `g` of `key`), moved off its old
-    /// owner by rebalance `id`, to window deltas, logged in the same step with a record that
-    /// the hash has moved.
-    pub fn apply_moved_bucket(
-        &self,
-        id: u64,
-        key: &[u8],
-        g: usize,
-        bk: &[u8],
-        fields: &[(u64, i64)],
-    ) {
+    /// Adds the counts of bucket hash `bk` of `key` ((granularity, bucket start, count)),
+    /// moved off its old owner by rebalance `id`, to window deltas, logged in the same step
+    /// with a record that the hash has moved.
+    pub fn apply_moved_bucket(&self, id: u64, key: &[u8], bk: &[u8], fields: &[(usize, u64, i64)]) {
         let cell = &self.stripes[stripe_of(key)];
         let mut guard = cell.lock.lock();
         let stripe = &mut *guard;
-        for &(t, v) in fields {
+        for &(g, t, v) in fields {
             let pk = windows::pending_key(windows::LETTER[g], t, key);
             if self.wal.is_some() {
                 wal::encode_moved(&mut stripe.log, id, &pk, v);
@@ -155,11 +149,7 @@ impl Engine {
         if !m.owner_changed(key) {
             return Ok(());
         }
-        let hashes: std::collections::BTreeSet<Vec<u8>> = buckets
-            .iter()
-            .map(|&(g, t)| windows::bucket_key(key, g, t))
-            .collect();
-        for bk in hashes {
+        for bk in window_store::hashes_of(key, buckets) {
             self.ensure_moved(m, &bk).await?;
         }
         Ok(())
@@ -174,7 +164,7 @@ impl Engine {
         from: &Arc<Shard>,
         to: &Arc<Shard>,
     ) -> Result<bool, String> {
-        let Some((g, _, key)) = windows::parse_bucket_key(bk) else {
+        let Some(key) = window_store::bucket_owner(bk) else {
             return Err("not a bucket key".into());
         };
         let tomb = tombstone(id, bk);
@@ -189,21 +179,15 @@ impl Engine {
                 Ok(false)
             }
             [BytesFrame::Integer(1), BytesFrame::Array(flat)] => {
-                let mut fields = Vec::with_capacity(flat.len() / 2);
+                let mut pairs = Vec::with_capacity(flat.len() / 2);
                 for pair in flat.chunks(2) {
                     let [BytesFrame::BulkString(f), BytesFrame::BulkString(v)] = pair else {
                         return Err(format!("unexpected bucket field {pair:?}"));
                     };
-                    let t = std::str::from_utf8(f)
-                        .ok()
-                        .and_then(|f| f.parse::<u64>().ok());
-                    match (t, parse_i64(v)) {
-                        (Some(t), Some(v)) => fields.push((t, v)),
-                        // Not written by the proxy: nothing to count.
-                        _ => continue,
-                    }
+                    pairs.push((f.clone(), v.clone()));
                 }
-                self.apply_moved_bucket(id, key, g, bk, &fields);
+                let fields = window_store::moved_fields(bk, &pairs);
+                self.apply_moved_bucket(id, key, bk, &fields);
                 if let Some(w) = &self.wal {
                     w.commit()
                         .await
@@ -224,7 +208,7 @@ impl Engine {
         from: &Arc<Shard>,
         to: &Arc<Shard>,
     ) -> Result<bool, String> {
-        if key.starts_with(windows::BUCKET_PREFIX) {
+        if window_store::bucket_owner(key).is_some() {
             return self.move_bucket(id, key, from, to).await;
         }
         let tomb = tombstone(id, key);

@@ -7,13 +7,9 @@
 //! stream, taken into the same flush batches, sent under the same sequence number, replayed
 //! after a crash the same way. Nothing in the exactly-once protocol is new.
 //!
-//! **In Redis**, on `K`'s own shard, the flush expands a window delta into one `HINCRBY`
-//! per kept granularity, into hashes named [`bucket_key`]:
-//! `tally:w:{<K's hash part>}:<g>:<period start>:<K>`, field = bucket start (Unix seconds),
-//! value = count (three fields or more of one hash: one `HMGET` and one `HSET`). The hash tag
-//! keeps the buckets on `K`'s shard (and slot). A hash holds one period (an hour of seconds, a
-//! day of minutes, 30 days of hours, 365 days of days) and expires (`EXPIREAT`, sent by the
-//! flush that creates a bucket in it) when its last bucket passes the granularity's retention.
+//! **In Redis**, on `K`'s own shard, the flush adds a window delta to the bucket of every
+//! kept granularity (seconds, minutes, hours, days) in `K`'s window hash: one hash per key,
+//! one field per bucket, trimmed past retention (layout and script: `window_store`).
 //!
 //! **A read** plans the range ([`Windows::plan`]): the coarsest kept buckets that fit the
 //! range exactly, finer ones at the edges; parts no kept granularity can answer exactly are
@@ -27,7 +23,7 @@
 
 use crate::clock::format_time;
 use crate::config::{Retention, WindowsConfig};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
@@ -35,8 +31,6 @@ use std::sync::atomic::Ordering;
 pub const GRANULARITIES: usize = 4;
 /// Bucket length, in seconds.
 pub const SIZE: [u64; GRANULARITIES] = [1, 60, 3600, 86400];
-/// Period one Redis hash holds, in seconds.
-pub const PERIOD: [u64; GRANULARITIES] = [3600, 86400, 30 * 86400, 365 * 86400];
 /// Letter of each granularity in key names.
 pub const LETTER: [u8; GRANULARITIES] = [b's', b'm', b'h', b'd'];
 /// Letter of a window delta that counts into every kept granularity (an increment).
@@ -48,8 +42,6 @@ pub const MAX_POINTS: usize = 10_000;
 
 /// Prefix of window deltas in the engine (never sent to Redis as keys).
 pub const PENDING_PREFIX: &[u8] = b"tally:p:";
-/// Prefix of bucket hashes in Redis.
-pub const BUCKET_PREFIX: &[u8] = b"tally:w:";
 const PENDING_HEADER: usize = 8 + 1 + 8;
 
 /// The window delta entry of `key` for granularity letter `g` (or [`ALL`]) at bucket `t`.
@@ -105,35 +97,6 @@ pub fn placement_key(k: &[u8]) -> &[u8] {
 /// again (it cannot contain `}`).
 pub fn taggable(key: &[u8]) -> bool {
     !crate::router::ring::hash_slice(key).contains(&b'}')
-}
-
-/// The Redis hash holding `key`'s bucket at `t` of granularity `g` (an index into [`SIZE`]).
-pub fn bucket_key(key: &[u8], g: usize, t: u64) -> Vec<u8> {
-    let period = t - t % PERIOD[g];
-    let tag = crate::router::ring::hash_slice(key);
-    let mut k = Vec::with_capacity(BUCKET_PREFIX.len() + tag.len() + key.len() + 20);
-    k.extend_from_slice(BUCKET_PREFIX);
-    k.push(b'{');
-    k.extend_from_slice(tag);
-    k.extend_from_slice(b"}:");
-    k.push(LETTER[g]);
-    k.push(b':');
-    k.extend_from_slice(itoa::Buffer::new().format(period).as_bytes());
-    k.push(b':');
-    k.extend_from_slice(key);
-    k
-}
-
-/// (granularity, period start, counter key) of a bucket hash's name.
-pub fn parse_bucket_key(k: &[u8]) -> Option<(usize, u64, &[u8])> {
-    let rest = k.strip_prefix(BUCKET_PREFIX)?.strip_prefix(b"{")?;
-    let close = rest.iter().position(|&b| b == b'}')?;
-    let rest = rest[close + 1..].strip_prefix(b":")?;
-    let g = LETTER.iter().position(|&l| Some(&l) == rest.first())?;
-    let rest = rest.get(1..)?.strip_prefix(b":")?;
-    let colon = rest.iter().position(|&b| b == b':')?;
-    let period = std::str::from_utf8(&rest[..colon]).ok()?.parse().ok()?;
-    Some((g, period, &rest[colon + 1..]))
 }
 
 /// The window rules in force.
@@ -196,13 +159,39 @@ impl Windows {
         }
     }
 
-    /// When the hash of period `period` of granularity `g` may go: after its last bucket
-    /// has passed the retention. None: kept forever.
-    pub fn expire_at(&self, g: usize, period: u64) -> Option<u64> {
-        match self.keep[g]? {
-            u64::MAX => None,
-            k => Some(period + PERIOD[g] + k),
+    /// Seconds granularity `g` is kept: None off, Some(u64::MAX) forever.
+    pub fn keep(&self, g: usize) -> Option<u64> {
+        self.keep[g]
+    }
+
+    /// Whether some granularity is kept forever (then a key's window hash never expires).
+    pub fn keeps_forever(&self) -> bool {
+        self.keep.contains(&Some(u64::MAX))
+    }
+
+    /// When bucket `t` of granularity `g` stops being kept ([`Windows::retained`] is false
+    /// from then on); u64::MAX: never.
+    pub fn kept_until(&self, g: usize, t: u64) -> u64 {
+        match self.keep[g] {
+            None => 0,
+            Some(k) => t.saturating_add(SIZE[g]).saturating_add(k),
         }
+    }
+
+    /// The oldest bucket start of granularity `g` still kept at `now` (0: all of them).
+    pub fn oldest_kept(&self, g: usize, now: u64) -> u64 {
+        let Some(k) = self.keep[g] else { return 0 };
+        match now.checked_sub(SIZE[g].saturating_add(k)) {
+            None => 0,
+            Some(gone) => (gone / SIZE[g] + 1) * SIZE[g],
+        }
+    }
+
+    /// How far the fields of granularity `g` past retention may pile up before a flush
+    /// deletes them: a tenth of the retention, at least one bucket (see `window_store`).
+    pub fn trim_slack(&self, g: usize) -> u64 {
+        let k = self.keep[g].unwrap_or(0);
+        (k / 10 / SIZE[g]).max(1) * SIZE[g]
     }
 
     /// The buckets that answer [from, to) at `now`; Err when more than [`MAX_BUCKETS`].
@@ -276,49 +265,6 @@ impl Windows {
         }
         self.cover(last, b, level - 1, now, out)
     }
-}
-
-/// `EVAL` of [`READ_SCRIPT`] for `fields` grouped by bucket hash (in order).
-pub const READ_SCRIPT: &str = r#"
-local out = {}
-local a = 1
-for i = 1, #KEYS do
-  local n = tonumber(ARGV[a])
-  local v = redis.call('HMGET', KEYS[i], unpack(ARGV, a + 1, a + n))
-  for j = 1, n do out[#out + 1] = v[j] or '0' end
-  a = a + n + 1
-end
-return out
-"#;
-
-/// The read of `buckets` of `key`: the frame, and the buckets in the order of its reply.
-pub fn read_frame(key: &[u8], buckets: &[(usize, u64)]) -> (Bytes, Vec<(usize, u64)>) {
-    let mut groups: std::collections::BTreeMap<Vec<u8>, Vec<(usize, u64)>> = Default::default();
-    for &(g, t) in buckets {
-        groups
-            .entry(bucket_key(key, g, t))
-            .or_default()
-            .push((g, t));
-    }
-    let mut out = BytesMut::new();
-    let n_args = 3 + groups.len() * 2 + buckets.len();
-    crate::resp::reply::array(&mut out, n_args);
-    crate::resp::reply::bulk(&mut out, b"EVAL");
-    crate::resp::reply::bulk(&mut out, READ_SCRIPT.as_bytes());
-    let mut num = itoa::Buffer::new();
-    crate::resp::reply::bulk(&mut out, num.format(groups.len()).as_bytes());
-    for k in groups.keys() {
-        crate::resp::reply::bulk(&mut out, k);
-    }
-    let mut order = Vec::with_capacity(buckets.len());
-    for fields in groups.values() {
-        crate::resp::reply::bulk(&mut out, num.format(fields.len()).as_bytes());
-        for &(g, t) in fields {
-            crate::resp::reply::bulk(&mut out, num.format(t).as_bytes());
-            order.push((g, t));
-        }
-    }
-    (out.freeze(), order)
 }
 
 /// Window deltas still in the proxy: per second (increments), and per bucket (moved).
@@ -418,7 +364,7 @@ async fn query_inner(
     let lane = engine
         .lane(&shard)
         .ok_or_else(|| QueryError::Shard(format!("TRYAGAIN shard {shard} is unavailable")))?;
-    let (frame, order) = read_frame(key, &buckets);
+    let (frame, order) = super::window_store::read_frame(key, &buckets);
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (engine2, key2, ranges2, shard2) =
         (engine.clone(), key.clone(), ranges.to_vec(), shard.clone());
@@ -449,7 +395,8 @@ async fn query_inner(
     })
 }
 
-/// The shard's reply to [`read_frame`], per bucket.
+/// The shard's reply to `window_store::read_frame`, per bucket (a bucket's values in both
+/// layouts summed).
 fn stored_values(
     frame: redis_protocol::resp2::types::BytesFrame,
     order: &[(usize, u64)],
@@ -471,7 +418,8 @@ fn stored_values(
             F::Integer(i) => *i,
             _ => 0,
         };
-        out.insert(*b, n);
+        let v = out.entry(*b).or_insert(0i64);
+        *v = v.wrapping_add(n);
     }
     Ok(out)
 }
@@ -562,25 +510,6 @@ mod tests {
 
     #[test]
     fn keys_name_their_counter_and_keep_its_hash_tag() {
-        let k = bucket_key(b"visits:home", 1, DAY0 + 3600 + 60);
-        assert_eq!(
-            k,
-            format!("tally:w:{{visits:home}}:m:{DAY0}:visits:home").as_bytes()
-        );
-        assert_eq!(parse_bucket_key(&k), Some((1, DAY0, &b"visits:home"[..])));
-        assert_eq!(
-            crate::router::ring::key_hash(&k),
-            crate::router::ring::key_hash(b"visits:home")
-        );
-        let tagged = bucket_key(b"visits:{eu}:home", 0, DAY0 + 7);
-        assert_eq!(
-            tagged,
-            format!("tally:w:{{eu}}:s:{DAY0}:visits:{{eu}}:home").as_bytes()
-        );
-        assert_eq!(
-            crate::router::ring::key_hash(&tagged),
-            crate::router::ring::key_hash(b"visits:{eu}:home")
-        );
         assert!(taggable(b"visits:a{b") && taggable(b"visits:{x}}"));
         assert!(!taggable(b"visits:a}b") && !taggable(b"{}x}"));
         let p = pending_key(ALL, DAY0, b"visits:home");
@@ -663,18 +592,33 @@ mod tests {
     }
 
     #[test]
-    fn hashes_expire_after_their_last_bucket_passes_retention() {
+    fn retention_names_the_oldest_kept_bucket_and_when_a_bucket_goes() {
         let w = defaults();
-        assert_eq!(w.expire_at(0, DAY0), Some(DAY0 + 3600 + 3600));
-        assert_eq!(w.expire_at(1, DAY0), Some(DAY0 + 86400 + 7 * 86400));
-        assert_eq!(w.expire_at(3, DAY0), None);
-        // Kept means not yet expired in Redis.
-        for g in 0..3 {
-            let period = DAY0 - DAY0 % PERIOD[g];
-            let last = period + PERIOD[g] - SIZE[g];
-            let exp = w.expire_at(g, period).unwrap();
-            assert!(w.retained(g, last, exp - 1));
-            assert!(!w.retained(g, last, exp));
-        }
+        // Seconds are kept an hour: at `now`, the bucket one hour and one second old is gone.
+        let now = DAY0 + 7200;
+        assert_eq!(w.oldest_kept(0, now), DAY0 + 3600);
+        assert!(w.retained(0, DAY0 + 3600, now) && !w.retained(0, DAY0 + 3599, now));
+        assert_eq!(w.kept_until(0, DAY0 + 3600), now + 1);
+        // Minutes a week: the oldest kept minute starts a week and a minute before, plus one.
+        let m = w.oldest_kept(1, now);
+        assert_eq!(m % 60, 0);
+        assert!(w.retained(1, m, now) && !w.retained(1, m - 60, now));
+        assert_eq!(w.kept_until(1, m), m + 60 + 7 * 86400);
+        assert!(w.kept_until(1, m) > now);
+        // Early in time nothing is gone yet; days are kept forever.
+        assert_eq!(w.oldest_kept(0, 100), 0);
+        assert!(w.keeps_forever());
+        assert_eq!(w.kept_until(3, DAY0), u64::MAX);
+        // A tenth of the retention, in whole buckets, at least one.
+        assert_eq!(w.trim_slack(0), 360);
+        assert_eq!(w.trim_slack(1), 7 * 86400 / 10 / 60 * 60);
+        let short = windows([
+            Retention::For(Duration::from_secs(5)),
+            Retention::Off,
+            Retention::Off,
+            Retention::Off,
+        ]);
+        assert_eq!(short.trim_slack(0), 1);
+        assert!(!short.keeps_forever());
     }
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-async fn wait_done(addr: SocketAddr, limit: Duration) -> Value {
+pub(crate) async fn wait_done(addr: SocketAddr, limit: Duration) -> Value {
     let start = std::time::Instant::now();
     loop {
         let (_, p) = http(addr, "GET", "/admin/rebalance", "").await;

@@ -11,7 +11,7 @@ use serde_json::Value;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tallyproxy::clock::format_time;
 use tallyproxy::clock::Clock;
-use tallyproxy::counter::windows::bucket_key;
+use tallyproxy::counter::window_store::{field, legacy_bucket_key, window_hash};
 use tallyproxy::Config;
 
 pub(crate) fn real_now() -> u64 {
@@ -51,6 +51,18 @@ async fn json(p: &Proxy, method: &str, path: &str) -> (u16, Value) {
     let (status, body) = p.http(method, path).await;
     let v = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{body}: {e}"));
     (status, v)
+}
+
+/// Adds `shard` to the proxy's ring: a rebalance starts.
+async fn add_shard(p: &Proxy, shard: &Redis) {
+    let (status, body) = support::http_json(
+        p.http,
+        "POST",
+        "/admin/shards",
+        &format!("{{\"addr\": \"{}\"}}", shard.addr()),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
 }
 
 pub(crate) async fn flush(p: &Proxy) {
@@ -132,12 +144,13 @@ async fn counts_are_exact_across_second_minute_and_hour_edges_before_and_after_a
     assert_eq!(int(&c.cmd(&["TALLY.LAST", key, "61s"]).await), 12);
     assert_eq!(int(&c.cmd(&["TALLY.LAST", key, "1h"]).await), 17);
 
-    // Flushed: Redis holds the buckets, one hash per period, and the answers are the same.
+    // Flushed: Redis holds the buckets, one field each in the key's window hash, and the
+    // answers are the same.
     flush(&proxy).await;
     let hget = |g: usize, bucket: u64| -> Option<String> {
         redis::cmd("HGET")
-            .arg(bucket_key(key.as_bytes(), g, bucket))
-            .arg(bucket.to_string())
+            .arg(window_hash(key.as_bytes()))
+            .arg(field(g, bucket))
             .query(&mut r.client())
             .unwrap()
     };
@@ -410,49 +423,111 @@ async fn a_killed_proxy_loses_no_window_count() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_expires_buckets_past_their_retention() {
+async fn buckets_past_their_retention_are_not_written() {
     let r = Redis::start();
     let wal = TempDir::new("win-expire");
-    // Three hours ago, 10 s into a minute: the seconds' hash is already past retention by
-    // Redis's clock once written; the minutes' hash is not.
+    // Three hours ago, 10 s into a minute: the second is past retention when flushed; the
+    // minute is not.
     let t = (real_now() - 3 * 3600) / 60 * 60 + 10;
     let clock = Clock::manual(t * 1000);
     let proxy = Proxy::start(config_at(&[&r], &wal, &clock)).await;
     let mut c = proxy.conn().await;
     incr(&mut c, "visits:old", 4).await;
+    clock.set_ms(real_now() * 1000);
     flush(&proxy).await;
-    let exists =
-        |k: Vec<u8>| -> i64 { redis::cmd("EXISTS").arg(k).query(&mut r.client()).unwrap() };
-    assert_eq!(
-        exists(bucket_key(b"visits:old", 0, t)),
-        0,
-        "seconds expired"
-    );
-    assert_eq!(exists(bucket_key(b"visits:old", 1, t)), 1, "minutes kept");
-    let ttl: i64 = redis::cmd("TTL")
-        .arg(bucket_key(b"visits:old", 1, t))
-        .query(&mut r.client())
-        .unwrap();
-    let day = t / 86400 * 86400;
-    let expected = (day + 8 * 86400) as i64 - real_now() as i64;
-    assert!(
-        (ttl - expected).abs() <= 2,
-        "TTL {ttl}, expected about {expected}"
-    );
+    let hget = |g: usize, b: u64| -> Option<String> {
+        redis::cmd("HGET")
+            .arg(window_hash(b"visits:old"))
+            .arg(field(g, b))
+            .query(&mut r.client())
+            .unwrap()
+    };
+    assert_eq!(hget(0, t), None, "the second is past retention");
+    assert_eq!(hget(1, t - 10).as_deref(), Some("4"), "minutes kept");
+    assert_eq!(hget(3, t - t % 86400).as_deref(), Some("4"), "days kept");
     assert_eq!(
         redis::cmd("TTL")
-            .arg(bucket_key(b"visits:old", 3, t))
+            .arg(window_hash(b"visits:old"))
             .query::<i64>(&mut r.client())
             .unwrap(),
         -1,
-        "days are kept forever"
+        "days are kept forever, and so is the hash"
     );
     // Now: the minute answers, the second does not.
-    clock.set_ms(real_now() * 1000);
     assert_eq!(range(&mut c, "visits:old", t - 10, t + 50).await, 4);
     let (_, v) = json(&proxy, "GET", &format!("/visits/old?from={t}&to={}", t + 1)).await;
     assert_eq!(v["visits"], 0, "{v}");
     assert_eq!(v["complete"], false, "{v}");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buckets_of_the_layout_before_are_read_and_moved_into_the_window_hash() {
+    let a = Redis::start();
+    let b = Redis::start();
+    let wal = TempDir::new("win-legacy");
+    let t0 = hour_ahead() + 65;
+    let clock = Clock::manual(t0 * 1000);
+    let proxy = Proxy::start(config_at(&[&a], &wal, &clock)).await;
+    let mut c = proxy.conn().await;
+    // What an earlier build wrote: one hash per granularity and period, field = start.
+    let minute = t0 - t0 % 60;
+    for (g, bucket, n) in [(0, t0, 3), (1, minute, 3), (2, t0 - t0 % 3600, 3)] {
+        let _: i64 = redis::cmd("HSET")
+            .arg(legacy_bucket_key(b"visits:old", g, bucket))
+            .arg(bucket)
+            .arg(n)
+            .query(&mut a.client())
+            .unwrap();
+    }
+    incr(&mut c, "visits:old", 2).await;
+    assert_eq!(
+        range(&mut c, "visits:old", t0, t0 + 1).await,
+        5,
+        "pending + old"
+    );
+    flush(&proxy).await;
+    assert_eq!(
+        range(&mut c, "visits:old", t0, t0 + 1).await,
+        5,
+        "new + old"
+    );
+    assert_eq!(range(&mut c, "visits:old", minute, minute + 60).await, 5);
+    assert_eq!(int(&c.cmd(&["TALLY.LAST", "visits:old", "1h"]).await), 5);
+    // A rebalance moves the old hashes of keys whose owner changes with the rest: find a
+    // key that moves to the new shard, give it old buckets, and add the shard.
+    let moving = (0..500)
+        .map(|i| format!("visits:m{i}"))
+        .find(|k| ring_owner(&[&a, &b], k) == b.port)
+        .expect("a key that moves");
+    let _: i64 = redis::cmd("HSET")
+        .arg(legacy_bucket_key(moving.as_bytes(), 1, minute))
+        .arg(minute)
+        .arg(7)
+        .query(&mut a.client())
+        .unwrap();
+    add_shard(&proxy, &b).await;
+    crate::rebalance::wait_done(proxy.http, Duration::from_secs(30)).await;
+    flush(&proxy).await;
+    assert_eq!(range(&mut c, &moving, minute, minute + 60).await, 7);
+    let on = |s: &Redis, k: Vec<u8>| -> i64 {
+        redis::cmd("EXISTS").arg(k).query(&mut s.client()).unwrap()
+    };
+    assert_eq!(
+        on(&a, legacy_bucket_key(moving.as_bytes(), 1, minute)),
+        0,
+        "moved off"
+    );
+    assert_eq!(
+        redis::cmd("HGET")
+            .arg(window_hash(moving.as_bytes()))
+            .arg(field(1, minute))
+            .query::<Option<String>>(&mut b.client())
+            .unwrap()
+            .as_deref(),
+        Some("7"),
+        "merged into its window hash on the new owner"
+    );
     proxy.stop().await;
 }
 
@@ -474,14 +549,7 @@ async fn a_rebalance_merges_buckets_into_their_new_owner() {
     for p in &pages {
         incr(&mut c, p, 1).await;
     }
-    let (status, body) = support::http_json(
-        proxy.http,
-        "POST",
-        "/admin/shards",
-        &format!("{{\"addr\": \"{}\"}}", new.addr()),
-    )
-    .await;
-    assert_eq!(status, 202, "{body}");
+    add_shard(&proxy, &new).await;
     // Reads during the move are exact too.
     for (i, p) in pages.iter().enumerate().step_by(7) {
         assert_eq!(
@@ -490,16 +558,7 @@ async fn a_rebalance_merges_buckets_into_their_new_owner() {
             "{p}"
         );
     }
-    let mut done = false;
-    for _ in 0..300 {
-        let (_, v) = json(&proxy, "GET", "/admin/rebalance").await;
-        if v["state"] == "done" {
-            done = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(done, "the rebalance finished");
+    crate::rebalance::wait_done(proxy.http, Duration::from_secs(30)).await;
     flush(&proxy).await;
     let all = [&a, &b, &new];
     let mut moved = 0;
@@ -507,10 +566,10 @@ async fn a_rebalance_merges_buckets_into_their_new_owner() {
         let want = 2 + (i % 3) as i64;
         assert_eq!(range(&mut c, p, t0, t0 + 2).await, want, "{p}");
         assert_eq!(range(&mut c, p, t0 - 3600, t0 + 3600).await, want, "{p}");
-        // Every bucket hash of the page is on the page's owner only.
+        // The page's window hash is on the page's owner only.
         let owner = ring_owner(&all, p);
-        for g in 0..4 {
-            let bk = bucket_key(p.as_bytes(), g, t0);
+        {
+            let bk = window_hash(p.as_bytes());
             for s in all {
                 let n: i64 = redis::cmd("EXISTS")
                     .arg(&bk)
@@ -558,8 +617,8 @@ async fn a_lost_flush_reply_does_not_double_count_the_buckets() {
     for g in 0..4 {
         let bucket = t0 - t0 % tallyproxy::counter::windows::SIZE[g];
         let v: Option<String> = redis::cmd("HGET")
-            .arg(bucket_key(b"visits:relay", g, bucket))
-            .arg(bucket.to_string())
+            .arg(window_hash(b"visits:relay"))
+            .arg(field(g, bucket))
             .query(&mut a.client())
             .unwrap();
         assert_eq!(v.as_deref(), Some("250"), "granularity {g}");
@@ -579,10 +638,15 @@ async fn a_granularity_turned_off_is_neither_written_nor_used() {
     let mut c = proxy.conn().await;
     incr(&mut c, "visits:off", 3).await;
     flush(&proxy).await;
-    let exists =
-        |k: Vec<u8>| -> i64 { redis::cmd("EXISTS").arg(k).query(&mut r.client()).unwrap() };
-    assert_eq!(exists(bucket_key(b"visits:off", 0, t0)), 0, "no seconds");
-    assert_eq!(exists(bucket_key(b"visits:off", 1, t0)), 1, "minutes");
+    let exists = |g: usize, b: u64| -> i64 {
+        redis::cmd("HEXISTS")
+            .arg(window_hash(b"visits:off"))
+            .arg(field(g, b))
+            .query(&mut r.client())
+            .unwrap()
+    };
+    assert_eq!(exists(0, t0), 0, "no seconds");
+    assert_eq!(exists(1, t0 - t0 % 60), 1, "minutes");
     // Whole minutes are answered; a part of a minute has no bucket to answer it.
     assert_eq!(range(&mut c, "visits:off", t0 - 10, t0 + 50).await, 3);
     let (_, v) = json(

@@ -1,0 +1,502 @@
+//! How time-window buckets are stored in Redis: one hash per windowed key.
+//!
+//! **The window hash** `tally:win:{<K's hash part>}:<K>` ([`window_hash`]) holds every kept
+//! granularity's buckets of counter key `K`: field `<letter><bucket start>` ([`field`], e.g.
+//! `s1763917205`, `m1763917200`, `d1763856000`), value = count. The hash tag keeps it on
+//! `K`'s shard (and slot). A flush writes a key's buckets in two commands whatever their
+//! number: one `HMGET` of the fields it touches (and of the markers below), one `HSET` of
+//! the sums. With the key's `INCRBY`, a windowed key costs three Redis commands per flush.
+//!
+//! **Retention** is trimming, not expiry: for each granularity kept for a finite time, the
+//! hash holds two markers, `<letter><` (every field of that granularity below this start has
+//! been deleted) and `<letter>>` (the newest bucket written). When the low marker falls more
+//! than a tenth of the retention behind the oldest bucket still kept ([`Windows::oldest_kept`]),
+//! the flush deletes the fields between them (one `HDEL` per 1,000 names, amortised to about
+//! once per tenth of the retention per key) and raises the marker. A hash whose buckets are
+//! all kept for a finite time also expires as a whole: marker `x` holds the expiry it was
+//! given, renewed (`EXPIREAT`, an hour past what the newest bucket needs) only when a bucket
+//! needs more; with a granularity kept forever the hash has no expiry.
+//!
+//! **The layout before** (`tally:w:{tag}:<g>:<period start>:<K>`, a hash per key,
+//! granularity and period, field = bucket start: [`legacy_bucket_key`]) is still read and
+//! still moved by a rebalance, so counts written by an earlier build stay exact; nothing
+//! writes it any more, and its hashes expire as they always did (days kept forever stay).
+//!
+//! Owns the names in Redis, the flush script's window part ([`SCRIPT_PART`] and
+//! [`encode_writes`]) and the read's frame. Does not own the rules (`windows`) or the batch
+//! and its exactly-once protocol (`lane`).
+
+use super::windows::{Windows, GRANULARITIES, LETTER, SIZE};
+use bytes::{Bytes, BytesMut};
+use std::collections::BTreeMap;
+
+/// Prefix of window hashes in Redis.
+pub const HASH_PREFIX: &[u8] = b"tally:win:";
+/// Prefix of the hashes of the layout before (one per granularity and period).
+pub const LEGACY_PREFIX: &[u8] = b"tally:w:";
+/// Period one hash of the layout before held, in seconds.
+const LEGACY_PERIOD: [u64; GRANULARITIES] = [3600, 86400, 30 * 86400, 365 * 86400];
+/// A hash's expiry, once set, covers its newest bucket's retention plus this much, so that
+/// it is renewed about once an hour per key rather than on every flush.
+const EXPIRY_SLACK: u64 = 3600;
+
+/// The window hash of `key`.
+pub fn window_hash(key: &[u8]) -> Vec<u8> {
+    let mut k = tagged(HASH_PREFIX, key);
+    k.extend_from_slice(key);
+    k
+}
+
+/// `<prefix>{<key's hash part>}:`, the start of a name in `key`'s slot.
+fn tagged(prefix: &[u8], key: &[u8]) -> Vec<u8> {
+    let tag = crate::router::ring::hash_slice(key);
+    let mut k = Vec::with_capacity(prefix.len() + tag.len() + key.len() + 24);
+    k.extend_from_slice(prefix);
+    k.push(b'{');
+    k.extend_from_slice(tag);
+    k.extend_from_slice(b"}:");
+    k
+}
+
+/// The counter key of a window hash.
+pub fn parse_window_hash(k: &[u8]) -> Option<&[u8]> {
+    untagged(HASH_PREFIX, k)
+}
+
+/// What follows `<prefix>{<tag>}:` in `k`.
+fn untagged<'a>(prefix: &[u8], k: &'a [u8]) -> Option<&'a [u8]> {
+    let rest = k.strip_prefix(prefix)?.strip_prefix(b"{")?;
+    let close = rest.iter().position(|&b| b == b'}')?;
+    rest[close + 1..].strip_prefix(b":")
+}
+
+/// The field of bucket `t` of granularity `g` in a window hash.
+pub fn field(g: usize, t: u64) -> Vec<u8> {
+    let mut f = Vec::with_capacity(21);
+    f.push(LETTER[g]);
+    f.extend_from_slice(itoa::Buffer::new().format(t).as_bytes());
+    f
+}
+
+/// (granularity, bucket start) of a window hash's field; None for a marker.
+pub fn parse_field(f: &[u8]) -> Option<(usize, u64)> {
+    let g = LETTER.iter().position(|&l| Some(&l) == f.first())?;
+    let digits = &f[1..];
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some((g, std::str::from_utf8(digits).ok()?.parse().ok()?))
+}
+
+/// The hash of the layout before that held `key`'s bucket `t` of granularity `g`.
+pub fn legacy_bucket_key(key: &[u8], g: usize, t: u64) -> Vec<u8> {
+    let period = t - t % LEGACY_PERIOD[g];
+    let mut k = tagged(LEGACY_PREFIX, key);
+    k.push(LETTER[g]);
+    k.push(b':');
+    k.extend_from_slice(itoa::Buffer::new().format(period).as_bytes());
+    k.push(b':');
+    k.extend_from_slice(key);
+    k
+}
+
+/// (granularity, counter key) of a hash of the layout before.
+pub fn parse_legacy_bucket_key(k: &[u8]) -> Option<(usize, &[u8])> {
+    let rest = untagged(LEGACY_PREFIX, k)?;
+    let g = LETTER.iter().position(|&l| Some(&l) == rest.first())?;
+    let rest = rest.get(1..)?.strip_prefix(b":")?;
+    let colon = rest.iter().position(|&b| b == b':')?;
+    std::str::from_utf8(&rest[..colon])
+        .ok()?
+        .parse::<u64>()
+        .ok()?;
+    Some((g, &rest[colon + 1..]))
+}
+
+/// The counter key whose buckets a Redis key holds (either layout); None for other keys.
+pub fn bucket_owner(k: &[u8]) -> Option<&[u8]> {
+    parse_window_hash(k).or_else(|| parse_legacy_bucket_key(k).map(|(_, key)| key))
+}
+
+/// Every hash that may hold the buckets of `key` named in `buckets`: its window hash and the
+/// hashes of the layout before.
+pub fn hashes_of(key: &[u8], buckets: &[(usize, u64)]) -> std::collections::BTreeSet<Vec<u8>> {
+    let mut out: std::collections::BTreeSet<Vec<u8>> = buckets
+        .iter()
+        .map(|&(g, t)| legacy_bucket_key(key, g, t))
+        .collect();
+    out.insert(window_hash(key));
+    out
+}
+
+/// The counts a moved hash held, as (granularity, bucket start, count); fields that are not
+/// counts the proxy wrote (markers, foreign fields) are left out.
+pub fn moved_fields(hash: &[u8], pairs: &[(Bytes, Bytes)]) -> Vec<(usize, u64, i64)> {
+    let legacy = parse_legacy_bucket_key(hash).map(|(g, _)| g);
+    pairs
+        .iter()
+        .filter_map(|(f, v)| {
+            let (g, t) = match legacy {
+                Some(g) => (g, std::str::from_utf8(f).ok()?.parse().ok()?),
+                None => parse_field(f)?,
+            };
+            Some((g, t, super::parse_i64(v)?))
+        })
+        .collect()
+}
+
+/// The window part of the flush script ([`super::lane::SCRIPT`]), run when the batch is
+/// fresh. ARGV from `a`: the trim rules (count, then per finite granularity: letter, oldest
+/// kept bucket, slack, bucket size), then per window hash (KEYS from `first`): the expiry
+/// needed (0: none, the hash is kept forever), the expiry to set, the field count, and
+/// field/delta pairs.
+macro_rules! script_part {
+    () => {
+        r#"
+-- Most names in one HMGET, HSET or HDEL (Lua's unpack limit is 8000).
+local CHUNK = 1000
+local function each_chunk(list, f)
+  for i = 1, #list, CHUNK do f(unpack(list, i, math.min(i + CHUNK - 1, #list))) end
+end
+local trims = {}
+local ng = tonumber(ARGV[a]) or 0
+a = a + 1
+for _ = 1, ng do
+  trims[ARGV[a]] = {tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])}
+  a = a + 4
+end
+for j = first, #KEYS do
+  local h = KEYS[j]
+  local need = tonumber(ARGV[a])
+  local at = ARGV[a + 1]
+  local f = tonumber(ARGV[a + 2])
+  a = a + 3
+  local names, deltas, ts, lo, hi, order = {}, {}, {}, {}, {}, {}
+  for i = 1, f do
+    local name = ARGV[a]
+    local g = string.sub(name, 1, 1)
+    local t = tonumber(string.sub(name, 2))
+    names[i] = name
+    deltas[i] = ARGV[a + 1]
+    ts[i] = t
+    a = a + 2
+    if trims[g] then
+      if hi[g] == nil then
+        order[#order + 1] = g
+        lo[g] = t
+        hi[g] = t
+      else
+        lo[g] = math.min(lo[g], t)
+        hi[g] = math.max(hi[g], t)
+      end
+    end
+  end
+  -- The markers ride on the first HMGET.
+  local first_chunk = math.min(f, CHUNK)
+  local ask = {}
+  for i = 1, first_chunk do ask[i] = names[i] end
+  for _, g in ipairs(order) do
+    ask[#ask + 1] = g .. '<'
+    ask[#ask + 1] = g .. '>'
+  end
+  ask[#ask + 1] = 'x'
+  local cur = redis.pcall('HMGET', h, unpack(ask))
+  if type(cur) == 'table' and not cur.err then
+    local m = first_chunk
+    local low, high = {}, {}
+    for _, g in ipairs(order) do
+      low[g] = tonumber(cur[m + 1])
+      high[g] = tonumber(cur[m + 2])
+      m = m + 2
+    end
+    local x = cur[m + 1]
+    local set = {}
+    local i = 1
+    while i <= f do
+      local last = math.min(i + CHUNK - 1, f)
+      local vals = cur
+      local off = i - 1
+      if i > 1 then
+        vals = redis.pcall('HMGET', h, unpack(names, i, last))
+        if type(vals) ~= 'table' or vals.err then break end
+      end
+      for k = i, last do
+        local g = string.sub(names[k], 1, 1)
+        local floor = trims[g] and trims[g][1] or 0
+        local c = vals[k - off]
+        local d = deltas[k]
+        if c == false then c = '0' end
+        if ts[k] < floor then
+          -- Past retention: nobody reads it; not written.
+        elseif type(c) ~= 'string' or not string.match(c, '^-?%d+$') then
+          -- Not an integer: left alone, as HINCRBY would.
+        elseif #c < 16 and #d < 16 then
+          set[#set + 1] = names[k]
+          set[#set + 1] = string.format('%.0f', tonumber(c) + tonumber(d))
+        else
+          -- Past what a Lua number holds exactly: Redis's own arithmetic.
+          redis.pcall('HINCRBY', h, names[k], d)
+        end
+      end
+      if last < f and #set > 0 then
+        redis.pcall('HSET', h, unpack(set))
+        set = {}
+      end
+      i = last + 1
+    end
+    for _, g in ipairs(order) do
+      local oldest, slack, size = trims[g][1], trims[g][2], trims[g][3]
+      local l, top = low[g], high[g]
+      -- Nothing of g lies below the oldest bucket written now (a late one, moved or from
+      -- another proxy, may be older than what the hash held): the low marker follows it.
+      local written = math.max(lo[g], oldest)
+      local moved = false
+      if l == nil or written < l then
+        l = written
+        moved = true
+      end
+      if top ~= nil and l < oldest - slack then
+        local gone = {}
+        local stop = math.min(oldest, top + size)
+        for t = l, stop - 1, size do gone[#gone + 1] = g .. string.format('%.0f', t) end
+        each_chunk(gone, function(...) redis.pcall('HDEL', h, ...) end)
+        l = oldest
+        moved = true
+      end
+      if moved then
+        set[#set + 1] = g .. '<'
+        set[#set + 1] = string.format('%.0f', l)
+      end
+      if top == nil or hi[g] > top then
+        set[#set + 1] = g .. '>'
+        set[#set + 1] = string.format('%.0f', hi[g])
+      end
+    end
+    local renew = need > 0 and (x == false or tonumber(x) == nil or tonumber(x) < need)
+    if renew then
+      set[#set + 1] = 'x'
+      set[#set + 1] = at
+    end
+    if #set > 0 then redis.pcall('HSET', h, unpack(set)) end
+    if renew then
+      redis.pcall('EXPIREAT', h, at)
+    elseif need == 0 and x ~= false then
+      -- A granularity is kept forever now: so is the hash.
+      redis.pcall('PERSIST', h)
+      redis.pcall('HDEL', h, 'x')
+    end
+  end
+end
+"#
+    };
+}
+pub(crate) use script_part;
+pub const SCRIPT_PART: &str = script_part!();
+
+/// A window hash's part of a batch: the expiry it needs (0: none) and (g, t) -> delta.
+type HashWrite = (u64, BTreeMap<(usize, u64), i64>);
+
+/// The window writes of a batch, built from its window deltas: what [`SCRIPT_PART`] reads.
+#[derive(Default)]
+pub struct Writes {
+    hashes: BTreeMap<Vec<u8>, HashWrite>,
+}
+
+impl Writes {
+    /// Adds the window delta of `key` at second (or bucket) `t` for letter `letter`, `d`,
+    /// to every kept granularity it counts into, leaving out buckets past retention at `now`.
+    pub fn add(&mut self, windows: &Windows, now: u64, letter: u8, t: u64, key: &[u8], d: i64) {
+        for g in 0..GRANULARITIES {
+            let wanted = letter == super::windows::ALL || letter == LETTER[g];
+            let bucket = t - t % SIZE[g];
+            if !wanted || !windows.retained(g, bucket, now) {
+                continue;
+            }
+            let need = match windows.keeps_forever() {
+                true => 0,
+                false => windows.kept_until(g, bucket),
+            };
+            let slot = self.hashes.entry(window_hash(key)).or_default();
+            slot.0 = slot.0.max(need);
+            let f = slot.1.entry((g, bucket)).or_insert(0);
+            *f = f.wrapping_add(d);
+        }
+    }
+
+    pub fn hash_count(&self) -> usize {
+        self.hashes.len()
+    }
+
+    pub fn field_count(&self) -> usize {
+        self.hashes.values().map(|h| h.1.len()).sum()
+    }
+
+    pub fn hash_names(&self) -> impl Iterator<Item = &Vec<u8>> {
+        self.hashes.keys()
+    }
+
+    /// How many ARGV entries [`Writes::encode_args`] writes.
+    pub fn arg_count(&self, windows: &Windows) -> usize {
+        1 + 4 * trimmed(windows).count() + 3 * self.hashes.len() + 2 * self.field_count()
+    }
+
+    /// The ARGV part of [`SCRIPT_PART`]: trim rules at `now`, then each hash's writes.
+    pub fn encode_args(&self, out: &mut BytesMut, windows: &Windows, now: u64) {
+        let bulk = crate::resp::reply::bulk;
+        let mut num = itoa::Buffer::new();
+        bulk(out, num.format(trimmed(windows).count()).as_bytes());
+        for g in trimmed(windows) {
+            bulk(out, &[LETTER[g]]);
+            bulk(out, num.format(windows.oldest_kept(g, now)).as_bytes());
+            bulk(out, num.format(windows.trim_slack(g)).as_bytes());
+            bulk(out, num.format(SIZE[g]).as_bytes());
+        }
+        let mut name = Vec::with_capacity(21);
+        for (need, fields) in self.hashes.values() {
+            bulk(out, num.format(*need).as_bytes());
+            let at = match need {
+                0 => 0,
+                n => n + EXPIRY_SLACK,
+            };
+            bulk(out, num.format(at).as_bytes());
+            bulk(out, num.format(fields.len()).as_bytes());
+            for (&(g, t), d) in fields {
+                name.clear();
+                name.push(LETTER[g]);
+                name.extend_from_slice(num.format(t).as_bytes());
+                bulk(out, &name);
+                bulk(out, num.format(*d).as_bytes());
+            }
+        }
+    }
+}
+
+/// The granularities kept for a finite time (their fields are trimmed).
+fn trimmed(windows: &Windows) -> impl Iterator<Item = usize> + '_ {
+    (0..GRANULARITIES).filter(|&g| windows.keep(g).is_some_and(|k| k != u64::MAX))
+}
+
+/// `EVAL` of [`READ_SCRIPT`] for `fields` grouped by hash (in order).
+pub const READ_SCRIPT: &str = r#"
+local out = {}
+local a = 1
+for i = 1, #KEYS do
+  local n = tonumber(ARGV[a])
+  -- At most 1,000 fields per HMGET (Lua's unpack limit is 8000).
+  for from = a + 1, a + n, 1000 do
+    local v = redis.call('HMGET', KEYS[i], unpack(ARGV, from, math.min(from + 999, a + n)))
+    for j = 1, #v do out[#out + 1] = v[j] or '0' end
+  end
+  a = a + n + 1
+end
+return out
+"#;
+
+/// The read of `buckets` of `key` from its window hash and the hashes of the layout before:
+/// the frame, and the bucket each value of its reply counts into (each bucket twice).
+pub fn read_frame(key: &[u8], buckets: &[(usize, u64)]) -> (Bytes, Vec<(usize, u64)>) {
+    let mut legacy: BTreeMap<Vec<u8>, Vec<(usize, u64)>> = BTreeMap::new();
+    for &(g, t) in buckets {
+        legacy
+            .entry(legacy_bucket_key(key, g, t))
+            .or_default()
+            .push((g, t));
+    }
+    let groups = 1 + legacy.len();
+    let mut out = BytesMut::new();
+    let bulk = crate::resp::reply::bulk;
+    crate::resp::reply::array(&mut out, 3 + groups * 2 + 2 * buckets.len());
+    bulk(&mut out, b"EVAL");
+    bulk(&mut out, READ_SCRIPT.as_bytes());
+    let mut num = itoa::Buffer::new();
+    bulk(&mut out, num.format(groups).as_bytes());
+    bulk(&mut out, &window_hash(key));
+    for k in legacy.keys() {
+        bulk(&mut out, k);
+    }
+    let mut order = Vec::with_capacity(2 * buckets.len());
+    bulk(&mut out, num.format(buckets.len()).as_bytes());
+    for &(g, t) in buckets {
+        bulk(&mut out, &field(g, t));
+        order.push((g, t));
+    }
+    for fields in legacy.values() {
+        bulk(&mut out, num.format(fields.len()).as_bytes());
+        for &(g, t) in fields {
+            bulk(&mut out, num.format(t).as_bytes());
+            order.push((g, t));
+        }
+    }
+    (out.freeze(), order)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY0: u64 = 1_763_856_000; // 2025-11-23T00:00:00Z
+
+    #[test]
+    fn names_keep_the_counters_hash_tag_and_parse_back() {
+        let k = window_hash(b"visits:home");
+        assert_eq!(k, b"tally:win:{visits:home}:visits:home");
+        assert_eq!(parse_window_hash(&k), Some(&b"visits:home"[..]));
+        assert_eq!(bucket_owner(&k), Some(&b"visits:home"[..]));
+        let tagged = window_hash(b"visits:{eu}:home");
+        assert_eq!(tagged, b"tally:win:{eu}:visits:{eu}:home");
+        assert_eq!(
+            crate::router::ring::key_hash(&tagged),
+            crate::router::ring::key_hash(b"visits:{eu}:home")
+        );
+        assert_eq!(field(0, DAY0 + 5), format!("s{}", DAY0 + 5).into_bytes());
+        assert_eq!(parse_field(&field(3, DAY0)), Some((3, DAY0)));
+        for marker in [&b"s<"[..], b"s>", b"x", b"s", b"q12"] {
+            assert_eq!(parse_field(marker), None);
+        }
+        let old = legacy_bucket_key(b"visits:home", 1, DAY0 + 3600 + 60);
+        assert_eq!(
+            old,
+            format!("tally:w:{{visits:home}}:m:{DAY0}:visits:home").as_bytes()
+        );
+        assert_eq!(
+            parse_legacy_bucket_key(&old),
+            Some((1, &b"visits:home"[..]))
+        );
+        assert_eq!(bucket_owner(&old), Some(&b"visits:home"[..]));
+        assert_eq!(bucket_owner(b"tally:w:x"), None);
+        assert_eq!(bucket_owner(b"visits:home"), None);
+    }
+
+    #[test]
+    fn a_moved_hash_gives_back_its_counts_and_not_its_markers() {
+        let b = |s: &str| Bytes::copy_from_slice(s.as_bytes());
+        let pairs = vec![
+            (b(&format!("s{DAY0}")), b("3")),
+            (b("s<"), b(&DAY0.to_string())),
+            (b("x"), b("99")),
+            (b(&format!("d{DAY0}")), b("-2")),
+            (b("foreign"), b("1")),
+        ];
+        assert_eq!(
+            moved_fields(&window_hash(b"k"), &pairs),
+            vec![(0, DAY0, 3), (3, DAY0, -2)]
+        );
+        let old = legacy_bucket_key(b"k", 2, DAY0);
+        let pairs = vec![(b(&DAY0.to_string()), b("7")), (b("junk"), b("1"))];
+        assert_eq!(moved_fields(&old, &pairs), vec![(2, DAY0, 7)]);
+    }
+
+    #[test]
+    fn a_read_asks_both_layouts_for_each_bucket() {
+        let (frame, order) = read_frame(b"k", &[(0, DAY0), (1, DAY0)]);
+        // The window hash first, then the hashes of the layout before, by name.
+        assert_eq!(order, vec![(0, DAY0), (1, DAY0), (1, DAY0), (0, DAY0)]);
+        let text = String::from_utf8_lossy(&frame);
+        assert!(text.contains("tally:win:{k}:k"), "{text}");
+        assert!(text.contains(&format!("s{DAY0}")), "{text}");
+        assert!(
+            text.contains(&format!("tally:w:{{k}}:m:{DAY0}:k")),
+            "{text}"
+        );
+    }
+}
