@@ -22,6 +22,7 @@
 //! the lane takes them, and settles them with the shard's reply).
 
 use super::forget::Flush;
+use super::window_store::Writes;
 use super::windows::Windows;
 use super::{parse_i64, Engine};
 use crate::backend::{BackendError, Reply, Shard};
@@ -889,38 +890,36 @@ pub(super) fn encode_batch(
     let (wins, counters): (Vec<_>, Vec<_>) = items
         .iter()
         .partition(|(k, _)| super::windows::parse_pending(k).is_some());
-    let mut buckets = super::window_store::Writes::default();
+    let mut buckets = Writes::default();
     for (k, d) in &wins {
         if let (Some(d), Some((letter, t, key))) = (d, super::windows::parse_pending(k)) {
             buckets.add(windows, now, letter, t, key, *d);
         }
     }
     let fields = buckets.field_count();
+    let entries = buckets.entries();
     let n = counters.len();
     let mut out = BytesMut::with_capacity(SCRIPT.len() + 64 + n * 48 + fields * 40);
     let writes = (
         counters.iter().filter(|(_, d)| d.is_some()).count() as u64,
         fields as u64,
     );
-    let window_args = match buckets.hash_count() {
+    let window_args = match entries.len() {
         0 => 0,
-        _ => buckets.arg_count(windows),
+        _ => Writes::arg_count(windows, &entries),
     };
-    let args = 4 + n + buckets.hash_count() + 3 + n + window_args;
+    let args = 4 + n + entries.len() + 3 + n + window_args;
     crate::resp::reply::array(&mut out, args);
     let mut num = itoa::Buffer::new();
     crate::resp::reply::bulk(&mut out, b"EVAL");
     crate::resp::reply::bulk(&mut out, SCRIPT.as_bytes());
-    crate::resp::reply::bulk(
-        &mut out,
-        num.format(1 + n + buckets.hash_count()).as_bytes(),
-    );
+    crate::resp::reply::bulk(&mut out, num.format(1 + n + entries.len()).as_bytes());
     crate::resp::reply::bulk(&mut out, applied_key);
     for (k, _) in &counters {
         crate::resp::reply::bulk(&mut out, k);
     }
-    for b in buckets.hash_names() {
-        crate::resp::reply::bulk(&mut out, b);
+    for (name, _, _) in &entries {
+        crate::resp::reply::bulk(&mut out, name);
     }
     crate::resp::reply::bulk(&mut out, proxy_id.as_bytes());
     crate::resp::reply::bulk(&mut out, num.format(seq).as_bytes());
@@ -931,8 +930,8 @@ pub(super) fn encode_batch(
             None => crate::resp::reply::bulk(&mut out, b""),
         }
     }
-    if buckets.hash_count() > 0 {
-        buckets.encode_args(&mut out, windows, now);
+    if !entries.is_empty() {
+        Writes::encode_args(&mut out, windows, now, &entries);
     }
     (out.freeze(), writes)
 }

@@ -7,15 +7,16 @@
 //! number: one `HMGET` of the fields it touches (and of the markers below), one `HSET` of
 //! the sums. With the key's `INCRBY`, a windowed key costs three Redis commands per flush.
 //!
-//! **Retention** is trimming, not expiry: for each granularity kept for a finite time, the
-//! hash holds two markers, `<letter><` (every field of that granularity below this start has
-//! been deleted) and `<letter>>` (the newest bucket written). When the low marker falls more
-//! than a tenth of the retention behind the oldest bucket still kept ([`Windows::oldest_kept`]),
-//! the flush deletes the fields between them (one `HDEL` per 1,000 names, amortised to about
-//! once per tenth of the retention per key) and raises the marker. A hash whose buckets are
-//! all kept for a finite time also expires as a whole: marker `x` holds the expiry it was
-//! given, renewed (`EXPIREAT`, an hour past what the newest bucket needs) only when a bucket
-//! needs more; with a granularity kept forever the hash has no expiry.
+//! **Retention** is trimming, not expiry: a bucket past its retention is never written, and
+//! the hash holds three markers: `t`, the time of its last trim (no field of a granularity
+//! lies below the oldest bucket it kept at `t`), `w`, a time no bucket written is later than
+//! (set ten minutes ahead, so rarely rewritten), and `x`, the expiry set. A flush at least a
+//! tenth of the shortest finite retention after `t` deletes the fields that passed retention
+//! since (one `HDEL` per 1,000 names, bounded by `w`: for seconds kept an hour, about 360
+//! names every 6 minutes per active key). A hash whose buckets are all kept for a finite time
+//! also expires as a whole: `x` is renewed (`EXPIREAT`, an hour past what the newest bucket
+//! needs) only when a bucket needs more; with a granularity kept forever the hash has no
+//! expiry. The markers ride on the `HMGET` and `HSET` the flush sends anyway.
 //!
 //! **The layout before** (`tally:w:{tag}:<g>:<period start>:<K>`, a hash per key,
 //! granularity and period, field = bucket start: [`legacy_bucket_key`]) is still read and
@@ -36,6 +37,9 @@ pub const HASH_PREFIX: &[u8] = b"tally:win:";
 pub const LEGACY_PREFIX: &[u8] = b"tally:w:";
 /// Period one hash of the layout before held, in seconds.
 const LEGACY_PERIOD: [u64; GRANULARITIES] = [3600, 86400, 30 * 86400, 365 * 86400];
+/// The `w` marker (no bucket written later) is set this far ahead, so that it is written
+/// about once per this many seconds per key rather than on every flush.
+const WRITTEN_AHEAD: u64 = 600;
 /// A hash's expiry, once set, covers its newest bucket's retention plus this much, so that
 /// it is renewed about once an hour per key rather than on every flush.
 const EXPIRY_SLACK: u64 = 3600;
@@ -146,138 +150,107 @@ pub fn moved_fields(hash: &[u8], pairs: &[(Bytes, Bytes)]) -> Vec<(usize, u64, i
 }
 
 /// The window part of the flush script ([`super::lane::SCRIPT`]), run when the batch is
-/// fresh. ARGV from `a`: the trim rules (count, then per finite granularity: letter, oldest
-/// kept bucket, slack, bucket size), then per window hash (KEYS from `first`): the expiry
-/// needed (0: none, the hash is kept forever), the expiry to set, the field count, and
-/// field/delta pairs.
+/// fresh; `a` is the first ARGV of it, `first` the first window hash in KEYS. The proxy does
+/// the planning, so that the script does little more than the two commands. ARGV: now, the
+/// trim interval, the `w` marker to write, the count of granularities kept for a finite
+/// time and for each its letter, bucket size and retention; then per window hash (one KEYS
+/// entry per at most 1,000 fields; a hash may appear twice): the expiry needed (0: none),
+/// the expiry to set, the field count `nf`, the `nf` field names followed by `w`, `t` and
+/// `x` (what `HMGET` asks), and the `nf` deltas.
+///
+/// Markers: `t` the time of the last trim (no field of a granularity lies below its oldest
+/// bucket kept at `t`), `w` a time no bucket written is later than (renewed ahead of time,
+/// so rarely written), `x` the expiry set.
 macro_rules! script_part {
     () => {
         r#"
--- Most names in one HMGET, HSET or HDEL (Lua's unpack limit is 8000).
-local CHUNK = 1000
-local function each_chunk(list, f)
-  for i = 1, #list, CHUNK do f(unpack(list, i, math.min(i + CHUNK - 1, #list))) end
+local now_s = ARGV[a]
+local now = tonumber(now_s)
+local every = tonumber(ARGV[a + 1])
+local w_next = ARGV[a + 2]
+local nt = tonumber(ARGV[a + 3]) or 0
+a = a + 4
+local rules = {}
+for k = 1, nt do
+  rules[k] = {ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])}
+  a = a + 3
 end
-local trims = {}
-local ng = tonumber(ARGV[a]) or 0
-a = a + 1
-for _ = 1, ng do
-  trims[ARGV[a]] = {tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])}
-  a = a + 4
+-- The oldest bucket of size `size` kept for `keep` seconds at time `at`.
+local function oldest(at, size, keep)
+  local gone = at - size - keep
+  if gone < 0 then return 0 end
+  return (math.floor(gone / size) + 1) * size
 end
 for j = first, #KEYS do
   local h = KEYS[j]
   local need = tonumber(ARGV[a])
   local at = ARGV[a + 1]
-  local f = tonumber(ARGV[a + 2])
-  a = a + 3
-  local names, deltas, ts, lo, hi, order = {}, {}, {}, {}, {}, {}
-  for i = 1, f do
-    local name = ARGV[a]
-    local g = string.sub(name, 1, 1)
-    local t = tonumber(string.sub(name, 2))
-    names[i] = name
-    deltas[i] = ARGV[a + 1]
-    ts[i] = t
-    a = a + 2
-    if trims[g] then
-      if hi[g] == nil then
-        order[#order + 1] = g
-        lo[g] = t
-        hi[g] = t
-      else
-        lo[g] = math.min(lo[g], t)
-        hi[g] = math.max(hi[g], t)
-      end
-    end
-  end
-  -- The markers ride on the first HMGET.
-  local first_chunk = math.min(f, CHUNK)
-  local ask = {}
-  for i = 1, first_chunk do ask[i] = names[i] end
-  for _, g in ipairs(order) do
-    ask[#ask + 1] = g .. '<'
-    ask[#ask + 1] = g .. '>'
-  end
-  ask[#ask + 1] = 'x'
-  local cur = redis.pcall('HMGET', h, unpack(ask))
+  local nf = tonumber(ARGV[a + 2])
+  local names = a + 3
+  local deltas = names + nf + 3
+  a = deltas + nf
+  local cur = redis.pcall('HMGET', h, unpack(ARGV, names, deltas - 1))
   if type(cur) == 'table' and not cur.err then
-    local m = first_chunk
-    local low, high = {}, {}
-    for _, g in ipairs(order) do
-      low[g] = tonumber(cur[m + 1])
-      high[g] = tonumber(cur[m + 2])
-      m = m + 2
-    end
-    local x = cur[m + 1]
     local set = {}
-    local i = 1
-    while i <= f do
-      local last = math.min(i + CHUNK - 1, f)
-      local vals = cur
-      local off = i - 1
-      if i > 1 then
-        vals = redis.pcall('HMGET', h, unpack(names, i, last))
-        if type(vals) ~= 'table' or vals.err then break end
+    local n = 0
+    for i = 1, nf do
+      local c = cur[i]
+      local d = ARGV[deltas + i - 1]
+      if c == false then
+        -- A new bucket: its count is the delta.
+        set[n + 1] = ARGV[names + i - 1]
+        set[n + 2] = d
+        n = n + 2
+      elseif type(c) ~= 'string' or not string.match(c, '^-?%d+$') then
+        -- Not an integer: left alone, as HINCRBY would.
+      elseif #c < 16 and #d < 16 then
+        set[n + 1] = ARGV[names + i - 1]
+        set[n + 2] = string.format('%.0f', tonumber(c) + tonumber(d))
+        n = n + 2
+      else
+        -- Past what a Lua number holds exactly: Redis's own arithmetic.
+        redis.pcall('HINCRBY', h, ARGV[names + i - 1], d)
       end
-      for k = i, last do
-        local g = string.sub(names[k], 1, 1)
-        local floor = trims[g] and trims[g][1] or 0
-        local c = vals[k - off]
-        local d = deltas[k]
-        if c == false then c = '0' end
-        if ts[k] < floor then
-          -- Past retention: nobody reads it; not written.
-        elseif type(c) ~= 'string' or not string.match(c, '^-?%d+$') then
-          -- Not an integer: left alone, as HINCRBY would.
-        elseif #c < 16 and #d < 16 then
-          set[#set + 1] = names[k]
-          set[#set + 1] = string.format('%.0f', tonumber(c) + tonumber(d))
-        else
-          -- Past what a Lua number holds exactly: Redis's own arithmetic.
-          redis.pcall('HINCRBY', h, names[k], d)
+    end
+    if nt > 0 then
+      local w, t = tonumber(cur[nf + 1]), tonumber(cur[nf + 2])
+      if t == nil or now - t >= every then
+        if t ~= nil then
+          -- Fields that passed retention since the last trim go, at once (one HDEL per
+          -- 1,000 names), up to the newest bucket that can have been written.
+          local last = w or now
+          local gone = {}
+          for k = 1, nt do
+            local letter, size, keep = rules[k][1], rules[k][2], rules[k][3]
+            local stop = math.min(oldest(now, size, keep), last - last % size + size)
+            for b = oldest(t, size, keep), stop - 1, size do
+              gone[#gone + 1] = letter .. string.format('%.0f', b)
+              if #gone == 1000 then
+                redis.pcall('HDEL', h, unpack(gone))
+                gone = {}
+              end
+            end
+          end
+          if #gone > 0 then redis.pcall('HDEL', h, unpack(gone)) end
         end
+        set[n + 1] = 't'
+        set[n + 2] = now_s
+        n = n + 2
       end
-      if last < f and #set > 0 then
-        redis.pcall('HSET', h, unpack(set))
-        set = {}
-      end
-      i = last + 1
-    end
-    for _, g in ipairs(order) do
-      local oldest, slack, size = trims[g][1], trims[g][2], trims[g][3]
-      local l, top = low[g], high[g]
-      -- Nothing of g lies below the oldest bucket written now (a late one, moved or from
-      -- another proxy, may be older than what the hash held): the low marker follows it.
-      local written = math.max(lo[g], oldest)
-      local moved = false
-      if l == nil or written < l then
-        l = written
-        moved = true
-      end
-      if top ~= nil and l < oldest - slack then
-        local gone = {}
-        local stop = math.min(oldest, top + size)
-        for t = l, stop - 1, size do gone[#gone + 1] = g .. string.format('%.0f', t) end
-        each_chunk(gone, function(...) redis.pcall('HDEL', h, ...) end)
-        l = oldest
-        moved = true
-      end
-      if moved then
-        set[#set + 1] = g .. '<'
-        set[#set + 1] = string.format('%.0f', l)
-      end
-      if top == nil or hi[g] > top then
-        set[#set + 1] = g .. '>'
-        set[#set + 1] = string.format('%.0f', hi[g])
+      if w == nil or w < now then
+        set[n + 1] = 'w'
+        set[n + 2] = w_next
+        n = n + 2
       end
     end
+    local x = cur[nf + 3]
     local renew = need > 0 and (x == false or tonumber(x) == nil or tonumber(x) < need)
     if renew then
-      set[#set + 1] = 'x'
-      set[#set + 1] = at
+      set[n + 1] = 'x'
+      set[n + 2] = at
+      n = n + 2
     end
-    if #set > 0 then redis.pcall('HSET', h, unpack(set)) end
+    if n > 0 then redis.pcall('HSET', h, unpack(set)) end
     if renew then
       redis.pcall('EXPIREAT', h, at)
     elseif need == 0 and x ~= false then
@@ -293,6 +266,10 @@ end
 pub(crate) use script_part;
 pub const SCRIPT_PART: &str = script_part!();
 
+/// Most fields of one window hash written by one `HMGET` and `HSET` (Lua's `unpack` takes
+/// at most 8000 values); a hash with more takes several entries of the batch.
+const FIELDS_PER_ENTRY: usize = 1000;
+
 /// A window hash's part of a batch: the expiry it needs (0: none) and (g, t) -> delta.
 type HashWrite = (u64, BTreeMap<(usize, u64), i64>);
 
@@ -301,6 +278,10 @@ type HashWrite = (u64, BTreeMap<(usize, u64), i64>);
 pub struct Writes {
     hashes: BTreeMap<Vec<u8>, HashWrite>,
 }
+
+/// One KEYS entry of the script: a hash, the expiry it needs, and up to
+/// [`FIELDS_PER_ENTRY`] of its fields.
+type Entry<'a> = (&'a [u8], u64, Vec<((usize, u64), i64)>);
 
 impl Writes {
     /// Adds the window delta of `key` at second (or bucket) `t` for letter `letter`, `d`,
@@ -323,36 +304,47 @@ impl Writes {
         }
     }
 
-    pub fn hash_count(&self) -> usize {
-        self.hashes.len()
-    }
-
     pub fn field_count(&self) -> usize {
         self.hashes.values().map(|h| h.1.len()).sum()
     }
 
-    pub fn hash_names(&self) -> impl Iterator<Item = &Vec<u8>> {
-        self.hashes.keys()
+    /// The script's KEYS entries, in order.
+    pub fn entries(&self) -> Vec<Entry<'_>> {
+        let mut out = Vec::with_capacity(self.hashes.len());
+        for (name, (need, fields)) in &self.hashes {
+            let all: Vec<((usize, u64), i64)> = fields.iter().map(|(&b, &d)| (b, d)).collect();
+            for part in all.chunks(FIELDS_PER_ENTRY) {
+                out.push((&name[..], *need, part.to_vec()));
+            }
+        }
+        out
     }
 
-    /// How many ARGV entries [`Writes::encode_args`] writes.
-    pub fn arg_count(&self, windows: &Windows) -> usize {
-        1 + 4 * trimmed(windows).count() + 3 * self.hashes.len() + 2 * self.field_count()
+    /// How many ARGV entries [`Writes::encode_args`] writes for `entries`.
+    pub fn arg_count(windows: &Windows, entries: &[Entry<'_>]) -> usize {
+        let fields: usize = entries.iter().map(|e| e.2.len()).sum();
+        4 + 3 * trimmed(windows).count() + entries.len() * 6 + 2 * fields
     }
 
-    /// The ARGV part of [`SCRIPT_PART`]: trim rules at `now`, then each hash's writes.
-    pub fn encode_args(&self, out: &mut BytesMut, windows: &Windows, now: u64) {
+    /// The ARGV part of [`SCRIPT_PART`] at `now`: the trim rules, then each entry's writes.
+    pub fn encode_args(out: &mut BytesMut, windows: &Windows, now: u64, entries: &[Entry<'_>]) {
         let bulk = crate::resp::reply::bulk;
         let mut num = itoa::Buffer::new();
+        bulk(out, num.format(now).as_bytes());
+        let every = trimmed(windows)
+            .map(|g| windows.trim_slack(g))
+            .min()
+            .unwrap_or(u64::MAX);
+        bulk(out, num.format(every).as_bytes());
+        bulk(out, num.format(now + WRITTEN_AHEAD).as_bytes());
         bulk(out, num.format(trimmed(windows).count()).as_bytes());
         for g in trimmed(windows) {
             bulk(out, &[LETTER[g]]);
-            bulk(out, num.format(windows.oldest_kept(g, now)).as_bytes());
-            bulk(out, num.format(windows.trim_slack(g)).as_bytes());
             bulk(out, num.format(SIZE[g]).as_bytes());
+            bulk(out, num.format(windows.keep(g).unwrap_or(0)).as_bytes());
         }
         let mut name = Vec::with_capacity(21);
-        for (need, fields) in self.hashes.values() {
+        for (_, need, fields) in entries {
             bulk(out, num.format(*need).as_bytes());
             let at = match need {
                 0 => 0,
@@ -360,11 +352,16 @@ impl Writes {
             };
             bulk(out, num.format(at).as_bytes());
             bulk(out, num.format(fields.len()).as_bytes());
-            for (&(g, t), d) in fields {
+            for &((g, t), _) in fields {
                 name.clear();
                 name.push(LETTER[g]);
                 name.extend_from_slice(num.format(t).as_bytes());
                 bulk(out, &name);
+            }
+            for marker in [b"w", b"t", b"x"] {
+                bulk(out, marker);
+            }
+            for (_, d) in fields {
                 bulk(out, num.format(*d).as_bytes());
             }
         }

@@ -154,14 +154,20 @@ async fn past_seconds_are_trimmed_and_a_hash_of_finite_buckets_expires() {
     assert_eq!(r.calls("hdel"), 0, "nothing to trim yet");
     assert_eq!(bucket(&r, b"visits:t", 0, t0).as_deref(), Some("1"));
 
-    // An hour and 400 s later the two seconds are past retention by more than a tenth of
-    // it (360 s): the flush deletes them, once, and keeps the minute.
+    // An hour and 400 s later the two seconds are past retention, and a trim is due (a tenth
+    // of the shortest retention, 360 s, since the last): the flush deletes every field that
+    // passed retention since the first flush (t0) up to the `w` marker (t0 + 600), one HDEL
+    // per 1,000 names, and keeps the minute.
     r.reset_stats();
     let t1 = t0 + 3600 + 400;
     clock.set_ms(t1 * 1000);
     incr(&mut c, "visits:t", 1).await;
     flush(&proxy).await;
-    assert_eq!(r.calls("hdel"), 1);
+    let oldest = |at: u64, size: u64, keep: u64| ((at - size - keep) / size + 1) * size;
+    let w = t0 + 600;
+    let seconds = oldest(t1, 1, 3600).min(w + 1) - oldest(t0, 1, 3600);
+    let minutes = (oldest(t1, 60, 86400).min(w - w % 60 + 60) - oldest(t0, 60, 86400)) / 60;
+    assert_eq!(r.calls("hdel"), (seconds + minutes).div_ceil(1000));
     assert_eq!(r.calls("hmget"), 1);
     assert_eq!(bucket(&r, b"visits:t", 0, t0), None, "trimmed");
     assert_eq!(bucket(&r, b"visits:t", 0, t0 + 1), None, "trimmed");
