@@ -60,8 +60,8 @@ pub enum Keys {
     /// The number of keys at argument `at`, the keys right after it; with `dest`, argument 1
     /// (before the number) is a key too (`ZUNIONSTORE dest numkeys key...`).
     NumKeys { at: usize, dest: bool },
-    /// XREAD / XREADGROUP: the first half of the arguments after `STREAMS` (options before
-    /// it parsed as Redis does, so a group named "streams" is not taken for the keyword).
+    /// XREAD / XREADGROUP: the first half of the arguments after `STREAMS` (found by
+    /// [`StreamOptions`], so a group named "streams" is not taken for the keyword).
     Streams,
     /// Argument 1, and the argument after each `STORE` / `STOREDIST` from argument
     /// `options_from` on (SORT, GEORADIUS, GEORADIUSBYMEMBER).
@@ -88,16 +88,7 @@ impl Keys {
                 Some(args[1..at].iter().filter(|_| dest).chain(keys).collect())
             }
             Keys::Streams => {
-                let mut i = 1;
-                while i < args.len() {
-                    match args[i].to_ascii_lowercase().as_slice() {
-                        b"streams" => break,
-                        b"group" => i += 3,
-                        b"count" | b"block" => i += 2,
-                        _ => i += 1,
-                    }
-                }
-                let rest = args.get(i + 1..)?;
+                let rest = args.get(StreamOptions::of(args).streams? + 1..)?;
                 (!rest.is_empty() && rest.len() % 2 == 0)
                     .then(|| rest[..rest.len() / 2].iter().collect())
             }
@@ -127,6 +118,48 @@ impl Keys {
             Keys::NumKeys { dest: false, .. } | Keys::Streams => (0, 0, 0),
             Keys::Store { .. } => (1, 1, 1),
         }
+    }
+}
+
+/// Where XREAD and XREADGROUP keep their options, found by walking them as Redis does
+/// (`GROUP` takes two arguments, `COUNT` and `BLOCK` one, `NOACK` none, then `STREAMS`), so
+/// that a group or consumer named "streams" or "block" is not taken for the keyword. The
+/// one walk of those options: the keys (`Keys::Streams`) and the timeout
+/// (`connection::blocking`) are both read from it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StreamOptions {
+    /// The position of `BLOCK`'s timeout argument.
+    pub block: Option<usize>,
+    /// The position of the `STREAMS` keyword (keys, then IDs, follow it).
+    pub streams: Option<usize>,
+}
+
+impl StreamOptions {
+    /// The walk stops at `STREAMS` or at the first argument Redis would refuse (an unknown
+    /// option, or one without its arguments), which the shard then answers in its own words.
+    pub fn of(args: &[bytes::Bytes]) -> StreamOptions {
+        let mut found = StreamOptions::default();
+        let mut i = 1;
+        while i < args.len() {
+            let more = args.len() - i - 1;
+            let is = |word: &[u8]| args[i].eq_ignore_ascii_case(word);
+            if is(b"streams") && more > 0 {
+                found.streams = Some(i);
+                break;
+            } else if is(b"group") && more >= 2 {
+                i += 3;
+            } else if is(b"block") && more > 0 {
+                found.block = Some(i + 1);
+                i += 2;
+            } else if is(b"count") && more > 0 {
+                i += 2;
+            } else if is(b"noack") {
+                i += 1;
+            } else {
+                break;
+            }
+        }
+        found
     }
 }
 
@@ -649,6 +682,24 @@ mod tests {
         let group = ["XREADGROUP", "GROUP", "streams", "c", "STREAMS", "k", ">"];
         assert_eq!(keys_of(Keys::Streams, &group), Some(vec!["k".into()]));
         assert_eq!(keys_of(Keys::Streams, &["XREAD", "STREAMS", "a"]), None);
+        let named = [
+            "XREADGROUP",
+            "GROUP",
+            "block",
+            "streams",
+            "NOACK",
+            "BLOCK",
+            "5",
+            "STREAMS",
+            "k",
+            ">",
+        ];
+        assert_eq!(keys_of(Keys::Streams, &named), Some(vec!["k".into()]));
+        // An option Redis refuses ends the walk: the shard answers it.
+        assert_eq!(
+            keys_of(Keys::Streams, &["XREAD", "FOO", "STREAMS", "a", "0"]),
+            None
+        );
         let sort = ["SORT", "l", "LIMIT", "0", "5", "STORE", "d"];
         let store = Keys::Store { options_from: 2 };
         assert_eq!(keys_of(store, &sort), Some(vec!["l".into(), "d".into()]));

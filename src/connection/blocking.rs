@@ -17,7 +17,7 @@
 use super::{error_bytes, same_shard, Client, Pending, Task};
 use crate::backend::dedicated::Dedicated;
 use crate::backend::encode_command;
-use crate::command::{Keys, Spec};
+use crate::command::{Keys, Spec, StreamOptions};
 use crate::context::Context;
 use crate::resp::reply::{self, Proto};
 use crate::shutdown::Shutdown;
@@ -105,7 +105,8 @@ pub(super) async fn wait<S: AsyncRead + Unpin>(
     }
 }
 
-/// None when the command does not block (XREAD without BLOCK); else how long it may
+/// None when the command does not block (XREAD without BLOCK, as the command table's walk of
+/// its options finds it: `command::StreamOptions`); else how long it may
 /// (`Some(None)`: for ever, a timeout of 0). A timeout Redis will refuse is read as 0: the
 /// shard answers it at once with its own error.
 fn block_timeout(name: &str, args: &[Bytes]) -> Option<Option<Duration>> {
@@ -117,16 +118,7 @@ fn block_timeout(name: &str, args: &[Bytes]) -> Option<Option<Duration>> {
             .unwrap_or(0.0)
     };
     let seconds = match name {
-        "xread" | "xreadgroup" => {
-            let at = args
-                .iter()
-                .take_while(|a| !a.eq_ignore_ascii_case(b"streams"))
-                .position(|a| a.eq_ignore_ascii_case(b"block"))?;
-            if args.get(at + 1).is_none() {
-                return Some(Some(Duration::ZERO));
-            }
-            text(at + 1) / 1000.0
-        }
+        "xread" | "xreadgroup" => text(StreamOptions::of(args).block?) / 1000.0,
         "blmpop" | "bzmpop" => text(1),
         _ => text(args.len() - 1),
     };
@@ -164,5 +156,26 @@ mod tests {
             Some(Some(Duration::from_millis(250)))
         );
         assert_eq!(secs("blpop", &["BLPOP", "a", "nope"]), Some(None));
+        // A group or consumer named like a keyword is an argument, not the keyword.
+        let group = |g: &str, c: &str, opts: &[&str]| {
+            let mut a = vec!["XREADGROUP", "GROUP", g, c];
+            a.extend_from_slice(opts);
+            a.extend_from_slice(&["STREAMS", "k", ">"]);
+            secs("xreadgroup", &a)
+        };
+        for (g, c) in [("streams", "block"), ("block", "streams"), ("g", "STREAMS")] {
+            assert_eq!(group(g, c, &["BLOCK", "0"]), Some(None), "{g} {c}");
+            assert_eq!(
+                group(g, c, &["COUNT", "1", "BLOCK", "20", "NOACK"]),
+                Some(Some(Duration::from_millis(20))),
+                "{g} {c}"
+            );
+            assert_eq!(group(g, c, &[]), None, "{g} {c}: no BLOCK");
+        }
+        assert_eq!(
+            group("g", "block", &["NOACK"]),
+            None,
+            "a consumer named block"
+        );
     }
 }

@@ -103,8 +103,8 @@ fn marker(nonce: u64, id: u64) -> String {
     format!("tallyproxy-marker-{nonce:x}-{id}")
 }
 
-/// The shard pub/sub runs on.
-fn pubsub_shard(ctx: &Context) -> Option<Arc<Shard>> {
+/// The shard pub/sub runs on (and a transaction that publishes: `transaction`).
+pub(super) fn pubsub_shard(ctx: &Context) -> Option<Arc<Shard>> {
     ctx.router.topology().shards.first().cloned()
 }
 

@@ -13,8 +13,11 @@
 //!
 //! Commands the proxy answers itself (PING, ECHO, TIME, CLIENT SETNAME, ...) are queued too
 //! and answered in EXEC's array at their place (run when EXEC is dispatched, before the
-//! shard's part; they touch no key). HELLO, pub/sub, SCRIPT/FUNCTION management and the
-//! TALLY queries are refused inside MULTI (they concern the connection or every shard).
+//! shard's part; they touch no key). HELLO, subscriptions, SCRIPT/FUNCTION management and
+//! the TALLY queries are refused inside MULTI (they concern the connection or every shard).
+//! PUBLISH and PUBSUB are queued and place the transaction on the pub/sub shard
+//! (`pubsub::pubsub_shard`): a key of another shard, before or after, is refused with
+//! `PUBLISH_ELSEWHERE` (one rule for both, `settle`).
 //!
 //! Counter keys keep their promises: at EXEC (and at WATCH, for the watched keys) keys still
 //! on an old owner move and every pending increment of the transaction's counter keys lands
@@ -30,7 +33,9 @@
 //!
 //! Owns the transaction state of one client. Does not own the socket (`backend`).
 
-use super::{error_bytes, local, same_shard, Client, Pending, PendingTask, MEMORY_MODE, RESERVED};
+use super::{
+    error_bytes, local, pubsub, same_shard, Client, Pending, PendingTask, MEMORY_MODE, RESERVED,
+};
 use crate::backend::dedicated::{Dedicated, Permit};
 use crate::backend::{encode_into, resp3, Shard};
 use crate::command::{self, Kind, Merge, PubSubOp, Spec, TxnOp};
@@ -45,6 +50,7 @@ pub const MAX_QUEUED: usize = 10_000;
 pub const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
 
 pub const EXECABORT: &str = "EXECABORT Transaction discarded because of previous errors.";
+pub const PUBLISH_ELSEWHERE: &str = "CROSSSLOT PUBLISH and PUBSUB inside MULTI run on the pub/sub shard (the first shard listed): every key of the transaction must live there";
 pub const MOVED_MEANWHILE: &str = "TRYAGAIN the shards changed while the transaction was queued: its keys live elsewhere now; transaction discarded, run it again";
 
 /// One client's transaction: from WATCH or MULTI to EXEC, DISCARD or UNWATCH.
@@ -56,11 +62,14 @@ pub struct Txn {
     aborted: bool,
     queued: Vec<Queued>,
     queued_bytes: usize,
-    /// The shard every key so far lives on.
+    /// The shard every key so far lives on (the pub/sub shard when the transaction publishes).
     shard: Option<Arc<Shard>>,
     /// Their unit of placement (`Topology::place`: the shard, or a cluster's slot, since a
-    /// cluster runs a transaction only on keys of one slot).
+    /// cluster runs a transaction only on keys of one slot). None while only a PUBLISH has
+    /// placed the transaction: it names a shard, not a unit.
     place: Option<usize>,
+    /// A PUBLISH or PUBSUB is queued: the shard is the pub/sub shard.
+    publishes: bool,
     keys: Vec<Bytes>,
     /// `keys` as a set: a hostile transaction of 10,000 commands costs no quadratic scan.
     seen: std::collections::HashSet<Bytes>,
@@ -140,17 +149,38 @@ fn place(ctx: &Context, txn: &mut Txn, key: &[u8]) -> Result<(), &'static str> {
     if topo.is_empty() {
         return Err(MEMORY_MODE);
     }
-    let shard = topo.shard_for(key);
-    let place = topo.place(key);
-    match &txn.shard {
-        Some(s) if s.name != shard.name || txn.place != Some(place) => Err(same_shard::CROSSSLOT),
-        Some(_) => Ok(()),
-        None => {
-            txn.shard = Some(shard.clone());
-            txn.place = Some(place);
-            Ok(())
+    settle(txn, topo.shard_for(key), Some(topo.place(key)))
+}
+
+/// PUBLISH and PUBSUB run on the pub/sub shard: the transaction's shard must be it.
+fn place_publish(ctx: &Context, txn: &mut Txn) -> Result<(), &'static str> {
+    let shard = pubsub::pubsub_shard(ctx).ok_or(MEMORY_MODE)?;
+    settle(txn, &shard, None)?;
+    txn.publishes = true;
+    Ok(())
+}
+
+/// The one rule of a transaction's shard: the first command that names one (by a key, or
+/// by publishing) sets it, with the key's unit of placement; a later command on another
+/// shard, or on another unit, is refused.
+fn settle(txn: &mut Txn, shard: &Arc<Shard>, place: Option<usize>) -> Result<(), &'static str> {
+    if let Some(s) = &txn.shard {
+        if s.name != shard.name {
+            return Err(if txn.publishes || place.is_none() {
+                PUBLISH_ELSEWHERE
+            } else {
+                same_shard::CROSSSLOT
+            });
         }
     }
+    if let (Some(held), Some(p)) = (txn.place, place) {
+        if held != p {
+            return Err(same_shard::CROSSSLOT);
+        }
+    }
+    txn.shard.get_or_insert_with(|| shard.clone());
+    txn.place = txn.place.or(place);
+    Ok(())
 }
 
 fn note_keys(ctx: &Context, txn: &mut Txn, keys: &[Bytes]) {
@@ -305,17 +335,7 @@ pub(super) fn queue(
     }
     let local = matches!(spec.kind, Kind::Local | Kind::Transaction(_));
     let placed = if spec.kind == Kind::PubSub(PubSubOp::Publish) {
-        match ctx.router.topology().shards.first() {
-            Some(s) => place(ctx, txn, s.name.as_bytes()).and_then(|_| {
-                // PUBLISH goes to the pub/sub shard (the first): the transaction's shard
-                // must be it.
-                match &txn.shard {
-                    Some(t) if t.name == s.name => Ok(()),
-                    _ => Err(same_shard::CROSSSLOT),
-                }
-            }),
-            None => Err(MEMORY_MODE),
-        }
+        place_publish(ctx, txn)
     } else {
         keys.iter().try_for_each(|k| place(ctx, txn, k))
     };

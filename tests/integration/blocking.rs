@@ -1,7 +1,8 @@
 //! Blocking commands on dedicated connections: a blocked client unblocked by another
 //! client's push, byte for byte what Redis answers; pipelined commands wait behind; a client
 //! that leaves while blocked releases its connection (the shard stops counting it blocked);
-//! the cap on dedicated connections; CROSSSLOT.
+//! the cap on dedicated connections; CROSSSLOT; an XREADGROUP whose group is named `streams`
+//! blocks on its own connection, not on the shared pool.
 
 use crate::support::{self, ring_owner, Proxy, Raw, Redis, TempDir};
 use crate::transactions::{dedicated, gauge_becomes};
@@ -184,5 +185,69 @@ async fn dedicated_connections_are_capped_and_blocking_keys_must_share_a_shard()
         c2.cmd(&["BLPOP", &on(a.port), &on(b.port), "0"]).await,
         "-CROSSSLOT Keys in request don't hash to the same slot\r\n"
     );
+    proxy.stop().await;
+}
+
+/// A group named `streams` and a consumer named `block` are arguments, not keywords: the
+/// XREADGROUP still blocks on a dedicated connection, so another client's commands to the
+/// same shard (one pooled connection, `pool_size = 1`) are not stuck behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xreadgroup_with_a_group_named_streams_blocks_on_its_own_connection() {
+    let (a, direct) = (Redis::start(), Redis::start());
+    let wal = TempDir::new("blocking-xreadgroup");
+    let mut cfg = support::config(&[&a], &wal);
+    cfg.backend.pool_size = 1;
+    cfg.counters.patterns = vec![tallyproxy::config::CounterPattern {
+        pattern: "visits:*".into(),
+        mode: tallyproxy::config::CounterMode::Batched,
+    }];
+    let proxy = Proxy::start(cfg).await;
+    let read = [
+        "XREADGROUP",
+        "GROUP",
+        "streams",
+        "block",
+        "BLOCK",
+        "0",
+        "STREAMS",
+        "s",
+        ">",
+    ];
+    let mut woken = Vec::new();
+    for (addr, server) in [(proxy.addr, &a), (direct.addr().parse().unwrap(), &direct)] {
+        let (mut reader, mut other) = (Raw::connect(addr).await, Raw::connect(addr).await);
+        let create = ["XGROUP", "CREATE", "s", "streams", "$", "MKSTREAM"];
+        assert_eq!(reader.cmd(&create).await, "+OK\r\n");
+        reader.send(&support::encode(&read)).await;
+        assert!(blocked_becomes(server, 1).await, "blocks at {addr}");
+        // Answered while the reader blocks (bounded: 5 s each, a stuck reply fails).
+        for (cmd, want) in [
+            (&["PING"][..], "+PONG\r\n"),
+            (&["INCR", "plain"], ":1\r\n"),
+            (&["INCR", "plain"], ":2\r\n"),
+            (&["INCR", "visits:x"], ":1\r\n"),
+        ] {
+            other.send(&support::encode(cmd)).await;
+            let got = tokio::time::timeout(Duration::from_secs(5), other.reply()).await;
+            assert_eq!(got.as_deref(), Ok(want), "{cmd:?} while blocked at {addr}");
+        }
+        assert_eq!(
+            other.cmd(&["XADD", "s", "7-1", "f", "v"]).await,
+            "$3\r\n7-1\r\n"
+        );
+        woken.push(reader.reply().await);
+        assert!(blocked_becomes(server, 0).await);
+    }
+    assert_eq!(
+        woken[0],
+        "*1\r\n*2\r\n$1\r\ns\r\n*1\r\n*2\r\n$3\r\n7-1\r\n*2\r\n$1\r\nf\r\n$1\r\nv\r\n"
+    );
+    assert_eq!(woken[0], woken[1], "byte for byte as Redis");
+    assert_eq!(
+        a.get("plain").as_deref(),
+        Some("2"),
+        "the INCRs ran on the shard"
+    );
+    assert_eq!(dedicated(&proxy).await, 0, "the connection is released");
     proxy.stop().await;
 }

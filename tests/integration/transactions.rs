@@ -3,7 +3,7 @@
 //! would cross and EXECABORT after it, WATCH conflicts, counter increments inside a
 //! transaction counted once, and the dedicated connection released afterwards.
 
-use crate::support::{self, ring_owner, Proxy, Redis, TempDir};
+use crate::support::{self, ring_owner, Proxy, Raw, Redis, TempDir};
 use std::time::Duration;
 
 const CROSSSLOT: &str = "-CROSSSLOT Keys in request don't hash to the same slot\r\n";
@@ -314,5 +314,106 @@ async fn a_transaction_whose_keys_moved_while_queued_is_refused() {
     assert_eq!(t.cmd(&["SET", &key, "v"]).await, "+QUEUED\r\n");
     assert_eq!(t.cmd(&["EXEC"]).await, "*1\r\n+OK\r\n");
     assert_eq!(c.get(&key).as_deref(), Some("v"));
+    proxy.stop().await;
+}
+
+/// Two shards where the ring gives the pub/sub shard's (the first's) own name, read as a
+/// key, to the other shard: a transaction placed by that name lands on the wrong shard.
+fn pubsub_pair() -> (Redis, Redis) {
+    let a = Redis::start();
+    // Those that do not fit stay up until one does, so that each try has a port of its own.
+    let mut tried = Vec::new();
+    for _ in 0..20 {
+        let b = Redis::start();
+        if ring_owner(&[&a, &b], &format!("redis_{}", a.port)) == b.port {
+            return (a, b);
+        }
+        tried.push(b);
+    }
+    panic!("no second shard in 20 tries (each: one chance in two)");
+}
+
+const PUBLISH_ELSEWHERE: &str = "-CROSSSLOT PUBLISH and PUBSUB inside MULTI run on the pub/sub shard (the first shard listed): every key of the transaction must live there\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_in_a_transaction_runs_with_keys_of_the_pubsub_shard() {
+    let ((a, b), direct) = (pubsub_pair(), Redis::start());
+    let wal = TempDir::new("txn-publish");
+    let proxy = Proxy::start(support::config(&[&a, &b], &wal)).await;
+    let (on_a, _) = apart(&a, &b);
+    // The key first, then PUBLISH first: each through the proxy and direct, byte for byte.
+    let orders: [&[&[&str]]; 2] = [
+        &[&["INCR", &on_a], &["PUBLISH", "ch", "m"]],
+        &[&["PUBLISH", "ch", "m"], &["INCR", &on_a]],
+    ];
+    for (round, queued) in orders.into_iter().enumerate() {
+        let incr = format!(":{}\r\n", round + 1);
+        let exec = if round == 0 {
+            format!("*2\r\n{incr}:1\r\n")
+        } else {
+            format!("*2\r\n:1\r\n{incr}")
+        };
+        let want = ["+OK\r\n", "+QUEUED\r\n", "+QUEUED\r\n", &exec];
+        for addr in [proxy.addr, direct.addr().parse().unwrap()] {
+            let (mut sub, mut c) = (Raw::connect(addr).await, Raw::connect(addr).await);
+            assert_eq!(
+                sub.cmd(&["SUBSCRIBE", "ch"]).await,
+                "*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n"
+            );
+            let mut replies = vec![c.cmd(&["MULTI"]).await];
+            for cmd in queued {
+                replies.push(c.cmd(cmd).await);
+            }
+            replies.push(c.cmd(&["EXEC"]).await);
+            // The same bytes from the proxy and from Redis.
+            assert_eq!(replies, want, "{queued:?} at {addr}");
+            assert_eq!(
+                sub.reply().await,
+                "*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$1\r\nm\r\n",
+                "{queued:?} at {addr}"
+            );
+        }
+    }
+    assert_eq!(
+        a.get(&on_a).as_deref(),
+        Some("2"),
+        "ran on the pub/sub shard"
+    );
+    assert_eq!(dedicated(&proxy).await, 0, "every connection released");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_in_a_transaction_with_a_key_of_another_shard_is_refused() {
+    let (a, b) = pubsub_pair();
+    let wal = TempDir::new("txn-publish-elsewhere");
+    let proxy = Proxy::start(support::config(&[&a, &b], &wal)).await;
+    let (_, on_b) = apart(&a, &b);
+    let (mut sub, mut c) = (proxy.conn().await, proxy.conn().await);
+    assert_eq!(
+        sub.cmd(&["SUBSCRIBE", "ch"]).await,
+        "*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n"
+    );
+    // The refusal falls on whichever command comes second; EXEC then runs nothing.
+    let orders: [[&[&str]; 2]; 2] = [
+        [&["INCR", &on_b], &["PUBLISH", "ch", "m"]],
+        [&["PUBLISH", "ch", "m"], &["INCR", &on_b]],
+    ];
+    for [first, second] in orders {
+        assert_eq!(c.cmd(&["MULTI"]).await, "+OK\r\n");
+        assert_eq!(c.cmd(first).await, "+QUEUED\r\n", "{first:?}");
+        assert_eq!(c.cmd(second).await, PUBLISH_ELSEWHERE, "{second:?}");
+        assert_eq!(c.cmd(&["EXEC"]).await, EXECABORT);
+    }
+    assert_eq!(b.get(&on_b), None, "nothing applied");
+    assert_eq!(c.cmd(&["GET", &on_b]).await, "$-1\r\n", "nothing buffered");
+    // Nothing was published: the next message the subscriber gets is this one.
+    assert_eq!(c.cmd(&["PUBLISH", "ch", "after"]).await, ":1\r\n");
+    assert_eq!(
+        sub.reply().await,
+        "*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$5\r\nafter\r\n"
+    );
+    drop(sub);
+    assert!(gauge_becomes(&proxy, 0).await, "every connection released");
     proxy.stop().await;
 }

@@ -7,7 +7,8 @@
 //! mid-reshard and restarted; time windows and `/visits` over the cluster; the seeds re-read
 //! on SIGHUP (`reload`). What a real cluster cannot be made to do on demand (`-TRYAGAIN`,
 //! `-CLUSTERDOWN`, a burst of `-MOVED`) is played by a fake node (`retries`). Nodes that
-//! require a password, and nodes that speak only TLS, in `secure`.
+//! require a password, and nodes that speak only TLS, in `secure`. A transaction that
+//! publishes, in `transactions`.
 
 mod faults;
 mod migrate;
@@ -16,6 +17,7 @@ mod reload;
 mod replies;
 mod retries;
 mod secure;
+mod transactions;
 mod windows;
 
 use crate::support::cluster::Cluster;
