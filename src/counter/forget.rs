@@ -22,9 +22,9 @@
 //! that a plain GET sent before the flush cannot cache its old answer. The log is committed
 //! before the flush is acknowledged: an increment sent after the `+OK` counts from zero.
 //!
-//! Other `tally:` keys: window bucket hashes (`tally:w:*`) are counts of the flushed keys
-//! and go with them; rebalance tombstones (`tally:mv:*`) exist only during a rebalance,
-//! when a flush is refused.
+//! Other `tally:` keys: window hashes (`tally:win:*`, and `tally:w:*` of the layout before)
+//! are counts of the flushed keys and go with them; rebalance tombstones (`tally:mv:*`)
+//! exist only during a rebalance, when a flush is refused.
 //!
 //! Owns the engine's side of a flush. Does not own the lane's queue (`lane`) or the
 //! command (`connection::keyspace`).
