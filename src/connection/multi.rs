@@ -8,6 +8,10 @@
 //! commands, and merged when the reply's turn comes ([`Gather`]). Otherwise the command
 //! runs as a barrier task: lane reads or landings first, then the same pieces.
 //!
+//! An MGET's cache lookups are made once and counted once (`cache_hits`, `cache_misses`):
+//! the cache-only path hands what it found to [`plan`], and the plan that answers counts
+//! its lookups when its pieces are sent (a barrier plans again when it runs).
+//!
 //! Owns splitting and merging. Does not own the per-key counter semantics (`counter`) or
 //! the connection's ordering rules (`connection`).
 
@@ -18,12 +22,11 @@ use super::{
 use crate::backend::{encode_command, BackendError, Reply, Shard};
 use crate::command::{self, Merge, Spec};
 use crate::context::Context;
-use crate::counter::Cached;
+use crate::counter::{Cached, Engine};
 use crate::resp::reply::{self, Proto};
 use crate::router::Topology;
 use bytes::{Bytes, BytesMut};
 use redis_protocol::resp2::types::BytesFrame;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::time::Instant;
 
@@ -32,7 +35,10 @@ pub struct Gather {
     merge: Merge,
     /// The key of each slot (one slot per key, in request order).
     keys: Vec<Bytes>,
-    /// Values known before any piece returns (MGET of cached counter keys).
+    /// The replies of the first keys, answered from the cache at dispatch ([`Head`]).
+    head: Head,
+    /// Values known before any piece returns (MGET of cached counter keys); none for the
+    /// head's keys.
     values: Vec<Option<Bytes>>,
     parts: Vec<Part>,
     /// Invalidation epoch when the pieces were sent (see `Engine::offer_read`).
@@ -62,9 +68,21 @@ impl Gather {
 /// Where each key goes: answered now, through its lane, or as a plain piece per place.
 struct Plan {
     keys: Vec<Bytes>,
+    head: Head,
     values: Vec<Option<Bytes>>,
     lane: Vec<usize>,
     pieces: Pieces,
+    /// The cache lookups made for this plan (the head's too), counted when it is sent.
+    hits: u64,
+    misses: u64,
+}
+
+/// An MGET's first keys, whose replies [`all_cached`] found in the cache before it met one
+/// it could not answer: their replies as encoded, so that no key is looked up twice.
+#[derive(Default)]
+struct Head {
+    keys: usize,
+    replies: Bytes,
 }
 
 /// The keys' positions grouped by [`Topology::place`] (the unit served whole by one
@@ -105,20 +123,39 @@ impl Pieces {
     }
 }
 
-fn plan(ctx: &Context, topo: &Topology, merge: Merge, args: &[Bytes], proto: Proto) -> Plan {
+/// Plans a command. `known` is what [`all_cached`] learned of an MGET (its head, and the
+/// lookup of the key after it when it made one); the plan starts after the head.
+fn plan(
+    ctx: &Context,
+    topo: &Topology,
+    merge: Merge,
+    args: &[Bytes],
+    proto: Proto,
+    known: Option<(Head, Option<Cached>)>,
+) -> Plan {
     let step = if merge == Merge::Pairs { 2 } else { 1 };
     let keys: Vec<Bytes> = args[1..].iter().step_by(step).cloned().collect();
+    let (head, mut next) = known.unwrap_or_default();
     let mut p = Plan {
         values: vec![None; keys.len()],
         lane: Vec::new(),
         pieces: Pieces::default(),
         keys,
+        hits: head.keys as u64,
+        misses: 0,
+        head,
     };
     let engine = &ctx.engine;
-    for (slot, k) in p.keys.iter().enumerate() {
+    for (slot, k) in p.keys.iter().enumerate().skip(p.head.keys) {
         if engine.is_batched(k) {
             if merge == Merge::Values {
-                match engine.cached(k) {
+                let found = next.take().unwrap_or_else(|| engine.lookup(k));
+                if matches!(found, Cached::Hit(_)) {
+                    p.hits += 1;
+                } else {
+                    p.misses += 1;
+                }
+                match found {
                     Cached::Hit(v) => {
                         let mut o = BytesMut::new();
                         match v {
@@ -156,6 +193,8 @@ fn send_parts(
     p: Plan,
 ) -> Gather {
     let name = Bytes::copy_from_slice(spec.name.to_ascii_uppercase().as_bytes());
+    // Counted here, by the plan that answers (a barrier plans again once it runs).
+    ctx.engine.count_reads(p.hits, p.misses);
     let epoch = ctx.engine.invalidation_epoch();
     if merge != Merge::Values {
         for k in &p.keys {
@@ -191,6 +230,7 @@ fn send_parts(
     Gather {
         merge,
         keys: p.keys,
+        head: p.head,
         values: p.values,
         parts,
         epoch,
@@ -212,6 +252,20 @@ pub(crate) fn dispatch(
         reply::error(out, &command::arity_error(spec.name));
         return None;
     }
+    let engine = &ctx.engine;
+    // The cache-only path, outside memory mode (below) and rebalances (whose keys may
+    // have to move first: `plan` and the barrier see to that).
+    let mut known = None;
+    if merge == Merge::Values
+        && !client.writes_in_flight
+        && !engine.is_memory_mode()
+        && !ctx.router.rebalancing()
+    {
+        match all_cached(engine, &args, client.proto, out) {
+            Ok(()) => return None,
+            Err(k) => known = Some(k),
+        }
+    }
     let topo = ctx.router.topology();
     if topo.is_empty() {
         if merge != Merge::Values {
@@ -220,19 +274,17 @@ pub(crate) fn dispatch(
         }
         reply::array(out, args.len() - 1);
         for k in &args[1..] {
-            match ctx.engine.cached(k) {
+            match engine.lookup(k) {
                 Cached::Hit(Some(v)) => reply::bulk_int(out, v),
                 _ => reply::null(out, client.proto),
             }
         }
-        return None;
-    }
-    if merge == Merge::Values && !client.writes_in_flight && all_cached(ctx, &args, client, out) {
+        engine.count_reads(args.len() as u64 - 1, 0);
         return None;
     }
     let who = (client.id, client.proto);
-    let p = plan(ctx, &topo, merge, &args, client.proto);
-    let moving = p.keys.iter().any(|k| ctx.engine.needs_move(k));
+    let p = plan(ctx, &topo, merge, &args, client.proto, known);
+    let moving = ctx.router.rebalancing() && p.keys.iter().any(|k| engine.needs_move(k));
     if p.lane.is_empty() && !client.writes_in_flight && !moving {
         return Some(Pending::Gather(send_parts(
             ctx, who, &topo, spec, merge, &args, p,
@@ -246,34 +298,41 @@ pub(crate) fn dispatch(
 
 /// MGET whose keys are all fresh in the counter cache (the common case for counters read
 /// in bulk): the reply is written straight into `out`, with no piece, no per-key buffer and
-/// no merge. False, with `out` as it was, as soon as one key is not (the usual path then).
-fn all_cached(ctx: &Context, args: &[Bytes], client: &Client, out: &mut BytesMut) -> bool {
-    let engine = &ctx.engine;
+/// no merge, and the hits counted in one addition. Not outside memory mode or during a
+/// rebalance (the caller's checks). At the first key that is not a hit, `out` is as it was
+/// and the error holds what was learned for `plan`: the replies so far (the head) and that
+/// key's lookup (None when it is not a counter key: nothing was looked up).
+fn all_cached(
+    engine: &Engine,
+    args: &[Bytes],
+    proto: Proto,
+    out: &mut BytesMut,
+) -> Result<(), (Head, Option<Cached>)> {
     let start = out.len();
     reply::array(out, args.len() - 1);
+    let first = out.len();
     for (i, k) in args[1..].iter().enumerate() {
-        let looked_up = engine.is_batched(k) && !engine.needs_move(k);
-        let hit = if looked_up {
-            engine.cached(k)
+        let found = if engine.is_batched(k) {
+            Some(engine.lookup(k))
         } else {
-            Cached::Absent
+            None
         };
-        match hit {
-            Cached::Hit(Some(v)) => reply::bulk_int(out, v),
-            Cached::Hit(None) => reply::null(out, client.proto),
-            Cached::Stale | Cached::Absent => {
+        match found {
+            Some(Cached::Hit(Some(v))) => reply::bulk_int(out, v),
+            Some(Cached::Hit(None)) => reply::null(out, proto),
+            other => {
+                // A copy: a split would leave `out` shared, and its next write a copy.
+                let head = Head {
+                    keys: i,
+                    replies: Bytes::copy_from_slice(&out[first..]),
+                };
                 out.truncate(start);
-                // `plan` looks these keys up again: count each once.
-                let stats = &engine.stats;
-                stats.cache_hits.fetch_sub(i as u64, Ordering::Relaxed);
-                if looked_up {
-                    stats.cache_misses.fetch_sub(1, Ordering::Relaxed);
-                }
-                return false;
+                return Err((head, other));
             }
         }
     }
-    true
+    engine.count_reads(args.len() as u64 - 1, 0);
+    Ok(())
 }
 
 /// The barrier path: lane reads (MGET of stale counter keys) or landings (writes to keys
@@ -296,7 +355,7 @@ async fn run_barrier(
             }
         }
     }
-    let mut p = plan(ctx, &topo, merge, &args, client.1);
+    let mut p = plan(ctx, &topo, merge, &args, client.1, None);
     let lane = std::mem::take(&mut p.lane);
     if merge == Merge::Values {
         let keys = p.keys.clone();
@@ -331,6 +390,7 @@ pub(crate) async fn finish(g: Gather, ctx: &Context) -> BytesMut {
     let Gather {
         merge,
         keys,
+        head,
         mut values,
         mut parts,
         epoch,
@@ -380,8 +440,9 @@ pub(crate) async fn finish(g: Gather, ctx: &Context) -> BytesMut {
     match merge {
         Merge::Values => {
             reply::array(&mut out, values.len());
-            for v in values {
-                out.extend_from_slice(&v.expect("every MGET slot is filled"));
+            out.extend_from_slice(&head.replies);
+            for v in values.into_iter().skip(head.keys) {
+                out.extend_from_slice(&v.expect("every MGET slot past the head is filled"));
             }
         }
         Merge::Sum => reply::int(&mut out, sum),

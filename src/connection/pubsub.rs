@@ -99,8 +99,15 @@ impl Subscription {
     }
 }
 
-fn marker(nonce: u64, id: u64) -> String {
-    format!("tallyproxy-marker-{nonce:x}-{id}")
+/// The `PING <marker>` that follows command `id`, and the shard's bulk reply to it (what
+/// [`is_marker`] compares each frame received against): built once per command sent.
+fn marker(nonce: u64, id: u64) -> (BytesMut, Bytes) {
+    let text = format!("tallyproxy-marker-{nonce:x}-{id}");
+    let mut ping = BytesMut::new();
+    encode_into(&mut ping, &[&b"PING"[..], text.as_bytes()]);
+    let mut reply = BytesMut::new();
+    reply::bulk(&mut reply, text.as_bytes());
+    (ping, reply.freeze())
 }
 
 /// The shard pub/sub runs on (and a transaction that publishes: `transaction`).
@@ -246,12 +253,14 @@ fn open(ctx: &Arc<Context>, shard: Arc<Shard>, proto: Proto, permit: Permit) -> 
             tokio::select! {
                 cmd = rx.recv(), if !closing => match cmd {
                     Some((frame, id)) => {
-                        let mut o = BytesMut::from(&frame[..]);
-                        encode_into(&mut o, &[&b"PING"[..], marker(nonce, id).as_bytes()]);
+                        let (ping, reply) = marker(nonce, id);
+                        let mut o = BytesMut::with_capacity(frame.len() + ping.len());
+                        o.extend_from_slice(&frame);
+                        o.extend_from_slice(&ping);
                         if conn.send(&o, &shard).await.is_err() {
                             return;
                         }
-                        sent.push_back(id);
+                        sent.push_back((id, reply));
                     }
                     // The client is gone or released the subscription: finish what it sent.
                     None if sent.is_empty() => return,
@@ -259,8 +268,9 @@ fn open(ctx: &Arc<Context>, shard: Arc<Shard>, proto: Proto, permit: Permit) -> 
                 },
                 r = conn.read() => {
                     let Ok(r) = r else { return };
-                    if let Some(&id) = sent.front() {
-                        if is_marker(&r.raw, &marker(nonce, id)) {
+                    if let Some((id, reply)) = sent.front() {
+                        let id = *id;
+                        if is_marker(&r.raw, reply) {
                             sent.pop_front();
                             if tx.send(Event::Done(id)).await.is_err() || (closing && sent.is_empty()) {
                                 return;
@@ -292,11 +302,11 @@ fn open(ctx: &Arc<Context>, shard: Arc<Shard>, proto: Proto, permit: Permit) -> 
     }
 }
 
-/// The shard's reply to `PING marker`, in subscribed mode (`*2 pong marker`) or not.
-fn is_marker(raw: &[u8], marker: &str) -> bool {
-    let mut bulk = BytesMut::new();
-    reply::bulk(&mut bulk, marker.as_bytes());
-    raw == &bulk[..] || (raw.starts_with(b"*2\r\n$4\r\npong\r\n") && raw[14..] == bulk[..])
+/// Whether `raw` is the shard's reply to `PING marker`, in subscribed mode (`*2 pong
+/// marker`) or not; `bulk` is the marker as a bulk string. Allocates nothing: it runs for
+/// every frame received.
+fn is_marker(raw: &[u8], bulk: &[u8]) -> bool {
+    raw == bulk || raw.strip_prefix(&b"*2\r\n$4\r\npong\r\n"[..]) == Some(bulk)
 }
 
 /// Appends the relayed frames up to command `id`'s end to `out`. False when the client must
@@ -377,5 +387,38 @@ pub(super) fn reset(client: &mut Client) {
         if s.waiting == 0 {
             client.sub = None;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{is_marker, marker};
+
+    /// The PING carries the marker the reply is compared against, and only the shard's two
+    /// reply shapes to that PING match: not another command's marker, not a message whose
+    /// payload is the marker's text.
+    #[test]
+    fn a_marker_matches_its_ping_reply_in_both_modes_and_nothing_else() {
+        let (ping, reply) = marker(0xab, 7);
+        let text = b"tallyproxy-marker-ab-7";
+        let mut want_ping = format!("*2\r\n$4\r\nPING\r\n${}\r\n", text.len()).into_bytes();
+        want_ping.extend_from_slice(text);
+        want_ping.extend_from_slice(b"\r\n");
+        assert_eq!(&ping[..], &want_ping[..]);
+        assert_eq!(&reply[..], b"$22\r\ntallyproxy-marker-ab-7\r\n");
+
+        assert!(is_marker(&reply, &reply));
+        let mut subscribed = b"*2\r\n$4\r\npong\r\n".to_vec();
+        subscribed.extend_from_slice(&reply);
+        assert!(is_marker(&subscribed, &reply));
+
+        let (_, other) = marker(0xab, 8);
+        assert!(!is_marker(&other, &reply));
+        let mut message = b"*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n".to_vec();
+        message.extend_from_slice(&reply);
+        assert!(!is_marker(&message, &reply));
+        subscribed.extend_from_slice(b"x");
+        assert!(!is_marker(&subscribed, &reply));
+        assert!(!is_marker(b"", &reply));
     }
 }

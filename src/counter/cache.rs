@@ -41,8 +41,28 @@ impl Engine {
         drop(self.read_now(&Bytes::copy_from_slice(key), false));
     }
 
-    /// A cache read for GET.
+    /// A cache read for GET: [`Engine::lookup`], counted in the cache statistics.
     pub fn cached(&self, key: &[u8]) -> Cached {
+        let r = self.lookup(key);
+        let hit = matches!(r, Cached::Hit(_));
+        self.count_reads(u64::from(hit), u64::from(!hit));
+        r
+    }
+
+    /// Adds to the cache statistics (INFO's `cache_hits` and `cache_misses`): a multi-key
+    /// read counts each key it looked up once, in one addition per figure.
+    pub fn count_reads(&self, hits: u64, misses: u64) {
+        if hits > 0 {
+            self.stats.cache_hits.fetch_add(hits, Ordering::Relaxed);
+        }
+        if misses > 0 {
+            self.stats.cache_misses.fetch_add(misses, Ordering::Relaxed);
+        }
+    }
+
+    /// A cache read that its caller counts (with [`Engine::count_reads`]): a hit is a fresh
+    /// base (queueing its read-ahead past half the TTL), a miss anything else.
+    pub fn lookup(&self, key: &[u8]) -> Cached {
         let now = self.now_ms();
         let mut stripe = self.lock(key);
         let mut refresh = false;
@@ -62,12 +82,6 @@ impl Engine {
         if refresh {
             self.refresh_ahead(key);
         }
-        let counter = if matches!(r, Cached::Hit(_)) {
-            &self.stats.cache_hits
-        } else {
-            &self.stats.cache_misses
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
         r
     }
 

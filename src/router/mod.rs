@@ -234,6 +234,12 @@ impl Router {
         self.migration.load().as_deref().map(f)
     }
 
+    /// Whether a rebalance is under way: one look for a command of many keys, which then
+    /// asks [`Migration::owner_changed`] per key only when one is.
+    pub fn rebalancing(&self) -> bool {
+        self.migration.load().is_some()
+    }
+
     /// Starts (or ends, with None) a rebalance. Set before the new ring is published, so
     /// that whoever sees the new ring also sees the rebalance.
     pub fn set_migration(&self, m: Option<Arc<Migration>>) {

@@ -3,7 +3,7 @@
 //! values answers; one key that is not sends the command the usual way, and the cache
 //! statistics count each key once either way.
 
-use crate::support::{config, Proxy, Raw, Redis, TempDir};
+use crate::support::{config, encode, Proxy, Raw, Redis, TempDir};
 use std::time::Duration;
 use tallyproxy::config::HumanDuration;
 
@@ -16,6 +16,14 @@ async fn info_counter(c: &mut Raw, field: &str) -> u64 {
         .trim()
         .parse()
         .unwrap()
+}
+
+/// INFO's (cache_hits, cache_misses).
+async fn cache_counts(c: &mut Raw) -> (u64, u64) {
+    (
+        info_counter(c, "cache_hits").await,
+        info_counter(c, "cache_misses").await,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,5 +89,52 @@ async fn an_mget_of_cached_counters_is_answered_from_memory_byte_for_byte() {
     assert!(a.calls("mget") + b.calls("mget") >= 1);
     assert_eq!(info_counter(&mut p, "cache_hits").await, hits + 2);
     assert_eq!(info_counter(&mut p, "cache_misses").await, misses + 2);
+    proxy.stop().await;
+}
+
+/// Three fresh counters and two keys the cache cannot answer (a plain string, a missing
+/// key) count 3 hits and 2 misses, exactly: on the usual path (the first two counters
+/// found by the cache-only path before the string, which must not look them up again),
+/// and as a barrier behind the client's own write in the same burst (planned once more
+/// when it runs, and counted only then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mget_of_three_cached_and_two_uncached_keys_counts_three_hits_and_two_misses() {
+    let (a, b) = (Redis::start(), Redis::start());
+    let plain = Redis::start();
+    let wal = TempDir::new("mget-counts");
+    let mut cfg = config(&[&a, &b], &wal);
+    cfg.counters.cache_ttl = HumanDuration(Duration::from_secs(3600));
+    let proxy = Proxy::start(cfg).await;
+    let mut p = proxy.conn().await;
+    let mut r = Raw::connect(plain.addr().parse().unwrap()).await;
+    for k in ["mh:1", "mh:2", "mh:2", "mh:3", "mh:3", "mh:3"] {
+        assert_eq!(p.cmd(&["INCR", k]).await, r.cmd(&["INCR", k]).await);
+    }
+    let set = ["SET", "mh:s", "hello"];
+    assert_eq!(p.cmd(&set).await, r.cmd(&set).await);
+    let mget = ["MGET", "mh:1", "mh:2", "mh:s", "mh:3", "mh:none"];
+    let want = r.cmd(&mget).await;
+    assert_eq!(
+        want,
+        "*5\r\n$1\r\n1\r\n$1\r\n2\r\n$5\r\nhello\r\n$1\r\n3\r\n$-1\r\n"
+    );
+
+    let (hits, misses) = cache_counts(&mut p).await;
+    assert_eq!(p.cmd(&mget).await, want);
+    assert_eq!(cache_counts(&mut p).await, (hits + 3, misses + 2));
+
+    // The write and the read in one send: the MGET waits for the SET (a barrier). Another
+    // missing key: the first one's null is cached now, as a shard's read of a counter key.
+    let set = ["SET", "mh:s", "again"];
+    let mget = ["MGET", "mh:1", "mh:2", "mh:s", "mh:3", "mh:gone"];
+    let mut both = encode(&set);
+    both.extend_from_slice(&encode(&mget));
+    let (hits, misses) = cache_counts(&mut p).await;
+    p.send(&both).await;
+    assert_eq!(p.reply().await, r.cmd(&set).await);
+    let want = r.cmd(&mget).await;
+    assert!(want.contains("again"), "{want}");
+    assert_eq!(p.reply().await, want);
+    assert_eq!(cache_counts(&mut p).await, (hits + 3, misses + 2));
     proxy.stop().await;
 }
