@@ -152,15 +152,16 @@ pub fn moved_fields(hash: &[u8], pairs: &[(Bytes, Bytes)]) -> Vec<(usize, u64, i
 /// The window part of the flush script ([`super::lane::SCRIPT`]), run when the batch is
 /// fresh; `a` is the first ARGV of it, `first` the first window hash in KEYS. The proxy does
 /// the planning, so that the script does little more than the two commands. ARGV: now, the
-/// trim interval, the `w` marker to write, the count of granularities kept for a finite
-/// time and for each its letter, bucket size and retention; then per window hash (one KEYS
-/// entry per at most 1,000 fields; a hash may appear twice): the expiry needed (0: none),
-/// the expiry to set, the field count `nf`, the `nf` field names followed by `w`, `t` and
-/// `x` (what `HMGET` asks), and the `nf` deltas.
+/// trim interval, the `w` marker to write, the retentions' signature (`k`), the count of
+/// granularities kept for a finite time and for each its letter, bucket size and retention;
+/// then per window hash (one KEYS entry per at most 1,000 fields; a hash may appear twice):
+/// the expiry needed (0: none), the expiry to set, the field count `nf`, the `nf` field
+/// names followed by `w`, `t`, `x` and `k` (what `HMGET` asks), and the `nf` deltas.
 ///
 /// Markers: `t` the time of the last trim (no field of a granularity lies below its oldest
 /// bucket kept at `t`), `w` a time no bucket written is later than (renewed ahead of time,
-/// so rarely written), `x` the expiry set.
+/// so rarely written), `x` the expiry set, `k` the retentions the hash was last written
+/// under (when they change, the next write sweeps what they no longer keep).
 macro_rules! script_part {
     () => {
         r#"
@@ -168,11 +169,13 @@ local now_s = ARGV[a]
 local now = tonumber(now_s)
 local every = tonumber(ARGV[a + 1])
 local w_next = ARGV[a + 2]
-local nt = tonumber(ARGV[a + 3]) or 0
-a = a + 4
-local rules = {}
+local kept = ARGV[a + 3]
+local nt = tonumber(ARGV[a + 4]) or 0
+a = a + 5
+local rules, by_letter = {}, {}
 for k = 1, nt do
   rules[k] = {ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])}
+  by_letter[ARGV[a]] = rules[k]
   a = a + 3
 end
 -- The oldest bucket of size `size` kept for `keep` seconds at time `at`.
@@ -187,16 +190,27 @@ for j = first, #KEYS do
   local at = ARGV[a + 1]
   local nf = tonumber(ARGV[a + 2])
   local names = a + 3
-  local deltas = names + nf + 3
+  local deltas = names + nf + 4
   a = deltas + nf
   local cur = redis.pcall('HMGET', h, unpack(ARGV, names, deltas - 1))
   if type(cur) == 'table' and not cur.err then
+    local w, t, x, k = tonumber(cur[nf + 1]), tonumber(cur[nf + 2]), cur[nf + 3], cur[nf + 4]
     local set = {}
     local n = 0
     for i = 1, nf do
       local c = cur[i]
       local d = ARGV[deltas + i - 1]
-      if c == false then
+      local past = false
+      if t ~= nil and t > now then
+        -- A frame built before the hash's last trim (a retry landing late): a bucket below
+        -- what that trim kept is past retention by its clock, and would never be trimmed.
+        local name = ARGV[names + i - 1]
+        local rule = by_letter[string.sub(name, 1, 1)]
+        past = rule ~= nil and tonumber(string.sub(name, 2)) < oldest(t, rule[2], rule[3])
+      end
+      if past then
+        -- Not written.
+      elseif c == false then
         -- A new bucket: its count is the delta.
         set[n + 1] = ARGV[names + i - 1]
         set[n + 2] = d
@@ -212,8 +226,33 @@ for j = first, #KEYS do
         redis.pcall('HINCRBY', h, ARGV[names + i - 1], d)
       end
     end
+    if k ~= false and k ~= kept then
+      -- The retentions changed since this hash was last written: one sweep of its fields
+      -- deletes what the rules now in force no longer keep (what a trim by the old rules
+      -- left, and every field of a granularity turned off).
+      local gone = {}
+      for _, f in ipairs(redis.call('HKEYS', h)) do
+        local letter, b = string.sub(f, 1, 1), tonumber(string.sub(f, 2))
+        if b ~= nil and string.find('smhd', letter, 1, true) then
+          local rule = by_letter[letter]
+          local keep = string.find(kept, letter, 1, true)
+          if not keep or (rule and b < oldest(now, rule[2], rule[3])) then
+            gone[#gone + 1] = f
+            if #gone == 1000 then
+              redis.pcall('HDEL', h, unpack(gone))
+              gone = {}
+            end
+          end
+        end
+      end
+      if #gone > 0 then redis.pcall('HDEL', h, unpack(gone)) end
+    end
+    if k ~= kept then
+      set[n + 1] = 'k'
+      set[n + 2] = kept
+      n = n + 2
+    end
     if nt > 0 then
-      local w, t = tonumber(cur[nf + 1]), tonumber(cur[nf + 2])
       if t == nil or now - t >= every then
         if t ~= nil then
           -- Fields that passed retention since the last trim go, at once (one HDEL per
@@ -243,7 +282,6 @@ for j = first, #KEYS do
         n = n + 2
       end
     end
-    local x = cur[nf + 3]
     local renew = need > 0 and (x == false or tonumber(x) == nil or tonumber(x) < need)
     if renew then
       set[n + 1] = 'x'
@@ -323,7 +361,7 @@ impl Writes {
     /// How many ARGV entries [`Writes::encode_args`] writes for `entries`.
     pub fn arg_count(windows: &Windows, entries: &[Entry<'_>]) -> usize {
         let fields: usize = entries.iter().map(|e| e.2.len()).sum();
-        4 + 3 * trimmed(windows).count() + entries.len() * 6 + 2 * fields
+        5 + 3 * trimmed(windows).count() + entries.len() * 7 + 2 * fields
     }
 
     /// The ARGV part of [`SCRIPT_PART`] at `now`: the trim rules, then each entry's writes.
@@ -337,6 +375,7 @@ impl Writes {
             .unwrap_or(u64::MAX);
         bulk(out, num.format(every).as_bytes());
         bulk(out, num.format(now + WRITTEN_AHEAD).as_bytes());
+        bulk(out, &kept_signature(windows));
         bulk(out, num.format(trimmed(windows).count()).as_bytes());
         for g in trimmed(windows) {
             bulk(out, &[LETTER[g]]);
@@ -358,7 +397,7 @@ impl Writes {
                 name.extend_from_slice(num.format(t).as_bytes());
                 bulk(out, &name);
             }
-            for marker in [b"w", b"t", b"x"] {
+            for marker in [b"w", b"t", b"x", b"k"] {
                 bulk(out, marker);
             }
             for (_, d) in fields {
@@ -368,23 +407,46 @@ impl Writes {
     }
 }
 
+/// The retentions in force, as the `k` marker holds them: per kept granularity its letter
+/// and seconds (`F`: forever), e.g. `s3600 m604800 h7776000 dF`.
+fn kept_signature(windows: &Windows) -> Vec<u8> {
+    let mut out = Vec::with_capacity(40);
+    for (g, &letter) in LETTER.iter().enumerate() {
+        let Some(k) = windows.keep(g) else { continue };
+        if !out.is_empty() {
+            out.push(b' ');
+        }
+        out.push(letter);
+        match k {
+            u64::MAX => out.push(b'F'),
+            k => out.extend_from_slice(itoa::Buffer::new().format(k).as_bytes()),
+        }
+    }
+    out
+}
+
 /// The granularities kept for a finite time (their fields are trimmed).
 fn trimmed(windows: &Windows) -> impl Iterator<Item = usize> + '_ {
     (0..GRANULARITIES).filter(|&g| windows.keep(g).is_some_and(|k| k != u64::MAX))
 }
 
-/// `EVAL` of [`READ_SCRIPT`] for `fields` grouped by hash (in order).
+/// `EVAL` of [`READ_SCRIPT`]: KEYS = [the window hash]; ARGV = per hash (the window hash,
+/// then those of the layout before, named in ARGV: in the same slot, and undeclared so that
+/// a cluster node migrating the slot does not answer `-TRYAGAIN` for hashes that do not
+/// exist), its name (empty for the window hash), the field count, the fields.
 pub const READ_SCRIPT: &str = r#"
 local out = {}
 local a = 1
-for i = 1, #KEYS do
-  local n = tonumber(ARGV[a])
+while a <= #ARGV do
+  local h = ARGV[a]
+  if h == '' then h = KEYS[1] end
+  local n = tonumber(ARGV[a + 1])
   -- At most 1,000 fields per HMGET (Lua's unpack limit is 8000).
-  for from = a + 1, a + n, 1000 do
-    local v = redis.call('HMGET', KEYS[i], unpack(ARGV, from, math.min(from + 999, a + n)))
+  for from = a + 2, a + n + 1, 1000 do
+    local v = redis.call('HMGET', h, unpack(ARGV, from, math.min(from + 999, a + n + 1)))
     for j = 1, #v do out[#out + 1] = v[j] or '0' end
   end
-  a = a + n + 1
+  a = a + n + 2
 end
 return out
 "#;
@@ -399,25 +461,23 @@ pub fn read_frame(key: &[u8], buckets: &[(usize, u64)]) -> (Bytes, Vec<(usize, u
             .or_default()
             .push((g, t));
     }
-    let groups = 1 + legacy.len();
     let mut out = BytesMut::new();
     let bulk = crate::resp::reply::bulk;
-    crate::resp::reply::array(&mut out, 3 + groups * 2 + 2 * buckets.len());
+    crate::resp::reply::array(&mut out, 4 + 2 * (1 + legacy.len()) + 2 * buckets.len());
     bulk(&mut out, b"EVAL");
     bulk(&mut out, READ_SCRIPT.as_bytes());
-    let mut num = itoa::Buffer::new();
-    bulk(&mut out, num.format(groups).as_bytes());
+    bulk(&mut out, b"1");
     bulk(&mut out, &window_hash(key));
-    for k in legacy.keys() {
-        bulk(&mut out, k);
-    }
+    let mut num = itoa::Buffer::new();
     let mut order = Vec::with_capacity(2 * buckets.len());
+    bulk(&mut out, b"");
     bulk(&mut out, num.format(buckets.len()).as_bytes());
     for &(g, t) in buckets {
         bulk(&mut out, &field(g, t));
         order.push((g, t));
     }
-    for fields in legacy.values() {
+    for (name, fields) in &legacy {
+        bulk(&mut out, name);
         bulk(&mut out, num.format(fields.len()).as_bytes());
         for &(g, t) in fields {
             bulk(&mut out, num.format(t).as_bytes());

@@ -272,3 +272,78 @@ async fn a_keys_seconds_are_written_by_one_batch_when_a_flush_takes_many() {
     }
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shorter_retention_or_a_granularity_turned_off_sweeps_what_it_no_longer_keeps() {
+    let r = Redis::start();
+    let wal = TempDir::new("win-flush-sweep");
+    let t0 = hour_ahead() + 610;
+    let clock = Clock::manual(t0 * 1000);
+    let proxy = Proxy::start(long_ttl(config_at(&[&r], &wal, &clock))).await;
+    let mut c = proxy.conn().await;
+    incr(&mut c, "visits:s", 1).await;
+    flush(&proxy).await;
+    proxy.stop().await;
+    // Restarted 700 s later with seconds kept 600 s and minutes off: the next write of the
+    // key deletes its second (past the new retention) and its minute, keeps hour and day.
+    let t1 = t0 + 700;
+    clock.set_ms(t1 * 1000);
+    let mut cfg = long_ttl(config_at(&[&r], &wal, &clock));
+    cfg.windows.seconds = Retention::For(Duration::from_secs(600));
+    cfg.windows.minutes = Retention::Off;
+    let proxy = Proxy::start(cfg).await;
+    let mut c = proxy.conn().await;
+    assert_eq!(bucket(&r, b"visits:s", 0, t0).as_deref(), Some("1"));
+    r.reset_stats();
+    incr(&mut c, "visits:s", 1).await;
+    flush(&proxy).await;
+    assert_eq!(r.calls("hkeys"), 1, "one sweep");
+    assert_eq!(
+        bucket(&r, b"visits:s", 0, t0),
+        None,
+        "past the new retention"
+    );
+    assert_eq!(bucket(&r, b"visits:s", 1, t0 - 10), None, "minutes are off");
+    assert_eq!(bucket(&r, b"visits:s", 0, t1).as_deref(), Some("1"));
+    assert_eq!(bucket(&r, b"visits:s", 2, t0 - 610).as_deref(), Some("2"));
+    assert_eq!(
+        bucket(&r, b"visits:s", 3, t0 - t0 % 86400).as_deref(),
+        Some("2")
+    );
+    // Once swept, the next flush does not sweep again.
+    r.reset_stats();
+    clock.set_ms((t1 + 1) * 1000);
+    incr(&mut c, "visits:s", 1).await;
+    flush(&proxy).await;
+    assert_eq!(r.calls("hkeys"), 0);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_below_what_another_proxy_trimmed_is_not_written() {
+    let r = Redis::start();
+    let (wal_a, wal_b) = (
+        TempDir::new("win-flush-late-a"),
+        TempDir::new("win-flush-late-b"),
+    );
+    let t0 = hour_ahead() + 610;
+    // Proxy A's clock is two hours ahead of B's (or B's batch is a retry landing late).
+    let clock_a = Clock::manual((t0 + 7200) * 1000);
+    let clock_b = Clock::manual(t0 * 1000);
+    let a = Proxy::start(long_ttl(config_at(&[&r], &wal_a, &clock_a))).await;
+    let b = Proxy::start(long_ttl(config_at(&[&r], &wal_b, &clock_b))).await;
+    let mut ca = a.conn().await;
+    let mut cb = b.conn().await;
+    incr(&mut ca, "visits:z", 1).await;
+    flush(&a).await;
+    incr(&mut cb, "visits:z", 1).await;
+    flush(&b).await;
+    // B's second is below what A's trim keeps (an hour before A's now): written, it would
+    // never be trimmed. B's minute is within the week minutes are kept: written.
+    assert_eq!(bucket(&r, b"visits:z", 0, t0), None);
+    assert_eq!(bucket(&r, b"visits:z", 0, t0 + 7200).as_deref(), Some("1"));
+    assert_eq!(bucket(&r, b"visits:z", 1, t0 - 10).as_deref(), Some("1"));
+    assert_eq!(r.get("visits:z").as_deref(), Some("2"));
+    a.stop().await;
+    b.stop().await;
+}
