@@ -29,30 +29,10 @@ pub struct Metrics {
     pub shard_transitions: AtomicU64,
     pub http_requests: AtomicU64,
     /// A Redis Cluster's `-MOVED`, `-ASK` and `-TRYAGAIN`/`-CLUSTERDOWN` replies followed
-    /// (forwarded commands and flush parts).
+    /// (forwarded commands and flush parts), counted by `backend::cluster::Redirect::count`.
     pub cluster_moved: AtomicU64,
     pub cluster_ask: AtomicU64,
     pub cluster_retry: AtomicU64,
-}
-
-impl Metrics {
-    /// Counts one redirection followed.
-    pub fn count_redirect(&self, kind: RedirectKind) {
-        let c = match kind {
-            RedirectKind::Moved => &self.cluster_moved,
-            RedirectKind::Ask => &self.cluster_ask,
-            RedirectKind::Retry => &self.cluster_retry,
-        };
-        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-/// What a Redis Cluster node answered instead of running a command.
-#[derive(Debug, Clone, Copy)]
-pub enum RedirectKind {
-    Moved,
-    Ask,
-    Retry,
 }
 
 pub fn global() -> &'static Metrics {

@@ -269,19 +269,16 @@ impl Redirect {
         }
     }
 
-    /// For the metrics.
-    pub fn kind(&self) -> crate::metrics::RedirectKind {
-        match self {
-            Redirect::Moved { .. } => crate::metrics::RedirectKind::Moved,
-            Redirect::Ask { .. } => crate::metrics::RedirectKind::Ask,
-            Redirect::Retry => crate::metrics::RedirectKind::Retry,
-        }
-    }
-
     /// Counts this redirection in the metrics (`tallyproxy_cluster_redirects_total`): called
     /// by whoever acts on it, e.g. `Redirect::of_raw(raw).inspect(Redirect::count)`.
     pub fn count(&self) {
-        crate::metrics::global().count_redirect(self.kind());
+        let m = crate::metrics::global();
+        let counter = match self {
+            Redirect::Moved { .. } => &m.cluster_moved,
+            Redirect::Ask { .. } => &m.cluster_ask,
+            Redirect::Retry => &m.cluster_retry,
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A raw reply's redirect, if it is one: the cheap test first. Pure (see [`Redirect::count`]).
