@@ -1,18 +1,19 @@
 //! Process-wide figures, and the Prometheus recorder behind `/metrics`.
 //!
-//! Two kinds: plain atomics owned by the parts (connections here; shards, engine and log
-//! in their own structs), rendered by `http/metrics.rs`; and counters and histograms kept by
-//! the `metrics` crate with metrics-exporter-prometheus (per-command counts by outcome, the
-//! flush histogram). The command latency histograms are this module's own ([`Latency`]):
-//! the exporter keeps every observation, with a clock read, until its upkeep, a share of
-//! the proxy's CPU per command that showed at a million commands a second (see
-//! docs/performance.md). Hot-path figures are aggregated per burst before they touch a
-//! shared counter.
+//! Three kinds: plain atomics owned by the parts (connections here; shards, engine and log
+//! in their own structs); counters and histograms kept by the `metrics` crate with
+//! metrics-exporter-prometheus (per-command counts by outcome, the flush histogram); and the
+//! command latency histograms of this module's own ([`Latency`]): the exporter keeps every
+//! observation, with a clock read, until its upkeep, a share of the proxy's CPU per command
+//! that showed at a million commands a second (see docs/performance.md). Hot-path figures
+//! are aggregated per burst before they touch a shared counter.
+//!
+//! This module keeps figures and writes no text: `http/metrics.rs` renders all of them in
+//! the Prometheus text format (the exporter's own part by [`prometheus`]'s handle).
 
 use metrics::Counter;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::collections::HashMap;
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -28,30 +29,10 @@ pub struct Metrics {
     pub shard_transitions: AtomicU64,
     pub http_requests: AtomicU64,
     /// A Redis Cluster's `-MOVED`, `-ASK` and `-TRYAGAIN`/`-CLUSTERDOWN` replies followed
-    /// (forwarded commands and flush parts).
+    /// (forwarded commands and flush parts), counted by `backend::cluster::Redirect::count`.
     pub cluster_moved: AtomicU64,
     pub cluster_ask: AtomicU64,
     pub cluster_retry: AtomicU64,
-}
-
-impl Metrics {
-    /// Counts one redirection followed.
-    pub fn count_redirect(&self, kind: RedirectKind) {
-        let c = match kind {
-            RedirectKind::Moved => &self.cluster_moved,
-            RedirectKind::Ask => &self.cluster_ask,
-            RedirectKind::Retry => &self.cluster_retry,
-        };
-        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-/// What a Redis Cluster node answered instead of running a command.
-#[derive(Debug, Clone, Copy)]
-pub enum RedirectKind {
-    Moved,
-    Ask,
-    Retry,
 }
 
 pub fn global() -> &'static Metrics {
@@ -60,7 +41,7 @@ pub fn global() -> &'static Metrics {
 }
 
 /// Latency buckets, in seconds: 10 µs to 2.5 s.
-const BUCKETS: &[f64] = &[
+pub const BUCKETS: &[f64] = &[
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
     0.1, 0.25, 0.5, 1.0, 2.5,
 ];
@@ -137,21 +118,29 @@ impl Latency {
         self.sum_nanos.fetch_add(nanos.saturating_mul(n), Relaxed);
     }
 
-    /// The Prometheus text lines of this histogram (cumulative buckets, `_sum`, `_count`).
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let mut cumulative = 0;
-        for (i, b) in self.buckets.iter().enumerate() {
-            cumulative += b.load(Relaxed);
-            let le = match BUCKETS.get(i) {
-                Some(bound) => bound.to_string(),
-                None => "+Inf".to_string(),
-            };
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+    /// The histogram as Prometheus counts it: cumulative per bound.
+    pub fn snapshot(&self) -> LatencySnapshot {
+        let mut cumulative = [0; BUCKETS.len() + 1];
+        let mut total = 0;
+        for (c, b) in cumulative.iter_mut().zip(&self.buckets) {
+            total += b.load(Relaxed);
+            *c = total;
         }
-        let sum = self.sum_nanos.load(Relaxed) as f64 / 1e9;
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
-        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count.load(Relaxed));
+        LatencySnapshot {
+            cumulative,
+            sum_seconds: self.sum_nanos.load(Relaxed) as f64 / 1e9,
+            count: self.count.load(Relaxed),
+        }
     }
+}
+
+/// One read of a [`Latency`].
+pub struct LatencySnapshot {
+    /// Observations at most each bound of [`BUCKETS`]; the last slot counts them all
+    /// (`+Inf`).
+    pub cumulative: [u64; BUCKETS.len() + 1],
+    pub sum_seconds: f64,
+    pub count: u64,
 }
 
 fn class_histogram(c: Class) -> &'static Latency {
@@ -159,17 +148,9 @@ fn class_histogram(c: Class) -> &'static Latency {
     &H.get_or_init(Default::default)[c as usize]
 }
 
-/// `tallyproxy_command_duration_seconds`, for `/metrics`.
-pub fn render_latency(out: &mut String) {
-    const NAME: &str = "tallyproxy_command_duration_seconds";
-    let _ = writeln!(
-        out,
-        "# HELP {NAME} Command latency inside the proxy, recorded per burst."
-    );
-    let _ = writeln!(out, "# TYPE {NAME} histogram");
-    for (class, label) in [(Class::Memory, "memory"), (Class::Backend, "backend")] {
-        class_histogram(class).render(out, NAME, &format!("answered_from=\"{label}\""));
-    }
+/// The command latency histogram of one class (`tallyproxy_command_duration_seconds`).
+pub fn command_latency(class: Class) -> LatencySnapshot {
+    class_histogram(class).snapshot()
 }
 
 /// One connection's figures for one burst, pushed to the shared ones at its end.
@@ -229,30 +210,5 @@ impl Burst {
         }
         self.memory = 0;
         self.backend = 0;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_burst_is_one_bucket_increment_rendered_cumulatively() {
-        let h = Latency::default();
-        h.record_many(Duration::from_micros(30), 16);
-        h.record_many(Duration::from_micros(10), 2);
-        h.record_many(Duration::from_secs(3), 1);
-        let mut out = String::new();
-        h.render(&mut out, "x", "a=\"b\"");
-        let lines: Vec<&str> = out.lines().collect();
-        assert_eq!(lines.len(), BUCKETS.len() + 3);
-        // 10 µs is at most the first bound (le is inclusive); 30 µs falls under 50 µs.
-        assert_eq!(lines[0], "x_bucket{a=\"b\",le=\"0.00001\"} 2");
-        assert_eq!(lines[1], "x_bucket{a=\"b\",le=\"0.000025\"} 2");
-        assert_eq!(lines[2], "x_bucket{a=\"b\",le=\"0.00005\"} 18");
-        assert_eq!(lines[BUCKETS.len() - 1], "x_bucket{a=\"b\",le=\"2.5\"} 18");
-        assert_eq!(lines[BUCKETS.len()], "x_bucket{a=\"b\",le=\"+Inf\"} 19");
-        assert_eq!(lines[BUCKETS.len() + 1], "x_sum{a=\"b\"} 3.0005");
-        assert_eq!(lines[BUCKETS.len() + 2], "x_count{a=\"b\"} 19");
     }
 }

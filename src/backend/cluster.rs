@@ -11,8 +11,9 @@
 //! Owns the wire format of those replies. Does not own the slot map the proxy routes by
 //! (`router::slots`), nor when it is refreshed (`cluster`).
 
-use super::{encode_command, BackendConn, ConnOptions};
-use bytes::Bytes;
+use super::conn::{connect, round_trip};
+use super::{encode_command, BackendError, ConnOptions};
+use bytes::{Bytes, BytesMut};
 use redis_protocol::resp2::types::BytesFrame;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -40,31 +41,29 @@ impl ShardInfo {
     }
 }
 
-/// Asks the node at `opts.addr` for the cluster's slot map, within `wait`.
+/// Asks the node at `opts.addr` for the cluster's slot map: one connection of its own (with
+/// the shards' AUTH and TLS), each question answered within `wait`.
 pub async fn ask_map(opts: &ConnOptions, wait: Duration) -> Result<Vec<ShardInfo>, String> {
-    let conn = BackendConn::spawn(opts.clone());
-    let call = |args: &[&str]| {
-        let rx = conn.send(encode_command(args));
-        async move {
-            match tokio::time::timeout(wait, rx).await {
-                Ok(Ok(Ok(r))) => Ok(r.frame),
-                Ok(Ok(Err(e))) => Err(format!("{e:?}")),
-                _ => Err("no reply".to_string()),
-            }
-        }
+    // Say why a connection fails (a refused AUTH, a failed TLS handshake), not just that it
+    // is down.
+    let mut stream = connect(opts).await.map_err(|e| e.to_string())?;
+    let asking = ConnOptions {
+        request_timeout: wait,
+        ..opts.clone()
     };
-    // The actor connects in the background: wait for it (bounded) rather than be refused.
-    let deadline = tokio::time::Instant::now() + wait;
-    while !conn.is_connected() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    if !conn.is_connected() {
-        // Say why (a refused AUTH, a failed TLS handshake), not just that it is down.
-        return Err(match super::conn::connect(opts).await {
-            Err(e) => e.to_string(),
-            Ok(_) => "not connected yet".to_string(),
-        });
-    }
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut call = async |args: &[&str]| match round_trip(
+        &mut stream,
+        &mut buf,
+        &encode_command(args),
+        &asking,
+    )
+    .await
+    {
+        Ok(r) => Ok(r.frame),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Err("no reply".to_string()),
+        Err(_) => Err(format!("{:?}", BackendError::Lost)),
+    };
     match call(&["CLUSTER", "SHARDS"]).await? {
         BytesFrame::Error(e) if e.contains("unknown subcommand") || e.contains("Unknown") => {}
         BytesFrame::Error(e) => return Err(e.to_string()),
@@ -269,19 +268,16 @@ impl Redirect {
         }
     }
 
-    /// For the metrics.
-    pub fn kind(&self) -> crate::metrics::RedirectKind {
-        match self {
-            Redirect::Moved { .. } => crate::metrics::RedirectKind::Moved,
-            Redirect::Ask { .. } => crate::metrics::RedirectKind::Ask,
-            Redirect::Retry => crate::metrics::RedirectKind::Retry,
-        }
-    }
-
     /// Counts this redirection in the metrics (`tallyproxy_cluster_redirects_total`): called
     /// by whoever acts on it, e.g. `Redirect::of_raw(raw).inspect(Redirect::count)`.
     pub fn count(&self) {
-        crate::metrics::global().count_redirect(self.kind());
+        let m = crate::metrics::global();
+        let counter = match self {
+            Redirect::Moved { .. } => &m.cluster_moved,
+            Redirect::Ask { .. } => &m.cluster_ask,
+            Redirect::Retry => &m.cluster_retry,
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A raw reply's redirect, if it is one: the cheap test first. Pure (see [`Redirect::count`]).

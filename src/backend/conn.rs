@@ -223,22 +223,16 @@ pub(crate) async fn connect(opts: &ConnOptions) -> std::io::Result<Box<dyn Io>> 
         None => Box::new(stream),
     };
     for cmd in opts.on_connect.iter().chain(role.iter()) {
-        stream.write_all(cmd).await?;
         let mut buf = BytesMut::with_capacity(256);
-        let reply = loop {
-            if let Some(r) = decode(&mut buf, opts.resp3).map_err(std::io::Error::other)? {
-                break r;
-            }
-            if tokio::time::timeout(opts.request_timeout, stream.read_buf(&mut buf))
-                .await
-                .map_err(|_| {
+        let reply = round_trip(&mut stream, &mut buf, cmd, opts)
+            .await
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::TimedOut {
                     std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out")
-                })??
-                == 0
-            {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-        };
+                } else {
+                    e
+                }
+            })?;
         if let Some(msg) = reply.error() {
             return Err(std::io::Error::other(format!("handshake refused: {msg}")));
         }
@@ -250,6 +244,31 @@ pub(crate) async fn connect(opts: &ConnOptions) -> std::io::Result<Box<dyn Io>> 
         }
     }
     Ok(stream)
+}
+
+/// Writes one encoded command on a socket that carries nothing else and reads its reply
+/// (decoded as `opts.resp3` says), the whole exchange within `opts.request_timeout`
+/// (`TimedOut`). `buf` keeps what was read past the reply, for the next call.
+pub(crate) async fn round_trip(
+    stream: &mut Box<dyn Io>,
+    buf: &mut BytesMut,
+    cmd: &[u8],
+    opts: &ConnOptions,
+) -> std::io::Result<Reply> {
+    let exchange = async {
+        stream.write_all(cmd).await?;
+        loop {
+            if let Some(r) = decode(buf, opts.resp3).map_err(std::io::Error::other)? {
+                return Ok(r);
+            }
+            if stream.read_buf(buf).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    };
+    tokio::time::timeout(opts.request_timeout, exchange)
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
 }
 
 /// Decodes one reply off the front of `buf`, as RESP3 on a `resp3` connection.

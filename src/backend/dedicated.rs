@@ -15,6 +15,7 @@ use super::conn::{connect, decode, Io};
 use super::{encode_command, BackendError, Reply, Shard};
 use bytes::BytesMut;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -124,10 +125,31 @@ impl Dedicated {
         }
     }
 
-    /// [`Dedicated::read`] within `limit`.
-    pub async fn read_within(&mut self, limit: std::time::Duration) -> Result<Reply, BackendError> {
-        tokio::time::timeout(limit, self.read())
-            .await
-            .unwrap_or(Err(BackendError::Timeout))
+    /// One round trip: writes `frames` (whole commands), reads and drops the replies of the
+    /// first `skip` of them, and returns the next. Each read within `limit`; `None` waits
+    /// however long (a command that blocks for ever: the caller bounds it by the client's
+    /// presence).
+    pub async fn call(
+        &mut self,
+        frames: &[u8],
+        shard: &Shard,
+        skip: usize,
+        limit: Option<Duration>,
+    ) -> Result<Reply, BackendError> {
+        self.send(frames, shard).await?;
+        for _ in 0..skip {
+            self.read_within(limit).await?;
+        }
+        self.read_within(limit).await
+    }
+
+    /// [`Dedicated::read`] within `limit`, if any.
+    async fn read_within(&mut self, limit: Option<Duration>) -> Result<Reply, BackendError> {
+        match limit {
+            Some(limit) => tokio::time::timeout(limit, self.read())
+                .await
+                .unwrap_or(Err(BackendError::Timeout)),
+            None => self.read().await,
+        }
     }
 }

@@ -59,12 +59,8 @@ pub(super) fn dispatch(
             Ok(c) => c,
             Err(e) => return error_bytes(&e.client_message(&shard.name)),
         };
-        let sent = conn.send(&encode_command(&args), &shard).await;
-        let reply = match (sent, timeout) {
-            (Err(e), _) => Err(e),
-            (Ok(()), Some(t)) => conn.read_within(t + shard.timeout).await,
-            (Ok(()), None) => conn.read().await,
-        };
+        let limit = timeout.map(|t| t + shard.timeout);
+        let reply = conn.call(&encode_command(&args), &shard, 0, limit).await;
         for k in &counters {
             ctx.engine.invalidate(k);
         }

@@ -232,13 +232,8 @@ fn watch(
         if let Err(e) = same_shard::prepare(&ctx, &args[1..], &counters, &shard).await {
             return e;
         }
-        let conn = slot.lock().conn.take();
-        let conn = match (conn, permit) {
-            (Some(c), _) => Ok(c),
-            (None, Some(p)) => Dedicated::open(&shard, resp3, p).await,
-            (None, None) => Err(crate::backend::BackendError::Lost),
-        };
-        let mut conn = match conn {
+        let held = slot.lock().conn.take();
+        let mut conn = match held_or_open(held, permit, &shard, resp3).await {
             Ok(c) => c,
             Err(e) => {
                 let msg = e.client_message(&shard.name);
@@ -248,11 +243,7 @@ fn watch(
         };
         let mut frame = BytesMut::new();
         encode_into(&mut frame, &args);
-        let r = match conn.send(&frame, &shard).await {
-            Ok(()) => conn.read_within(shard.timeout).await,
-            Err(e) => Err(e),
-        };
-        match r {
+        match conn.call(&frame, &shard, 0, Some(shard.timeout)).await {
             Ok(r) => {
                 slot.lock().conn = Some(conn);
                 BytesMut::from(&r.raw[..])
@@ -486,6 +477,21 @@ fn exec(ctx: &Arc<Context>, client: &mut Client, out: &mut BytesMut) -> Option<P
     })))
 }
 
+/// The WATCH connection already held, else one opened with the permit taken at dispatch;
+/// neither (a dispatch that found a connection an earlier command then lost) is `Lost`.
+async fn held_or_open(
+    held: Option<Dedicated>,
+    permit: Option<Permit>,
+    shard: &Shard,
+    resp3: bool,
+) -> Result<Dedicated, crate::backend::BackendError> {
+    match (held, permit) {
+        (Some(c), _) => Ok(c),
+        (None, Some(p)) => Dedicated::open(shard, resp3, p).await,
+        (None, None) => Err(crate::backend::BackendError::Lost),
+    }
+}
+
 /// MULTI, the commands and EXEC in one write; EXEC's reply, raw.
 #[allow(clippy::too_many_arguments)]
 async fn run_on_shard(
@@ -500,27 +506,19 @@ async fn run_on_shard(
 ) -> Result<Bytes, BytesMut> {
     same_shard::prepare(ctx, keys, counters, shard).await?;
     let fail = |e: crate::backend::BackendError| error_bytes(&e.client_message(&shard.name));
-    let mut conn = match (held, permit) {
-        (Some(c), _) => c,
-        (None, Some(p)) => Dedicated::open(shard, resp3, p).await.map_err(fail)?,
-        (None, None) => return Err(fail(crate::backend::BackendError::Lost)),
-    };
+    let mut conn = held_or_open(held, permit, shard, resp3)
+        .await
+        .map_err(fail)?;
     let mut frame = BytesMut::new();
     encode_into(&mut frame, &["MULTI"]);
     for c in commands {
         encode_into(&mut frame, c);
     }
     encode_into(&mut frame, &["EXEC"]);
-    let sent = conn.send(&frame, shard).await;
-    let result = async {
-        sent?;
-        // MULTI's +OK and each +QUEUED (a refusal there makes EXEC answer EXECABORT).
-        for _ in 0..=commands.len() {
-            conn.read_within(shard.timeout).await?;
-        }
-        conn.read_within(shard.timeout).await
-    }
-    .await;
+    // After MULTI's +OK and each +QUEUED (a refusal there makes EXEC answer EXECABORT).
+    let result = conn
+        .call(&frame, shard, commands.len() + 1, Some(shard.timeout))
+        .await;
     for k in counters {
         ctx.engine.invalidate(k);
     }

@@ -1,9 +1,12 @@
 //! `/metrics`: the proxy's figures in the Prometheus text format (version 0.0.4).
 //!
 //! Rendered on request from the same atomics INFO reads; names follow Prometheus
-//! conventions (`tallyproxy_` prefix, `_total` for counters, base units).
+//! conventions (`tallyproxy_` prefix, `_total` for counters, base units). The one writer of
+//! the text format: `crate::metrics` keeps the figures (and the exporter's handle renders
+//! its own counters and histograms, first), this module writes every other line.
 
 use crate::context::Context;
+use crate::metrics::{Class, LatencySnapshot, BUCKETS};
 use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -21,6 +24,28 @@ impl Out {
     fn one(&mut self, name: &str, kind: &str, help: &str, v: f64) {
         self.metric(name, kind, help, &[(String::new(), v)]);
     }
+
+    /// A histogram: cumulative `_bucket` lines, `_sum` and `_count` per series, each series
+    /// named by its labels (`a="b"`, without braces).
+    fn histogram(&mut self, name: &str, help: &str, series: &[(String, LatencySnapshot)]) {
+        let _ = writeln!(self.0, "# HELP tallyproxy_{name} {help}");
+        let _ = writeln!(self.0, "# TYPE tallyproxy_{name} histogram");
+        for (labels, h) in series {
+            self.buckets(&format!("tallyproxy_{name}"), labels, h);
+        }
+    }
+
+    fn buckets(&mut self, name: &str, labels: &str, h: &LatencySnapshot) {
+        for (i, cumulative) in h.cumulative.iter().enumerate() {
+            let le = match BUCKETS.get(i) {
+                Some(bound) => bound.to_string(),
+                None => "+Inf".to_string(),
+            };
+            let _ = writeln!(self.0, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+        }
+        let _ = writeln!(self.0, "{name}_sum{{{labels}}} {}", h.sum_seconds);
+        let _ = writeln!(self.0, "{name}_count{{{labels}}} {}", h.count);
+    }
 }
 
 pub fn render(ctx: &Context) -> String {
@@ -32,7 +57,16 @@ pub fn render(ctx: &Context) -> String {
     if !o.0.is_empty() && !o.0.ends_with('\n') {
         o.0.push('\n');
     }
-    crate::metrics::render_latency(&mut o.0);
+    o.histogram(
+        "command_duration_seconds",
+        "Command latency inside the proxy, recorded per burst.",
+        &[(Class::Memory, "memory"), (Class::Backend, "backend")].map(|(class, label)| {
+            (
+                format!("answered_from=\"{label}\""),
+                crate::metrics::command_latency(class),
+            )
+        }),
+    );
     o.one(
         "connections",
         "gauge",
@@ -330,4 +364,31 @@ pub fn render(ctx: &Context) -> String {
         }
     }
     o.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Latency;
+    use std::time::Duration;
+
+    #[test]
+    fn a_burst_is_one_bucket_increment_rendered_cumulatively() {
+        let h = Latency::default();
+        h.record_many(Duration::from_micros(30), 16);
+        h.record_many(Duration::from_micros(10), 2);
+        h.record_many(Duration::from_secs(3), 1);
+        let mut out = Out(String::new());
+        out.buckets("x", "a=\"b\"", &h.snapshot());
+        let lines: Vec<&str> = out.0.lines().collect();
+        assert_eq!(lines.len(), BUCKETS.len() + 3);
+        // 10 µs is at most the first bound (le is inclusive); 30 µs falls under 50 µs.
+        assert_eq!(lines[0], "x_bucket{a=\"b\",le=\"0.00001\"} 2");
+        assert_eq!(lines[1], "x_bucket{a=\"b\",le=\"0.000025\"} 2");
+        assert_eq!(lines[2], "x_bucket{a=\"b\",le=\"0.00005\"} 18");
+        assert_eq!(lines[BUCKETS.len() - 1], "x_bucket{a=\"b\",le=\"2.5\"} 18");
+        assert_eq!(lines[BUCKETS.len()], "x_bucket{a=\"b\",le=\"+Inf\"} 19");
+        assert_eq!(lines[BUCKETS.len() + 1], "x_sum{a=\"b\"} 3.0005");
+        assert_eq!(lines[BUCKETS.len() + 2], "x_count{a=\"b\"} 19");
+    }
 }

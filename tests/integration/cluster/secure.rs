@@ -3,7 +3,9 @@
 //! yes`): the proxy reads the map with `[backend]`'s credentials and TLS, dials the nodes on
 //! the ports the map names (the TLS ports, with TLS), lands increments exactly (counted on
 //! the nodes), forwards commands and splits a cross-slot `MGET`; with a wrong password, or
-//! none, start-up fails at once with the node's own words (`support::cluster::secure`).
+//! none, start-up fails at once with the node's own words (`support::cluster::secure`); a
+//! seed that trickles its reply to `AUTH` (a fake, `trickling_seed`) fails it within
+//! `backend.timeout`.
 
 use super::{admin_shards, entry, COUNTERS, PRIMARY};
 use crate::cluster_support::SERIAL;
@@ -211,4 +213,57 @@ async fn a_cluster_that_speaks_only_tls_is_served_on_its_tls_ports() {
     proxy.stop().await;
 
     refused(&cluster, "password = \"wrong\"\n", "WRONGPASS").await;
+}
+
+/// A seed that reads the proxy's first command (its `AUTH`) and answers with a bulk string
+/// that arrives one byte every 100 ms (at most 300 bytes: 30 s), so that no single read
+/// waits long. Stops, with every connection, when its task is aborted.
+async fn trickling_seed() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        for _ in 0..100 {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            conns.spawn(async move {
+                let mut buf = [0u8; 1024];
+                if sock.read(&mut buf).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let _ = sock.write_all(b"$100000\r\n").await;
+                for _ in 0..300 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if sock.write_all(b"x").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A node's handshake reply is awaited within `backend.timeout` in all, not per read: a
+/// seed that trickles its answer to `AUTH` fails start-up with the reason, it does not
+/// hold it for as long as the bytes keep coming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_that_trickles_its_auth_reply_fails_start_up_with_the_reason() {
+    let (seed, task) = trickling_seed().await;
+    let wal = TempDir::new("cl-secure-trickle");
+    let config = proxy_config_for(
+        &format!("[\"{seed}\"]"),
+        &wal,
+        "",
+        "connect_timeout = \"200ms\"\npassword = \"p\"\n",
+        COUNTERS,
+    );
+    let e = start_up_error(config).await;
+    task.abort();
+    assert_eq!(
+        e,
+        format!("cluster: no seed answered with a slot map: {seed}: handshake timed out")
+    );
 }
