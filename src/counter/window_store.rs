@@ -178,6 +178,18 @@ for k = 1, nt do
   by_letter[ARGV[a]] = rules[k]
   a = a + 3
 end
+-- A function that deletes the fields of `h` it is given, in HDELs of at most 1,000 names;
+-- called with nothing, it sends what it holds.
+local function deleter(h)
+  local gone = {}
+  return function(f)
+    if f then gone[#gone + 1] = f end
+    if #gone > 0 and (f == nil or #gone == 1000) then
+      redis.pcall('HDEL', h, unpack(gone))
+      gone = {}
+    end
+  end
+end
 -- The oldest bucket of size `size` kept for `keep` seconds at time `at`.
 local function oldest(at, size, keep)
   local gone = at - size - keep
@@ -230,22 +242,16 @@ for j = first, #KEYS do
       -- The retentions changed since this hash was last written: one sweep of its fields
       -- deletes what the rules now in force no longer keep (what a trim by the old rules
       -- left, and every field of a granularity turned off).
-      local gone = {}
+      local del = deleter(h)
       for _, f in ipairs(redis.call('HKEYS', h)) do
         local letter, b = string.sub(f, 1, 1), tonumber(string.sub(f, 2))
         if b ~= nil and string.find('smhd', letter, 1, true) then
           local rule = by_letter[letter]
           local keep = string.find(kept, letter, 1, true)
-          if not keep or (rule and b < oldest(now, rule[2], rule[3])) then
-            gone[#gone + 1] = f
-            if #gone == 1000 then
-              redis.pcall('HDEL', h, unpack(gone))
-              gone = {}
-            end
-          end
+          if not keep or (rule and b < oldest(now, rule[2], rule[3])) then del(f) end
         end
       end
-      if #gone > 0 then redis.pcall('HDEL', h, unpack(gone)) end
+      del()
     end
     if k ~= kept then
       set[n + 1] = 'k'
@@ -258,19 +264,15 @@ for j = first, #KEYS do
           -- Fields that passed retention since the last trim go, at once (one HDEL per
           -- 1,000 names), up to the newest bucket that can have been written.
           local last = w or now
-          local gone = {}
-          for k = 1, nt do
-            local letter, size, keep = rules[k][1], rules[k][2], rules[k][3]
+          local del = deleter(h)
+          for _, rule in ipairs(rules) do
+            local letter, size, keep = rule[1], rule[2], rule[3]
             local stop = math.min(oldest(now, size, keep), last - last % size + size)
             for b = oldest(t, size, keep), stop - 1, size do
-              gone[#gone + 1] = letter .. string.format('%.0f', b)
-              if #gone == 1000 then
-                redis.pcall('HDEL', h, unpack(gone))
-                gone = {}
-              end
+              del(letter .. string.format('%.0f', b))
             end
           end
-          if #gone > 0 then redis.pcall('HDEL', h, unpack(gone)) end
+          del()
         end
         set[n + 1] = 't'
         set[n + 2] = now_s
