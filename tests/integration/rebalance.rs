@@ -9,6 +9,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Adds `shard` to the proxy's ring (its sidecar at `http`): a rebalance starts.
+pub(crate) async fn add_shard(http: SocketAddr, shard: &Redis) {
+    let (status, body) = support::http_json(
+        http,
+        "POST",
+        "/admin/shards",
+        &format!("{{\"addr\": \"{}\"}}", shard.addr()),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+}
+
 pub(crate) async fn wait_done(addr: SocketAddr, limit: Duration) -> Value {
     let start = std::time::Instant::now();
     loop {
@@ -113,14 +125,7 @@ async fn a_third_shard_added_and_removed_under_load_keeps_every_count() {
     let stop = Arc::new(AtomicBool::new(false));
     let running = load(proxy.url(), keys.clone(), 8, stop.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (status, body) = http(
-        proxy.http,
-        "POST",
-        "/admin/shards",
-        &format!("{{\"addr\": \"{}\"}}", c.addr()),
-    )
-    .await;
-    assert_eq!(status, 202, "{body}");
+    add_shard(proxy.http, &c).await;
     let progress = wait_done(proxy.http, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
@@ -337,14 +342,7 @@ async fn the_proxy_killed_mid_move_resumes_and_loses_nothing() {
         4,
         stop.clone(),
     );
-    let (status, body) = http(
-        http_addr,
-        "POST",
-        "/admin/shards",
-        &format!("{{\"addr\": \"{}\"}}", c.addr()),
-    )
-    .await;
-    assert_eq!(status, 202, "{body}");
+    add_shard(http_addr, &c).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     let (_, p) = http(http_addr, "GET", "/admin/rebalance", "").await;
     assert_eq!(p["state"], "running", "killed mid-move: {p}");
@@ -587,14 +585,7 @@ async fn a_rebalance_held_by_a_down_shard_says_why_until_it_moves_again() {
     // cannot.
     a.stop();
     let a_name = format!("redis_{}", a.port);
-    let (status, body) = http(
-        proxy.http,
-        "POST",
-        "/admin/shards",
-        &format!("{{\"addr\": \"{}\"}}", b.addr()),
-    )
-    .await;
-    assert_eq!(status, 202, "{body}");
+    add_shard(proxy.http, &b).await;
     let start = std::time::Instant::now();
     let held = loop {
         let (_, p) = http(proxy.http, "GET", "/admin/rebalance", "").await;
@@ -656,14 +647,7 @@ async fn each_scanned_shard_logs_the_keys_moved_off_it() {
     }
     let (status, _) = http(http_addr, "POST", "/admin/flush", "").await;
     assert_eq!(status, 200);
-    let (status, body) = http(
-        http_addr,
-        "POST",
-        "/admin/shards",
-        &format!("{{\"addr\": \"{}\"}}", c.addr()),
-    )
-    .await;
-    assert_eq!(status, 202, "{body}");
+    add_shard(http_addr, &c).await;
     let p = wait_done(http_addr, Duration::from_secs(30)).await;
     proxy.terminate();
     // One line per old shard, each with the keys moved off it: together, the whole.

@@ -53,18 +53,6 @@ async fn json(p: &Proxy, method: &str, path: &str) -> (u16, Value) {
     (status, v)
 }
 
-/// Adds `shard` to the proxy's ring: a rebalance starts.
-async fn add_shard(p: &Proxy, shard: &Redis) {
-    let (status, body) = support::http_json(
-        p.http,
-        "POST",
-        "/admin/shards",
-        &format!("{{\"addr\": \"{}\"}}", shard.addr()),
-    )
-    .await;
-    assert_eq!(status, 202, "{body}");
-}
-
 pub(crate) async fn flush(p: &Proxy) {
     let (status, body) = json(p, "POST", "/admin/flush").await;
     assert_eq!(status, 200, "{body}");
@@ -506,7 +494,7 @@ async fn buckets_of_the_layout_before_are_read_and_moved_into_the_window_hash() 
         .arg(7)
         .query(&mut a.client())
         .unwrap();
-    add_shard(&proxy, &b).await;
+    crate::rebalance::add_shard(proxy.http, &b).await;
     crate::rebalance::wait_done(proxy.http, Duration::from_secs(30)).await;
     flush(&proxy).await;
     assert_eq!(range(&mut c, &moving, minute, minute + 60).await, 7);
@@ -549,7 +537,7 @@ async fn a_rebalance_merges_buckets_into_their_new_owner() {
     for p in &pages {
         incr(&mut c, p, 1).await;
     }
-    add_shard(&proxy, &new).await;
+    crate::rebalance::add_shard(proxy.http, &new).await;
     // Reads during the move are exact too.
     for (i, p) in pages.iter().enumerate().step_by(7) {
         assert_eq!(
