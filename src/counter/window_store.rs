@@ -327,17 +327,23 @@ impl Writes {
     /// Adds the window delta of `key` at second (or bucket) `t` for letter `letter`, `d`,
     /// to every kept granularity it counts into, leaving out buckets past retention at `now`.
     pub fn add(&mut self, windows: &Windows, now: u64, letter: u8, t: u64, key: &[u8], d: i64) {
-        for g in 0..GRANULARITIES {
-            let wanted = letter == super::windows::ALL || letter == LETTER[g];
-            let bucket = t - t % SIZE[g];
-            if !wanted || !windows.retained(g, bucket, now) {
-                continue;
-            }
+        let mut kept = (0..GRANULARITIES)
+            .filter_map(|g| {
+                let wanted = letter == super::windows::ALL || letter == LETTER[g];
+                let bucket = t - t % SIZE[g];
+                (wanted && windows.retained(g, bucket, now)).then_some((g, bucket))
+            })
+            .peekable();
+        if kept.peek().is_none() {
+            return;
+        }
+        // The hash's name is built (and looked up) once per delta.
+        let slot = self.hashes.entry(window_hash(key)).or_default();
+        for (g, bucket) in kept {
             let need = match windows.keeps_forever() {
                 true => 0,
                 false => windows.kept_until(g, bucket),
             };
-            let slot = self.hashes.entry(window_hash(key)).or_default();
             slot.0 = slot.0.max(need);
             let f = slot.1.entry((g, bucket)).or_insert(0);
             *f = f.wrapping_add(d);
@@ -352,9 +358,10 @@ impl Writes {
     pub fn entries(&self) -> Vec<Entry<'_>> {
         let mut out = Vec::with_capacity(self.hashes.len());
         for (name, (need, fields)) in &self.hashes {
-            let all: Vec<((usize, u64), i64)> = fields.iter().map(|(&b, &d)| (b, d)).collect();
-            for part in all.chunks(FIELDS_PER_ENTRY) {
-                out.push((&name[..], *need, part.to_vec()));
+            let mut rest = fields.iter().map(|(&b, &d)| (b, d)).peekable();
+            while rest.peek().is_some() {
+                let part = rest.by_ref().take(FIELDS_PER_ENTRY).collect();
+                out.push((&name[..], *need, part));
             }
         }
         out
