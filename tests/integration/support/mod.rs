@@ -100,6 +100,11 @@ impl Redis {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// What it logged, over its restarts (for a failed check to show).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+
     /// True unless stopped (by [`Redis::stop`], until [`Redis::restart`]).
     pub fn running(&self) -> bool {
         self.child.is_some()
@@ -117,6 +122,15 @@ impl Redis {
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
+    }
+
+    /// Starts it again on the same port as a replica of `primary`: empty until it has synced,
+    /// and never an empty primary meanwhile.
+    pub fn restart_as_replica_of(&mut self, primary: u16) {
+        self.extra
+            .extend(["--replicaof", "127.0.0.1"].map(String::from));
+        self.extra.push(primary.to_string());
+        self.restart();
     }
 
     pub fn client(&self) -> redis::Connection {
@@ -178,6 +192,8 @@ impl Launch for Redis {
             ])
             .arg("--dir")
             .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(self.dir.path().join("redis.log"))
             .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -33,18 +33,24 @@ impl Sentinel {
     /// Writes `sentinel.conf` for its port and masters.
     fn write_conf(&self) {
         let mut conf = format!(
-            "port {}\nbind 127.0.0.1\ndir {}\nsentinel resolve-hostnames no\n",
+            "port {}\nbind 127.0.0.1\ndir {}\nlogfile {}\nsentinel resolve-hostnames no\n",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            self.dir.path().join("sentinel.log").display()
         );
         for (name, port) in &self.masters {
             conf.push_str(&format!(
                 "sentinel monitor {name} 127.0.0.1 {port} 2\n\
-                 sentinel down-after-milliseconds {name} 1000\n\
+                 sentinel down-after-milliseconds {name} 2000\n\
                  sentinel failover-timeout {name} 5000\n"
             ));
         }
         std::fs::write(self.dir.path().join("sentinel.conf"), conf).unwrap();
+    }
+
+    /// What it logged (its events: `+sdown`, `+switch-master`, `+convert-to-slave`, …).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sentinel.log")).unwrap_or_default()
     }
 
     pub fn addr(&self) -> String {
