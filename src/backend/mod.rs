@@ -97,6 +97,9 @@ pub struct ShardStats {
     pub timeouts: AtomicU64,
     /// Forwarded requests sent and not yet answered (or given up on).
     pub inflight: std::sync::atomic::AtomicI64,
+    /// Times a flush found the shard's exactly-once record behind batches the proxy had
+    /// settled there: the shard lost data (`counter::lane`).
+    pub lost_data: AtomicU64,
 }
 
 /// One standalone Redis server behind the proxy.

@@ -50,14 +50,16 @@ pub const APPLIED_KEY: &str = "tally:applied";
 /// writes (`window_store::SCRIPT_PART`, none when the batch has no window hash)], where a
 /// delta of "" means "read only". seq 0: a read-only batch that leaves the watermark alone.
 /// The window hashes (time windows) are written under the same watermark as the counters: a
-/// batch lands whole, once.
+/// batch lands whole, once. Reply: [1 when applied now, the counters' values, the watermark
+/// found], the last for [`Lane::check_record`].
 pub const SCRIPT: &str = concat!(
     r#"
 local seq = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
 local fresh = false
+local seen = 0
 if seq > 0 then
-  local seen = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+  seen = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
   if seq > seen then
     redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
     fresh = true
@@ -88,7 +90,7 @@ if fresh then
     super::window_store::script_part!(),
     r#"
 end
-return {fresh and 1 or 0, out}
+return {fresh and 1 or 0, out, seen}
 "#
 );
 
@@ -202,6 +204,8 @@ pub struct Lane {
     wake: Notify,
     /// The shard was declared lost (see `rebalance::declare_lost`): nothing more is sent.
     abandoned: std::sync::atomic::AtomicBool,
+    /// The highest batch number this lane has settled on the shard (see `check_record`).
+    settled: std::sync::atomic::AtomicU64,
 }
 
 /// One batch: what is sent, and what each key carried.
@@ -229,6 +233,7 @@ impl Lane {
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
             abandoned: Default::default(),
+            settled: Default::default(),
         });
         crate::task::spawn(
             tracing::info_span!("lane", shard = %lane.shard.name),
@@ -317,6 +322,25 @@ impl Lane {
 
     fn is_abandoned(&self) -> bool {
         self.abandoned.load(Ordering::SeqCst)
+    }
+
+    /// A batch's reply says where the shard's exactly-once record stood before the batch:
+    /// below a batch this lane settled there, the shard has lost what it held (restarted
+    /// empty, flushed by hand, or a failover promoted a server that lacked it). The counts
+    /// went with it and no proxy can restore them; this makes the loss loud (an error and
+    /// `tallyproxy_shard_lost_data_total`) instead of silent. Once per loss: the batch that
+    /// finds it raises `settled` past it.
+    fn check_record(&self, seen: u64) {
+        let settled = self.settled.load(Ordering::SeqCst);
+        if seen < settled {
+            self.shard.stats.lost_data.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                shard = %self.shard.name,
+                record = seen,
+                settled,
+                "the shard lost data: its exactly-once record is behind batches this proxy settled there (restarted empty, flushed by hand, or failed over to a server that lacked them); their counts are gone"
+            );
+        }
     }
 
     /// Queues a batch recovered from the log; it goes before any new work.
@@ -680,6 +704,7 @@ pub(super) async fn send_batch(
                     if let Some(wal) = &engine.wal {
                         wal.log_applied(batch.seq);
                     }
+                    lane.settled.fetch_max(batch.seq, Ordering::SeqCst);
                     engine
                         .stats
                         .backend_writes
@@ -835,6 +860,9 @@ async fn attempt(
         tracing::warn!(shard = %lane.shard.name, reply = ?reply.frame, "unexpected flush reply");
         BackendError::Lost
     })?;
+    if let (true, Some(seen)) = (batch.seq != 0, record_seen(&reply)) {
+        lane.check_record(seen);
+    }
     // With `wait_replicas`, a batch that wrote is settled only once enough replicas have
     // it; short of that it is retried (same id: applied once, wherever it lands).
     if batch.seq != 0 && !lane.shard.lane_wait(connects).await? {
@@ -848,7 +876,8 @@ pub(super) fn parse_results(reply: &Reply, n: usize) -> Option<Vec<KeyValue>> {
     let BytesFrame::Array(top) = &reply.frame else {
         return None;
     };
-    let [_, BytesFrame::Array(values)] = top.as_slice() else {
+    // [applied, values] or, from `SCRIPT`, [applied, values, the watermark found].
+    let (2 | 3, Some(BytesFrame::Array(values))) = (top.len(), top.get(1)) else {
         return None;
     };
     if values.len() != n {
@@ -873,6 +902,17 @@ pub(super) fn parse_results(reply: &Reply, n: usize) -> Option<Vec<KeyValue>> {
             })
             .collect(),
     )
+}
+
+/// The watermark [`SCRIPT`] found before the batch (its reply's third element).
+fn record_seen(reply: &Reply) -> Option<u64> {
+    match &reply.frame {
+        BytesFrame::Array(top) => match top.get(2)? {
+            BytesFrame::Integer(i) => u64::try_from(*i).ok(),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 /// The `EVAL` of a batch, and how many counter deltas and bucket fields it writes.

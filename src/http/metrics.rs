@@ -192,6 +192,12 @@ pub fn render(ctx: &Context) -> String {
         &per(&|sh| sh.stats.errors.load(Relaxed) as f64),
     );
     o.metric(
+        "shard_lost_data_total",
+        "counter",
+        "Times a flush found the shard's exactly-once record behind batches this proxy had settled there: the shard lost data (restarted empty, flushed by hand, or failed over to a server that lacked it).",
+        &per(&|sh| sh.stats.lost_data.load(Relaxed) as f64),
+    );
+    o.metric(
         "shard_timeouts_total",
         "counter",
         "Forwarded requests that timed out.",

@@ -421,8 +421,47 @@ async fn a_shard_that_comes_back_empty_is_documented_not_fatal() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(after, Some(1));
-    proxy.stop().await;
+    // What the proxy can do is say so: the first flush to land after the loss finds the
+    // shard's exactly-once record behind what it had settled there (docs/guarantees.md).
+    let by_port = |lost_a: u64, lost_b: u64| {
+        let mut v = vec![(a.port, lost_a), (b.port, lost_b)];
+        v.sort();
+        v
+    };
+    assert_eq!(lost_data(&proxy).await, by_port(0, 0));
+    let (status, _) = proxy.http("POST", "/admin/flush").await;
+    assert_eq!(status, 200);
     assert_eq!(b.get(&key).as_deref(), Some("1"));
+    assert_eq!(lost_data(&proxy).await, by_port(0, 1));
+    // Once per loss: the flushes after it find the record where they left it.
+    let v: i64 = redis::cmd("INCR")
+        .arg(&key)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(v, 2);
+    let (status, _) = proxy.http("POST", "/admin/flush").await;
+    assert_eq!(status, 200);
+    assert_eq!(b.get(&key).as_deref(), Some("2"));
+    assert_eq!(lost_data(&proxy).await, by_port(0, 1));
+    proxy.stop().await;
+}
+
+/// `tallyproxy_shard_lost_data_total` per shard, as (the shard's port, value), by port.
+async fn lost_data(proxy: &Proxy) -> Vec<(u16, u64)> {
+    let (status, text) = proxy.http("GET", "/metrics").await;
+    assert_eq!(status, 200);
+    let mut out: Vec<(u16, u64)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("tallyproxy_shard_lost_data_total{shard=\""))
+        .map(|l| {
+            let (name, value) = l.split_once("\"} ").unwrap();
+            let port = name.rsplit(['_', ':']).next().unwrap().parse().unwrap();
+            (port, value.trim().parse().unwrap())
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
