@@ -202,52 +202,65 @@ async fn xreadgroup_with_a_group_named_streams_blocks_on_its_own_connection() {
         mode: tallyproxy::config::CounterMode::Batched,
     }];
     let proxy = Proxy::start(cfg).await;
-    let read = [
-        "XREADGROUP",
-        "GROUP",
-        "streams",
-        "block",
-        "BLOCK",
-        "0",
-        "STREAMS",
-        "s",
-        ">",
-    ];
-    let mut woken = Vec::new();
-    for (addr, server) in [(proxy.addr, &a), (direct.addr().parse().unwrap(), &direct)] {
-        let (mut reader, mut other) = (Raw::connect(addr).await, Raw::connect(addr).await);
-        let create = ["XGROUP", "CREATE", "s", "streams", "$", "MKSTREAM"];
-        assert_eq!(reader.cmd(&create).await, "+OK\r\n");
-        reader.send(&support::encode(&read)).await;
-        assert!(blocked_becomes(server, 1).await, "blocks at {addr}");
-        // Answered while the reader blocks (bounded: 5 s each, a stuck reply fails).
-        for (cmd, want) in [
-            (&["PING"][..], "+PONG\r\n"),
-            (&["INCR", "plain"], ":1\r\n"),
-            (&["INCR", "plain"], ":2\r\n"),
-            (&["INCR", "visits:x"], ":1\r\n"),
-        ] {
-            other.send(&support::encode(cmd)).await;
-            let got = tokio::time::timeout(Duration::from_secs(5), other.reply()).await;
-            assert_eq!(got.as_deref(), Ok(want), "{cmd:?} while blocked at {addr}");
+    // In RESP2 and, after HELLO 3, in RESP3 (where the reply is a map of streams).
+    for proto in ["2", "3"] {
+        let (stream, plain) = (format!("s{proto}"), format!("plain{proto}"));
+        let read = [
+            "XREADGROUP",
+            "GROUP",
+            "streams",
+            "block",
+            "BLOCK",
+            "0",
+            "STREAMS",
+            &stream,
+            ">",
+        ];
+        let mut woken = Vec::new();
+        for (addr, server) in [(proxy.addr, &a), (direct.addr().parse().unwrap(), &direct)] {
+            let (mut reader, mut other) = (Raw::connect(addr).await, Raw::connect(addr).await);
+            for c in [&mut reader, &mut other] {
+                let hello = c.cmd(&["HELLO", proto]).await;
+                assert!(
+                    hello.starts_with(["*", "%"][(proto == "3") as usize]),
+                    "{hello}"
+                );
+            }
+            let create = ["XGROUP", "CREATE", &stream, "streams", "$", "MKSTREAM"];
+            assert_eq!(reader.cmd(&create).await, "+OK\r\n");
+            reader.send(&support::encode(&read)).await;
+            assert!(blocked_becomes(server, 1).await, "blocks at {addr}");
+            // Answered while the reader blocks (bounded: 5 s each, a stuck reply fails).
+            for (cmd, want) in [
+                (&["PING"][..], "+PONG\r\n"),
+                (&["INCR", &plain], ":1\r\n"),
+                (&["INCR", &plain], ":2\r\n"),
+                (&["INCR", &format!("visits:{proto}")], ":1\r\n"),
+            ] {
+                other.send(&support::encode(cmd)).await;
+                let got = tokio::time::timeout(Duration::from_secs(5), other.reply()).await;
+                assert_eq!(got.as_deref(), Ok(want), "{cmd:?} while blocked at {addr}");
+            }
+            assert_eq!(
+                other.cmd(&["XADD", &stream, "7-1", "f", "v"]).await,
+                "$3\r\n7-1\r\n"
+            );
+            woken.push(reader.reply().await);
+            assert!(blocked_becomes(server, 0).await);
         }
+        let entries = "*1\r\n*2\r\n$3\r\n7-1\r\n*2\r\n$1\r\nf\r\n$1\r\nv\r\n";
+        let want = match proto {
+            "2" => format!("*1\r\n*2\r\n$2\r\n{stream}\r\n{entries}"),
+            _ => format!("%1\r\n$2\r\n{stream}\r\n{entries}"),
+        };
+        assert_eq!(woken[0], want, "RESP{proto}");
+        assert_eq!(woken[0], woken[1], "byte for byte as Redis, RESP{proto}");
         assert_eq!(
-            other.cmd(&["XADD", "s", "7-1", "f", "v"]).await,
-            "$3\r\n7-1\r\n"
+            a.get(&plain).as_deref(),
+            Some("2"),
+            "the INCRs ran on the shard"
         );
-        woken.push(reader.reply().await);
-        assert!(blocked_becomes(server, 0).await);
     }
-    assert_eq!(
-        woken[0],
-        "*1\r\n*2\r\n$1\r\ns\r\n*1\r\n*2\r\n$3\r\n7-1\r\n*2\r\n$1\r\nf\r\n$1\r\nv\r\n"
-    );
-    assert_eq!(woken[0], woken[1], "byte for byte as Redis");
-    assert_eq!(
-        a.get("plain").as_deref(),
-        Some("2"),
-        "the INCRs ran on the shard"
-    );
     assert_eq!(dedicated(&proxy).await, 0, "the connection is released");
     proxy.stop().await;
 }

@@ -147,6 +147,16 @@ impl Ha {
             self.explain(load);
         }
         assert_eq!((lost, doubled), (0, 0), "{when}: (lost, doubled)");
+        // Nor did any server lose what a proxy had settled on it (`shard_lost_data_total`).
+        for http in self.proxies.lock().unwrap().iter() {
+            let metrics = http_get_blocking(*http, "/metrics").unwrap_or_default();
+            let reported: Vec<&str> = metrics
+                .lines()
+                .filter(|l| l.starts_with("tallyproxy_shard_lost_data_total{"))
+                .filter(|l| !l.ends_with(" 0"))
+                .collect();
+            assert!(reported.is_empty(), "{when}: {reported:?}");
+        }
     }
 
     /// For a failed check: each key short or over, what every node holds of it, what the

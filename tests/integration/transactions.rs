@@ -360,19 +360,31 @@ async fn publish_in_a_transaction_runs_with_keys_of_the_pubsub_shard() {
         &[&["INCR", &on_a], &["PUBLISH", "ch", "m"]],
         &[&["PUBLISH", "ch", "m"], &["INCR", &on_a]],
     ];
-    for (round, queued) in orders.into_iter().enumerate() {
+    // In RESP2, then after HELLO 3 in RESP3 (where subscriber replies are pushes).
+    let rounds = ["2", "3"]
+        .into_iter()
+        .flat_map(|proto| orders.map(|queued| (proto, queued)));
+    for (round, (proto, queued)) in rounds.enumerate() {
         let incr = format!(":{}\r\n", round + 1);
-        let exec = if round == 0 {
+        let exec = if round % 2 == 0 {
             format!("*2\r\n{incr}:1\r\n")
         } else {
             format!("*2\r\n:1\r\n{incr}")
         };
         let want = ["+OK\r\n", "+QUEUED\r\n", "+QUEUED\r\n", &exec];
+        let push = ["*", ">"][(proto == "3") as usize];
         for addr in [proxy.addr, direct.addr().parse().unwrap()] {
             let (mut sub, mut c) = (Raw::connect(addr).await, Raw::connect(addr).await);
+            for conn in [&mut sub, &mut c] {
+                let hello = conn.cmd(&["HELLO", proto]).await;
+                assert!(
+                    hello.starts_with(["*", "%"][(proto == "3") as usize]),
+                    "{hello}"
+                );
+            }
             assert_eq!(
                 sub.cmd(&["SUBSCRIBE", "ch"]).await,
-                "*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n"
+                format!("{push}3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n")
             );
             let mut replies = vec![c.cmd(&["MULTI"]).await];
             for cmd in queued {
@@ -380,17 +392,17 @@ async fn publish_in_a_transaction_runs_with_keys_of_the_pubsub_shard() {
             }
             replies.push(c.cmd(&["EXEC"]).await);
             // The same bytes from the proxy and from Redis.
-            assert_eq!(replies, want, "{queued:?} at {addr}");
+            assert_eq!(replies, want, "{queued:?} at {addr}, RESP{proto}");
             assert_eq!(
                 sub.reply().await,
-                "*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$1\r\nm\r\n",
-                "{queued:?} at {addr}"
+                format!("{push}3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$1\r\nm\r\n"),
+                "{queued:?} at {addr}, RESP{proto}"
             );
         }
     }
     assert_eq!(
         a.get(&on_a).as_deref(),
-        Some("2"),
+        Some("4"),
         "ran on the pub/sub shard"
     );
     // The subscribers' dedicated connections go when the proxy sees them close: a moment.
