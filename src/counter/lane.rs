@@ -453,16 +453,30 @@ async fn run(lane: Arc<Lane>) {
                 }
             }
             for (frame, on_reply) in between {
-                let rx = lane.shard.lane_send(frame);
+                let rx = lane.shard.lane_send(frame.clone());
                 let r = match tokio::time::timeout(lane.shard.timeout, rx).await {
                     Ok(Ok(Ok(reply))) => {
-                        // A cluster slot that moved away: the reader is told to try again
-                        // (the map is looked at again), never shown the redirection.
+                        // A cluster redirection is never shown to the reader: `-MOVED` and
+                        // `-ASK` are followed once, anything else is "try again" (the map is
+                        // looked at again).
                         let redirect = engine
                             .holds
                             .as_ref()
                             .and_then(|_| crate::backend::cluster::Redirect::of_raw(&reply.raw));
+                        use crate::backend::cluster::Redirect;
                         match redirect {
+                            // The slot moved (the map is refreshed meanwhile), or is moving
+                            // and the key already went: the read is sent there once.
+                            Some(
+                                r @ (Redirect::Moved { addr, .. } | Redirect::Ask { addr, .. }),
+                            ) => {
+                                r.count();
+                                let asking = matches!(r, Redirect::Ask { .. });
+                                if !asking {
+                                    engine.router().report_stale();
+                                }
+                                redirected(&engine, addr, asking, &frame, lane.shard.timeout).await
+                            }
                             Some(r) => {
                                 r.count();
                                 engine.router().report_stale();
@@ -902,6 +916,36 @@ pub(super) fn parse_results(reply: &Reply, n: usize) -> Option<Vec<KeyValue>> {
             })
             .collect(),
     )
+}
+
+/// A read between round trips that a cluster node redirected: with `-MOVED` (the slot
+/// lives at `addr` now) or `-ASK` (it is migrating there and the key already moved, so the
+/// read goes after `ASKING`). Sent once, on that node's lane connection; anything but a plain
+/// reply there is `Unavailable` (the reader tries again).
+async fn redirected(
+    engine: &Engine,
+    addr: std::net::SocketAddr,
+    asking: bool,
+    frame: &Bytes,
+    timeout: Duration,
+) -> Result<BytesFrame, LaneError> {
+    let topo = engine.router().topology();
+    let Some(node) = topo.shards.iter().find(|s| s.addr() == addr) else {
+        engine.router().report_stale();
+        return Err(LaneError::Unavailable);
+    };
+    let rx = if asking {
+        node.lane_send_asking(frame)
+    } else {
+        node.lane_send(frame.clone())
+    };
+    match tokio::time::timeout(timeout, rx).await {
+        Ok(Ok(Ok(reply))) if crate::backend::cluster::Redirect::of_raw(&reply.raw).is_none() => {
+            Ok(reply.frame)
+        }
+        Ok(Ok(Err(BackendError::Timeout))) | Err(_) => Err(LaneError::Timeout),
+        _ => Err(LaneError::Unavailable),
+    }
 }
 
 /// The watermark [`SCRIPT`] found before the batch (its reply's third element).

@@ -104,3 +104,59 @@ async fn windows_and_visits_over_the_cluster_follow_the_slot() {
     });
     proxy.stop().await;
 }
+
+/// A window read while its slot migrates: the window hash is the one key the read declares
+/// (the hashes of the layout before are named in ARGV), so the migrating node answers it
+/// while it still holds the hash, and redirects it with `-ASK` once the hash has moved,
+/// never `-TRYAGAIN` for hashes that do not exist. Exact counts at every stage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_read_while_its_slot_migrates_is_answered_at_every_stage() {
+    let _serial = SERIAL.lock().await;
+    let cluster = tokio::task::block_in_place(|| Cluster::start(3, 1));
+    let wal = TempDir::new("cl-windows-migrating");
+    let mut config = cluster::proxy_config(&cluster, &wal, "", COUNTERS);
+    // Every read below goes to the cluster, not the cache.
+    config.counters.cache_ttl = tallyproxy::config::HumanDuration(Duration::from_millis(50));
+    let proxy = Proxy::start(config).await;
+    let owner = tokio::task::block_in_place(|| cluster.node_for_key("visits:mig"));
+    let new = *cluster.primaries().iter().find(|&&p| p != owner).unwrap();
+    for _ in 0..3 {
+        assert_eq!(proxy.http("POST", "/visits/mig").await.0, 200);
+    }
+    let (status, _) = http_json(proxy.http, "POST", "/admin/flush", "").await;
+    assert_eq!(status, 200);
+    let mut c = proxy.conn().await;
+    let hash = tallyproxy::counter::window_store::window_hash(b"visits:mig");
+    let hash = String::from_utf8(hash.to_vec()).unwrap();
+    let mut read = async |stage: &str| {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let reply = c.cmd(&["TALLY.LAST", "visits:mig", "1h"]).await;
+        assert_eq!(reply, ":3\r\n", "{stage}");
+        let (s, v) = http_json(proxy.http, "GET", "/visits/mig?last=1h", "").await;
+        assert_eq!(
+            (s, v["visits"].clone()),
+            (200, Value::from(3)),
+            "{stage}: {v}"
+        );
+    };
+    read("before the move").await;
+    let m = tokio::task::block_in_place(|| cluster.begin_move(slot_of(b"visits:mig"), owner, new));
+    read("slot migrating, the hash still on its old node").await;
+    tokio::task::block_in_place(|| {
+        let to = new.to_string();
+        let migrate = ["MIGRATE", "127.0.0.1", &to, "", "0", "5000", "KEYS", &hash];
+        assert_eq!(
+            cluster::node_cmd(owner, &migrate),
+            Ok(redis::Value::Okay),
+            "the window hash alone moves"
+        );
+    });
+    read("slot migrating, the hash on the new node (-ASK)").await;
+    tokio::task::block_in_place(|| cluster.finish(&m));
+    read("slot moved").await;
+    tokio::task::block_in_place(|| {
+        assert_eq!(cluster.sum_of("visits:mig"), 3);
+        cluster.assert_no_key_on_two_nodes();
+    });
+    proxy.stop().await;
+}
