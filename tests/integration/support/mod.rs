@@ -125,7 +125,8 @@ impl Redis {
     }
 
     /// Starts it again on the same port as a replica of `primary`: empty until it has synced,
-    /// and never an empty primary meanwhile.
+    /// and never an empty primary meanwhile. It stays a replica of `primary` across later
+    /// restarts (call once: the argument is kept).
     pub fn restart_as_replica_of(&mut self, primary: u16) {
         self.extra
             .extend(["--replicaof", "127.0.0.1"].map(String::from));
