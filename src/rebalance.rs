@@ -320,6 +320,18 @@ impl Rebalancer {
             if !known {
                 verify(cfg, &self.engine.proxy_id, s).await?;
             }
+            // A server keeps its shard's name: renamed, it would be an old shard removed and
+            // a new one added on the same server, whose keys "move" onto themselves and whose
+            // exactly-once record the removal deletes under the new shard's batches.
+            if let Some(o) = old_specs
+                .iter()
+                .find(|o| o.addr == s.addr && o.name != s.name)
+            {
+                return Err(Refused(format!(
+                    "{} is shard {} already; a shard keeps its name (keep {} or remove it first)",
+                    s.addr, o.name, o.name
+                )));
+            }
             if let Some(o) = old_specs.iter().find(|o| o.name == s.name) {
                 if o.addr != s.addr || o.weight != s.weight {
                     return Err(Refused(format!(

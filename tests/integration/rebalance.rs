@@ -676,3 +676,71 @@ async fn each_scanned_shard_logs_the_keys_moved_off_it() {
     assert_eq!(scanned[&format!("redis_{}", b.port)], off(&b), "{text}");
     assert_eq!(off(&a) + off(&b), p["keys_moved"].as_u64().unwrap(), "{p}");
 }
+
+/// A config reloaded with a shard renamed (same server, another name) is refused whole: the
+/// old name's removal would delete the exactly-once record the new name's batches use there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_renamed_by_a_sighup_is_refused_and_keeps_its_record() {
+    let (a, b) = (Redis::start(), Redis::start());
+    let wal = TempDir::new("rebalance-rename");
+    let log = wal.path().join("stderr.jsonl");
+    let mut proxy = ProxyProcess::start_logged(&[a.addr(), b.addr()], &wal, "", &log);
+    let http_addr: SocketAddr = format!("127.0.0.1:{}", proxy.http).parse().unwrap();
+    let mut c = redis::Client::open(format!("redis://127.0.0.1:{}/", proxy.port))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let keys: Vec<String> = (0..20).map(|i| format!("rn:{i}")).collect();
+    for k in &keys {
+        let v: i64 = redis::cmd("INCR").arg(k).query(&mut c).unwrap();
+        assert_eq!(v, 1);
+    }
+    let (status, _) = http(http_addr, "POST", "/admin/flush", "").await;
+    assert_eq!(status, 200);
+    let records = || {
+        [&a, &b].map(|s| match s.cmd(&["HLEN", "tally:applied"]) {
+            redis::Value::Int(n) => n,
+            other => panic!("HLEN: {other:?}"),
+        })
+    };
+    assert_eq!(records(), [1, 1], "each shard holds this proxy's record");
+    let line = format!("[[shards]]\naddr = \"{}\"", a.addr());
+    proxy.edit_config(
+        &line,
+        &format!("[[shards]]\nname = \"renamed\"\naddr = \"{}\"", a.addr()),
+    );
+    proxy.signal("HUP");
+    let want = format!(
+        "{} is shard redis_{} already; a shard keeps its name",
+        a.addr(),
+        a.port
+    );
+    assert!(
+        support::eventually(Duration::from_secs(10), || {
+            std::fs::read_to_string(&log)
+                .unwrap()
+                .lines()
+                .any(|l| l.contains("config reloaded: shard list not changed") && l.contains(&want))
+        })
+        .await,
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    let (_, shards) = http(http_addr, "GET", "/admin/shards", "").await;
+    assert_eq!(shards["ring_version"], 1, "{shards}");
+    let (_, p) = http(http_addr, "GET", "/admin/rebalance", "").await;
+    assert_eq!(p["state"], "idle", "{p}");
+    assert_eq!(records(), [1, 1], "no record deleted");
+    proxy.terminate();
+    let total: i64 = keys
+        .iter()
+        .map(|k| {
+            [&a, &b]
+                .iter()
+                .filter_map(|s| s.get(k))
+                .map(|v| v.parse::<i64>().unwrap())
+                .sum::<i64>()
+        })
+        .sum();
+    assert_eq!(total, 20);
+}
