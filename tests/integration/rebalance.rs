@@ -715,17 +715,7 @@ async fn a_shard_renamed_by_a_sighup_is_refused_and_keeps_its_record() {
         a.addr(),
         a.port
     );
-    assert!(
-        support::eventually(Duration::from_secs(10), || {
-            std::fs::read_to_string(&log)
-                .unwrap()
-                .lines()
-                .any(|l| l.contains("config reloaded: shard list not changed") && l.contains(&want))
-        })
-        .await,
-        "{}",
-        std::fs::read_to_string(&log).unwrap()
-    );
+    support::assert_reload_refused(&log, &want).await;
     let (_, shards) = http(http_addr, "GET", "/admin/shards", "").await;
     assert_eq!(shards["ring_version"], 1, "{shards}");
     let (_, p) = http(http_addr, "GET", "/admin/rebalance", "").await;

@@ -272,6 +272,19 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
+/// Waits (bounded: 10 s) until the proxy's log file at `log` has the line that a SIGHUP
+/// refused with `reason` (`config reloaded: shard list not changed`); fails with the log.
+pub async fn assert_reload_refused(log: &Path, reason: &str) {
+    let read = || std::fs::read_to_string(log).unwrap_or_default();
+    let seen = eventually(Duration::from_secs(10), || {
+        read()
+            .lines()
+            .any(|l| l.contains("config reloaded: shard list not changed") && l.contains(reason))
+    })
+    .await;
+    assert!(seen, "no refusal saying {reason:?} in:\n{}", read());
+}
+
 /// Async twin of [`wait_until`].
 pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
