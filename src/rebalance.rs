@@ -314,12 +314,6 @@ impl Rebalancer {
             return Err(Refused("the shard list is unchanged".into()));
         }
         for s in &specs {
-            let known = old_specs
-                .iter()
-                .any(|o| o.name == s.name && o.addr == s.addr);
-            if !known {
-                verify(cfg, &self.engine.proxy_id, s).await?;
-            }
             // A server keeps its shard's name: renamed, it would be an old shard removed and
             // a new one added on the same server, whose keys "move" onto themselves and whose
             // exactly-once record the removal deletes under the new shard's batches.
@@ -331,6 +325,12 @@ impl Rebalancer {
                     "{} is shard {} already; a shard keeps its name (keep {} or remove it first)",
                     s.addr, o.name, o.name
                 )));
+            }
+            let known = old_specs
+                .iter()
+                .any(|o| o.name == s.name && o.addr == s.addr);
+            if !known {
+                verify(cfg, &self.engine.proxy_id, s).await?;
             }
             if let Some(o) = old_specs.iter().find(|o| o.name == s.name) {
                 if o.addr != s.addr || o.weight != s.weight {

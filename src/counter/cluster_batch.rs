@@ -140,7 +140,7 @@ pub(super) async fn attempt(
                 continue;
             }
             let (node, asking) = match p.ask.take() {
-                Some(addr) => match topo.shards.iter().find(|s| s.addr() == addr) {
+                Some(addr) => match topo.by_addr(addr) {
                     Some(n) => (n.clone(), true),
                     None => {
                         router.report_stale();

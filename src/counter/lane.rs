@@ -15,8 +15,10 @@
 //! two of them (`lane_between`), not after the last.
 //! Window deltas in a batch become `HINCRBY`s of bucket hashes in the same script, under the
 //! same number. A window read is sent between round trips ([`Lane::read_between`]), when no
-//! batch of the lane is in flight. A lane whose shard was declared lost ([`Lane::abandon`])
-//! gives its batches back to the engine and sends nothing more.
+//! batch of the lane is in flight; on a cluster, one `-MOVED` or `-ASK` it meets is followed
+//! (`redirected`). Each batch's reply also says where the shard's record stood, which tells
+//! a shard that lost data (`Lane::check_record`). A lane whose shard was declared lost
+//! ([`Lane::abandon`]) gives its batches back to the engine and sends nothing more.
 //!
 //! Owns the exactly-once protocol. Does not own the deltas themselves (the engine does;
 //! the lane takes them, and settles them with the shard's reply).
@@ -25,7 +27,7 @@ use super::forget::Flush;
 use super::window_store::Writes;
 use super::windows::Windows;
 use super::{parse_i64, Engine};
-use crate::backend::{BackendError, Reply, Shard};
+use crate::backend::{cluster::Redirect, BackendError, Reply, Shard};
 use crate::backoff::Backoff;
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
@@ -51,7 +53,7 @@ pub const APPLIED_KEY: &str = "tally:applied";
 /// delta of "" means "read only". seq 0: a read-only batch that leaves the watermark alone.
 /// The window hashes (time windows) are written under the same watermark as the counters: a
 /// batch lands whole, once. Reply: [1 when applied now, the counters' values, the watermark
-/// found], the last for [`Lane::check_record`].
+/// found], the last for `Lane::check_record`.
 pub const SCRIPT: &str = concat!(
     r#"
 local seq = tonumber(ARGV[2])
@@ -462,8 +464,7 @@ async fn run(lane: Arc<Lane>) {
                         let redirect = engine
                             .holds
                             .as_ref()
-                            .and_then(|_| crate::backend::cluster::Redirect::of_raw(&reply.raw));
-                        use crate::backend::cluster::Redirect;
+                            .and_then(|_| Redirect::of_raw(&reply.raw));
                         match redirect {
                             // The slot moved (the map is refreshed meanwhile), or is moving
                             // and the key already went: the read is sent there once.
@@ -930,7 +931,7 @@ async fn redirected(
     timeout: Duration,
 ) -> Result<BytesFrame, LaneError> {
     let topo = engine.router().topology();
-    let Some(node) = topo.shards.iter().find(|s| s.addr() == addr) else {
+    let Some(node) = topo.by_addr(addr) else {
         engine.router().report_stale();
         return Err(LaneError::Unavailable);
     };
@@ -940,9 +941,7 @@ async fn redirected(
         node.lane_send(frame.clone())
     };
     match tokio::time::timeout(timeout, rx).await {
-        Ok(Ok(Ok(reply))) if crate::backend::cluster::Redirect::of_raw(&reply.raw).is_none() => {
-            Ok(reply.frame)
-        }
+        Ok(Ok(Ok(reply))) if Redirect::of_raw(&reply.raw).is_none() => Ok(reply.frame),
         Ok(Ok(Err(BackendError::Timeout))) | Err(_) => Err(LaneError::Timeout),
         _ => Err(LaneError::Unavailable),
     }
@@ -950,13 +949,13 @@ async fn redirected(
 
 /// The watermark [`SCRIPT`] found before the batch (its reply's third element).
 fn record_seen(reply: &Reply) -> Option<u64> {
-    match &reply.frame {
-        BytesFrame::Array(top) => match top.get(2)? {
-            BytesFrame::Integer(i) => u64::try_from(*i).ok(),
-            _ => None,
-        },
-        _ => None,
-    }
+    let BytesFrame::Array(top) = &reply.frame else {
+        return None;
+    };
+    let BytesFrame::Integer(seen) = top.get(2)? else {
+        return None;
+    };
+    u64::try_from(*seen).ok()
 }
 
 /// The `EVAL` of a batch, and how many counter deltas and bucket fields it writes.

@@ -222,7 +222,7 @@ fn cluster_nodes(ctx: &Context) -> Resp {
     let mut nodes = Vec::new();
     for shard in cluster.view() {
         for n in &shard.nodes {
-            let served = topo.shards.iter().find(|s| s.addr() == n.addr);
+            let served = topo.by_addr(n.addr);
             let ranges: Vec<[u16; 2]> = if n.primary {
                 shard.ranges.iter().map(|&(a, b)| [a, b]).collect()
             } else {

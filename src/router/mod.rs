@@ -120,6 +120,11 @@ impl Topology {
     pub fn by_name(&self, name: &str) -> Option<&Arc<Shard>> {
         self.shards.iter().find(|s| s.name == name)
     }
+
+    /// The shard (a cluster node) at `addr` now, e.g. where a `-MOVED` or `-ASK` points.
+    pub fn by_addr(&self, addr: std::net::SocketAddr) -> Option<&Arc<Shard>> {
+        self.shards.iter().find(|s| s.addr() == addr)
+    }
 }
 
 /// A rebalance under way: keys whose owner differs between `old` and `new` may still have

@@ -482,6 +482,14 @@ impl Raw {
         self.reply().await
     }
 
+    /// `HELLO <proto>` ("2" or "3"), asserting the reply's shape (an array in RESP2, a map in
+    /// RESP3).
+    pub async fn hello(&mut self, proto: &str) {
+        let reply = self.cmd(&["HELLO", proto]).await;
+        let want = if proto == "3" { "%" } else { "*" };
+        assert!(reply.starts_with(want), "HELLO {proto}: {reply}");
+    }
+
     /// True when the server closed the connection (EOF within 2 s).
     pub async fn closed(&mut self) -> bool {
         let mut b = [0u8; 64];
