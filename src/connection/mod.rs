@@ -17,6 +17,7 @@
 
 pub mod blocking;
 pub mod every_shard;
+mod hot;
 pub mod keyspace;
 pub mod local;
 pub mod multi;
@@ -32,9 +33,9 @@ use crate::counter::lane::{KeyValue, LaneError};
 use crate::counter::{Cached, CounterRead, Engine, Incr, IncrError, NOT_INTEGER};
 use crate::metrics::Class;
 use crate::resp::reply::{self, Proto};
-use crate::resp::RequestParser;
+use crate::resp::{short, RequestParser};
 use crate::shutdown::Shutdown;
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -171,7 +172,21 @@ where
             }
             let next = match stashed.take() {
                 Some(args) => Ok(Some(args)),
-                None => parser.parse(&mut rbuf, &ctx.limits),
+                None => {
+                    if queue.is_empty() && !parser.resuming() {
+                        if let Some(req) = short::peek(&rbuf, &ctx.limits) {
+                            if let Some((name, error)) =
+                                hot::answer(&ctx, &mut client, req.args(), &mut wbuf)
+                            {
+                                rbuf.advance(req.len);
+                                commands += 1;
+                                burst.command(name, error, Class::Memory);
+                                continue;
+                            }
+                        }
+                    }
+                    parser.parse(&mut rbuf, &ctx.limits)
+                }
             };
             match next {
                 Ok(Some(args)) if args.is_empty() => continue,
@@ -815,23 +830,14 @@ fn counter(
     if !ctx.engine.is_batched(key) {
         return single(ctx, client, args, out);
     }
-    let delta = match op {
-        CounterOp::Get => return get(ctx, client, args, out),
-        CounterOp::Incr => 1,
-        CounterOp::Decr => -1,
-        CounterOp::IncrBy | CounterOp::DecrBy => {
-            let Some(n) = crate::counter::parse_i64(&args[2]) else {
-                reply::error(out, NOT_INTEGER);
-                return None;
-            };
-            if op == CounterOp::IncrBy {
-                n
-            } else if n == i64::MIN {
-                reply::error(out, "ERR decrement would overflow");
-                return None;
-            } else {
-                -n
-            }
+    if op == CounterOp::Get {
+        return get(ctx, client, args, out);
+    }
+    let delta = match counter_delta(op, args.get(2).map(|a| &a[..])) {
+        Ok(d) => d,
+        Err(msg) => {
+            reply::error(out, msg);
+            return None;
         }
     };
     // Behind a deferred increment of the same key, an increment is deferred too, so that it
@@ -841,15 +847,11 @@ fn counter(
     } else {
         ctx.engine.try_incr(key, delta)
     };
+    if write_incr(&attempt, out) {
+        return None;
+    }
     match attempt {
-        Incr::Value(v) => {
-            reply::int(out, v);
-            None
-        }
-        Incr::Refused(r) => {
-            reply::error(out, r.message());
-            None
-        }
+        Incr::Value(_) | Incr::Refused(_) => None,
         // Queue the base read now, so that first touches in one burst share a round trip;
         // a key that must move first (rebalance) or a down owner takes the full path.
         Incr::NeedBase | Incr::Pending
@@ -890,6 +892,45 @@ fn counter(
     }
 }
 
+/// The delta of INCR, DECR, INCRBY or DECRBY (`n` is the third argument; GET adds
+/// nothing), or the client's error line.
+fn counter_delta(op: CounterOp, n: Option<&[u8]>) -> Result<i64, &'static str> {
+    match op {
+        CounterOp::Get => Ok(0),
+        CounterOp::Incr => Ok(1),
+        CounterOp::Decr => Ok(-1),
+        CounterOp::IncrBy | CounterOp::DecrBy => {
+            let n = n.and_then(crate::counter::parse_i64).ok_or(NOT_INTEGER)?;
+            match op {
+                CounterOp::DecrBy if n == i64::MIN => Err("ERR decrement would overflow"),
+                CounterOp::DecrBy => Ok(-n),
+                _ => Ok(n),
+            }
+        }
+    }
+}
+
+/// Writes the reply of an increment the engine settled at once (a value or a refusal);
+/// false for one that waits for its base.
+fn write_incr(attempt: &Incr, out: &mut BytesMut) -> bool {
+    match attempt {
+        Incr::Value(v) => reply::int(out, *v),
+        Incr::Refused(r) => reply::error(out, r.message()),
+        Incr::NeedBase | Incr::Pending => return false,
+    }
+    true
+}
+
+/// Writes the reply of a counter read the cache answered; false for a miss.
+fn write_hit(cached: &Cached, proto: Proto, out: &mut BytesMut) -> bool {
+    match cached {
+        Cached::Hit(Some(v)) => reply::bulk_int(out, *v),
+        Cached::Hit(None) => reply::null(out, proto),
+        Cached::Stale | Cached::Absent => return false,
+    }
+    true
+}
+
 fn get(
     ctx: &Arc<Context>,
     client: &Client,
@@ -897,15 +938,12 @@ fn get(
     out: &mut BytesMut,
 ) -> Option<Pending> {
     let key = args[1].clone();
-    match ctx.engine.cached(&key) {
-        Cached::Hit(Some(v)) => {
-            reply::bulk_int(out, v);
-            None
-        }
-        Cached::Hit(None) => {
-            reply::null(out, client.proto);
-            None
-        }
+    let cached = ctx.engine.cached(&key);
+    if write_hit(&cached, client.proto, out) {
+        return None;
+    }
+    match cached {
+        Cached::Hit(_) => None,
         Cached::Absent if !ctx.engine.needs_move(&key) => {
             let shard = ctx.router.topology().shard_for(&key).clone();
             let epoch = ctx.engine.invalidation_epoch();

@@ -13,7 +13,10 @@ use std::sync::atomic::Ordering;
 impl Engine {
     /// INCRBY `delta` if the base is fresh; see [`Incr`].
     pub fn try_incr(&self, key: &[u8], delta: i64) -> Incr {
-        self.incr(key, delta, Base::Fresh)
+        let r = self.incr(key, delta, Base::Fresh);
+        // A fresh base is a known one (`incr`): nothing is buffered unless answered.
+        debug_assert!(!matches!(r, Incr::Pending), "try_incr buffered without a base");
+        r
     }
 
     /// INCRBY on a key whose owner is down: a known base is used however old it is.
@@ -59,7 +62,7 @@ impl Engine {
         };
         let known = !matches!(e.state, BaseState::Unknown);
         let usable = match need {
-            Base::Fresh => self.is_fresh(e, now),
+            Base::Fresh => known && self.is_fresh(e, now),
             Base::AnyKnown => known,
             Base::NotNeeded => true,
         };

@@ -7,5 +7,6 @@
 pub mod budget;
 pub mod parse;
 pub mod reply;
+pub mod short;
 
 pub use parse::{parse_request, Limits, ProtocolError, RequestParser};

@@ -88,6 +88,12 @@ struct Walk {
 }
 
 impl RequestParser {
+    /// Whether an incomplete request is half walked: the bytes at the front of the buffer
+    /// belong to it, and only [`parse`](Self::parse) may take them.
+    pub fn resuming(&self) -> bool {
+        self.walk.is_some()
+    }
+
     /// The same contract as [`parse_request`].
     pub fn parse(
         &mut self,
@@ -123,7 +129,7 @@ fn examined(_n: usize) {
 /// One pass: digits are accumulated while looking for the CR, and a bad character only
 /// decides the outcome once the CR is found (so an error is reported at the same byte as
 /// a parse of the whole line would: a line still arriving is "more bytes needed").
-fn header(buf: &[u8], at: usize) -> Result<Option<(i64, usize)>, ()> {
+pub(super) fn header(buf: &[u8], at: usize) -> Result<Option<(i64, usize)>, ()> {
     let end = (at + MAX_HEADER).min(buf.len());
     let line = &buf[at..end];
     let neg = line.first() == Some(&b'-');
