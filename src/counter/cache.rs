@@ -5,7 +5,7 @@
 //! Owns freshness and reads. Does not own increments (`incr`) or landing (`flush`).
 
 use super::lane::{KeyValue, LaneError};
-use super::stripe::{BaseState, Entry};
+use super::stripe::{BaseState, Entry, REFRESHING};
 use super::{parse_i64, Cached, Engine};
 use bytes::Bytes;
 use std::sync::atomic::Ordering;
@@ -23,13 +23,13 @@ impl Engine {
     /// so its reads and increments never wait for the shard.
     pub(super) fn wants_refresh(&self, e: &mut Entry, now: u32) -> bool {
         if self.memory_mode
-            || e.refreshing
+            || e.flags & REFRESHING != 0
             || !matches!(e.state, BaseState::Int | BaseState::Absent)
             || (now.wrapping_sub(e.base_at) as u64) < self.ttl_ms / 2
         {
             return false;
         }
-        e.refreshing = true;
+        e.flags |= REFRESHING;
         true
     }
 
@@ -87,7 +87,7 @@ impl Engine {
 
     /// Whether `key` has a delta not yet confirmed by its shard.
     pub fn has_unflushed(&self, key: &[u8]) -> bool {
-        self.lock(key).map.get(key).is_some_and(|e| e.flags != 0)
+        self.lock(key).map.get(key).is_some_and(|e| e.unflushed())
     }
 
     /// Forgets the cached base of `key` (its deltas stay): the next read asks the shard.
@@ -99,7 +99,7 @@ impl Engine {
         self.invalidations.fetch_add(1, Ordering::SeqCst);
         let mut stripe = self.lock(key);
         if let Some(e) = stripe.map.get_mut(key) {
-            if e.flags == 0 {
+            if !e.unflushed() {
                 stripe.map.remove(key);
             } else {
                 e.state = BaseState::Unknown;
@@ -163,7 +163,7 @@ impl Engine {
         self.invalidations.fetch_add(1, Ordering::SeqCst);
         for c in self.stripes.iter() {
             let mut s = c.lock.lock();
-            s.map.retain(|_, e| e.flags != 0);
+            s.map.retain(|_, e| e.unflushed());
             for e in s.map.values_mut() {
                 e.state = BaseState::Unknown;
             }
@@ -246,7 +246,7 @@ impl Engine {
             let mut stripe = s.lock.lock();
             stripe
                 .map
-                .retain(|_, e| e.flags != 0 || self.is_fresh(e, now));
+                .retain(|_, e| e.unflushed() || self.is_fresh(e, now));
             left += stripe.map.len();
         }
         left

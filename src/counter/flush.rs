@@ -5,7 +5,7 @@
 //! Owns the engine's side of a flush. Does not own the exactly-once protocol (`lane`).
 
 use super::lane::KeyValue;
-use super::stripe::{stripe_of, BaseState, Entry, DIRTY, INFLIGHT};
+use super::stripe::{stripe_of, BaseState, Entry, DIRTY, INFLIGHT, REFRESHING};
 use super::{unix_ms, wal, windows, Engine};
 use bytes::Bytes;
 use std::sync::atomic::Ordering;
@@ -116,7 +116,7 @@ impl Engine {
                 if e.inflight == 0 {
                     e.flags &= !INFLIGHT;
                 }
-                if e.flags == 0 {
+                if !e.unflushed() {
                     stripe.map.remove(key);
                 }
             }
@@ -127,7 +127,7 @@ impl Engine {
             stripe.unflushed = stripe.unflushed.wrapping_sub(d);
         }
         let e = stripe.map.entry(key.into()).or_insert(Entry::NEW);
-        e.refreshing = false;
+        e.flags &= !REFRESHING;
         if let Some(d) = delta {
             e.inflight -= d;
             if e.inflight == 0 {
@@ -155,7 +155,7 @@ impl Engine {
         if e.flags & INFLIGHT == 0 || e.inflight != ahead {
             return;
         }
-        e.refreshing = false;
+        e.flags &= !REFRESHING;
         self.set_base(key, e, value, now);
     }
 

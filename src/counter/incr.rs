@@ -15,7 +15,10 @@ impl Engine {
     pub fn try_incr(&self, key: &[u8], delta: i64) -> Incr {
         let r = self.incr(key, delta, Base::Fresh);
         // A fresh base is a known one (`incr`): nothing is buffered unless answered.
-        debug_assert!(!matches!(r, Incr::Pending), "try_incr buffered without a base");
+        debug_assert!(
+            !matches!(r, Incr::Pending),
+            "try_incr buffered without a base"
+        );
         r
     }
 
@@ -35,7 +38,8 @@ impl Engine {
             return Incr::Refused(Refusal::LogFailed);
         }
         let now = self.now_ms();
-        let cell = &self.stripes[stripe_of(key)];
+        let index = stripe_of(key);
+        let cell = &self.stripes[index];
         let mut guard = cell.lock.lock();
         let stripe = &mut *guard;
         // One lookup on the hot path; the key is copied only when it is new.
@@ -86,23 +90,28 @@ impl Engine {
             e.flags |= DIRTY;
             self.note_dirty();
         }
-        let windowed = match e.windowed {
+        let windowed = match e.flags & (WINDOWED | NOT_WINDOWED) {
             WINDOWED => true,
             NOT_WINDOWED => false,
             _ => {
                 let w = self.is_windowed(key);
-                e.windowed = if w { WINDOWED } else { NOT_WINDOWED };
+                e.flags |= if w { WINDOWED } else { NOT_WINDOWED };
                 w
             }
         };
         let t = if windowed { self.window_second() } else { 0 };
+        // The key by its short name in the current segment, once it has one.
+        let name = match self.wal {
+            Some(_) => wal::LogName::of(&mut e.log_name, &mut stripe.next_log_name, index),
+            None => wal::LogName::None,
+        };
         // Same stripe, same lock, same log buffer: the increment and its window delta reach
         // the log in one write, or neither does.
         let held = if windowed && !self.memory_mode {
-            Some(self.count_window_now(&mut stripe.incrs, e, key, t, delta))
+            Some(self.count_window_now(&mut stripe.incrs, e, key, name, t, delta))
         } else {
             if self.wal.is_some() {
-                wal::append_incr(&mut stripe.incrs, key, delta);
+                wal::append_named_incr(&mut stripe.incrs, key, name, delta, None);
             }
             None
         };

@@ -191,6 +191,7 @@ impl Engine {
                         map: HashMap::with_hasher(state.clone()),
                         incrs: Vec::new(),
                         log: Vec::new(),
+                        next_log_name: 1,
                         increments: 0,
                         unflushed: 0,
                     }),

@@ -149,8 +149,11 @@ impl Engine {
             drain.take(g, cell);
             // The checkpoint lists window deltas under their own keys (see `window_now`).
             spilled += g.spill_all(|_| true);
-            for (k, e) in g.map.iter() {
-                if e.flags == 0 {
+            // The new segment names its keys afresh (see `wal::LogName`).
+            g.next_log_name = 1;
+            for (k, e) in g.map.iter_mut() {
+                e.log_name = 0;
+                if !e.unflushed() {
                     continue;
                 }
                 let p = e

@@ -32,6 +32,12 @@ pub(super) enum BaseState {
 
 pub(super) const DIRTY: u8 = 1;
 pub(super) const INFLIGHT: u8 = 2;
+/// A read-ahead of the base is queued on the lane (see [`Engine::refresh_ahead`]).
+pub(super) const REFRESHING: u8 = 4;
+/// Whether increments of this key count into time windows, once asked: [`WINDOWED`],
+/// [`NOT_WINDOWED`], or neither (not asked yet). The answer is fixed for the engine's life.
+pub(super) const WINDOWED: u8 = 8;
+pub(super) const NOT_WINDOWED: u8 = 16;
 
 /// One counter key. Kept small: memory per pending key is a product figure.
 #[derive(Debug, Clone, Copy)]
@@ -42,20 +48,15 @@ pub(super) struct Entry {
     /// Milliseconds since the engine's epoch when `base` was read.
     pub(super) base_at: u32,
     pub(super) state: BaseState,
+    /// [`DIRTY`], [`INFLIGHT`], [`REFRESHING`], [`WINDOWED`] or [`NOT_WINDOWED`].
     pub(super) flags: u8,
-    /// A read-ahead of the base is queued on the lane (see [`Engine::refresh_ahead`]).
-    pub(super) refreshing: bool,
-    /// Whether increments of this key count into time windows, once asked: [`WINDOWED`],
-    /// [`NOT_WINDOWED`], or 0 (not asked yet). The answer is fixed for the engine's life.
-    pub(super) windowed: u8,
+    /// The key's name in the log's current segment (see `wal::LogName`); 0: not named yet.
+    pub(super) log_name: u16,
     /// The window delta of the second `win_t` (Unix seconds), kept here rather than in its
     /// own entry while the second lasts (see `window_now`); 0: none.
     pub(super) win: i32,
     pub(super) win_t: u32,
 }
-
-pub(super) const WINDOWED: u8 = 1;
-pub(super) const NOT_WINDOWED: u8 = 2;
 
 impl Entry {
     pub(super) const NEW: Entry = Entry {
@@ -65,14 +66,18 @@ impl Entry {
         base_at: 0,
         state: BaseState::Unknown,
         flags: 0,
-        refreshing: false,
-        windowed: 0,
+        log_name: 0,
         win: 0,
         win_t: 0,
     };
 
     pub(super) fn exists(&self) -> bool {
-        self.state == BaseState::Int || self.flags != 0
+        self.state == BaseState::Int || self.unflushed()
+    }
+
+    /// A delta not yet confirmed by the shard: pending, or in a batch in flight.
+    pub(super) fn unflushed(&self) -> bool {
+        self.flags & (DIRTY | INFLIGHT) != 0
     }
 
     /// base + inflight + pending, or None on overflow.
@@ -112,6 +117,9 @@ pub(super) struct Stripe {
     pub(super) log: Vec<u8>,
     /// Increments buffered here (summed for INFO; no shared counter on the hot path).
     pub(super) increments: u64,
+    /// The next name the log gives a key of this stripe in the current segment (see
+    /// `wal::LogName`); 0 once the segment used them all.
+    pub(super) next_log_name: u16,
     /// Σ (pending + inflight) of this stripe's counter entries (window deltas excluded): kept
     /// as it changes, so that INFO and /metrics never walk the keys under the lock.
     pub(super) unflushed: i64,
@@ -134,4 +142,14 @@ pub fn stripe_of(key: &[u8]) -> usize {
         STATE.get_or_init(|| ahash::RandomState::with_seeds(0x7a11, 0x9e37, 0x79b9, 0x7f4a));
     let key = windows::placement_key(key);
     (state.hash_one(key) >> 32) as usize % STRIPES
+}
+
+#[cfg(test)]
+mod tests {
+    /// Memory per pending key is a product figure (docs/performance.md): an entry that grows
+    /// past 40 bytes makes every map slot 8 bytes larger.
+    #[test]
+    fn an_entry_stays_forty_bytes() {
+        assert_eq!(std::mem::size_of::<super::Entry>(), 40);
+    }
 }

@@ -2,15 +2,16 @@
 //!
 //! Records, each framed `[len u32][crc32 u32][type u8][payload]` (little endian):
 //!
-//! - `Incrs [(key, delta[, second])...]`: the increments of one commit, appended before their
-//!   replies are written. The engine appends each as a bare entry (varint of the key length
-//!   times two, plus one for a windowed key; the key; zigzag varint delta; for a windowed
-//!   key, varint second: 22 bytes for `INCR counter:000000001234`) into the buffer of the
-//!   stripe it already holds locked, so the hot path takes no extra lock and computes no
-//!   checksum; a commit drains every stripe's entries into one record, with one checksum
-//!   over all of them, and writes it with the other buffered records in one write. A
-//!   windowed entry replays as `delta` to `key` and to its window delta
-//!   `tally:p:a<second>key` (one entry for both: see `window_now`).
+//! - `Incrs [(key or name, delta[, second])...]`: the increments of one commit, appended
+//!   before their replies are written. The engine appends each as a bare entry into the
+//!   buffer of the stripe it already holds locked, so the hot path takes no extra lock and
+//!   computes no checksum; a commit drains every stripe's entries into one record, with one
+//!   checksum over all of them, and writes it with the other buffered records in one write.
+//!   An entry names its key by a short name once the segment gave it one ([`LogName`]):
+//!   3 or 4 bytes for `INCR counter:000000001234` instead of 22 (4 once its stripe named 64
+//!   keys; the log's bytes were most of its cost on the hot path: docs/performance.md). A windowed entry replays as `delta` to
+//!   `key` and to its window delta `tally:p:a<second>key` (one entry for both: see
+//!   `window_now`).
 //! - `Incr { key, delta }`: one increment, framed alone (the slower paths: a flush's
 //!   returned deltas, FLUSHDB's cancellations; and logs written before `Incrs` existed).
 //! - `Batch { seq, shard, items }`: deltas a lane took for a flush; written (and, with
@@ -63,7 +64,10 @@ const MOVED: u8 = 6;
 const MARKED: u8 = 7;
 // 8 is not used: development builds between two releases wrote two different layouts under
 // it; replay refuses it like any unknown type (the segment ends there).
+/// `Incrs` as logs written before names (no longer written; replayed).
 const INCRS: u8 = 9;
+/// `Incrs` whose entries may name their keys ([`LogName`]).
+const NAMED_INCRS: u8 = 10;
 /// Longest record accepted on replay; anything claiming more is corruption.
 const MAX_RECORD: usize = 1 << 30;
 
@@ -705,21 +709,86 @@ pub fn encode_incr(out: &mut Vec<u8>, key: &[u8], delta: i64) {
     out[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// Appends one increment to a stripe's `Incrs` entries (by the engine, under the stripe's
-/// lock): the hot path. Framed by the commit that drains it ([`begin_incrs`]).
-pub fn append_incr(out: &mut Vec<u8>, key: &[u8], delta: i64) {
-    put_varint(out, (key.len() as u64) << 1);
-    out.extend_from_slice(key);
-    put_varint(out, zigzag(delta));
+/// A counter key's short name in the log's current segment, so that an increment of a key
+/// the segment already named is logged in a few bytes instead of with the whole key.
+///
+/// Names are given per map stripe, under its lock (no shared counter on the hot path): the
+/// `n`-th name of stripe `s` is `n << 5 | s`, and the entry keeps `n` (`Entry::log_name`).
+/// The checkpoint's cut, which starts every segment after the first, forgets every name
+/// (`Engine::cut`), and replay reads each segment with a dictionary of its own, so a name is
+/// only ever read in the segment that gave it. A stripe that gave its 65,535 names in one
+/// segment logs its further new keys whole until the next cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogName {
+    /// Logged whole, unnamed.
+    None,
+    /// Logged whole, with the name it has from here to the end of the segment.
+    Give(u32),
+    /// Logged by the name given earlier in the segment.
+    Use(u32),
 }
 
-/// [`append_incr`] for an increment of a windowed key at second `t`: replays as `delta` to
-/// `key` and to its window delta of second `t` (see `window_now`).
-pub fn append_windowed_incr(out: &mut Vec<u8>, key: &[u8], delta: i64, t: u64) {
-    put_varint(out, (key.len() as u64) << 1 | 1);
-    out.extend_from_slice(key);
+/// Bits of a name that say its stripe.
+const STRIPE_BITS: u32 = super::stripe::STRIPES.trailing_zeros();
+
+impl LogName {
+    /// The name to log a key with: `slot` is its entry's, `next` its stripe's next.
+    pub(super) fn of(slot: &mut u16, next: &mut u16, stripe: usize) -> LogName {
+        let full = |n: u16| u32::from(n) << STRIPE_BITS | stripe as u32;
+        if *slot != 0 {
+            return LogName::Use(full(*slot));
+        }
+        if *next == 0 {
+            return LogName::None;
+        }
+        *slot = *next;
+        *next = next.wrapping_add(1);
+        LogName::Give(full(*slot))
+    }
+}
+
+// An entry's head (a varint) says how the key is given and whether a second follows the
+// delta: bit 0 windowed; bit 1 named; for a named key, bit 2 "given here". Then: the key
+// length above bit 1 and the key (unnamed), the key length above bit 2, the key and the
+// name (given), or the name above bit 2 (used). Then the zigzag varint delta, and for a
+// windowed entry the varint second.
+const HEAD_WINDOWED: u64 = 1;
+const HEAD_NAMED: u64 = 2;
+const HEAD_GIVEN: u64 = 4;
+
+/// Appends one increment to a stripe's `Incrs` entries (by the engine, under the stripe's
+/// lock): the hot path. `second`: the increment of a windowed key at that second, which
+/// replays as `delta` to `key` and to its window delta of that second (see `window_now`).
+/// Framed by the commit that drains it ([`begin_incrs`]).
+pub fn append_named_incr(
+    out: &mut Vec<u8>,
+    key: &[u8],
+    name: LogName,
+    delta: i64,
+    second: Option<u64>,
+) {
+    let w = u64::from(second.is_some());
+    match name {
+        LogName::None => {
+            put_varint(out, (key.len() as u64) << 2 | w);
+            out.extend_from_slice(key);
+        }
+        LogName::Give(n) => {
+            put_varint(out, (key.len() as u64) << 3 | HEAD_GIVEN | HEAD_NAMED | w);
+            out.extend_from_slice(key);
+            put_varint(out, u64::from(n));
+        }
+        LogName::Use(n) => put_varint(out, u64::from(n) << 3 | HEAD_NAMED | w),
+    }
     put_varint(out, zigzag(delta));
-    put_varint(out, t);
+    if let Some(t) = second {
+        put_varint(out, t);
+    }
+}
+
+/// [`append_named_incr`] of a key logged whole (a window delta's own key).
+pub fn append_incr(out: &mut Vec<u8>, key: &[u8], delta: i64) {
+    append_named_incr(out, key, LogName::None, delta, None);
 }
 
 fn zigzag(d: i64) -> u64 {
@@ -739,7 +808,7 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
 pub(crate) fn begin_incrs(out: &mut Vec<u8>) -> usize {
     let at = out.len();
     out.extend_from_slice(&[0; 8]);
-    out.push(INCRS);
+    out.push(NAMED_INCRS);
     at
 }
 
@@ -935,7 +1004,19 @@ impl<'a> Cursor<'a> {
     }
 }
 
-fn apply(rec: &mut Recovered, kind: u8, payload: &[u8]) -> Option<()> {
+/// An `Incrs` entry's key: in the record, or by a name given earlier in the segment.
+enum Who<'a> {
+    Key(&'a [u8]),
+    Name(u32),
+}
+
+/// Applies one record; `names` are the key names given so far in its segment.
+fn apply(
+    rec: &mut Recovered,
+    names: &mut HashMap<u32, Bytes>,
+    kind: u8,
+    payload: &[u8],
+) -> Option<()> {
     let mut c = Cursor(payload);
     match kind {
         INCR => {
@@ -945,22 +1026,37 @@ fn apply(rec: &mut Recovered, kind: u8, payload: &[u8]) -> Option<()> {
             let e = rec.pending.entry(k).or_insert(0);
             *e = e.wrapping_add(d);
         }
-        INCRS => {
+        INCRS | NAMED_INCRS => {
             // Parsed whole before any of it is applied: a record that does not parse is
-            // refused whole, as a torn or corrupt one is.
-            let mut entries: Vec<(&[u8], i64, Option<u64>)> = Vec::new();
+            // refused whole, as a torn or corrupt one is. A name used before it is given is
+            // such a record.
+            let mut entries: Vec<(Who, i64, Option<u64>)> = Vec::new();
             while !c.0.is_empty() {
                 let head = c.varint()?;
-                let kl = usize::try_from(head >> 1).ok()?;
-                let key = c.take(kl)?;
+                let len = |bits: u32| usize::try_from(head >> bits).ok();
+                let who = if kind == INCRS {
+                    Who::Key(c.take(len(1)?)?)
+                } else if head & HEAD_NAMED == 0 {
+                    Who::Key(c.take(len(2)?)?)
+                } else if head & HEAD_GIVEN != 0 {
+                    let key = c.take(len(3)?)?;
+                    let n = u32::try_from(c.varint()?).ok()?;
+                    names.insert(n, Bytes::copy_from_slice(key));
+                    Who::Key(key)
+                } else {
+                    let n = u32::try_from(head >> 3).ok()?;
+                    names.contains_key(&n).then_some(())?;
+                    Who::Name(n)
+                };
                 let z = c.varint()?;
                 let d = (z >> 1) as i64 ^ -((z & 1) as i64);
-                let t = if head & 1 == 1 {
-                    Some(c.varint()?)
+                let windowed = if kind == INCRS {
+                    head & 1 == 1
                 } else {
-                    None
+                    head & HEAD_WINDOWED != 0
                 };
-                entries.push((key, d, t));
+                let t = if windowed { Some(c.varint()?) } else { None };
+                entries.push((who, d, t));
             }
             let mut add = |key: &[u8], d: i64| match rec.pending.get_mut(key) {
                 Some(e) => *e = e.wrapping_add(d),
@@ -968,7 +1064,11 @@ fn apply(rec: &mut Recovered, kind: u8, payload: &[u8]) -> Option<()> {
                     rec.pending.insert(Bytes::copy_from_slice(key), d);
                 }
             };
-            for (key, d, t) in entries {
+            for (who, d, t) in entries {
+                let key = match who {
+                    Who::Key(k) => k,
+                    Who::Name(n) => &names[&n][..],
+                };
                 if let Some(t) = t {
                     add(&super::windows::pending_key(super::windows::ALL, t, key), d);
                 }
@@ -1048,6 +1148,8 @@ fn replay_file(path: &Path, last: bool, rec: &mut Recovered) -> std::io::Result<
     let mut data = Vec::new();
     File::open(path)?.read_to_end(&mut data)?;
     let mut at = 0usize;
+    // A segment's names are its own (see `LogName`).
+    let mut names = HashMap::new();
     while at < data.len() {
         let whole = (|| {
             let len = u32::from_le_bytes(data.get(at..at + 4)?.try_into().ok()?) as usize;
@@ -1059,7 +1161,7 @@ fn replay_file(path: &Path, last: bool, rec: &mut Recovered) -> std::io::Result<
             (crc32fast::hash(body) == crc).then_some((len, body))
         })();
         let Some((len, body)) = whole else { break };
-        if apply(rec, body[0], &body[1..]).is_none() {
+        if apply(rec, &mut names, body[0], &body[1..]).is_none() {
             break;
         }
         rec.records += 1;
@@ -1165,8 +1267,8 @@ mod tests {
         use super::super::windows::{pending_key, ALL};
         let mut b = Vec::new();
         let at = begin_incrs(&mut b);
-        append_windowed_incr(&mut b, b"visits:a", 3, 1_800_000_000);
-        append_windowed_incr(&mut b, b"visits:a", 2, 1_800_000_001);
+        append_named_incr(&mut b, b"visits:a", LogName::None, 3, Some(1_800_000_000));
+        append_named_incr(&mut b, b"visits:a", LogName::None, 2, Some(1_800_000_001));
         append_incr(&mut b, b"visits:a", 1);
         end_incrs(&mut b, at);
         let w0 = Bytes::from(pending_key(ALL, 1_800_000_000, b"visits:a"));
@@ -1254,6 +1356,146 @@ mod tests {
         let mut e = Vec::new();
         append_incr(&mut e, b"counter:000000001234", 1);
         assert_eq!(e.len(), 1 + 20 + 1);
+    }
+
+    /// Stripe `s`'s names for keys, given in turn as an engine stripe gives them.
+    struct Namer {
+        next: u16,
+        slots: HashMap<Vec<u8>, u16>,
+        stripe: usize,
+    }
+
+    impl Namer {
+        fn new(stripe: usize) -> Namer {
+            Namer {
+                next: 1,
+                slots: HashMap::new(),
+                stripe,
+            }
+        }
+        fn append(&mut self, out: &mut Vec<u8>, key: &[u8], d: i64, t: Option<u64>) {
+            let slot = self.slots.entry(key.to_vec()).or_insert(0);
+            let name = LogName::of(slot, &mut self.next, self.stripe);
+            append_named_incr(out, key, name, d, t);
+        }
+    }
+
+    #[test]
+    fn a_named_key_is_logged_in_a_few_bytes_and_replays_by_its_name() {
+        use super::super::windows::{pending_key, ALL};
+        let (mut s0, mut s7) = (Namer::new(0), Namer::new(7));
+        let key = b"counter:000000001234";
+        let mut b = Vec::new();
+        let at = begin_incrs(&mut b);
+        let before = b.len();
+        s0.append(&mut b, key, 1, None);
+        let given = b.len() - before;
+        s0.append(&mut b, key, 1, None);
+        assert_eq!(given, 2 + 20 + 1 + 1, "head, key, name, delta");
+        assert_eq!(b.len() - before - given, 2 + 1, "head with the name, delta");
+        s7.append(&mut b, b"visits:a", 5, Some(1_800_000_000));
+        end_incrs(&mut b, at);
+        // Names used in a later record of the segment, and a name per stripe.
+        let at = begin_incrs(&mut b);
+        s0.append(&mut b, key, -3, None);
+        s7.append(&mut b, b"visits:a", 2, Some(1_800_000_001));
+        s7.append(&mut b, b"visits:b", 1, None);
+        end_incrs(&mut b, at);
+        assert_eq!(s7.slots[&b"visits:b"[..]], 2);
+        let r = roundtrip(&b);
+        assert_eq!(r.pending[&Bytes::from_static(key)], -1);
+        assert_eq!(r.pending[&Bytes::from_static(b"visits:a")], 7);
+        assert_eq!(r.pending[&Bytes::from_static(b"visits:b")], 1);
+        let w = |t| Bytes::from(pending_key(ALL, t, b"visits:a"));
+        assert_eq!(r.pending[&w(1_800_000_000)], 5);
+        assert_eq!(r.pending[&w(1_800_000_001)], 2);
+        assert_eq!((r.records, r.truncated_bytes), (2, 0));
+    }
+
+    #[test]
+    fn a_name_not_given_in_its_segment_ends_replay_there() {
+        // A segment that uses a name given only in the one before: its names are its own.
+        let mut s = Namer::new(3);
+        let mut first = Vec::new();
+        first.extend({
+            let mut b = Vec::new();
+            let at = begin_incrs(&mut b);
+            s.append(&mut b, b"k", 1, None);
+            end_incrs(&mut b, at);
+            b
+        });
+        let mut second = Vec::new();
+        encode_incr(&mut second, b"j", 1);
+        let at = begin_incrs(&mut second);
+        s.append(&mut second, b"k", 1, None);
+        end_incrs(&mut second, at);
+        assert_eq!(roundtrip(&first).pending[&Bytes::from_static(b"k")], 1);
+        let r = roundtrip(&second);
+        assert_eq!(r.pending.get(&Bytes::from_static(b"k")), None);
+        assert_eq!(r.pending[&Bytes::from_static(b"j")], 1);
+        assert_eq!(r.records, 1);
+        assert!(r.truncated_bytes > 0);
+    }
+
+    #[test]
+    fn a_group_written_before_names_still_replays() {
+        use super::super::windows::{pending_key, ALL};
+        // Type 9 as builds before names wrote it: head = key length << 1 | windowed.
+        let mut body = vec![6 << 1];
+        body.extend_from_slice(b"page:a");
+        body.push(0x0a); // zigzag(5)
+        body.push(8 << 1 | 1);
+        body.extend_from_slice(b"visits:a");
+        body.push(0x05); // zigzag(-3)
+        put_varint(&mut body, 1_800_000_000);
+        let mut b = Vec::new();
+        frame(&mut b, INCRS, &body);
+        let r = roundtrip(&b);
+        assert_eq!(r.pending[&Bytes::from_static(b"page:a")], 5);
+        assert_eq!(r.pending[&Bytes::from_static(b"visits:a")], -3);
+        let w = Bytes::from(pending_key(ALL, 1_800_000_000, b"visits:a"));
+        assert_eq!(r.pending[&w], -3);
+        assert_eq!((r.records, r.truncated_bytes), (1, 0));
+    }
+
+    #[test]
+    fn a_named_group_that_does_not_parse_ends_replay() {
+        // CRC-valid, after a whole record: a given key longer than the record, a name past
+        // u32, a name used and never given, a head that never ends.
+        let mut past_u32 = vec![(1 << 3 | HEAD_GIVEN | HEAD_NAMED) as u8, b'k'];
+        put_varint(&mut past_u32, 1 << 32);
+        past_u32.push(2);
+        for body in [
+            &[5 << 3 | HEAD_GIVEN as u8 | HEAD_NAMED as u8, b'k', 1, 2][..],
+            &past_u32[..],
+            &[32 << 3 | HEAD_NAMED as u8, 2][..],
+            &[0xff; 11][..],
+        ] {
+            let mut b = Vec::new();
+            encode_incr(&mut b, b"j", 1);
+            let whole = b.len();
+            frame(&mut b, NAMED_INCRS, body);
+            let r = roundtrip(&b);
+            assert_eq!(r.pending.len(), 1, "{body:?}: {:?}", r.pending);
+            assert_eq!(r.truncated_bytes, (b.len() - whole) as u64, "{body:?}");
+        }
+    }
+
+    #[test]
+    fn a_stripe_out_of_names_logs_its_new_keys_whole() {
+        let mut next = u16::MAX;
+        let (mut a, mut b, mut c) = (0, 0, 0);
+        assert_eq!(
+            LogName::of(&mut a, &mut next, 31),
+            LogName::Give(u32::from(u16::MAX) << 5 | 31)
+        );
+        assert_eq!(LogName::of(&mut b, &mut next, 31), LogName::None);
+        assert_eq!((b, next), (0, 0));
+        assert_eq!(
+            LogName::of(&mut a, &mut next, 31),
+            LogName::Use(u32::from(u16::MAX) << 5 | 31)
+        );
+        assert_eq!(LogName::of(&mut c, &mut next, 31), LogName::None);
     }
 
     #[test]

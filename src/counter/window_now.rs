@@ -5,7 +5,7 @@
 //! and a second log record on every increment: the profile of `INCR visits:*` showed the
 //! two lookups and their key compares as a third of the proxy's time. So while a second
 //! lasts, its delta stays in `K`'s entry (`win`, `win_t`: 8 bytes), the increment is one
-//! lookup and one log entry ([`wal::append_windowed_incr`]: key, delta and second), and the
+//! lookup and one log entry ([`wal::append_named_incr`]: key, delta and second), and the
 //! delta moves to its own entry (*spills*) only when
 //!
 //! - an increment of another second arrives (once per key and second at most),
@@ -122,16 +122,13 @@ impl Engine {
         log: &mut Vec<u8>,
         e: &mut Entry,
         key: &[u8],
+        name: wal::LogName,
         t: u64,
         delta: i64,
     ) -> WindowAdd {
         let add = e.add_window(t, delta);
         if self.wal.is_some() {
-            if add.held {
-                wal::append_windowed_incr(log, key, delta, t);
-            } else {
-                wal::append_incr(log, key, delta);
-            }
+            wal::append_named_incr(log, key, name, delta, add.held.then_some(t));
         }
         add
     }

@@ -464,6 +464,17 @@ async fn lost_data(proxy: &Proxy) -> Vec<(u16, u64)> {
     out
 }
 
+/// The log's checkpoints so far (INFO's `wal_checkpoints_total`).
+async fn checkpoints(c: &mut support::Raw) -> u64 {
+    let info = c.cmd(&["INFO", "persistence"]).await;
+    info.lines()
+        .find_map(|l| l.strip_prefix("wal_checkpoints_total:"))
+        .unwrap_or_else(|| panic!("no wal_checkpoints_total in {info}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_larger_than_a_segment_is_not_checkpointed_again_every_second() {
     let r = Redis::start();
@@ -481,21 +492,82 @@ async fn a_state_larger_than_a_segment_is_not_checkpointed_again_every_second() 
     for _ in 0..400 {
         assert_eq!(c.reply().await, ":1\r\n");
     }
-    let checkpoints = |info: &str| -> u64 {
-        info.lines()
-            .find_map(|l| l.strip_prefix("wal_checkpoints_total:"))
-            .unwrap_or_else(|| panic!("no wal_checkpoints_total in {info}"))
-            .trim()
-            .parse()
-            .unwrap()
-    };
     // The log task looks once a second: one checkpoint retires the records (their size
     // passed 4096), and none follows while nothing more is appended.
     let mut seen = Vec::new();
     for _ in 0..8 {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        seen.push(checkpoints(&c.cmd(&["INFO", "persistence"]).await));
+        seen.push(checkpoints(&mut c).await);
     }
     assert!(seen[7] - seen[0] <= 1, "checkpoints over 3.5 s: {seen:?}");
+    proxy.stop().await;
+}
+
+/// The log names a key once per segment and then logs it by that name (`wal::LogName`); a
+/// checkpoint starts a segment that names every key afresh. After several checkpoints (a
+/// small `segment_bytes`), a last round in the fresh segment gives and uses names again, and
+/// every increment replays to its exact count: a name used after the cut that the new
+/// segment never gave would end the replay at that record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn increments_logged_by_name_across_checkpoints_replay_exactly() {
+    let wal = TempDir::new("named-log");
+    // Memory mode: the log is the only copy, so replay is exact or visibly wrong.
+    let mut cfg = support::config(&[], &wal);
+    cfg.durability.segment_bytes = 4096;
+    let proxy = Proxy::start(cfg.clone()).await;
+    let mut c = proxy.conn().await;
+    let keys: Vec<String> = (0..100).map(|i| format!("named:{i:03}")).collect();
+    // `per_key` increments of each key in one burst, each answered with its exact count.
+    async fn round(c: &mut support::Raw, keys: &[String], total: &mut i64, per_key: i64) {
+        let mut burst = Vec::new();
+        for k in keys {
+            for _ in 0..per_key {
+                burst.extend_from_slice(&support::encode(&["INCR", k]));
+            }
+        }
+        c.send(&burst).await;
+        for _ in keys {
+            for i in 1..=per_key {
+                assert_eq!(c.reply().await, format!(":{}\r\n", *total + i));
+            }
+        }
+        *total += per_key;
+    }
+    let mut total = 0;
+    // Twenty increments of each key per round (about 7 kB of log), each round followed by
+    // the checkpoint it makes due (the log task looks once a second).
+    for _ in 0..3 {
+        let before = checkpoints(&mut c).await;
+        round(&mut c, &keys, &mut total, 20).await;
+        let mut now = before;
+        for _ in 0..50 {
+            now = checkpoints(&mut c).await;
+            if now > before {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(now > before, "no checkpoint after a round");
+    }
+    // Two per key in the segment just cut (under `segment_bytes`: no checkpoint follows):
+    // the first gives each key its name again, the second uses it.
+    let before = checkpoints(&mut c).await;
+    round(&mut c, &keys, &mut total, 2).await;
+    assert_eq!(checkpoints(&mut c).await, before);
+    // Kill without an orderly stop (no final checkpoint): the replay reads the names.
+    let mut proxy = proxy;
+    proxy.task.take().unwrap().abort();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(proxy);
+    let proxy = Proxy::start(cfg).await;
+    let mut c = proxy.conn().await;
+    assert_eq!(total, 62);
+    for k in &keys {
+        assert_eq!(
+            c.cmd(&["GET", k]).await,
+            "$2\r\n62\r\n",
+            "{k} after the replay"
+        );
+    }
     proxy.stop().await;
 }
