@@ -73,7 +73,6 @@ impl Engine {
         if !usable {
             return Incr::NeedBase;
         }
-        let refresh = matches!(need, Base::Fresh) && self.wants_refresh(e, now);
         match e.state {
             BaseState::NotInt => return Incr::Refused(Refusal::NotInteger),
             BaseState::WrongType => return Incr::Refused(Refusal::WrongType),
@@ -85,6 +84,8 @@ impl Engine {
         let Some(pending) = e.pending.checked_add(delta) else {
             return Incr::Refused(Refusal::Overflow);
         };
+        // Marked queued only here, where the read-ahead is sure to be queued below.
+        let refresh = matches!(need, Base::Fresh) && self.wants_refresh(e, now);
         e.pending = pending;
         if e.flags & DIRTY == 0 {
             e.flags |= DIRTY;
