@@ -34,11 +34,20 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_tracing(&config, args.log_json);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.runtime_threads())
-        .enable_all()
-        .build()
-    {
+    // One worker (the default on two CPUs) runs tokio's current-thread scheduler, where
+    // every connection the I/O driver wakes waits in one FIFO queue. With 1,000 clients the
+    // multi-threaded scheduler with one worker had three times its p99 (33 ms against 11:
+    // docs/performance.md, sixth round); likely its 256-task local queue, past which
+    // wake-ups wait in a global queue looked at every 61 tasks (not profiled).
+    let threads = config.runtime_threads();
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("tallyproxy: cannot start the runtime: {e}");
