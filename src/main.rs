@@ -36,8 +36,8 @@ fn main() -> ExitCode {
     init_tracing(&config, args.log_json);
     // One worker (the default on two CPUs) runs tokio's current-thread scheduler, where
     // every connection the I/O driver wakes waits in one FIFO queue. With 1,000 clients the
-    // multi-threaded scheduler with one worker had three times its p99 (33 ms against 11:
-    // docs/performance.md, sixth round); likely its 256-task local queue, past which
+    // multi-threaded scheduler with one worker had twice its INCR p99 (medians 22 ms against
+    // 11: docs/performance.md, sixth round); likely its 256-task local queue, past which
     // wake-ups wait in a global queue looked at every 61 tasks (not profiled).
     let threads = config.runtime_threads();
     let mut builder = if threads == 1 {

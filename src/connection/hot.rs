@@ -13,7 +13,7 @@
 //!
 //! [`short::peek`]: crate::resp::short::peek
 
-use super::{counter_delta, write_hit, write_incr, Client};
+use super::{counter_delta, names_reserved, write_hit, write_incr, Client};
 use crate::command::{self, CounterOp, Kind};
 use crate::context::Context;
 use crate::counter::Incr;
@@ -42,7 +42,7 @@ pub(super) fn answer(
     let Kind::Counter(op) = spec.kind else {
         return None;
     };
-    if !spec.arity_ok(args.len()) || args[1..].iter().any(|a| a.starts_with(b"tally:")) {
+    if !spec.arity_ok(args.len()) || names_reserved(args) {
         return None;
     }
     let key = args[1];

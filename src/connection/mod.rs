@@ -603,6 +603,14 @@ pub(crate) fn error_bytes(msg: &str) -> BytesMut {
 }
 
 pub(crate) const RESERVED: &str = "ERR keys starting with 'tally:' are reserved by tallyproxy";
+
+/// Whether an argument after the command's name is one of the proxy's own keys (exactly-once
+/// records, rebalance tombstones, window hashes: `tally:...`).
+pub(crate) fn names_reserved<A: AsRef<[u8]>>(args: &[A]) -> bool {
+    args.iter()
+        .skip(1)
+        .any(|a| a.as_ref().starts_with(b"tally:"))
+}
 pub(crate) const MEMORY_MODE: &str = "ERR only counter commands (GET, MGET, INCR, INCRBY, DECR, DECRBY) are served in memory mode: no shards are configured";
 
 /// Runs or starts one command. Immediate replies go to `out`; anything that must wait is
@@ -644,7 +652,7 @@ fn dispatch_spec(
     if !matches!(
         spec.kind,
         Kind::Local | Kind::Refused(_) | Kind::Keyspace(_) | Kind::PubSub(_)
-    ) && args[1..].iter().any(|a| a.starts_with(b"tally:"))
+    ) && names_reserved(&args)
     {
         reply::error(out, RESERVED);
         return None;

@@ -293,7 +293,7 @@ pub(super) fn queue(
         return local::run(ctx, client, spec, args, out).map(Pending::Task);
     }
     if !matches!(spec.kind, Kind::Local | Kind::Refused(_) | Kind::PubSub(_))
-        && args[1..].iter().any(|a| a.starts_with(b"tally:"))
+        && super::names_reserved(&args)
     {
         return abort(client, RESERVED, out);
     }

@@ -9,9 +9,9 @@
 //!   checksum over all of them, and writes it with the other buffered records in one write.
 //!   An entry names its key by a short name once the segment gave it one ([`LogName`]):
 //!   3 or 4 bytes for `INCR counter:000000001234` instead of 22 (4 once its stripe named 64
-//!   keys; the log's bytes were most of its cost on the hot path: docs/performance.md). A windowed entry replays as `delta` to
-//!   `key` and to its window delta `tally:p:a<second>key` (one entry for both: see
-//!   `window_now`).
+//!   keys; the log's bytes were most of its cost on the hot path: docs/performance.md). A
+//!   windowed entry replays as `delta` to `key` and to its window delta
+//!   `tally:p:a<second>key` (one entry for both: see `window_now`).
 //! - `Incr { key, delta }`: one increment, framed alone (the slower paths: a flush's
 //!   returned deltas, FLUSHDB's cancellations; and logs written before `Incrs` existed).
 //! - `Batch { seq, shard, items }`: deltas a lane took for a flush; written (and, with
@@ -767,7 +767,7 @@ pub fn append_named_incr(
     delta: i64,
     second: Option<u64>,
 ) {
-    let w = u64::from(second.is_some());
+    let w = if second.is_some() { HEAD_WINDOWED } else { 0 };
     match name {
         LogName::None => {
             put_varint(out, (key.len() as u64) << 2 | w);
@@ -1050,12 +1050,12 @@ fn apply(
                 };
                 let z = c.varint()?;
                 let d = (z >> 1) as i64 ^ -((z & 1) as i64);
-                let windowed = if kind == INCRS {
-                    head & 1 == 1
+                // Bit 0 in both formats.
+                let t = if head & HEAD_WINDOWED != 0 {
+                    Some(c.varint()?)
                 } else {
-                    head & HEAD_WINDOWED != 0
+                    None
                 };
-                let t = if windowed { Some(c.varint()?) } else { None };
                 entries.push((who, d, t));
             }
             let mut add = |key: &[u8], d: i64| match rec.pending.get_mut(key) {
