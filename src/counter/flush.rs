@@ -13,11 +13,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 impl Engine {
-    /// Moves the pending deltas of `keys` (all dirty keys owned by `shard_index` when
-    /// `keys` is None) to in-flight, and returns them. Called by a lane building a batch.
+    /// Moves the pending deltas of `keys` to in-flight, and returns them. Called by a lane
+    /// building a batch. When `keys` is None: the dirty keys owned by the shard `owner`
+    /// names, stripe by stripe from its cursor, which is left after the last stripe taken;
+    /// the take ends with the stripe in which it reached `limit` keys (a stripe is taken
+    /// whole, so that a key's window deltas go together).
     pub(crate) fn take(
         &self,
-        owner: Option<(&crate::router::Topology, usize)>,
+        owner: Option<(&crate::router::Topology, usize, &mut usize)>,
         keys: Option<&[Bytes]>,
         limit: usize,
         lane: u32,
@@ -64,19 +67,14 @@ impl Engine {
                 }
             }
             None => {
-                let (topo, idx) = owner.expect("an owner for a full take");
-                for s in self.stripes.iter() {
-                    if out.len() >= limit {
-                        break;
-                    }
-                    let mut stripe = s.lock.lock();
+                let (topo, idx, cursor) = owner.expect("an owner for a full take");
+                while *cursor < self.stripes.len() && out.len() < limit {
+                    let mut stripe = self.stripes[*cursor].lock.lock();
+                    *cursor += 1;
                     // Window deltas held in the entries of this shard's keys go to their own
                     // entries first, so that this take sees them (and takes them).
                     spilled += stripe.spill_all(|k| topo.shard_index(k) == idx);
                     for (k, e) in stripe.map.iter_mut() {
-                        if out.len() >= limit {
-                            break;
-                        }
                         if e.flags & DIRTY != 0
                             && topo.shard_index(windows::placement_key(k)) == idx
                         {

@@ -173,7 +173,7 @@ pub(super) async fn run(
         Some(w) => Some(w.lane_gate.read().await),
         None => None,
     };
-    let taken = engine.take(Some((&topo, idx)), None, usize::MAX, lane.id);
+    let taken = engine.take(Some((&topo, idx, &mut 0)), None, usize::MAX, lane.id);
     let items: Vec<(Bytes, Option<i64>)> =
         taken.iter().map(|(k, d)| (k.clone(), Some(*d))).collect();
     let seq = if taken.is_empty() {

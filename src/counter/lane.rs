@@ -1,6 +1,6 @@
 //! A shard's counter lane: the only path by which counter deltas reach that shard.
 //!
-//! One task, one connection, one round trip at a time. A round trip is one `EVAL` of
+//! One task, one connection, one batch out at a time. A round trip is one `EVAL` of
 //! [`SCRIPT`] carrying a batch: a sequence number, keys, and per key either a delta to add
 //! or nothing (a read). The script records the highest sequence number it has applied for
 //! this proxy in the hash `tally:applied` on the shard; a batch whose number is not above it
@@ -11,8 +11,9 @@
 //!
 //! Requests that arrive while a round trip is out wait for the next one and share it:
 //! concurrent first reads of one key cost one read, and many keys cost one round trip.
-//! Plain reads that arrive during a flush of several batches go in the next gap between
-//! two of them (`lane_between`), not after the last.
+//! Plain reads that arrive during a round go on the same connection right behind the batch
+//! out, or ahead of the next (`lane_between`), not after the last. A flush takes its keys a
+//! few stripes at a time, and sends smaller batches while reads wait (`round`).
 //! Window deltas in a batch become `HINCRBY`s of bucket hashes in the same script, under the
 //! same number. A window read is sent between round trips ([`Lane::read_between`]), when no
 //! batch of the lane is in flight; on a cluster, one `-MOVED` or `-ASK` it meets is followed
@@ -24,6 +25,7 @@
 //! the lane takes them, and settles them with the shard's reply).
 
 use super::forget::Flush;
+use super::stripe::STRIPES;
 use super::window_store::Writes;
 use super::windows::Windows;
 use super::{parse_i64, Engine};
@@ -203,7 +205,7 @@ pub struct Lane {
     pub(super) id: u32,
     engine: Weak<Engine>,
     queue: Mutex<Queue>,
-    wake: Notify,
+    pub(super) wake: Notify,
     /// The shard was declared lost (see `rebalance::declare_lost`): nothing more is sent.
     abandoned: std::sync::atomic::AtomicBool,
     /// The highest batch number this lane has settled on the shard (see `check_record`).
@@ -322,7 +324,7 @@ impl Lane {
         self.wake.notify_one();
     }
 
-    fn is_abandoned(&self) -> bool {
+    pub(super) fn is_abandoned(&self) -> bool {
         self.abandoned.load(Ordering::SeqCst)
     }
 
@@ -559,35 +561,118 @@ async fn round(
             items.push((k.clone(), None));
         }
     }
-    if flush {
-        let topo = engine.router().topology();
-        if let Some(idx) = topo
-            .shards
-            .iter()
-            .position(|sh| Arc::ptr_eq(sh, &lane.shard))
-        {
-            let taken = engine.take(Some((&topo, idx)), None, usize::MAX, lane.id);
-            let at: HashMap<Bytes, usize> = items
+    let mut waiters: HashMap<Bytes, Vec<Waiter>> =
+        reads.into_iter().map(|(k, (_, w))| (k, w)).collect();
+    let mut all_ok = true;
+    let mut gap = false;
+    // A flush takes the shard's dirty keys a few stripes at a time (`CHUNK_BATCHES` batches'
+    // worth), logs and sends them, then takes the next: taking, encoding and logging a
+    // million keys at once held the worker for a third of a second, during which nothing
+    // else was answered.
+    let mut cursor = if flush { 0 } else { STRIPES };
+    let mut batch_keys = limit;
+    let mut gate = gate;
+    loop {
+        if cursor < STRIPES {
+            let topo = engine.router().topology();
+            match topo
+                .shards
                 .iter()
-                .enumerate()
-                .map(|(i, (k, _))| (k.clone(), i))
-                .collect();
-            for (k, d) in taken {
-                match at.get(&k) {
-                    // A key read in this round and dirty since: its delta joins the read.
-                    Some(&i) => items[i].1 = Some(items[i].1.unwrap_or(0).wrapping_add(d)),
-                    None => items.push((k, Some(d))),
+                .position(|sh| Arc::ptr_eq(sh, &lane.shard))
+            {
+                Some(idx) => {
+                    let taken = engine.take(
+                        Some((&topo, idx, &mut cursor)),
+                        None,
+                        limit.max(1).saturating_mul(CHUNK_BATCHES),
+                        lane.id,
+                    );
+                    let at: HashMap<Bytes, usize> = items
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (k, _))| (k.clone(), i))
+                        .collect();
+                    for (k, d) in taken {
+                        match at.get(&k) {
+                            // A key read in this round and dirty since: its delta joins the
+                            // read.
+                            Some(&i) => items[i].1 = Some(items[i].1.unwrap_or(0).wrapping_add(d)),
+                            None => items.push((k, Some(d))),
+                        }
+                    }
+                }
+                // No longer a shard of the ring: nothing more is its to land.
+                None => cursor = STRIPES,
+            }
+        }
+        let batches = into_batches(engine, std::mem::take(&mut items), batch_keys);
+        if let Some(wal) = &engine.wal {
+            for b in batches.iter().filter(|b| b.seq != 0) {
+                if wal
+                    .log_batch(b.seq, &lane.shard.name, &b.items)
+                    .await
+                    .is_err()
+                {
+                    for b in &batches {
+                        engine.untake(&b.items);
+                    }
+                    // A batch that is not in the log must not be sent: after a restart the
+                    // replay would count its deltas again. They stay in flight in memory,
+                    // and the log up to its failure holds every increment that was
+                    // acknowledged.
+                    drop(gate);
+                    fail_waiters(waiters.into_values(), LaneError::Unavailable);
+                    return false;
                 }
             }
         }
+        drop(gate);
+        let (ok, contended) =
+            send_batches(lane, engine, batches, &mut gap, &mut waiters, flushers).await;
+        all_ok &= ok;
+        // Reads queued behind a batch wait for the rest of it on the shard: while clients
+        // wait, the next batches are smaller.
+        batch_keys = if contended {
+            (limit / CONTENDED_DIVISOR).max(1)
+        } else {
+            limit
+        };
+        if cursor >= STRIPES || lane.is_abandoned() {
+            break;
+        }
+        gate = match &engine.wal {
+            Some(w) => Some(w.lane_gate.read().await),
+            None => None,
+        };
     }
-    let mut waiters: HashMap<Bytes, Vec<Waiter>> =
-        reads.into_iter().map(|(k, (_, w))| (k, w)).collect();
+    fail_waiters(waiters.into_values(), LaneError::Unavailable);
+    if flush {
+        flush_histogram().record(started.elapsed().as_secs_f64());
+        engine.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        engine
+            .stats
+            .flush_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        if !all_ok {
+            engine.stats.flush_failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    all_ok && logging
+}
+
+/// How many batches' worth of keys a flush takes at a time (see `round`).
+const CHUNK_BATCHES: usize = 4;
+
+/// A flush's batches while reads wait are `flush_batch_keys` / this (see `round`).
+const CONTENDED_DIVISOR: usize = 4;
+
+/// `items` in batches of at most `limit` keys, each numbered when it carries a delta. A
+/// key's window deltas are never split between two batches: its window hash is written once.
+fn into_batches(engine: &Engine, items: Vec<(Bytes, Option<i64>)>, limit: usize) -> Vec<Batch> {
     let mut batches = Vec::new();
     let items = group_window_deltas(items);
     // Chunks taken front to back in one pass (split_off copied the remainder per chunk:
-    // quadratic in the number of pending keys, minutes at a million). A key's window deltas
-    // are never split between two chunks: its window hash is written once per round.
+    // quadratic in the number of pending keys, minutes at a million).
     let mut rest = items.into_iter().peekable();
     while rest.peek().is_some() {
         let mut chunk: Vec<_> = rest.by_ref().take(limit.max(1)).collect();
@@ -604,55 +689,61 @@ async fn round(
         };
         batches.push(Batch::new(engine, seq, chunk));
     }
-    if let Some(wal) = &engine.wal {
-        for b in batches.iter().filter(|b| b.seq != 0) {
-            if wal
-                .log_batch(b.seq, &lane.shard.name, &b.items)
-                .await
-                .is_err()
-            {
-                for b in &batches {
-                    engine.untake(&b.items);
-                }
-                // A batch that is not in the log must not be sent: after a restart the
-                // replay would count its deltas again. They stay in flight in memory, and
-                // the log up to its failure holds every increment that was acknowledged.
-                drop(gate);
-                fail_waiters(waiters.into_values(), LaneError::Unavailable);
-                return false;
-            }
-        }
-    }
-    drop(gate);
+    batches
+}
+
+/// Sends a round's logged batches in order, each settled before the next is sent, with the
+/// reads queued meanwhile around them (`lane_between`). `gap` is whether a batch of the
+/// round went before these. Returns whether every batch landed, and whether reads were
+/// sent among them.
+async fn send_batches(
+    lane: &Lane,
+    engine: &Arc<Engine>,
+    batches: Vec<Batch>,
+    gap: &mut bool,
+    waiters: &mut HashMap<Bytes, Vec<Waiter>>,
+    flushers: &mut Vec<oneshot::Sender<bool>>,
+) -> (bool, bool) {
     let mut all_ok = true;
+    let mut contended = false;
     let mut ahead = None;
     let mut batches = batches.into_iter();
-    let mut gap = false;
+    let pipelined = engine.holds.is_none();
     while !batches.as_slice().is_empty() {
-        if gap && !lane.is_abandoned() {
-            // Reads queued since the round began go now, not after its last batch.
-            super::lane_between::reads_between(lane, engine, batches.as_slice(), &mut ahead).await;
+        if !pipelined {
+            // A cluster batch goes in parts, one per slot and node: no one connection
+            // orders a read behind it. Reads queued since the round began go in a gap of
+            // their own, not after its last batch.
+            if *gap && !lane.is_abandoned() {
+                contended |= super::lane_between::reads_between(
+                    lane,
+                    engine,
+                    batches.as_slice(),
+                    &mut ahead,
+                )
+                .await;
+            }
+            *gap = true;
+            let Some(b) = batches.next() else { break };
+            if let Some(a) = &mut ahead {
+                a.sent();
+            }
+            all_ok &= send_batch(lane, engine, b, waiters, flushers).await;
+            continue;
         }
-        gap = true;
+        let mut during = super::lane_between::During::new(&mut ahead);
+        if *gap {
+            // Reads queued since the round began go now, ahead of the next batch, not
+            // after its last.
+            during.send_reads(lane, engine, batches.as_slice());
+        }
+        *gap = true;
         let Some(b) = batches.next() else { break };
-        if let Some(a) = &mut ahead {
-            a.sent();
-        }
-        all_ok &= send_batch(lane, engine, b, &mut waiters, flushers).await;
+        during.sent_next(batches.as_slice());
+        all_ok &= send_batch_with(lane, engine, b, waiters, flushers, Some(&mut during)).await;
+        contended |= during.finish(lane, engine).await;
     }
-    fail_waiters(waiters.into_values(), LaneError::Unavailable);
-    if flush {
-        flush_histogram().record(started.elapsed().as_secs_f64());
-        engine.stats.flushes.fetch_add(1, Ordering::Relaxed);
-        engine
-            .stats
-            .flush_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        if !all_ok {
-            engine.stats.flush_failures.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-    all_ok && logging
+    (all_ok, contended)
 }
 
 /// The round's items with the window deltas last, those of one key side by side (counter
@@ -694,9 +785,22 @@ fn flush_histogram() -> &'static metrics::Histogram {
 pub(super) async fn send_batch(
     lane: &Lane,
     engine: &Arc<Engine>,
+    batch: Batch,
+    waiters: &mut HashMap<Bytes, Vec<Waiter>>,
+    flushers: &mut Vec<oneshot::Sender<bool>>,
+) -> bool {
+    send_batch_with(lane, engine, batch, waiters, flushers, None).await
+}
+
+/// [`send_batch`], sending the plain reads queued while the batch is out right behind it on
+/// the same connection (`during`, see `lane_between::During`).
+pub(super) async fn send_batch_with(
+    lane: &Lane,
+    engine: &Arc<Engine>,
     mut batch: Batch,
     waiters: &mut HashMap<Bytes, Vec<Waiter>>,
     flushers: &mut Vec<oneshot::Sender<bool>>,
+    mut during: Option<&mut super::lane_between::During<'_>>,
 ) -> bool {
     let has_deltas = batch.seq != 0;
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
@@ -709,7 +813,7 @@ pub(super) async fn send_batch(
         }
         attempts += 1;
         let epoch = engine.invalidation_epoch();
-        match attempt(lane, engine, &mut batch).await {
+        match attempt(lane, engine, &mut batch, during.as_deref_mut()).await {
             Ok(results) => {
                 let _gate = match &engine.wal {
                     Some(w) => Some(w.lane_gate.read().await),
@@ -729,26 +833,7 @@ pub(super) async fn send_batch(
                         .window_writes
                         .fetch_add(batch.writes.1, Ordering::Relaxed);
                 }
-                let mut results = results.into_iter();
-                for (key, delta) in &batch.items {
-                    if super::windows::parse_pending(key).is_some() {
-                        engine.settle(key, *delta, &KeyValue::Nil, epoch);
-                        continue;
-                    }
-                    let value = results.next().unwrap_or(KeyValue::Nil);
-                    if let (Some(d), KeyValue::Other(_) | KeyValue::Error(_)) = (delta, &value) {
-                        engine.drop_delta(key, *d, &format!("{value:?}"));
-                    }
-                    match batch.under.get(key) {
-                        Some(&ahead) => engine.settle_ahead(key, ahead, &value, epoch),
-                        None => engine.settle(key, *delta, &value, epoch),
-                    }
-                    if let Some(ws) = waiters.remove(key) {
-                        for w in ws {
-                            let _ = w.send(Ok(value.clone()));
-                        }
-                    }
-                }
+                settle_items(engine, &batch, results, waiters, epoch);
                 return true;
             }
             Err(e) => {
@@ -789,6 +874,37 @@ pub(super) async fn send_batch(
                         }
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Settles each item of a batch that landed with the shard's values, and answers its
+/// readers.
+pub(super) fn settle_items(
+    engine: &Engine,
+    batch: &Batch,
+    results: Vec<KeyValue>,
+    waiters: &mut HashMap<Bytes, Vec<Waiter>>,
+    epoch: u64,
+) {
+    let mut results = results.into_iter();
+    for (key, delta) in &batch.items {
+        if super::windows::parse_pending(key).is_some() {
+            engine.settle(key, *delta, &KeyValue::Nil, epoch);
+            continue;
+        }
+        let value = results.next().unwrap_or(KeyValue::Nil);
+        if let (Some(d), KeyValue::Other(_) | KeyValue::Error(_)) = (delta, &value) {
+            engine.drop_delta(key, *d, &format!("{value:?}"));
+        }
+        match batch.under.get(key) {
+            Some(&ahead) => engine.settle_ahead(key, ahead, &value, epoch),
+            None => engine.settle(key, *delta, &value, epoch),
+        }
+        if let Some(ws) = waiters.remove(key) {
+            for w in ws {
+                let _ = w.send(Ok(value.clone()));
             }
         }
     }
@@ -853,28 +969,20 @@ impl Batch {
 
 async fn attempt(
     lane: &Lane,
-    engine: &Engine,
+    engine: &Arc<Engine>,
     batch: &mut Batch,
+    during: Option<&mut super::lane_between::During<'_>>,
 ) -> Result<Vec<KeyValue>, BackendError> {
     if let Some(parts) = &mut batch.parts {
         return super::cluster_batch::attempt(engine.router(), parts, &batch.items).await;
     }
     let connects = lane.shard.lane_conn.connects();
     let rx = lane.shard.lane_send(batch.frame.clone());
-    let reply = match tokio::time::timeout(lane.shard.timeout, rx).await {
-        Ok(Ok(r)) => r?,
-        Ok(Err(_)) => return Err(BackendError::Lost),
-        Err(_) => return Err(BackendError::Timeout),
+    let reply = match during {
+        Some(during) => during.wait(lane, engine, rx).await?,
+        None => receive(lane, rx).await?,
     };
-    let counters = batch
-        .items
-        .iter()
-        .filter(|(k, _)| super::windows::parse_pending(k).is_none())
-        .count();
-    let results = parse_results(&reply, counters).ok_or_else(|| {
-        tracing::warn!(shard = %lane.shard.name, reply = ?reply.frame, "unexpected flush reply");
-        BackendError::Lost
-    })?;
+    let results = batch.results(lane, &reply)?;
     if let (true, Some(seen)) = (batch.seq != 0, record_seen(&reply)) {
         lane.check_record(seen);
     }
@@ -885,6 +993,42 @@ async fn attempt(
         return Err(BackendError::Timeout);
     }
     Ok(results)
+}
+
+/// The reply to a command sent on the lane connection, within the shard's timeout.
+pub(super) async fn receive(
+    lane: &Lane,
+    rx: oneshot::Receiver<Result<Reply, BackendError>>,
+) -> Result<Reply, BackendError> {
+    match tokio::time::timeout(lane.shard.timeout, rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err(BackendError::Lost),
+        Err(_) => Err(BackendError::Timeout),
+    }
+}
+
+impl Batch {
+    /// The counters' values in `reply` to this batch, in order.
+    pub(super) fn results(
+        &self,
+        lane: &Lane,
+        reply: &Reply,
+    ) -> Result<Vec<KeyValue>, BackendError> {
+        let counters = self
+            .items
+            .iter()
+            .filter(|(k, _)| super::windows::parse_pending(k).is_none())
+            .count();
+        parse_results(reply, counters).ok_or_else(|| {
+            tracing::warn!(shard = %lane.shard.name, reply = ?reply.frame, "unexpected flush reply");
+            BackendError::Lost
+        })
+    }
+
+    /// The frame sent for this batch (empty in a cluster, where its parts are sent).
+    pub(super) fn frame(&self) -> &Bytes {
+        &self.frame
+    }
 }
 
 pub(super) fn parse_results(reply: &Reply, n: usize) -> Option<Vec<KeyValue>> {

@@ -1,17 +1,21 @@
-//! Reads sent between the batches of a long flush.
+//! Reads sent around the batches of a round, rather than after its last.
 //!
-//! A lane has one round trip out at a time, and a full flush of K keys is K /
-//! `flush_batch_keys` batches sent one after another. A base read queued meanwhile (an INCR
-//! of a key whose base is older than `cache_ttl`, a read-ahead) used to wait for the whole
-//! flush: seconds at a million pending keys, during which such INCRs all but stopped. So
-//! between two batches the lane takes the plain reads queued so far and sends them in a
-//! round trip of their own, read only (number 0: no watermark moves, on a cluster slot
-//! neither), then goes on with the flush.
+//! A lane has one batch out at a time, and a full flush of K keys is K / `flush_batch_keys`
+//! batches sent one after another. A base read queued meanwhile (an INCR of a key whose base
+//! is older than `cache_ttl`, a read-ahead) used to wait for the whole flush: seconds at a
+//! million pending keys, during which such INCRs all but stopped. So the lane takes the plain
+//! reads queued so far and sends them read only (number 0: no watermark moves, on a cluster
+//! slot neither) on its own connection, without waiting: right behind the batch that is out
+//! ([`During`]), or right ahead of the next one. On a Redis Cluster, where a batch goes in
+//! parts to several nodes, they go in a round trip of their own between two batches
+//! ([`reads_between`]).
 //!
-//! Why the value read is right: every batch of the lane before the gap is settled and none
-//! after it is sent, so a key is either not in flight on this lane, or its whole in-flight
-//! delta waits in a batch not yet sent ([`Ahead`] knows which, and how much). The shard's
-//! value is then the base under that delta ([`Engine::settle_ahead`]), and the total the
+//! Why the value read is right: the connection runs commands in the order they were sent, so
+//! every batch of the lane before the read is settled, or is the batch out, and none after it
+//! is sent. A key is either not in flight on this lane, or its whole in-flight delta waits in
+//! a batch not yet sent ([`Ahead`] knows which, and how much), or it is in the batch out,
+//! whose outcome is unknown until its reply: such a read waits for that reply. The shard's
+//! value is then the base under the unsent delta ([`Engine::settle_ahead`]), and the total the
 //! client sees, `base + inflight + pending`, is the one it would have seen after the flush.
 //!
 //! What still waits for the end of the round: a key with a delta in flight that is not all
@@ -20,18 +24,24 @@
 //! round's numbers are given and logged already: a later number sent first would make the
 //! earlier batches look applied.
 //!
-//! Owns the index of what the unsent batches carry and the reads of a gap. Does not own the
-//! exactly-once protocol (`lane`).
+//! Owns the index of what the unsent batches carry and the reads sent around them. Does not
+//! own the exactly-once protocol (`lane`).
 
-use super::lane::{fail_waiters, send_batch, Batch, Lane, LaneError, Waiter};
+use super::lane::{
+    fail_waiters, receive, send_batch, settle_items, Batch, Lane, LaneError, Waiter,
+};
 use super::{windows, Engine};
+use crate::backend::{BackendError, Reply};
 use bytes::Bytes;
 use std::sync::Arc;
+use tokio::sync::oneshot;
 
 type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
+/// Reads taken from a lane's queue: each key with its readers.
+type Reads = Vec<(Bytes, Vec<Waiter>)>;
 
 /// The counter deltas of a round's batches not yet sent, by key hash: 24 bytes per key,
-/// built at the round's first gap that has a read in flight, dropped with the round.
+/// built at the first read sent among them, dropped with them.
 pub(super) struct Ahead {
     hasher: ahash::RandomState,
     /// (hash of the key, its delta, its batch), sorted by hash. The batch is the position of
@@ -125,12 +135,31 @@ pub(super) async fn reads_between<'a>(
     engine: &Arc<Engine>,
     unsent: impl IntoIterator<Item = &'a Batch>,
     ahead: &mut Option<Ahead>,
-) {
+) -> bool {
     let reads = lane.take_plain_reads();
     if reads.is_empty() {
-        return;
+        return false;
     }
     let index = ahead.get_or_insert_with(|| Ahead::new(unsent));
+    let (batches, mut waiters, later) = read_batches(engine, index, reads);
+    lane.requeue_reads(later);
+    for batch in batches {
+        // A read-only batch is not retried: a failure reaches its readers, as between rounds.
+        send_batch(lane, engine, batch, &mut waiters, &mut Vec::new()).await;
+    }
+    fail_waiters(waiters.into_values(), LaneError::Unavailable);
+    true
+}
+
+/// Read-only batches (at most `flush_batch_keys` keys each) for `reads`, each key's delta
+/// in the unsent batches of `index` noted as under its value, with their readers; and the
+/// reads that must wait for the round's end (a delta in flight that `index` does not hold
+/// whole).
+fn read_batches(
+    engine: &Engine,
+    index: &Ahead,
+    reads: Reads,
+) -> (Vec<Batch>, HashMap<Bytes, Vec<Waiter>>, Reads) {
     let mut items: Vec<(Bytes, Option<i64>)> = Vec::new();
     let mut under: HashMap<Bytes, i64> = HashMap::default();
     let mut waiters: HashMap<Bytes, Vec<Waiter>> = HashMap::default();
@@ -150,12 +179,12 @@ pub(super) async fn reads_between<'a>(
         items.push((key.clone(), None));
         waiters.insert(key, ws);
     }
-    lane.requeue_reads(later);
     engine
         .stats
         .reads_between
         .fetch_add(items.len() as u64, std::sync::atomic::Ordering::Relaxed);
     let limit = engine.flush_batch_keys().max(1);
+    let mut batches = Vec::new();
     let mut rest = items.into_iter().peekable();
     while rest.peek().is_some() {
         let chunk: Vec<_> = rest.by_ref().take(limit).collect();
@@ -165,10 +194,153 @@ pub(super) async fn reads_between<'a>(
             .iter()
             .filter_map(|(k, _)| Some((k.clone(), *under.get(k)?)))
             .collect();
-        // A read-only batch is not retried: a failure reaches its readers, as between rounds.
-        send_batch(lane, engine, batch, &mut waiters, &mut Vec::new()).await;
+        batches.push(batch);
     }
-    fail_waiters(waiters.into_values(), LaneError::Unavailable);
+    (batches, waiters, later)
+}
+
+/// Reads sent on the lane connection around a batch of a round without waiting for replies
+/// ([`super::lane::send_batch_with`]): those queued at the gap go right ahead of the batch,
+/// those queued while it is out go right behind it. The connection runs them in that order,
+/// so the shard works through them back to back with the batch, and a read queued during a
+/// flush waits for the rest of one batch, not for the batch's round trip and a gap of its
+/// own.
+///
+/// Why the value read is right: as for a gap, every batch before the one out is settled and
+/// none after it is sent, so a key's delta in flight is either whole in an unsent batch
+/// ([`Ahead`]), or in the batch out, whose outcome is not known until its reply. A read of
+/// such a key waits for the next gap, where that batch is settled. Replies are answered in
+/// the order they were sent: the reads ahead of the batch before its reply is settled, those
+/// behind it before the lane's next batch ([`During::finish`]).
+pub(super) struct During<'a> {
+    ahead: &'a mut Option<Ahead>,
+    /// The round's batches after the one out (for `ahead`, built at first use).
+    unsent: &'a [Batch],
+    /// Sent and not yet answered, in the order sent.
+    sent: Vec<SentRead>,
+    /// Reads of keys in flight in the batch out (or elsewhere), for the next gap.
+    later: Reads,
+    /// Whether a read was sent around the batch (or waits for the next gap).
+    reads_sent: bool,
+}
+
+/// Read batches sent around one batch, at most: the lane connection's queue holds
+/// `queue_depth` commands, and a batch stalled until the shard's timeout must not fill it.
+const MAX_SENT: usize = 64;
+
+struct SentRead {
+    batch: Batch,
+    waiters: HashMap<Bytes, Vec<Waiter>>,
+    rx: oneshot::Receiver<Result<Reply, BackendError>>,
+    /// The invalidation epoch when it was sent (see `Engine::settle`).
+    epoch: u64,
+}
+
+impl<'a> During<'a> {
+    pub(super) fn new(ahead: &'a mut Option<Ahead>) -> During<'a> {
+        During {
+            ahead,
+            unsent: &[],
+            sent: Vec::new(),
+            later: Vec::new(),
+            reads_sent: false,
+        }
+    }
+
+    /// The next batch of the round is about to be sent; `unsent` are those after it.
+    pub(super) fn sent_next(&mut self, unsent: &'a [Batch]) {
+        if let Some(a) = self.ahead.as_mut() {
+            a.sent();
+        }
+        self.unsent = unsent;
+    }
+
+    /// The reply to the batch out (`rx`), within the shard's timeout. The reads sent ahead of
+    /// it are answered first; reads queued meanwhile are sent behind it.
+    pub(super) async fn wait(
+        &mut self,
+        lane: &Lane,
+        engine: &Arc<Engine>,
+        rx: oneshot::Receiver<Result<Reply, BackendError>>,
+    ) -> Result<Reply, BackendError> {
+        let deadline = tokio::time::sleep(lane.shard.timeout);
+        tokio::pin!(deadline, rx);
+        for read in std::mem::take(&mut self.sent) {
+            answer(lane, engine, read).await;
+        }
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut rx => return r.unwrap_or(Err(BackendError::Lost)),
+                _ = &mut deadline => return Err(BackendError::Timeout),
+                _ = lane.wake.notified() => {
+                    let unsent = self.unsent;
+                    self.send_reads(lane, engine, unsent);
+                }
+            }
+        }
+    }
+
+    /// Sends the plain reads queued now; `unsent` are the round's batches not yet sent.
+    /// Past [`MAX_SENT`] read batches around one batch (a shard slow to answer), they wait
+    /// in the queue for the next gap.
+    pub(super) fn send_reads(&mut self, lane: &Lane, engine: &Engine, unsent: &[Batch]) {
+        if lane.is_abandoned() || self.sent.len() >= MAX_SENT {
+            return;
+        }
+        let reads = lane.take_plain_reads();
+        if reads.is_empty() {
+            return;
+        }
+        self.reads_sent = true;
+        let index = self.ahead.get_or_insert_with(|| Ahead::new(unsent));
+        let (batches, mut waiters, later) = read_batches(engine, index, reads);
+        self.later.extend(later);
+        for batch in batches {
+            let epoch = engine.invalidation_epoch();
+            let rx = lane.shard.lane_send(batch.frame().clone());
+            let waiters = batch
+                .items
+                .iter()
+                .filter_map(|(k, _)| Some((k.clone(), waiters.remove(k)?)))
+                .collect();
+            self.sent.push(SentRead {
+                batch,
+                waiters,
+                rx,
+                epoch,
+            });
+        }
+    }
+
+    /// Answers the reads sent behind the batch, and gives the deferred ones back to the
+    /// queue for the next gap. Returns whether any read was sent around the batch.
+    pub(super) async fn finish(self, lane: &Lane, engine: &Arc<Engine>) -> bool {
+        for read in self.sent {
+            answer(lane, engine, read).await;
+        }
+        lane.requeue_reads(self.later);
+        self.reads_sent
+    }
+}
+
+/// Settles a read sent without waiting, with its reply, and answers its readers.
+async fn answer(lane: &Lane, engine: &Arc<Engine>, mut read: SentRead) {
+    let results = match receive(lane, read.rx).await {
+        Ok(reply) => read.batch.results(lane, &reply),
+        Err(e) => Err(e),
+    };
+    match results {
+        Ok(results) => {
+            let _gate = match &engine.wal {
+                Some(w) => Some(w.lane_gate.read().await),
+                None => None,
+            };
+            settle_items(engine, &read.batch, results, &mut read.waiters, read.epoch);
+        }
+        Err(BackendError::Timeout) => fail_waiters(read.waiters.into_values(), LaneError::Timeout),
+        Err(_) => fail_waiters(read.waiters.into_values(), LaneError::Unavailable),
+    }
 }
 
 #[cfg(test)]

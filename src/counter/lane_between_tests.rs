@@ -1,6 +1,8 @@
-//! Reads between the batches of a flush (`lane_between`), against the fake shard of
+//! Reads around the batches of a flush (`lane_between`), against the fake shard of
 //! `lane_tests`: a flush held at its second batch, and INCRs of keys whose bases are
-//! unknown, some with deltas in the batches not yet sent, answered before it goes on.
+//! unknown, some with deltas in the batches not yet sent (read right behind the held batch),
+//! some with deltas in the held batch (read in the gap after it); and a flush that takes its
+//! keys a few stripes at a time.
 
 use super::lane_tests::{
     engine_with, flush_until_ok, incr, stat, until, within, FakeShard, Fault, Outcome, Value,
@@ -8,7 +10,7 @@ use super::lane_tests::{
 use std::collections::{HashMap, HashSet};
 
 #[tokio::test]
-async fn base_reads_go_out_between_the_batches_of_a_held_flush() {
+async fn base_reads_go_out_behind_a_held_batch_and_in_the_gap_after_it() {
     let fake = FakeShard::start().await;
     // Three keys a batch: a flush of ten keys is four batches. A shard timeout longer than
     // the hold: the held batch is not retried.
@@ -35,11 +37,15 @@ async fn base_reads_go_out_between_the_batches_of_a_held_flush() {
     until("the second batch held", || fake.stalled() == 1).await;
     let writes = fake.writes();
     assert_eq!(writes.len(), 2, "{writes:?}");
-    let first: HashSet<Vec<u8>> = writes[0].items.iter().map(|(k, _)| k.clone()).collect();
-    assert_eq!(first.len(), 3);
+    let set = |a: &super::lane_tests::Arrival| -> HashSet<Vec<u8>> {
+        a.items.iter().map(|(k, _)| k.clone()).collect()
+    };
+    let (first, held) = (set(&writes[0]), set(&writes[1]));
+    assert_eq!((first.len(), held.len()), (3, 3));
 
-    // The first batch's keys are settled (fresh); every other key needs a read: those of the
-    // held batch, and those whose delta waits in the two batches not sent yet.
+    // The first batch's keys are settled (fresh); every other key needs a read. Those whose
+    // delta waits in the two batches not sent yet are read at once, behind the held batch;
+    // those of the held batch wait for its outcome.
     let tasks: Vec<_> = keys
         .iter()
         .map(|k| {
@@ -48,7 +54,10 @@ async fn base_reads_go_out_between_the_batches_of_a_held_flush() {
         })
         .collect();
     let lane = engine.lane("fake").unwrap();
-    until("the reads queued", || lane.queued_reads() == 7).await;
+    until("the four reads sent behind the held batch", || {
+        stat(&engine.stats.reads_between) == 4 && lane.queued_reads() == 0
+    })
+    .await;
     fake.release();
     for (i, t) in tasks.into_iter().enumerate() {
         let v = within("an INCR", t).await.unwrap();
@@ -56,30 +65,23 @@ async fn base_reads_go_out_between_the_batches_of_a_held_flush() {
     }
     assert!(within("the flush", flush).await.unwrap());
 
-    // On the shard: the two first batches, the seven reads (number 0, in batches of three),
-    // then the last two batches.
+    // On the shard: the two first batches, the reads of the four keys of the unsent batches
+    // (number 0, in batches of three), the read of the held batch's three keys, then the
+    // last two batches.
     let arrivals = fake.arrivals();
     let at = |seq: u64| arrivals.iter().position(|a| a.seq == seq).unwrap();
     let all = fake.writes();
     assert_eq!(all.len(), 4, "{all:?}");
     let gap = &arrivals[at(all[1].seq) + 1..at(all[2].seq)];
-    assert_eq!(gap.len(), 3, "{arrivals:?}");
-    let read: HashSet<Vec<u8>> = gap
-        .iter()
-        .flat_map(|a| {
-            assert_eq!((a.seq, a.outcome), (0, Outcome::ReadOnly));
-            a.items.iter().map(|(k, d)| {
-                assert_eq!(*d, None);
-                k.clone()
-            })
-        })
-        .collect();
-    let others: HashSet<Vec<u8>> = keys
-        .iter()
-        .map(|k| k.as_bytes().to_vec())
-        .filter(|k| !first.contains(k))
-        .collect();
-    assert_eq!(read, others);
+    for a in gap {
+        assert_eq!((a.seq, a.outcome), (0, Outcome::ReadOnly), "{arrivals:?}");
+        assert!(a.items.iter().all(|(_, d)| d.is_none()), "{a:?}");
+    }
+    let unsent: HashSet<Vec<u8>> = set(&all[2]).union(&set(&all[3])).cloned().collect();
+    let (last, behind) = gap.split_last().expect("reads in the gap");
+    let behind: HashSet<Vec<u8>> = behind.iter().flat_map(set).collect();
+    assert_eq!(behind, unsent, "{arrivals:?}");
+    assert_eq!(set(last), held, "{arrivals:?}");
     assert!(arrivals[at(all[2].seq)..].iter().all(|a| a.seq != 0));
     assert_eq!(stat(&engine.stats.reads_between), 7);
 
@@ -96,5 +98,63 @@ async fn base_reads_go_out_between_the_batches_of_a_held_flush() {
     assert!(applied.values().all(|&n| n == 1), "{applied:?}");
     let w = fake.writes();
     assert!(w.windows(2).all(|p| p[0].seq < p[1].seq), "{w:?}");
+    assert_eq!(fake.watermark(), w.last().unwrap().seq);
+}
+
+#[tokio::test]
+async fn a_full_take_goes_stripe_by_stripe_from_its_cursor() {
+    let fake = FakeShard::start().await;
+    let engine = engine_with(&fake, "10s", "[counters]\ncache_ttl = \"60s\"\n");
+    let keys: Vec<String> = (0..300).map(|i| format!("c{i}")).collect();
+    for k in &keys {
+        assert_eq!(incr(&engine, k, 2).await, 2, "{k}");
+    }
+    let topo = engine.router().topology();
+    let mut cursor = 0;
+    let mut taken: Vec<Vec<u8>> = Vec::new();
+    let mut takes = 0;
+    while cursor < crate::counter::stripe::STRIPES {
+        let before = cursor;
+        let part = engine.take(Some((&topo, 0, &mut cursor)), None, 40, 0);
+        takes += 1;
+        assert!(cursor > before, "the cursor moves on");
+        // A take ends with the stripe in which it reached its limit (or with the last).
+        assert!(
+            part.len() >= 40 || cursor == crate::counter::stripe::STRIPES,
+            "{} keys, cursor {cursor}",
+            part.len()
+        );
+        assert!(part.iter().all(|(_, d)| *d == 2));
+        taken.extend(part.into_iter().map(|(k, _)| k.to_vec()));
+    }
+    assert!(takes >= 300 / 40 / 2, "{takes} takes");
+    let distinct: HashSet<Vec<u8>> = taken.iter().cloned().collect();
+    assert_eq!(distinct.len(), taken.len(), "a key taken twice");
+    let all: HashSet<Vec<u8>> = keys.iter().map(|k| k.as_bytes().to_vec()).collect();
+    assert_eq!(distinct, all);
+}
+
+#[tokio::test]
+async fn a_flush_of_many_chunks_lands_every_delta_once_in_order() {
+    let fake = FakeShard::start().await;
+    // Two keys a batch: a flush takes eight keys' worth of stripes at a time.
+    let engine = engine_with(
+        &fake,
+        "10s",
+        "[counters]\nflush_batch_keys = 2\ncache_ttl = \"60s\"\n",
+    );
+    let keys: Vec<String> = (0..120).map(|i| format!("m{i}")).collect();
+    for (i, k) in keys.iter().enumerate() {
+        assert_eq!(incr(&engine, k, i as i64 + 1).await, i as i64 + 1, "{k}");
+    }
+    assert!(within("the flush", engine.flush_all()).await);
+    for (i, k) in keys.iter().enumerate() {
+        assert_eq!(fake.int(k), Some(i as i64 + 1), "{k} on the shard");
+    }
+    let w = fake.writes();
+    assert!(w.iter().all(|a| a.items.len() <= 2), "{w:?}");
+    assert!(w.len() >= 60, "{} batches", w.len());
+    assert!(w.windows(2).all(|p| p[0].seq < p[1].seq), "{w:?}");
+    assert!(w.iter().all(|a| a.outcome == Outcome::Applied), "{w:?}");
     assert_eq!(fake.watermark(), w.last().unwrap().seq);
 }

@@ -197,7 +197,7 @@ mod tests {
     }
 
     fn full_take(e: &Engine, topo: &Topology) -> Vec<(Bytes, i64)> {
-        let mut v = e.take(Some((topo, 0)), None, usize::MAX, 0);
+        let mut v = e.take(Some((topo, 0, &mut 0)), None, usize::MAX, 0);
         v.sort();
         v
     }
