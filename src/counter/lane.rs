@@ -849,6 +849,9 @@ pub(super) async fn send_batch_with(
                 if !has_deltas {
                     return false;
                 }
+                if let Some(d) = during.as_deref_mut() {
+                    d.failed(lane, engine).await;
+                }
                 if lane.is_abandoned() {
                     engine.abandon_batch(batch.seq, &batch.items).await;
                     return false;
@@ -996,7 +999,7 @@ async fn attempt(
 }
 
 /// The reply to a command sent on the lane connection, within the shard's timeout.
-pub(super) async fn receive(
+async fn receive(
     lane: &Lane,
     rx: oneshot::Receiver<Result<Reply, BackendError>>,
 ) -> Result<Reply, BackendError> {

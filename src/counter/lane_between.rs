@@ -27,9 +27,7 @@
 //! Owns the index of what the unsent batches carry and the reads sent around them. Does not
 //! own the exactly-once protocol (`lane`).
 
-use super::lane::{
-    fail_waiters, receive, send_batch, settle_items, Batch, Lane, LaneError, Waiter,
-};
+use super::lane::{fail_waiters, send_batch, settle_items, Batch, Lane, LaneError, Waiter};
 use super::{windows, Engine};
 use crate::backend::{BackendError, Reply};
 use bytes::Bytes;
@@ -222,11 +220,9 @@ pub(super) struct During<'a> {
     later: Reads,
     /// Whether a read was sent around the batch (or waits for the next gap).
     reads_sent: bool,
+    /// Whether reads went behind the batch out already (see [`During::wait`]).
+    sent_behind: bool,
 }
-
-/// Read batches sent around one batch, at most: the lane connection's queue holds
-/// `queue_depth` commands, and a batch stalled until the shard's timeout must not fill it.
-const MAX_SENT: usize = 64;
 
 struct SentRead {
     batch: Batch,
@@ -244,6 +240,7 @@ impl<'a> During<'a> {
             sent: Vec::new(),
             later: Vec::new(),
             reads_sent: false,
+            sent_behind: false,
         }
     }
 
@@ -263,34 +260,35 @@ impl<'a> During<'a> {
         engine: &Arc<Engine>,
         rx: oneshot::Receiver<Result<Reply, BackendError>>,
     ) -> Result<Reply, BackendError> {
+        answer(lane, engine, std::mem::take(&mut self.sent)).await;
+        // The batch's own time: the reads ahead of it are answered.
         let deadline = tokio::time::sleep(lane.shard.timeout);
         tokio::pin!(deadline, rx);
-        for read in std::mem::take(&mut self.sent) {
-            answer(lane, engine, read).await;
-        }
         loop {
             tokio::select! {
                 biased;
                 r = &mut rx => return r.unwrap_or(Err(BackendError::Lost)),
                 _ = &mut deadline => return Err(BackendError::Timeout),
-                _ = lane.wake.notified() => {
+                // Once per batch out: reads queued later share the next gap's round trip
+                // (one `EVAL` for many keys, as before), and a batch stalled until the
+                // shard's timeout cannot fill the connection's queue.
+                _ = lane.wake.notified(), if !self.sent_behind => {
                     let unsent = self.unsent;
-                    self.send_reads(lane, engine, unsent);
+                    self.sent_behind = self.send_reads(lane, engine, unsent);
                 }
             }
         }
     }
 
     /// Sends the plain reads queued now; `unsent` are the round's batches not yet sent.
-    /// Past [`MAX_SENT`] read batches around one batch (a shard slow to answer), they wait
-    /// in the queue for the next gap.
-    pub(super) fn send_reads(&mut self, lane: &Lane, engine: &Engine, unsent: &[Batch]) {
-        if lane.is_abandoned() || self.sent.len() >= MAX_SENT {
-            return;
+    /// Returns whether there were any.
+    pub(super) fn send_reads(&mut self, lane: &Lane, engine: &Engine, unsent: &[Batch]) -> bool {
+        if lane.is_abandoned() {
+            return false;
         }
         let reads = lane.take_plain_reads();
         if reads.is_empty() {
-            return;
+            return false;
         }
         self.reads_sent = true;
         let index = self.ahead.get_or_insert_with(|| Ahead::new(unsent));
@@ -311,22 +309,52 @@ impl<'a> During<'a> {
                 epoch,
             });
         }
+        true
+    }
+
+    /// The batch's attempt failed, and it will be retried after a wait: the reads sent
+    /// around it are answered, and the deferred ones go back to the queue, where the lane
+    /// answers them at once while it waits (the shard is not taking the batch), as it does
+    /// every read queued then. A read of a key in the batch must not wait for the retry to
+    /// land: that can be the whole outage.
+    pub(super) async fn failed(&mut self, lane: &Lane, engine: &Arc<Engine>) {
+        answer(lane, engine, std::mem::take(&mut self.sent)).await;
+        lane.requeue_reads(std::mem::take(&mut self.later));
+        // `wait` took the lane's wake-up for whatever was queued meanwhile (a flush, a
+        // FLUSHDB, a window read): given back, so that the lane answers it while it waits.
+        lane.wake.notify_one();
     }
 
     /// Answers the reads sent behind the batch, and gives the deferred ones back to the
     /// queue for the next gap. Returns whether any read was sent around the batch.
     pub(super) async fn finish(self, lane: &Lane, engine: &Arc<Engine>) -> bool {
-        for read in self.sent {
-            answer(lane, engine, read).await;
-        }
+        answer(lane, engine, self.sent).await;
         lane.requeue_reads(self.later);
         self.reads_sent
     }
 }
 
-/// Settles a read sent without waiting, with its reply, and answers its readers.
-async fn answer(lane: &Lane, engine: &Arc<Engine>, mut read: SentRead) {
-    let results = match receive(lane, read.rx).await {
+/// Settles reads sent without waiting, in the order sent, with their replies, and answers
+/// their readers; one shard timeout for them all.
+async fn answer(lane: &Lane, engine: &Arc<Engine>, reads: Vec<SentRead>) {
+    let deadline = tokio::time::Instant::now() + lane.shard.timeout;
+    for read in reads {
+        answer_one(lane, engine, read, deadline).await;
+    }
+}
+
+async fn answer_one(
+    lane: &Lane,
+    engine: &Arc<Engine>,
+    mut read: SentRead,
+    deadline: tokio::time::Instant,
+) {
+    let reply = match tokio::time::timeout_at(deadline, read.rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err(BackendError::Lost),
+        Err(_) => Err(BackendError::Timeout),
+    };
+    let results = match reply {
         Ok(reply) => read.batch.results(lane, &reply),
         Err(e) => Err(e),
     };

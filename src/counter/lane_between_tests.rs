@@ -158,3 +158,50 @@ async fn a_flush_of_many_chunks_lands_every_delta_once_in_order() {
     assert!(w.iter().all(|a| a.outcome == Outcome::Applied), "{w:?}");
     assert_eq!(fake.watermark(), w.last().unwrap().seq);
 }
+
+#[tokio::test]
+async fn a_read_of_a_key_in_a_failing_batch_is_answered_while_the_batch_retries() {
+    let fake = FakeShard::start().await;
+    // The first batch is held past the shard's timeout: its attempt fails and is retried.
+    let engine = engine_with(
+        &fake,
+        "300ms",
+        "[counters]\nflush_batch_keys = 3\ncache_ttl = \"60s\"\n",
+    );
+    let keys: Vec<String> = (0..6).map(|i| format!("r{i}")).collect();
+    for k in &keys {
+        assert_eq!(incr(&engine, k, 1).await, 1, "{k}");
+    }
+    fake.misbehave(0, Fault::Hold);
+    let flush = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.flush_all().await })
+    };
+    until("the first batch held", || fake.stalled() == 1).await;
+    let held = fake.writes()[0].items[0].0.clone();
+    // A plain read of a key of the held batch waits for its outcome; when the attempt fails,
+    // the reader is told the shard is unavailable at once, not when the retry lands.
+    let lane = engine.lane("fake").unwrap();
+    let read = lane.enqueue(bytes::Bytes::from(held.clone()), false);
+    let r = within("the read of a key in the failing batch", read)
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            r,
+            Err(super::lane::LaneError::Unavailable | super::lane::LaneError::Timeout)
+        ),
+        "{r:?}"
+    );
+    fake.release();
+    let _ = within("the flush", flush).await;
+    flush_until_ok(&engine).await;
+    for k in &keys {
+        assert_eq!(fake.int(k), Some(1), "{k} on the shard");
+    }
+    let mut applied: HashMap<u64, usize> = HashMap::new();
+    for a in fake.writes() {
+        *applied.entry(a.seq).or_default() += (a.outcome == Outcome::Applied) as usize;
+    }
+    assert!(applied.values().all(|&n| n == 1), "{applied:?}");
+}
