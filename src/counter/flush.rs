@@ -227,10 +227,7 @@ impl Engine {
     /// new owners), logged as increments in the same commit as the batch's `Applied`
     /// record, so that a replay neither re-sends the batch nor loses its deltas.
     pub(crate) async fn abandon_batch(&self, seq: u64, items: &[(Bytes, Option<i64>)]) {
-        let _gate = match &self.wal {
-            Some(w) => Some(w.lane_gate.read().await),
-            None => None,
-        };
+        let _gate = self.lane_gate().await;
         if self.wal.is_some() {
             for (k, d) in items {
                 let Some(d) = d else { continue };

@@ -169,10 +169,7 @@ pub(super) async fn run(
         // Known down: nothing taken, nothing sent.
         return (Err(unavailable()), None);
     }
-    let gate = match &engine.wal {
-        Some(w) => Some(w.lane_gate.read().await),
-        None => None,
-    };
+    let gate = engine.lane_gate().await;
     let taken = engine.take(Some((&topo, idx, &mut 0)), None, usize::MAX, lane.id);
     let items: Vec<(Bytes, Option<i64>)> =
         taken.iter().map(|(k, d)| (k.clone(), Some(*d))).collect();
@@ -201,10 +198,7 @@ pub(super) async fn run(
     };
     match outcome {
         Ok(()) => {
-            let _gate = match &engine.wal {
-                Some(w) => Some(w.lane_gate.read().await),
-                None => None,
-            };
+            let _gate = engine.lane_gate().await;
             if let (Some(wal), true) = (&engine.wal, seq != 0) {
                 wal.log_applied(seq);
             }

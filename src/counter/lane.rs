@@ -509,10 +509,7 @@ async fn round(
     let started = Instant::now();
     let limit = engine.flush_batch_keys();
     // Taking deltas and logging their batches is one step for a log checkpoint.
-    let gate = match &engine.wal {
-        Some(w) => Some(w.lane_gate.read().await),
-        None => None,
-    };
+    let gate = engine.lane_gate().await;
     // With the log failed no batch can be logged, so none is sent: plain reads go read-only
     // (the engine adds the pending delta to what the shard holds), landings are refused,
     // and a flush reports failure.
@@ -640,10 +637,7 @@ async fn round(
         if cursor >= STRIPES || lane.is_abandoned() {
             break;
         }
-        gate = match &engine.wal {
-            Some(w) => Some(w.lane_gate.read().await),
-            None => None,
-        };
+        gate = engine.lane_gate().await;
     }
     fail_waiters(waiters.into_values(), LaneError::Unavailable);
     if flush {
@@ -815,10 +809,7 @@ pub(super) async fn send_batch_with(
         let epoch = engine.invalidation_epoch();
         match attempt(lane, engine, &mut batch, during.as_deref_mut()).await {
             Ok(results) => {
-                let _gate = match &engine.wal {
-                    Some(w) => Some(w.lane_gate.read().await),
-                    None => None,
-                };
+                let _gate = engine.lane_gate().await;
                 if has_deltas {
                     if let Some(wal) = &engine.wal {
                         wal.log_applied(batch.seq);
@@ -837,14 +828,9 @@ pub(super) async fn send_batch_with(
                 return true;
             }
             Err(e) => {
-                let lane_err = if e == BackendError::Timeout {
-                    LaneError::Timeout
-                } else {
-                    LaneError::Unavailable
-                };
                 fail_waiters(
                     batch.items.iter().filter_map(|(k, _)| waiters.remove(k)),
-                    lane_err,
+                    lane_error(e),
                 );
                 if !has_deltas {
                     return false;
@@ -983,7 +969,7 @@ async fn attempt(
     let rx = lane.shard.lane_send(batch.frame.clone());
     let reply = match during {
         Some(during) => during.wait(lane, engine, rx).await?,
-        None => receive(lane, rx).await?,
+        None => receive_by(rx, tokio::time::Instant::now() + lane.shard.timeout).await?,
     };
     let results = batch.results(lane, &reply)?;
     if let (true, Some(seen)) = (batch.seq != 0, record_seen(&reply)) {
@@ -998,15 +984,24 @@ async fn attempt(
     Ok(results)
 }
 
-/// The reply to a command sent on the lane connection, within the shard's timeout.
-async fn receive(
-    lane: &Lane,
+/// The reply to a command sent on the lane connection, by `deadline`.
+pub(super) async fn receive_by(
     rx: oneshot::Receiver<Result<Reply, BackendError>>,
+    deadline: tokio::time::Instant,
 ) -> Result<Reply, BackendError> {
-    match tokio::time::timeout(lane.shard.timeout, rx).await {
+    match tokio::time::timeout_at(deadline, rx).await {
         Ok(Ok(r)) => r,
         Ok(Err(_)) => Err(BackendError::Lost),
         Err(_) => Err(BackendError::Timeout),
+    }
+}
+
+/// What a reader is told when its round trip failed with `e`.
+pub(super) fn lane_error(e: BackendError) -> LaneError {
+    if e == BackendError::Timeout {
+        LaneError::Timeout
+    } else {
+        LaneError::Unavailable
     }
 }
 

@@ -27,7 +27,9 @@
 //! Owns the index of what the unsent batches carry and the reads sent around them. Does not
 //! own the exactly-once protocol (`lane`).
 
-use super::lane::{fail_waiters, send_batch, settle_items, Batch, Lane, LaneError, Waiter};
+use super::lane::{
+    fail_waiters, lane_error, receive_by, send_batch, settle_items, Batch, Lane, LaneError, Waiter,
+};
 use super::{windows, Engine};
 use crate::backend::{BackendError, Reply};
 use bytes::Bytes;
@@ -262,13 +264,12 @@ impl<'a> During<'a> {
     ) -> Result<Reply, BackendError> {
         answer(lane, engine, std::mem::take(&mut self.sent)).await;
         // The batch's own time: the reads ahead of it are answered.
-        let deadline = tokio::time::sleep(lane.shard.timeout);
-        tokio::pin!(deadline, rx);
+        let reply = receive_by(rx, tokio::time::Instant::now() + lane.shard.timeout);
+        tokio::pin!(reply);
         loop {
             tokio::select! {
                 biased;
-                r = &mut rx => return r.unwrap_or(Err(BackendError::Lost)),
-                _ = &mut deadline => return Err(BackendError::Timeout),
+                r = &mut reply => return r,
                 // Once per batch out: reads queued later share the next gap's round trip
                 // (one `EVAL` for many keys, as before), and a batch stalled until the
                 // shard's timeout cannot fill the connection's queue.
@@ -349,25 +350,16 @@ async fn answer_one(
     mut read: SentRead,
     deadline: tokio::time::Instant,
 ) {
-    let reply = match tokio::time::timeout_at(deadline, read.rx).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(_)) => Err(BackendError::Lost),
-        Err(_) => Err(BackendError::Timeout),
-    };
-    let results = match reply {
+    let results = match receive_by(read.rx, deadline).await {
         Ok(reply) => read.batch.results(lane, &reply),
         Err(e) => Err(e),
     };
     match results {
         Ok(results) => {
-            let _gate = match &engine.wal {
-                Some(w) => Some(w.lane_gate.read().await),
-                None => None,
-            };
+            let _gate = engine.lane_gate().await;
             settle_items(engine, &read.batch, results, &mut read.waiters, read.epoch);
         }
-        Err(BackendError::Timeout) => fail_waiters(read.waiters.into_values(), LaneError::Timeout),
-        Err(_) => fail_waiters(read.waiters.into_values(), LaneError::Unavailable),
+        Err(e) => fail_waiters(read.waiters.into_values(), lane_error(e)),
     }
 }
 

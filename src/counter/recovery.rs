@@ -22,6 +22,16 @@ impl Engine {
         }
     }
 
+    /// The log checkpoint's gate, held for reading by a lane while it takes deltas and logs
+    /// their batches, or settles a reply (a checkpoint's cut holds it for writing); None
+    /// without a log.
+    pub(crate) async fn lane_gate(&self) -> Option<tokio::sync::RwLockReadGuard<'_, ()>> {
+        match &self.wal {
+            Some(w) => Some(w.lane_gate.read().await),
+            None => None,
+        }
+    }
+
     /// Whether increments are logged at all (`[durability] enabled`).
     pub fn has_log(&self) -> bool {
         self.wal.is_some()
