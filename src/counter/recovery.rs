@@ -143,7 +143,7 @@ impl Engine {
     pub(crate) fn cut(
         &self,
         unapplied: &wal::Unapplied,
-    ) -> (Vec<u8>, Vec<(Bytes, i64)>, std::collections::HashSet<Bytes>) {
+    ) -> (Vec<u8>, wal::PendingItems, std::collections::HashSet<Bytes>) {
         let mut guards: Vec<_> = self.stripes.iter().map(|c| c.lock.lock()).collect();
         let mut tail = Vec::new();
         let mut drain = Drain::new(&mut tail);
@@ -153,7 +153,7 @@ impl Engine {
                 *covered.entry(&k[..]).or_insert(0) += d;
             }
         }
-        let mut pending = Vec::new();
+        let mut pending = wal::PendingItems::default();
         let mut spilled = 0;
         for (g, cell) in guards.iter_mut().zip(self.stripes.iter()) {
             drain.take(g, cell);
@@ -166,12 +166,13 @@ impl Engine {
                 if !e.unflushed() {
                     continue;
                 }
-                let p = e
-                    .pending
-                    .wrapping_add(e.inflight)
-                    .wrapping_sub(covered.get(&k[..]).copied().unwrap_or(0));
+                let mut p = e.pending.wrapping_add(e.inflight);
+                if !covered.is_empty() {
+                    // Most cuts find no batch in flight, and then hash no key.
+                    p = p.wrapping_sub(covered.get(&k[..]).copied().unwrap_or(0));
+                }
                 if p != 0 {
-                    pending.push((Bytes::copy_from_slice(k), p));
+                    pending.push(k, p);
                 }
             }
         }

@@ -21,8 +21,12 @@
 //!   by a rebalance (replay adds it to pending and marks the key moved), or a key marked
 //!   moved with nothing to add (a bucket hash, whose counts are `Moved` window deltas).
 //! - `Checkpoint { next_seq, pending, unapplied }`: the whole state at a cut; replay starts
-//!   over from it. Written as the first record of a new segment, after which older segments
-//!   are deleted, so the log does not grow without bound.
+//!   over from it. Written as the first record of the segment the log opens with, and of
+//!   the one a failed log recovers into; after it, older segments are deleted, so the log
+//!   does not grow without bound.
+//! - `CheckpointAt { index }`: the first record of a segment started by a checkpoint while
+//!   the log runs, whose `Checkpoint` is written afterwards to a file of its own (see
+//!   [`checkpoint`]).
 //!
 //! Replay: `pending[key] = Σ Incr − Σ Batch items`, and the batches without an `Applied`
 //! are re-sent with their original ids, which the shards' exactly-once record turns into
@@ -30,16 +34,16 @@
 //! a torn tail (kill -9 mid-write) is truncated, logged, and start-up continues with every
 //! whole record before it.
 //!
-//! A checkpoint must be a consistent cut: it waits for lanes to be between operations
-//! (`lane_gate`), holds the file, locks every map shard at once, drains the buffers into the
-//! old segment and snapshots the state, then lets go. That stalls increments for the time
-//! of one pass over the keys, once per `segment_bytes` of log (or per checkpoint size, when
-//! the state is larger: see [`Segment::wants_checkpoint`]).
+//! A checkpoint is a consistent cut (see [`checkpoint`]): it stalls increments for one pass
+//! over the keys in memory, once per `segment_bytes` of log (or per checkpoint size, when
+//! the state is larger: see [`Segment::wants_checkpoint`]); the snapshot is written after.
 //!
 //! fsync: `always`: a commit returns after `fdatasync`, shared by every increment that
 //! arrived meanwhile (group commit); `everysec`: a background sync each second; `no`: the
 //! OS decides. In every mode the record is in the OS before the reply is sent, so killing
 //! the process loses nothing; losing the machine loses up to a second with `everysec`.
+
+mod checkpoint;
 
 use super::Engine;
 use crate::backoff::Backoff;
@@ -68,6 +72,8 @@ const MARKED: u8 = 7;
 const INCRS: u8 = 9;
 /// `Incrs` whose entries may name their keys ([`LogName`]).
 const NAMED_INCRS: u8 = 10;
+/// `CheckpointAt { index }`: the segment's checkpoint is in its own file (see `checkpoint`).
+const CHECKPOINT_AT: u8 = 11;
 /// Longest record accepted on replay; anything claiming more is corruption.
 const MAX_RECORD: usize = 1 << 30;
 
@@ -89,6 +95,11 @@ pub struct Recovered {
     pub moved: HashSet<Bytes>,
     pub records: u64,
     pub truncated_bytes: u64,
+    /// A checkpoint file replay could not read with no segment before it, and no later
+    /// checkpoint since: the counts it held are not in what replay found (see `checkpoint`).
+    pub lost_checkpoint: Option<PathBuf>,
+    /// The index of the last segment replayed so far.
+    pub replayed: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -108,8 +119,13 @@ struct Segment {
     file: Arc<File>,
     index: u64,
     size: u64,
-    /// Size of the checkpoint the segment starts with.
+    /// Bytes before the segment's records: its checkpoint when written inline, or the
+    /// record naming its checkpoint file (see `checkpoint`).
     start: u64,
+    /// Size of the segment's checkpoint, inline or in its file; `u64::MAX` while that file
+    /// is being written; after a failed write, the records then plus `segment_bytes` (due
+    /// again after that much more log).
+    snapshot: u64,
 }
 
 impl Segment {
@@ -119,13 +135,13 @@ impl Segment {
     /// second, each time with every map shard locked; this way a checkpoint costs at most
     /// as much writing as the records it retires.
     fn wants_checkpoint(&self, segment_bytes: u64) -> bool {
-        checkpoint_due(self.size, self.start, segment_bytes)
+        checkpoint_due(self.size - self.start, self.snapshot, segment_bytes)
     }
 }
 
 /// See [`Segment::wants_checkpoint`].
-fn checkpoint_due(size: u64, start: u64, segment_bytes: u64) -> bool {
-    size.saturating_sub(start) > segment_bytes.max(start)
+fn checkpoint_due(records: u64, snapshot: u64, segment_bytes: u64) -> bool {
+    records > segment_bytes.max(snapshot)
 }
 
 struct Meta {
@@ -159,6 +175,11 @@ pub struct Wal {
     /// Lanes hold it (shared) from taking deltas to logging the batch, and from logging
     /// `Applied` to settling; a checkpoint holds it exclusively.
     pub lane_gate: tokio::sync::RwLock<()>,
+    /// Held by a checkpoint, from its cut until its file is written, and by a recovery: one
+    /// at a time.
+    checkpointing: tokio::sync::Mutex<()>,
+    /// The segment a checkpoint superseded, until it is synced (see `sync_now`).
+    superseded: Mutex<Option<Arc<File>>>,
     engine: OnceLock<Weak<Engine>>,
     pub stats: WalStats,
 }
@@ -167,18 +188,22 @@ fn segment_path(dir: &Path, index: u64) -> PathBuf {
     dir.join(format!("wal-{index:016}.log"))
 }
 
+/// The index in a log file's name `wal-<index><suffix>`.
+fn file_index(path: &Path, suffix: &str) -> Option<u64> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix("wal-")?
+        .strip_suffix(suffix)?
+        .parse()
+        .ok()
+}
+
 fn segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     let mut v = Vec::new();
     for e in std::fs::read_dir(dir)? {
         let p = e?.path();
-        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if let Some(n) = name
-            .strip_prefix("wal-")
-            .and_then(|n| n.strip_suffix(".log"))
-        {
-            if let Ok(i) = n.parse() {
-                v.push((i, p));
-            }
+        if let Some(i) = file_index(&p, ".log") {
+            v.push((i, p));
         }
     }
     v.sort();
@@ -206,8 +231,17 @@ impl Wal {
             ..Recovered::default()
         };
         let last = segs.len().saturating_sub(1);
-        for (i, (_, path)) in segs.iter().enumerate() {
+        for (i, (index, path)) in segs.iter().enumerate() {
             replay_file(path, i == last, &mut rec)?;
+            rec.replayed = Some(*index);
+        }
+        if let Some(lost) = &rec.lost_checkpoint {
+            // Starting would write what replay found as the whole state and delete the log:
+            // the operator decides (move the log directory aside to start without it).
+            return Err(std::io::Error::other(format!(
+                "write-ahead log: checkpoint file {} is missing or damaged and the segment before it is gone, so the counts it held cannot be replayed; not starting (move wal_dir aside to start without them)",
+                lost.display()
+            )));
         }
         if rec.truncated_bytes > 0 {
             tracing::warn!(
@@ -222,9 +256,13 @@ impl Wal {
         let index = segs.last().map(|(i, _)| i + 1).unwrap_or(1);
         let path = segment_path(&dir, index);
         let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let mut pending = PendingItems::default();
+        for (k, d) in &rec.pending {
+            pending.push(k, *d);
+        }
         let cp = encode_checkpoint(
             rec.next_seq,
-            rec.pending.iter().map(|(k, d)| (&k[..], *d)),
+            &pending,
             &rec.unapplied,
             rec.placement.as_ref(),
             &rec.moved,
@@ -235,6 +273,7 @@ impl Wal {
         for (_, p) in &segs {
             std::fs::remove_file(p)?;
         }
+        checkpoint::remove_superseded(&dir, index);
         tracing::info!(
             records = rec.records,
             pending_keys = rec.pending.len(),
@@ -260,8 +299,11 @@ impl Wal {
                 index,
                 size: cp.len() as u64,
                 start: cp.len() as u64,
+                snapshot: cp.len() as u64,
             }),
             lane_gate: tokio::sync::RwLock::new(()),
+            checkpointing: tokio::sync::Mutex::new(()),
+            superseded: Mutex::new(None),
             engine: OnceLock::new(),
             stats: WalStats::default(),
         });
@@ -439,130 +481,29 @@ impl Wal {
         self.meta.lock().unapplied.clone()
     }
 
-    /// Writes what is buffered and syncs it, whatever the mode (shutdown).
+    /// Writes what is buffered and syncs it, whatever the mode (shutdown, a rebalance's
+    /// end): the current segment, and the one a checkpoint just superseded if its last
+    /// records are not synced yet.
     pub async fn sync_now(&self) {
+        let _ = self.commit().await;
+        // Read together under the segment lock, after the commit: the caller's records are
+        // in the current segment, or in the one a cut since superseded, which stays in
+        // `superseded` until it is synced.
+        let (current, superseded) = {
+            let seg = self.segment.lock().await;
+            (seg.file.clone(), self.superseded.lock().clone())
+        };
+        if let Some(old) = superseded {
+            let _ = self.sync_file(old).await;
+        }
+        let _ = self.sync_file(current).await;
+    }
+
+    /// Writes what is buffered and syncs the current segment.
+    async fn sync_current(&self) {
         let _ = self.commit().await;
         let file = self.segment.lock().await.file.clone();
         let _ = self.sync_file(file).await;
-    }
-
-    /// Starts a new segment with a checkpoint and deletes the older ones. Any failure marks
-    /// the log failed: records drained for the cut may be missing from the old segment.
-    pub async fn checkpoint(&self, engine: &Engine) -> Result<(), WalFailed> {
-        self.cut_over(engine, false).await
-    }
-
-    /// Brings a failed log back: a fresh segment whose first record is a checkpoint of the
-    /// engine's whole state, synced, after which the older segments (with their failed
-    /// tail) are deleted and increments are taken again. The checkpoint is what memory
-    /// holds, so increments whose records were lost in the failed write (their clients were
-    /// told nothing, an unknown outcome) are kept, and batches that were not logged were
-    /// not sent. Fails, and leaves the log failed, while the disk still refuses it.
-    pub async fn recover(&self, engine: &Engine) -> Result<(), WalFailed> {
-        if !self.failed() {
-            return Ok(());
-        }
-        self.cut_over(engine, true).await?;
-        *self.last_error.lock() = None;
-        self.failed.store(false, Ordering::SeqCst);
-        self.epoch.fetch_add(1, Ordering::SeqCst);
-        self.stats.recoveries.fetch_add(1, Ordering::Relaxed);
-        tracing::info!("write-ahead log recovered: increments are taken again");
-        Ok(())
-    }
-
-    /// The checkpoint cut: with the lanes between operations, the segment held and every
-    /// map stripe locked, snapshots the state into a new segment. `after_failure`: the old
-    /// segment is not trusted, so the records buffered since its last good write are
-    /// dropped (the snapshot holds their effect) instead of appended to it.
-    async fn cut_over(&self, engine: &Engine, after_failure: bool) -> Result<(), WalFailed> {
-        let _gate = self.lane_gate.write().await;
-        let mut seg = self.segment.lock().await;
-        if self.failed() != after_failure {
-            // Failed meanwhile (a checkpoint cannot write), or recovered meanwhile.
-            return if after_failure {
-                Ok(())
-            } else {
-                Err(WalFailed)
-            };
-        }
-        let n = self.started.fetch_add(1, Ordering::SeqCst) + 1;
-        let (tail, cp) = {
-            let meta = &mut *self.meta.lock();
-            let (mut tail, pending, moved) = engine.cut(&meta.unapplied);
-            tail.append(&mut meta.buf);
-            let cp = encode_checkpoint(
-                engine.peek_seq(),
-                pending.iter().map(|(k, d)| (&k[..], *d)),
-                &meta.unapplied,
-                meta.placement.as_ref(),
-                &moved,
-            );
-            (tail, cp)
-        };
-        if !after_failure {
-            if let Err(e) = (&*seg.file).write_all(&tail) {
-                return Err(self.fail("checkpoint write", &e));
-            }
-        }
-        let old = seg.file.clone();
-        let index = seg.index + 1;
-        let path = segment_path(&self.dir, index);
-        let file = (|| -> std::io::Result<File> {
-            // A leftover of an earlier failed attempt is not a segment to keep.
-            let _ = std::fs::remove_file(&path);
-            let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
-            file.write_all(&cp)?;
-            Ok(file)
-        })();
-        let file = match file {
-            Ok(f) => f,
-            Err(e) => {
-                // Nothing of the new segment counts: a replay must not meet half a checkpoint.
-                let _ = std::fs::remove_file(&path);
-                return Err(self.fail("checkpoint write", &e));
-            }
-        };
-        let file = Arc::new(file);
-        let new = file.clone();
-        let synced = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            if !after_failure {
-                old.sync_data()?;
-            }
-            new.sync_data()
-        })
-        .await
-        .map_err(std::io::Error::other)
-        .and_then(|r| r);
-        if let Err(e) = synced {
-            let _ = std::fs::remove_file(&path);
-            return Err(self.fail("checkpoint sync", &e));
-        }
-        *seg = Segment {
-            file,
-            index,
-            size: cp.len() as u64,
-            start: cp.len() as u64,
-        };
-        self.done.store(n, Ordering::SeqCst);
-        drop(seg);
-        sync_dir(&self.dir);
-        // Older segments are superseded; one that cannot be removed now is replayed before
-        // the checkpoint, which resets the state, so it does no harm.
-        if let Ok(segs) = segments(&self.dir) {
-            for (i, p) in segs {
-                if i < index {
-                    let _ = std::fs::remove_file(p);
-                }
-            }
-        }
-        self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(
-            segment = index,
-            bytes = cp.len(),
-            "write-ahead log checkpoint"
-        );
-        Ok(())
     }
 
     /// everysec syncs, checkpoints when the segment passes `segment_bytes`, and recovery
@@ -600,9 +541,7 @@ impl Wal {
                     continue;
                 }
                 if wal.fsync == Fsync::Everysec {
-                    let _ = wal.commit().await;
-                    let file = wal.segment.lock().await.file.clone();
-                    let _ = wal.sync_file(file).await;
+                    wal.sync_current().await;
                 }
                 let due = wal.segment.lock().await.wants_checkpoint(wal.segment_bytes);
                 if due {
@@ -847,34 +786,112 @@ fn put_batch(p: &mut Vec<u8>, seq: u64, shard: &str, items: &[(Bytes, i64)]) {
     put_items(p, items.iter().map(|(k, d)| (&k[..], *d)));
 }
 
-fn encode_checkpoint<'a>(
+/// A checkpoint's pending counts, encoded as they are added: a cut adds millions with every
+/// stripe locked, and this costs a copy of the key instead of an allocation per key.
+#[derive(Default)]
+pub(crate) struct PendingItems {
+    count: u32,
+    bytes: Vec<u8>,
+}
+
+impl PendingItems {
+    pub(crate) fn push(&mut self, key: &[u8], delta: i64) {
+        self.count += 1;
+        self.bytes
+            .extend_from_slice(&(key.len() as u32).to_le_bytes());
+        self.bytes.extend_from_slice(key);
+        self.bytes.extend_from_slice(&delta.to_le_bytes());
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    /// The items, decoded (for tests).
+    #[cfg(test)]
+    pub(crate) fn to_vec(&self) -> Vec<(Bytes, i64)> {
+        let mut p = self.count.to_le_bytes().to_vec();
+        p.extend_from_slice(&self.bytes);
+        Cursor(&p).items().expect("items encoded by push")
+    }
+}
+
+/// A `Checkpoint` record in parts, so that one of millions of keys is framed and written
+/// without copying its pending items again: `head` (next seq, item count), the items, and
+/// `rest` (unapplied batches, placement, moved keys).
+struct CheckpointParts<'a> {
+    head: Vec<u8>,
+    items: &'a [u8],
+    rest: Vec<u8>,
+}
+
+impl<'a> CheckpointParts<'a> {
+    fn new(
+        next_seq: u64,
+        pending: &'a PendingItems,
+        unapplied: &Unapplied,
+        placement: Option<&Placement>,
+        moved: &HashSet<Bytes>,
+    ) -> Self {
+        let mut head = Vec::with_capacity(12);
+        head.extend_from_slice(&next_seq.to_le_bytes());
+        head.extend_from_slice(&pending.count.to_le_bytes());
+        let mut rest = Vec::new();
+        rest.extend_from_slice(&(unapplied.len() as u32).to_le_bytes());
+        for (seq, (shard, items)) in unapplied {
+            put_batch(&mut rest, *seq, shard, items);
+        }
+        match placement {
+            Some(pl) => {
+                rest.push(1);
+                put_placement(&mut rest, pl);
+            }
+            None => rest.push(0),
+        }
+        rest.extend_from_slice(&(moved.len() as u32).to_le_bytes());
+        for k in moved {
+            put_str(&mut rest, k);
+        }
+        CheckpointParts {
+            head,
+            items: &pending.bytes,
+            rest,
+        }
+    }
+
+    /// The record's length field: type byte and payload.
+    fn body_len(&self) -> usize {
+        1 + self.head.len() + self.items.len() + self.rest.len()
+    }
+
+    /// Writes the framed record (as [`frame`] would).
+    fn write_to(&self, out: &mut impl Write) -> std::io::Result<()> {
+        let parts = [&[CHECKPOINT][..], &self.head, self.items, &self.rest];
+        let mut h = crc32fast::Hasher::new();
+        for part in parts {
+            h.update(part);
+        }
+        out.write_all(&(self.body_len() as u32).to_le_bytes())?;
+        out.write_all(&h.finalize().to_le_bytes())?;
+        for part in parts {
+            out.write_all(part)?;
+        }
+        Ok(())
+    }
+}
+
+fn encode_checkpoint(
     next_seq: u64,
-    pending: impl Iterator<Item = (&'a [u8], i64)>,
+    pending: &PendingItems,
     unapplied: &Unapplied,
     placement: Option<&Placement>,
     moved: &HashSet<Bytes>,
 ) -> Vec<u8> {
-    let pending: Vec<_> = pending.collect();
-    let mut p = Vec::new();
-    p.extend_from_slice(&next_seq.to_le_bytes());
-    put_items(&mut p, pending.into_iter());
-    p.extend_from_slice(&(unapplied.len() as u32).to_le_bytes());
-    for (seq, (shard, items)) in unapplied {
-        put_batch(&mut p, *seq, shard, items);
-    }
-    match placement {
-        Some(pl) => {
-            p.push(1);
-            put_placement(&mut p, pl);
-        }
-        None => p.push(0),
-    }
-    p.extend_from_slice(&(moved.len() as u32).to_le_bytes());
-    for k in moved {
-        put_str(&mut p, k);
-    }
-    let mut out = Vec::with_capacity(p.len() + 9);
-    frame(&mut out, CHECKPOINT, &p);
+    let parts = CheckpointParts::new(next_seq, pending, unapplied, placement, moved);
+    let mut out = Vec::with_capacity(8 + parts.body_len());
+    parts
+        .write_to(&mut out)
+        .expect("writing to a Vec does not fail");
     out
 }
 
@@ -1099,6 +1116,7 @@ fn apply(
             }
             rec.pending = pending.into_iter().collect();
             rec.unapplied = unapplied;
+            rec.lost_checkpoint = None;
             rec.next_seq = rec.next_seq.max(next);
             // Placement and moved keys follow when a shard list was ever recorded.
             rec.moved.clear();
@@ -1161,7 +1179,11 @@ fn replay_file(path: &Path, last: bool, rec: &mut Recovered) -> std::io::Result<
             (crc32fast::hash(body) == crc).then_some((len, body))
         })();
         let Some((len, body)) = whole else { break };
-        if apply(rec, &mut names, body[0], &body[1..]).is_none() {
+        let applied = match body[0] {
+            CHECKPOINT_AT => checkpoint::replay_at(path, &body[1..], rec)?,
+            kind => apply(rec, &mut names, kind, &body[1..]),
+        };
+        if applied.is_none() {
             break;
         }
         rec.records += 1;
@@ -1220,12 +1242,14 @@ mod tests {
     fn a_checkpoint_is_due_after_segment_bytes_of_records_or_its_own_size() {
         const MIB: u64 = 1 << 20;
         // A small state: every 64 MiB of records, as before.
-        assert!(!checkpoint_due(MIB + 64 * MIB, MIB, 64 * MIB));
-        assert!(checkpoint_due(MIB + 64 * MIB + 1, MIB, 64 * MIB));
+        assert!(!checkpoint_due(64 * MIB, MIB, 64 * MIB));
+        assert!(checkpoint_due(64 * MIB + 1, MIB, 64 * MIB));
         // A state of 300 MiB (ten million keys): not again at once, but after as much again.
+        assert!(!checkpoint_due(0, 300 * MIB, 64 * MIB));
         assert!(!checkpoint_due(300 * MIB, 300 * MIB, 64 * MIB));
-        assert!(!checkpoint_due(600 * MIB, 300 * MIB, 64 * MIB));
-        assert!(checkpoint_due(600 * MIB + 1, 300 * MIB, 64 * MIB));
+        assert!(checkpoint_due(300 * MIB + 1, 300 * MIB, 64 * MIB));
+        // Not while the last checkpoint's file is still being written.
+        assert!(!checkpoint_due(1 << 40, u64::MAX, 64 * MIB));
     }
 
     fn roundtrip(bytes: &[u8]) -> Recovered {
@@ -1595,13 +1619,9 @@ mod tests {
         encode_incr(&mut b, b"old", 7);
         let mut u = Unapplied::new();
         u.insert(3, ("s".into(), vec![(Bytes::from_static(b"x"), 9)]));
-        b.extend(encode_checkpoint(
-            50,
-            [(&b"k"[..], 4)].into_iter(),
-            &u,
-            None,
-            &HashSet::new(),
-        ));
+        let mut pending = PendingItems::default();
+        pending.push(b"k", 4);
+        b.extend(encode_checkpoint(50, &pending, &u, None, &HashSet::new()));
         encode_incr(&mut b, b"k", 1);
         let r = roundtrip(&b);
         assert_eq!(r.pending.get(&Bytes::from_static(b"old")), None);
