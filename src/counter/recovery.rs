@@ -147,7 +147,7 @@ impl Engine {
         let mut guards: Vec<_> = self.stripes.iter().map(|c| c.lock.lock()).collect();
         let mut tail = Vec::new();
         let mut drain = Drain::new(&mut tail);
-        let mut covered: HashMap<&[u8], i64> = HashMap::new();
+        let mut covered: HashMap<&[u8], i64, ahash::RandomState> = HashMap::default();
         for (_, items) in unapplied.values() {
             for (k, d) in items {
                 *covered.entry(&k[..]).or_insert(0) += d;
@@ -168,7 +168,8 @@ impl Engine {
                 }
                 let mut p = e.pending.wrapping_add(e.inflight);
                 if !covered.is_empty() {
-                    // Most cuts find no batch in flight, and then hash no key.
+                    // With batches in flight (a flush under way) every pending key is looked
+                    // up: a fast hash, as the stripes' own maps use.
                     p = p.wrapping_sub(covered.get(&k[..]).copied().unwrap_or(0));
                 }
                 if p != 0 {
