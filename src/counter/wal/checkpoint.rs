@@ -7,7 +7,7 @@
 //! stalls increments for one pass over the keys in memory (and, with `fsync = "always"`, the
 //! sync of the old segment's last records).
 //!
-//! Writing the snapshot is not part of the stall. At ten million keys it is ~265 MB to
+//! Writing the snapshot is not part of the stall. At ten million keys it is ~260 MB to
 //! encode, write and sync, seconds during which every increment's acknowledgement would
 //! wait for the segment. So the new segment starts with a `CheckpointAt` record naming a
 //! file of its own, `wal-<index>.checkpoint`, increments are logged into the segment at
