@@ -60,20 +60,34 @@ impl Tmpfs {
     /// Takes every free page, so that nothing the proxy does (a checkpoint that would
     /// compact the log) finds room until [`Tmpfs::resize`]. Bounded by the mount's size.
     fn fill_up(&self) {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.0.join("filler"))
-            .unwrap();
-        let page = [0u8; 4096];
-        for _ in 0..1_000_000 {
-            if f.write_all(&page).and_then(|_| f.flush()).is_err() {
-                return;
-            }
-        }
-        panic!("the filler never met a full disk");
+        fill_up(&self.0)
     }
+
+    /// [`Tmpfs::fill_up`] from another thread once `after` has passed, while a load runs.
+    fn fill_up_after(&self, after: Duration) -> std::thread::JoinHandle<()> {
+        let path = self.0.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            fill_up(&path)
+        })
+    }
+}
+
+/// Appends pages to `dir/filler` until the filesystem refuses one.
+fn fill_up(dir: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("filler"))
+        .unwrap();
+    let page = [0u8; 4096];
+    for _ in 0..1_000_000 {
+        if f.write_all(&page).and_then(|_| f.flush()).is_err() {
+            return;
+        }
+    }
+    panic!("the filler never met a full disk");
 }
 
 impl Drop for Tmpfs {
@@ -193,7 +207,12 @@ async fn full_log_disk_then_orderly_stop_loses_and_doubles_nothing() {
         "segment_bytes = 65536",
         "",
     );
+    // With small segments the log compacts itself, and a checkpoint file that does not fit
+    // is given up and its room freed: the load alone may not fill the disk in time. The
+    // disk is filled under it after a second.
+    let filler = s.disk.fill_up_after(Duration::from_secs(1));
     let load = fill(&proxy, "stop").await;
+    filler.join().unwrap();
     proxy.terminate();
     s.disk.resize("64m");
     let mut again = ProxyProcess::start(&s.shards, &s.wal, "everysec", "100ms");
