@@ -28,8 +28,8 @@
 //! increment is taken again.
 
 use super::{
-    file_index, segment_path, segments, sync_dir, CheckpointParts, PendingItems, Recovered,
-    Segment, Unapplied, Wal, WalFailed, CHECKPOINT, CHECKPOINT_AT, MAX_RECORD,
+    file_index, segment_path, sync_dir, CheckpointParts, PendingItems, Recovered, Segment,
+    Unapplied, Wal, WalFailed, CHECKPOINT, CHECKPOINT_AT, MAX_RECORD,
 };
 use crate::config::Fsync;
 use crate::counter::Engine;
@@ -94,19 +94,13 @@ fn checkpoint_at(index: u64) -> Vec<u8> {
 /// durable and holds their effect. One that cannot be removed now is replayed before that
 /// checkpoint, which resets the state, so it does no harm.
 pub(super) fn remove_superseded(dir: &Path, index: u64) {
-    if let Ok(segs) = segments(dir) {
-        for (i, p) in segs {
-            if i < index {
-                let _ = std::fs::remove_file(p);
-            }
-        }
-    }
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for e in entries.flatten() {
         let p = e.path();
-        if file_index(&p, ".checkpoint").is_some_and(|i| i < index) {
+        let i = file_index(&p, ".log").or_else(|| file_index(&p, ".checkpoint"));
+        if i.is_some_and(|i| i < index) {
             let _ = std::fs::remove_file(p);
         }
     }
@@ -235,22 +229,7 @@ impl Wal {
         }
         let index = seg.index + 1;
         let at = checkpoint_at(index);
-        let path = segment_path(&self.dir, index);
-        let file = (|| -> std::io::Result<File> {
-            // Leftovers of an earlier failed attempt are not ours to keep.
-            let _ = std::fs::remove_file(checkpoint_path(&self.dir, index));
-            let _ = std::fs::remove_file(&path);
-            let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
-            file.write_all(&at)?;
-            Ok(file)
-        })();
-        let new = match file {
-            Ok(f) => Arc::new(f),
-            Err(e) => {
-                let _ = std::fs::remove_file(&path);
-                return Err(self.fail("checkpoint write", &e));
-            }
-        };
+        let new = self.create_segment(index, &at)?;
         *seg = Segment {
             file: new.clone(),
             index,
@@ -323,49 +302,48 @@ impl Wal {
                 }
             }
         };
-        let written = written.map_err(std::io::Error::other).and_then(|r| r);
-        if written.is_ok() {
-            // The new segment's `CheckpointAt` must be on disk before what it stands for is
-            // deleted; a failure here is the live segment's, so it fails the log.
-            if self.sync_file(new).await.is_err() {
-                return;
-            }
-            let dir = self.dir.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                sync_dir(&dir);
-                remove_superseded(&dir, index);
-            })
-            .await;
-        }
-        let mut seg = self.segment.lock().await;
-        let current = seg.index == index;
-        match written {
-            Ok(bytes) => {
-                if current {
-                    seg.snapshot = bytes;
-                }
-                drop(seg);
-                self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(
-                    segment = index,
-                    keys,
-                    bytes,
-                    held_ms = held.as_millis() as u64,
-                    total_ms = started.elapsed().as_millis() as u64,
-                    "write-ahead log checkpoint"
-                );
-            }
+        let bytes = match written.map_err(std::io::Error::other).and_then(|r| r) {
+            Ok(bytes) => bytes,
             Err(e) => {
-                if current {
-                    // Due again after `segment_bytes` more of log.
-                    seg.snapshot = (seg.size - seg.start).saturating_add(self.segment_bytes);
+                {
+                    let mut seg = self.segment.lock().await;
+                    if seg.index == index {
+                        // Due again after `segment_bytes` more of log.
+                        seg.snapshot = (seg.size - seg.start).saturating_add(self.segment_bytes);
+                    }
                 }
-                drop(seg);
                 let path = checkpoint_path(&self.dir, index);
                 let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
                 tracing::warn!(segment = index, error = %e, "write-ahead log checkpoint file could not be written; the older segments are kept");
+                return;
+            }
+        };
+        // The new segment's `CheckpointAt` must be on disk before what it stands for is
+        // deleted; a failure here is the live segment's, so it fails the log.
+        if self.sync_file(new).await.is_err() {
+            return;
+        }
+        let dir = self.dir.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            sync_dir(&dir);
+            remove_superseded(&dir, index);
+        })
+        .await;
+        {
+            let mut seg = self.segment.lock().await;
+            if seg.index == index {
+                seg.snapshot = bytes;
             }
         }
+        self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            segment = index,
+            keys,
+            bytes,
+            held_ms = held.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "write-ahead log checkpoint"
+        );
     }
 
     /// Brings a failed log back: a fresh segment whose first record is a checkpoint of the
@@ -409,24 +387,9 @@ impl Wal {
             .write_to(&mut cp)
             .expect("writing to a Vec does not fail");
         let index = seg.index + 1;
-        let path = segment_path(&self.dir, index);
-        let file = (|| -> std::io::Result<File> {
-            // A leftover of an earlier failed attempt is not a segment to keep.
-            let _ = std::fs::remove_file(&path);
-            let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
-            file.write_all(&cp)?;
-            Ok(file)
-        })();
-        let file = match file {
-            Ok(f) => Arc::new(f),
-            Err(e) => {
-                // Nothing of the new segment counts: a replay must not meet half a checkpoint.
-                let _ = std::fs::remove_file(&path);
-                return Err(self.fail("checkpoint write", &e));
-            }
-        };
+        let file = self.create_segment(index, &cp)?;
         if let Err(e) = self.sync_file(file.clone()).await {
-            let _ = std::fs::remove_file(&path);
+            let _ = std::fs::remove_file(segment_path(&self.dir, index));
             return Err(e);
         }
         *seg = Segment {
@@ -453,6 +416,25 @@ impl Wal {
             "write-ahead log checkpoint"
         );
         Ok(())
+    }
+
+    /// Creates segment `index` with its first record (a `CheckpointAt`, or a recovery's
+    /// inline `Checkpoint`); leftovers of an earlier failed attempt at that index go first.
+    /// On failure nothing of it is left (a replay must not meet half a checkpoint) and the
+    /// log is failed.
+    fn create_segment(&self, index: u64, first: &[u8]) -> Result<Arc<File>, WalFailed> {
+        let path = segment_path(&self.dir, index);
+        let file = (|| -> std::io::Result<File> {
+            let _ = std::fs::remove_file(checkpoint_path(&self.dir, index));
+            let _ = std::fs::remove_file(&path);
+            let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
+            file.write_all(first)?;
+            Ok(file)
+        })();
+        file.map(Arc::new).map_err(|e| {
+            let _ = std::fs::remove_file(&path);
+            self.fail("checkpoint write", &e)
+        })
     }
 
     /// The consistent cut, called with the lane gate and the segment held: every stripe's

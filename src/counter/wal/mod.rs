@@ -164,7 +164,8 @@ pub struct Wal {
     started: AtomicU64,
     /// The highest drain whose bytes are durable for the fsync mode.
     done: AtomicU64,
-    /// Set by a failed write, sync or checkpoint; cleared by [`Wal::recover`].
+    /// Set by a failed write or sync (a checkpoint's included, not its file's: see
+    /// `checkpoint`); cleared by [`Wal::recover`].
     failed: std::sync::atomic::AtomicBool,
     /// Bumped when the log fails and when it recovers: odd while failed (see
     /// [`Wal::refused_throughout`]).
