@@ -451,6 +451,17 @@ pub struct CountersConfig {
     /// Keys sent in one flush round trip; larger flushes take several.
     #[serde(default = "defaults::flush_batch_keys")]
     pub flush_batch_keys: usize,
+    /// The share of `flush_interval` a periodic flush spreads its batches over (0: as fast
+    /// as the shards take them).
+    #[serde(default = "defaults::flush_spread")]
+    pub flush_spread: f64,
+}
+
+impl CountersConfig {
+    /// How long a periodic flush spreads its batches over.
+    pub fn flush_spread(&self) -> Duration {
+        self.flush_interval.0.mul_f64(self.flush_spread)
+    }
 }
 
 impl Default for CountersConfig {
@@ -461,6 +472,7 @@ impl Default for CountersConfig {
             flush_interval: defaults::flush_interval(),
             max_pending_keys: defaults::max_pending_keys(),
             flush_batch_keys: defaults::flush_batch_keys(),
+            flush_spread: defaults::flush_spread(),
         }
     }
 }
@@ -647,6 +659,9 @@ mod defaults {
     }
     pub fn flush_batch_keys() -> usize {
         1000
+    }
+    pub fn flush_spread() -> f64 {
+        0.5
     }
     pub fn wal_dir() -> PathBuf {
         PathBuf::from("data/wal")
@@ -984,6 +999,9 @@ impl Config {
         }
         if c.flush_batch_keys == 0 || c.flush_batch_keys > 100_000 {
             return err("counters.flush_batch_keys must be 1-100000");
+        }
+        if !(0.0..=1.0).contains(&c.flush_spread) {
+            return err("counters.flush_spread must be 0-1");
         }
         if self.rebalance.keys_per_second == 0 {
             return err("rebalance.keys_per_second must be at least 1");

@@ -267,14 +267,25 @@ impl Engine {
         (unix_ms().saturating_sub(start)) as f64 / 1000.0
     }
 
+    /// Lands every pending delta on every lane, as fast as the shards take them; true when
+    /// all landed.
     pub async fn flush_all(&self) -> bool {
+        self.flush_all_within(None).await
+    }
+
+    /// [`Engine::flush_all`], its batches spread over `spread` when given (`pace`): the
+    /// periodic flush.
+    pub async fn flush_all_within(&self, spread: Option<Duration>) -> bool {
+        let by = spread
+            .filter(|s| !s.is_zero())
+            .map(|s| std::time::Instant::now() + s);
         let started = unix_ms();
         // The increments' own clock (the ticker's): every one counted after this read is
         // stamped this second or later.
         let started_wall = self.window_second();
         let held_before = self.left_held.load(Ordering::Relaxed);
         let lanes = self.lanes();
-        let waits: Vec<_> = lanes.iter().map(|l| l.flush()).collect();
+        let waits: Vec<_> = lanes.iter().map(|l| l.flush(by)).collect();
         let mut ok = true;
         for w in waits {
             ok &= w.await;
@@ -291,9 +302,11 @@ impl Engine {
 }
 
 /// Spawns the background jobs: periodic and early flushes, and the cache sweep.
+/// `flush_spread` is how long a periodic flush spreads its batches over (`pace`).
 pub fn spawn_background(
     engine: Arc<Engine>,
     flush_interval: Duration,
+    flush_spread: Duration,
     cache_ttl: Duration,
     mut shutdown: crate::shutdown::Shutdown,
 ) {
@@ -339,9 +352,22 @@ pub fn spawn_background(
         flush.tick().await;
         let mut sweep = tokio::time::interval(cache_ttl.max(Duration::from_millis(100)));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The periodic flush runs beside the other jobs, not in their way: paced, it lasts
+        // seconds, and an early flush meanwhile (which ends its pacing) or the cache sweep
+        // must not wait for it.
+        type Running<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>>;
+        let mut periodic: Option<Running<'_>> = None;
         loop {
             tokio::select! {
-                _ = flush.tick() => { engine.flush_all().await; }
+                _ = flush.tick(), if periodic.is_none() => {
+                    periodic = Some(Box::pin(engine.flush_all_within(Some(flush_spread))));
+                }
+                _ = async {
+                    match periodic.as_mut() {
+                        Some(p) => p.await,
+                        None => std::future::pending().await,
+                    }
+                } => { periodic = None; }
                 _ = engine.early_flush_due() => { engine.flush_all().await; }
                 _ = sweep.tick() => { engine.sweep(); }
                 _ = shutdown.wait() => return,

@@ -145,6 +145,11 @@ struct Queue {
     /// Keys to read in the next round trip; `true` when their delta must land too.
     reads: HashMap<Bytes, (bool, Vec<Waiter>)>,
     flush: Vec<oneshot::Sender<bool>>,
+    /// Whether a flush request in `flush` wants every delta landed as fast as the shard
+    /// takes them (early, admin, shutdown, rebalance); otherwise the flush is paced.
+    flush_now: bool,
+    /// The earliest end a paced flush request was given (see `pace`).
+    flush_by: Option<Instant>,
     /// Batches recovered from the log, re-sent with their ids before anything else.
     replay: Vec<(u64, Vec<(Bytes, i64)>)>,
     /// Commands sent between round trips (window reads), each with what to do on reply.
@@ -169,6 +174,8 @@ impl Queue {
         Queue {
             reads: std::mem::take(&mut self.reads),
             flush: std::mem::take(&mut self.flush),
+            flush_now: std::mem::take(&mut self.flush_now),
+            flush_by: self.flush_by.take(),
             replay: Vec::new(),
             between: std::mem::take(&mut self.between),
             forget: std::mem::take(&mut self.forget),
@@ -384,12 +391,34 @@ impl Lane {
         }
     }
 
-    /// Lands every pending delta of this shard; true when all landed.
-    pub fn flush(&self) -> impl std::future::Future<Output = bool> + Send + 'static {
+    /// Lands every pending delta of this shard; true when all landed. `by`: a paced flush,
+    /// spread until then (see `pace`); None: as fast as the shard takes the batches.
+    pub fn flush(
+        &self,
+        by: Option<Instant>,
+    ) -> impl std::future::Future<Output = bool> + Send + 'static {
         let (tx, rx) = oneshot::channel();
-        self.queue.lock().flush.push(tx);
+        {
+            let mut q = self.queue.lock();
+            q.flush.push(tx);
+            match by {
+                Some(by) => q.flush_by = Some(q.flush_by.map_or(by, |b| b.min(by))),
+                None => q.flush_now = true,
+            }
+        }
         self.wake.notify_one();
         async move { rx.await.unwrap_or(false) }
+    }
+
+    /// Whether something is queued that a paced flush must not keep waiting: anything but
+    /// plain reads (which go in its gaps) and paced flushes.
+    pub(super) fn has_urgent(&self) -> bool {
+        let q = self.queue.lock();
+        q.flush_now
+            || !q.replay.is_empty()
+            || !q.between.is_empty()
+            || !q.forget.is_empty()
+            || q.reads.values().any(|(land, _)| *land)
     }
 }
 
@@ -417,10 +446,14 @@ async fn run(lane: Arc<Lane>) {
             let Queue {
                 reads,
                 flush: flushers,
+                flush_now,
+                flush_by,
                 between,
                 forget,
                 ..
             } = taken;
+            // A paced flush is paced only when no flush request wants it now.
+            let pace = flush_by.filter(|_| !flush_now);
             for (seq, items) in replay {
                 let items = items.into_iter().map(|(k, d)| (k, Some(d))).collect();
                 let batch = Batch::new(&engine, seq, items);
@@ -436,7 +469,7 @@ async fn run(lane: Arc<Lane>) {
             if !reads.is_empty() || !flushers.is_empty() {
                 let mut flushers = flushers;
                 let flush = !flushers.is_empty();
-                let ok = round(&lane, &engine, reads, flush, &mut flushers).await;
+                let ok = round(&lane, &engine, reads, flush, pace, &mut flushers).await;
                 for f in flushers {
                     let _ = f.send(ok);
                 }
@@ -504,6 +537,7 @@ async fn round(
     engine: &Arc<Engine>,
     reads: HashMap<Bytes, (bool, Vec<Waiter>)>,
     flush: bool,
+    pace: Option<Instant>,
     flushers: &mut Vec<oneshot::Sender<bool>>,
 ) -> bool {
     let started = Instant::now();
@@ -569,9 +603,17 @@ async fn round(
     let mut cursor = if flush { 0 } else { STRIPES };
     let mut batch_keys = limit;
     let mut gate = gate;
+    // A periodic flush spreads its batches (`pace`); a cluster round holds its slots until
+    // it ends, so goes at full speed.
+    let mut pace = pace
+        .filter(|_| flush && engine.holds.is_none())
+        .map(|until| super::pace::Pace::new(started, until));
     loop {
+        let from = cursor;
+        let mut ring = engine.router().topology().version;
         if cursor < STRIPES {
             let topo = engine.router().topology();
+            ring = topo.version;
             match topo
                 .shards
                 .iter()
@@ -603,6 +645,9 @@ async fn round(
             }
         }
         let batches = into_batches(engine, std::mem::take(&mut items), batch_keys);
+        if let Some(p) = &mut pace {
+            p.chunk(from, cursor, batches.len(), ring);
+        }
         if let Some(wal) = &engine.wal {
             for b in batches.iter().filter(|b| b.seq != 0) {
                 if wal
@@ -624,8 +669,16 @@ async fn round(
             }
         }
         drop(gate);
-        let (ok, contended) =
-            send_batches(lane, engine, batches, &mut gap, &mut waiters, flushers).await;
+        let (ok, contended) = send_batches(
+            lane,
+            engine,
+            batches,
+            &mut gap,
+            &mut waiters,
+            flushers,
+            pace.as_mut(),
+        )
+        .await;
         all_ok &= ok;
         // Reads queued behind a batch wait for the rest of it on the shard: while clients
         // wait, the next batches are smaller.
@@ -641,12 +694,16 @@ async fn round(
     }
     fail_waiters(waiters.into_values(), LaneError::Unavailable);
     if flush {
-        flush_histogram().record(started.elapsed().as_secs_f64());
+        // A paced flush's own time: its waits between batches are not work.
+        let took = started
+            .elapsed()
+            .saturating_sub(pace.map_or(Duration::ZERO, |p| p.waited));
+        flush_histogram().record(took.as_secs_f64());
         engine.stats.flushes.fetch_add(1, Ordering::Relaxed);
         engine
             .stats
             .flush_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
         if !all_ok {
             engine.stats.flush_failures.fetch_add(1, Ordering::Relaxed);
         }
@@ -688,8 +745,8 @@ fn into_batches(engine: &Engine, items: Vec<(Bytes, Option<i64>)>, limit: usize)
 
 /// Sends a round's logged batches in order, each settled before the next is sent, with the
 /// reads queued meanwhile around them (`lane_between`). `gap` is whether a batch of the
-/// round went before these. Returns whether every batch landed, and whether reads were
-/// sent among them.
+/// round went before these. A paced round (`pace`) waits after each batch until the next
+/// is due. Returns whether every batch landed, and whether reads were sent among them.
 async fn send_batches(
     lane: &Lane,
     engine: &Arc<Engine>,
@@ -697,6 +754,7 @@ async fn send_batches(
     gap: &mut bool,
     waiters: &mut HashMap<Bytes, Vec<Waiter>>,
     flushers: &mut Vec<oneshot::Sender<bool>>,
+    mut pace: Option<&mut super::pace::Pace>,
 ) -> (bool, bool) {
     let mut all_ok = true;
     let mut contended = false;
@@ -736,6 +794,11 @@ async fn send_batches(
         during.sent_next(batches.as_slice());
         all_ok &= send_batch_with(lane, engine, b, waiters, flushers, Some(&mut during)).await;
         contended |= during.finish(lane, engine).await;
+        if let Some(p) = pace.as_deref_mut() {
+            // Reads in a paced flush's gaps wait for no batch: not a reason for smaller ones.
+            p.after_batch(lane, engine, batches.as_slice(), &mut ahead)
+                .await;
+        }
     }
     (all_ok, contended)
 }

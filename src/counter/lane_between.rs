@@ -38,7 +38,7 @@ use tokio::sync::oneshot;
 
 type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
 /// Reads taken from a lane's queue: each key with its readers.
-type Reads = Vec<(Bytes, Vec<Waiter>)>;
+pub(super) type Reads = Vec<(Bytes, Vec<Waiter>)>;
 
 /// The counter deltas of a round's batches not yet sent, by key hash: 24 bytes per key,
 /// built at the first read sent among them, dropped with them.
@@ -136,13 +136,28 @@ pub(super) async fn reads_between<'a>(
     unsent: impl IntoIterator<Item = &'a Batch>,
     ahead: &mut Option<Ahead>,
 ) -> bool {
+    let mut later = Vec::new();
+    let sent = reads_now(lane, engine, unsent, ahead, &mut later).await;
+    lane.requeue_reads(later);
+    sent
+}
+
+/// [`reads_between`], leaving the reads that must wait for the round's end in `later`
+/// rather than in the lane's queue (where they would wake the lane again at once).
+pub(super) async fn reads_now<'a>(
+    lane: &Lane,
+    engine: &Arc<Engine>,
+    unsent: impl IntoIterator<Item = &'a Batch>,
+    ahead: &mut Option<Ahead>,
+    later: &mut Reads,
+) -> bool {
     let reads = lane.take_plain_reads();
     if reads.is_empty() {
         return false;
     }
     let index = ahead.get_or_insert_with(|| Ahead::new(unsent));
-    let (batches, mut waiters, later) = read_batches(engine, index, reads);
-    lane.requeue_reads(later);
+    let (batches, mut waiters, deferred) = read_batches(engine, index, reads);
+    later.extend(deferred);
     for batch in batches {
         // A read-only batch is not retried: a failure reaches its readers, as between rounds.
         send_batch(lane, engine, batch, &mut waiters, &mut Vec::new()).await;

@@ -52,6 +52,7 @@ mod lane_between_tests;
 mod lane_tests;
 mod moving;
 mod outcome;
+mod pace;
 mod recovery;
 mod slot_holds;
 mod stripe;

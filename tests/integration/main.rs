@@ -17,6 +17,7 @@ mod keyspace;
 mod layers;
 mod mget;
 mod ops;
+mod paced_flush;
 mod protocol;
 mod pubsub;
 mod rebalance;
