@@ -132,6 +132,16 @@ impl Engine {
             return Ok(());
         }
         let from = m.old.shard_for(key).clone();
+        // A delta of the key in flight on its old owner (a batch cut for the old ring, not yet
+        // settled) must land before the key moves: landing after, it would recreate the key
+        // there, where nothing reads it any more. The mover lands every such batch before it
+        // moves anything; a command may come first, so the old owner's lane is asked for a
+        // flush, which settles every batch it holds (and ends a paced flush's waits).
+        if self.inflight_of(key).is_some() {
+            if let Some(lane) = self.lane(&from.name) {
+                lane.flush(None).await;
+            }
+        }
         self.move_once(m, key, &from).await.map(|_| ()).map_err(|e| {
             tracing::warn!(key = %String::from_utf8_lossy(key), from = %from.name, error = %e, "rebalance: move failed");
             LaneError::Unavailable
