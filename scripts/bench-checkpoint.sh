@@ -35,36 +35,16 @@ awk -v n="$KEYS" 'BEGIN { for (i = 0; i < n; i++) { k = sprintf("s:%012d", i);
 
 # one NAME BINARY ROUND: one run, its report on stdout
 one() {
-  local name=$1 bin=$2 round=$3 run="$tmp/$1-$3" pids=() sampler
+  local name=$1 bin=$2 round=$3 run="$tmp/$1-$3" sampler
   mkdir -p "$run"
-  start_redis "$BASE" "$run"
-  pids+=("$redis_pid")
-  start_redis $((BASE + 1)) "$run"
-  pids+=("$redis_pid")
-  cat >"$run/proxy.toml" <<EOF
-listen = "127.0.0.1:$PORT"
-http_listen = "127.0.0.1:$((BASE + 20))"
-
-[[shards]]
-addr = "127.0.0.1:$BASE"
-
-[[shards]]
-addr = "127.0.0.1:$((BASE + 1))"
-
-[counters]
-flush_interval = "1h"
+  start_pair "$bin" "$run" "$BASE" "[counters]
+flush_interval = \"1h\"
 max_pending_keys = $((KEYS * 2))
 
 [durability]
 enabled = true
-wal_dir = "$run/wal"
-fsync = "everysec"
-EOF
-  "$bin" --config "$run/proxy.toml" 2>"$run/proxy.log" &
-  pids+=("$!")
-  track "$!"
-  wait_for 10 bash -c "[[ \$(redis-cli -p $PORT ping 2>/dev/null) == PONG ]]" ||
-    { cat "$run/proxy.log" >&2; exit 1; }
+wal_dir = \"$run/wal\"
+fsync = \"everysec\""
   # INFO every 100 ms, bounded: ten minutes at most.
   (for _ in $(seq 1 6000); do
     echo "$(date +%s.%N) $(redis-cli -p "$PORT" INFO counters | tr -d '\r' |
@@ -90,10 +70,7 @@ EOF
     sort | uniq -c | sort -rn | head -3 | sed 's/^/  /' || true
   sed 's/\x1b\[[0-9;]*m//g' "$run/proxy.log" | grep -a "write-ahead log checkpoint" |
     sed 's/^.*checkpoint[^ ]* /  checkpoint /' || true
-  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-    kill -TERM "${pids[i]}" 2>/dev/null || true
-    wait "${pids[i]}" 2>/dev/null || true
-  done
+  stop_pair
   rm -rf "$run"
 }
 

@@ -9,6 +9,12 @@
 #                           SIGTERM, up to 10 s, then SIGKILL); stop_tracked runs on EXIT once
 #                           a script calls `trap stop_tracked EXIT` (after setting `tmp`, which it
 #                           removes too, if set)
+#   start_pair BIN DIR BASE TOML
+#                           two redis-servers (BASE, BASE+1, as start_redis) and BIN as a proxy
+#                           in front of them on BASE+10 (HTTP BASE+20), its config DIR/proxy.toml
+#                           with TOML after the shards, its log DIR/proxy.log; tracks all three
+#                           and waits up to 10 s for the proxy's PING
+#   stop_pair               stops what start_pair started (proxy first), each waited for
 
 apt_install() {
   local sudo=""
@@ -61,4 +67,43 @@ stop_tracked() {
     wait "$pid" 2>/dev/null || true
   done
   if [[ -n "${tmp:-}" ]]; then rm -rf "$tmp"; fi
+}
+
+pair_pids=()
+start_pair() {
+  local bin=$1 dir=$2 base=$3 extra=$4
+  pair_pids=()
+  start_redis "$base" "$dir"
+  pair_pids+=("$redis_pid")
+  start_redis $((base + 1)) "$dir"
+  pair_pids+=("$redis_pid")
+  cat >"$dir/proxy.toml" <<EOF
+listen = "127.0.0.1:$((base + 10))"
+http_listen = "127.0.0.1:$((base + 20))"
+
+[[shards]]
+addr = "127.0.0.1:$base"
+
+[[shards]]
+addr = "127.0.0.1:$((base + 1))"
+
+$extra
+EOF
+  "$bin" --config "$dir/proxy.toml" 2>"$dir/proxy.log" &
+  pair_pids+=("$!")
+  track "$!"
+  if ! wait_for 10 bash -c "[[ \$(redis-cli -p $((base + 10)) ping 2>/dev/null) == PONG ]]"; then
+    echo "the proxy on port $((base + 10)) did not answer PING within 10 s" >&2
+    cat "$dir/proxy.log" >&2
+    return 1
+  fi
+}
+
+stop_pair() {
+  local i
+  for ((i = ${#pair_pids[@]} - 1; i >= 0; i--)); do
+    kill -TERM "${pair_pids[i]}" 2>/dev/null || true
+    wait "${pair_pids[i]}" 2>/dev/null || true
+  done
+  pair_pids=()
 }
