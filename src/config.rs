@@ -458,8 +458,8 @@ pub struct CountersConfig {
 }
 
 impl CountersConfig {
-    /// How long a periodic flush spreads its batches over.
-    pub fn flush_spread(&self) -> Duration {
+    /// How long a periodic flush spreads its batches over: `flush_spread` of the interval.
+    pub fn flush_spread_time(&self) -> Duration {
         self.flush_interval.0.mul_f64(self.flush_spread)
     }
 }

@@ -305,7 +305,7 @@ pub async fn run_with_reload(
     counter::spawn_background(
         ctx.engine.clone(),
         ctx.config.counters.flush_interval.0,
-        ctx.config.counters.flush_spread(),
+        ctx.config.counters.flush_spread_time(),
         ctx.config.counters.cache_ttl.0,
         shutdown.clone(),
     );

@@ -13,7 +13,8 @@
 //! concurrent first reads of one key cost one read, and many keys cost one round trip.
 //! Plain reads that arrive during a round go on the same connection right behind the batch
 //! out, or ahead of the next (`lane_between`), not after the last. A flush takes its keys a
-//! few stripes at a time, and sends smaller batches while reads wait (`round`).
+//! few stripes at a time, and sends smaller batches while reads wait (`round`); a periodic
+//! flush spreads them over part of its interval (`pace`).
 //! Window deltas in a batch become `HINCRBY`s of bucket hashes in the same script, under the
 //! same number. A window read is sent between round trips ([`Lane::read_between`]), when no
 //! batch of the lane is in flight; on a cluster, one `-MOVED` or `-ASK` it meets is followed
@@ -610,10 +611,9 @@ async fn round(
         .map(|until| super::pace::Pace::new(started, until));
     loop {
         let from = cursor;
-        let mut ring = engine.router().topology().version;
+        // One look at the ring per chunk: what it takes, and the version `pace` watches.
+        let topo = engine.router().topology();
         if cursor < STRIPES {
-            let topo = engine.router().topology();
-            ring = topo.version;
             match topo
                 .shards
                 .iter()
@@ -646,7 +646,7 @@ async fn round(
         }
         let batches = into_batches(engine, std::mem::take(&mut items), batch_keys);
         if let Some(p) = &mut pace {
-            p.chunk(from, cursor, batches.len(), ring);
+            p.chunk(from, cursor, batches.len(), topo.version);
         }
         if let Some(wal) = &engine.wal {
             for b in batches.iter().filter(|b| b.seq != 0) {

@@ -31,7 +31,8 @@
 //! `recovery` (the
 //! engine's side of the log), `moving` (values moved by a rebalance), `window_deltas`, `window_now` (the current
 //! second's window delta in the key's entry);
-//! `lane` (the exactly-once round trips), `lane_between` (reads between a flush's batches), `wal` (the log's file and format), `windows`
+//! `lane` (the exactly-once round trips), `lane_between` (reads between a flush's batches),
+//! `pace` (the periodic flush's schedule), `wal` (the log's file and format), `windows`
 //! (bucket layout and queries).
 //!
 //! Owns counting and caching. Does not own the wire (`connection`, `http` call it) or

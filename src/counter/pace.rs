@@ -18,7 +18,7 @@
 //!   at all: a paced flush is never slower than one at full speed would be from where it is.
 //!
 //! **While it waits** the lane sends plain reads as they come, each time in a gap of its own
-//! (`lane_between::reads_between`), so that a base read waits for no batch. Anything else
+//! (`lane_between::reads_now`), so that a base read waits for no batch. Anything else
 //! queued on the lane ([`Lane::has_urgent`]: a flush wanted now (early, admin, shutdown,
 //! rebalance), a landing, a FLUSHDB, a window read, a replay) ends the pacing for the rest of
 //! the round: nothing else waits on a paced flush. So does a new ring (a rebalance): batches
