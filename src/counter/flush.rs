@@ -39,11 +39,12 @@ impl Engine {
             ),
             None => true,
         };
+        let mut arena = KeyArena::default();
         let mut take_entry = |key: &[u8], e: &mut Entry, out: &mut Vec<(Bytes, i64)>| {
             if e.flags & DIRTY == 0 {
                 return;
             }
-            out.push((Bytes::copy_from_slice(key), e.pending));
+            out.push((arena.copy(key), e.pending));
             e.inflight += e.pending;
             e.pending = 0;
             e.flags = (e.flags & !DIRTY) | INFLIGHT;
@@ -124,7 +125,11 @@ impl Engine {
         if let Some(d) = delta {
             stripe.unflushed = stripe.unflushed.wrapping_sub(d);
         }
-        let e = stripe.map.entry(key.into()).or_insert(Entry::NEW);
+        // A lookup first: `entry` builds the owned key even when the entry is there.
+        let e = match stripe.map.get_mut(key) {
+            Some(e) => e,
+            None => stripe.map.entry(key.into()).or_insert(Entry::NEW),
+        };
         e.flags &= !REFRESHING;
         if let Some(d) = delta {
             e.inflight -= d;
@@ -253,8 +258,6 @@ impl Engine {
         self.early_flush.notified().await
     }
 
-    /// Starts a flush on every lane and waits until each has landed what it took (or
-    /// gave up for now: a down shard keeps its deltas pending).
     /// Seconds since the last flush started, while deltas are pending: an upper bound on
     /// the age of the oldest pending increment (every flush takes every pending delta of
     /// the shards that are up).
@@ -298,6 +301,27 @@ impl Engine {
             self.window_floor.fetch_max(started_wall, Ordering::Relaxed);
         }
         ok
+    }
+}
+
+/// The keys a take copies out of the stripes, in shared buffers of [`KeyArena::SIZE`]: one
+/// allocation per buffer rather than one per key, and a clone (the log's record of the
+/// batch holds one) counts a reference instead of allocating. A buffer is freed with the
+/// last key of it, when every batch cut from the take has settled.
+#[derive(Default)]
+struct KeyArena {
+    buf: bytes::BytesMut,
+}
+
+impl KeyArena {
+    const SIZE: usize = 64 * 1024;
+
+    fn copy(&mut self, key: &[u8]) -> Bytes {
+        if self.buf.capacity() - self.buf.len() < key.len() {
+            self.buf = bytes::BytesMut::with_capacity(Self::SIZE.max(key.len()));
+        }
+        self.buf.extend_from_slice(key);
+        self.buf.split().freeze()
     }
 }
 
