@@ -1,6 +1,6 @@
 //! Adding and removing shards at run time: a new ring at once, keys moved in the background.
 //!
-//! A change ([`change`]) is validated (unique names and addresses, new shards are Redis
+//! A change ([`Rebalancer::change`]) is validated (unique names and addresses, new shards are Redis
 //! servers (see `backend::identity`), at least one shard left, no rebalance already under
 //! way), recorded in the log, and published: the new ring takes every new increment and flush at once, and a [`Migration`]
 //! names the old ring until the keys whose owner changed have moved. A mover task scans
@@ -10,7 +10,7 @@
 //! through a tombstone into the proxy's log and pending delta, a bucket hash the same way,
 //! any other key with `MIGRATE`), then deletes the tombstones once the log is synced.
 //!
-//! An old shard that died for good can be declared lost ([`declare_lost`]): nothing is moved
+//! An old shard that died for good can be declared lost ([`Rebalancer::declare_lost`]): nothing is moved
 //! off it, and the rebalance can finish.
 //!
 //! Reads never see half a move: the first command that needs a key whole during a rebalance
@@ -428,7 +428,7 @@ impl Rebalancer {
     }
 }
 
-/// Marks an old shard of a recorded rebalance as lost (see [`declare_lost`]); stripped off
+/// Marks an old shard of a recorded rebalance as lost (see [`Rebalancer::declare_lost`]); stripped off
 /// the weight when the rebalance is resumed. Weights are 1-100, so the bit is free.
 const LOST_BIT: u32 = 1 << 31;
 

@@ -9,7 +9,7 @@
 //! runs as a barrier task: lane reads or landings first, then the same pieces.
 //!
 //! An MGET's cache lookups are made once and counted once (`cache_hits`, `cache_misses`):
-//! the cache-only path hands what it found to [`plan`], and the plan that answers counts
+//! the cache-only path hands what it found to `plan`, and the plan that answers counts
 //! its lookups when its pieces are sent (a barrier plans again when it runs).
 //!
 //! Owns splitting and merging. Does not own the per-key counter semantics (`counter`) or

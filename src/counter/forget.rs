@@ -37,7 +37,7 @@ use bytes::{Bytes, BytesMut};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-/// KEYS = [tally:applied]; ARGV = [proxy id, seq (0: none), FLUSHDB|FLUSHALL, mode?].
+/// KEYS = \[tally:applied\]; ARGV = [proxy id, seq (0: none), FLUSHDB|FLUSHALL, mode?].
 pub const SCRIPT: &str = r#"
 local saved = redis.call('HGETALL', KEYS[1])
 if ARGV[4] then

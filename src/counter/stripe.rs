@@ -32,7 +32,7 @@ pub(super) enum BaseState {
 
 pub(super) const DIRTY: u8 = 1;
 pub(super) const INFLIGHT: u8 = 2;
-/// A read-ahead of the base is queued on the lane (see [`Engine::refresh_ahead`]).
+/// A read-ahead of the base is queued on the lane (see [`super::Engine::refresh_ahead`]).
 pub(super) const REFRESHING: u8 = 4;
 /// Whether increments of this key count into time windows, once asked: [`WINDOWED`],
 /// [`NOT_WINDOWED`], or neither (not asked yet). The answer is fixed for the engine's life.

@@ -24,7 +24,7 @@
 //! writes it any more, and its hashes expire as they always did (days kept forever stay).
 //!
 //! Owns the names in Redis, the flush script's window part ([`SCRIPT_PART`] and
-//! [`encode_writes`]) and the read's frame. Does not own the rules (`windows`) or the batch
+//! [`Writes`]) and the read's frame. Does not own the rules (`windows`) or the batch
 //! and its exactly-once protocol (`lane`).
 
 use super::windows::{Windows, GRANULARITIES, LETTER, SIZE};

@@ -26,7 +26,7 @@
 //!   does not grow without bound.
 //! - `CheckpointAt { index }`: the first record of a segment started by a checkpoint while
 //!   the log runs, whose `Checkpoint` is written afterwards to a file of its own (see
-//!   [`checkpoint`]).
+//!   `checkpoint`).
 //!
 //! Replay: `pending[key] = Σ Incr − Σ Batch items`, and the batches without an `Applied`
 //! are re-sent with their original ids, which the shards' exactly-once record turns into
@@ -34,9 +34,9 @@
 //! a torn tail (kill -9 mid-write) is truncated, logged, and start-up continues with every
 //! whole record before it.
 //!
-//! A checkpoint is a consistent cut (see [`checkpoint`]): it stalls increments for one pass
+//! A checkpoint is a consistent cut (see `checkpoint`): it stalls increments for one pass
 //! over the keys in memory, once per `segment_bytes` of log (or per checkpoint size, when
-//! the state is larger: see [`Segment::wants_checkpoint`]); the snapshot is written after.
+//! the state is larger: see `Segment::wants_checkpoint`); the snapshot is written after.
 //!
 //! fsync: `always`: a commit returns after `fdatasync`, shared by every increment that
 //! arrived meanwhile (group commit); `everysec`: a background sync each second; `no`: the
@@ -699,7 +699,7 @@ const HEAD_GIVEN: u64 = 4;
 /// Appends one increment to a stripe's `Incrs` entries (by the engine, under the stripe's
 /// lock): the hot path. `second`: the increment of a windowed key at that second, which
 /// replays as `delta` to `key` and to its window delta of that second (see `window_now`).
-/// Framed by the commit that drains it ([`begin_incrs`]).
+/// Framed by the commit that drains it (`begin_incrs`).
 pub fn append_named_incr(
     out: &mut Vec<u8>,
     key: &[u8],
