@@ -35,6 +35,7 @@ pub mod config;
 pub mod connection;
 pub mod context;
 pub mod counter;
+pub mod deadline;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;

@@ -352,7 +352,7 @@ async fn run(
                 let oldest = inflight.lock().front().map(|w| w.sent_at);
                 let read = rd.read_buf(&mut buf);
                 let n = match oldest {
-                    Some(t) => match tokio::time::timeout_at(t + stall_limit, read).await {
+                    Some(t) => match crate::deadline::within(t + stall_limit, read).await {
                         Ok(r) => r,
                         Err(_) => {
                             tracing::warn!("backend stalled, reconnecting");

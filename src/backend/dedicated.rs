@@ -146,7 +146,7 @@ impl Dedicated {
     /// [`Dedicated::read`] within `limit`, if any.
     async fn read_within(&mut self, limit: Option<Duration>) -> Result<Reply, BackendError> {
         match limit {
-            Some(limit) => tokio::time::timeout(limit, self.read())
+            Some(limit) => crate::deadline::within_for(limit, self.read())
                 .await
                 .unwrap_or(Err(BackendError::Timeout)),
             None => self.read().await,

@@ -63,7 +63,7 @@ pub fn spawn_checker(
                     return;
                 }
                 let mut ok = matches!(
-                    tokio::time::timeout(interval, conn.send(ping.clone())).await,
+                    crate::deadline::within_for(interval, conn.send(ping.clone())).await,
                     Ok(Ok(Ok(r))) if r.error().is_none()
                 );
                 if ok && (!shard.is_up() || !shard.is_verified()) {

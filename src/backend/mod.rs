@@ -254,7 +254,7 @@ impl Shard {
         let ms = self.wait_timeout.as_millis().max(1).to_string();
         let n = self.wait_replicas.to_string();
         let rx = self.lane_send(encode_command(&["WAIT", &n, &ms]));
-        let reply = match tokio::time::timeout(self.wait_timeout + self.timeout, rx).await {
+        let reply = match crate::deadline::within_for(self.wait_timeout + self.timeout, rx).await {
             Ok(Ok(r)) => r?,
             Ok(Err(_)) => return Err(BackendError::Lost),
             Err(_) => return Err(BackendError::Timeout),
@@ -316,7 +316,7 @@ impl Shard {
         let Some(rx) = self.send(0, encode_command(args)) else {
             return Err(format!("shard {} is unavailable", self.name));
         };
-        match tokio::time::timeout(self.timeout * 5, rx).await {
+        match crate::deadline::within_for(self.timeout * 5, rx).await {
             Ok(Ok(Ok(r))) => match r.frame {
                 BytesFrame::Error(e) => Err(e.to_string()),
                 f => Ok(f),

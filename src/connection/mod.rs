@@ -496,7 +496,7 @@ pub(crate) async fn await_reply(
         return Err(BackendError::Unavailable);
     };
     let _done = InflightGuard(shard);
-    let r = match tokio::time::timeout_at(sent + shard.timeout, rx).await {
+    let r = match crate::deadline::within(sent + shard.timeout, rx).await {
         Ok(Ok(r)) => r,
         Ok(Err(_)) => Err(BackendError::Lost),
         Err(_) => Err(BackendError::Timeout),

@@ -173,7 +173,7 @@ pub(super) async fn attempt(
                 .max()
                 .unwrap_or_default();
         for (i, node, connects, rx) in sent {
-            let reply = match tokio::time::timeout_at(deadline, rx).await {
+            let reply = match crate::deadline::within(deadline, rx).await {
                 Ok(Ok(Ok(r))) => r,
                 failed => {
                     last_err = Some(match failed {

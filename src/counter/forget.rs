@@ -187,7 +187,7 @@ pub(super) async fn run(
     drop(gate);
     let frame = encode(&engine.proxy_id, seq, flush);
     let rx = lane.shard.lane_send(frame);
-    let outcome = match tokio::time::timeout(lane.shard.timeout, rx).await {
+    let outcome = match crate::deadline::within_for(lane.shard.timeout, rx).await {
         Ok(Ok(Ok(r))) => match r.error() {
             None => Ok(()),
             Some(e) => Err(e.to_string()),

@@ -492,7 +492,7 @@ async fn run(lane: Arc<Lane>) {
             }
             for (frame, on_reply) in between {
                 let rx = lane.shard.lane_send(frame.clone());
-                let r = match tokio::time::timeout(lane.shard.timeout, rx).await {
+                let r = match crate::deadline::within_for(lane.shard.timeout, rx).await {
                     Ok(Ok(Ok(reply))) => {
                         // A cluster redirection is never shown to the reader: `-MOVED` and
                         // `-ASK` are followed once, anything else is "try again" (the map is
@@ -1052,7 +1052,7 @@ pub(super) async fn receive_by(
     rx: oneshot::Receiver<Result<Reply, BackendError>>,
     deadline: tokio::time::Instant,
 ) -> Result<Reply, BackendError> {
-    match tokio::time::timeout_at(deadline, rx).await {
+    match crate::deadline::within(deadline, rx).await {
         Ok(Ok(r)) => r,
         Ok(Err(_)) => Err(BackendError::Lost),
         Err(_) => Err(BackendError::Timeout),
@@ -1145,7 +1145,7 @@ async fn redirected(
     } else {
         node.lane_send(frame.clone())
     };
-    match tokio::time::timeout(timeout, rx).await {
+    match crate::deadline::within_for(timeout, rx).await {
         Ok(Ok(Ok(reply))) if Redirect::of_raw(&reply.raw).is_none() => Ok(reply.frame),
         Ok(Ok(Err(BackendError::Timeout))) | Err(_) => Err(LaneError::Timeout),
         _ => Err(LaneError::Unavailable),

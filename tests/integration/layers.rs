@@ -14,6 +14,7 @@ const LAYERS: &[&str] = &[
     "shutdown",
     "backoff",
     "task",
+    "deadline",
     "tls",
     "spec",
     "config",
