@@ -375,15 +375,24 @@ pub fn spawn_background(
         }
         return;
     }
+    let swept = engine.clone();
+    let mut sweep_stop = shutdown.clone();
+    crate::task::spawn(tracing::info_span!("cache_sweep"), async move {
+        let mut sweep = tokio::time::interval(cache_ttl.max(Duration::from_millis(100)));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = sweep.tick() => { swept.sweep().await; }
+                _ = sweep_stop.wait() => return,
+            }
+        }
+    });
     crate::task::spawn(tracing::info_span!("flusher"), async move {
         let mut flush = tokio::time::interval(flush_interval);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         flush.tick().await;
-        let mut sweep = tokio::time::interval(cache_ttl.max(Duration::from_millis(100)));
-        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The periodic flush runs beside the other jobs, not in their way: paced, it lasts
-        // seconds, and an early flush meanwhile (which ends its pacing) or the cache sweep
-        // must not wait for it.
+        // seconds, and an early flush meanwhile (which ends its pacing) must not wait for it.
         type Running<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>>;
         let mut periodic: Option<Running<'_>> = None;
         loop {
@@ -398,7 +407,6 @@ pub fn spawn_background(
                     }
                 } => { periodic = None; }
                 _ = engine.early_flush_due() => { engine.flush_all().await; }
-                _ = sweep.tick() => { engine.sweep(); }
                 _ = shutdown.wait() => return,
             }
         }
