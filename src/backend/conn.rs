@@ -266,7 +266,7 @@ pub(crate) async fn round_trip(
             }
         }
     };
-    tokio::time::timeout(opts.request_timeout, exchange)
+    crate::deadline::within_for(opts.request_timeout, exchange)
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
 }

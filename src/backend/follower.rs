@@ -66,7 +66,7 @@ pub async fn role(addr: SocketAddr, opts: &ConnOptions) -> Result<Vec<SocketAddr
         ..opts.clone()
     });
     let wait = opts.connect_timeout + opts.request_timeout;
-    match tokio::time::timeout(wait, conn.send(encode_command(&["ROLE"]))).await {
+    match crate::deadline::within_for(wait, conn.send(encode_command(&["ROLE"]))).await {
         Ok(Ok(Ok(r))) => sentinel::parse_role(&r.frame)
             .ok_or_else(|| format!("{addr} is not a primary (ROLE answered {:?})", r.frame)),
         _ => Err(format!("{addr} did not answer ROLE")),

@@ -93,7 +93,8 @@ pub async fn verify(opts: &ConnOptions, own_proxy_id: &str) -> Result<(), NotRed
         ..opts.clone()
     });
     let wait = opts.connect_timeout * 2 + opts.request_timeout;
-    let reply = tokio::time::timeout(wait, conn.send(encode_command(&["INFO", "server"]))).await;
+    let reply =
+        crate::deadline::within_for(wait, conn.send(encode_command(&["INFO", "server"]))).await;
     match reply {
         Ok(Ok(Ok(r))) => match r.frame {
             BytesFrame::BulkString(b) => classify(&String::from_utf8_lossy(&b), own_proxy_id),

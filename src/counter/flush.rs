@@ -419,7 +419,9 @@ const CLOCK_TICK: Duration = Duration::from_millis(2);
 /// The clock tick came `gap` after the one before: a gap well past [`CLOCK_TICK`] is time
 /// the worker was held by something that did not yield (a log checkpoint's cut is the
 /// longest: ~1.5 s at ten million keys under load), during which no client was answered.
-/// Recorded in `tallyproxy_worker_held_seconds` from 10 ms; logged from 1 s.
+/// Recorded in `tallyproxy_worker_held_seconds` from 10 ms (below 100 ms mostly a busy
+/// worker's queue; the shards' timeouts give back holds from 100 ms, see `deadline`); logged
+/// from 1 s.
 fn worker_held(gap: Duration) {
     if gap < Duration::from_millis(10) {
         return;
