@@ -60,6 +60,18 @@ pub fn prometheus() -> &'static PrometheusHandle {
     })
 }
 
+/// A histogram registered on first use, after the recorder (see [`prometheus`]); `cell` is
+/// the caller's `static`, so that the registration is looked up once.
+pub fn histogram_once(
+    cell: &'static OnceLock<metrics::Histogram>,
+    name: &'static str,
+) -> &'static metrics::Histogram {
+    cell.get_or_init(|| {
+        prometheus();
+        metrics::histogram!(name)
+    })
+}
+
 /// Drains histogram buffers; run periodically so that they do not grow between scrapes.
 pub fn upkeep() {
     prometheus().run_upkeep();

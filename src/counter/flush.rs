@@ -1,8 +1,11 @@
 //! Landing deltas: a lane takes a shard's pending deltas (`take`), settles them with the
 //! shard's reply (`settle`) or gives them back (`untake`); periodic, early and whole flushes
 //! are started here, and the background jobs (clock tick, flush, sweep) are spawned here.
+//! The clock task also measures how long the worker was held (`worker_held`), for the
+//! metric and for the shards' timeouts (`deadline`).
 //!
-//! Owns the engine's side of a flush. Does not own the exactly-once protocol (`lane`).
+//! Owns the engine's side of a flush and its background jobs. Does not own the exactly-once
+//! protocol (`lane`), the pacing (`pace`) or the cache sweep itself (`cache`).
 
 use super::lane::KeyValue;
 use super::stripe::{stripe_of, BaseState, Entry, DIRTY, INFLIGHT, REFRESHING};
@@ -429,11 +432,7 @@ fn worker_held(gap: Duration) {
     // Time no request could be written or read: not the shards' (see `deadline`).
     crate::deadline::record_held(gap.saturating_sub(CLOCK_TICK));
     static H: std::sync::OnceLock<metrics::Histogram> = std::sync::OnceLock::new();
-    H.get_or_init(|| {
-        crate::metrics::prometheus();
-        metrics::histogram!("tallyproxy_worker_held_seconds")
-    })
-    .record(gap.as_secs_f64());
+    crate::metrics::histogram_once(&H, "tallyproxy_worker_held_seconds").record(gap.as_secs_f64());
     if gap >= Duration::from_secs(1) {
         tracing::warn!(
             held_ms = gap.as_millis() as u64,

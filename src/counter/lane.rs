@@ -829,10 +829,7 @@ fn same_window_hash(a: &[u8], b: &[u8]) -> bool {
 
 fn flush_histogram() -> &'static metrics::Histogram {
     static H: std::sync::OnceLock<metrics::Histogram> = std::sync::OnceLock::new();
-    H.get_or_init(|| {
-        crate::metrics::prometheus();
-        metrics::histogram!("tallyproxy_flush_duration_seconds")
-    })
+    crate::metrics::histogram_once(&H, "tallyproxy_flush_duration_seconds")
 }
 
 /// Sends one batch and settles it. A batch that carries deltas is retried, with the same

@@ -185,10 +185,7 @@ fn read_whole(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
 
 fn hold_histogram() -> &'static metrics::Histogram {
     static H: OnceLock<metrics::Histogram> = OnceLock::new();
-    H.get_or_init(|| {
-        crate::metrics::prometheus();
-        metrics::histogram!("tallyproxy_wal_checkpoint_hold_seconds")
-    })
+    crate::metrics::histogram_once(&H, "tallyproxy_wal_checkpoint_hold_seconds")
 }
 
 impl Wal {

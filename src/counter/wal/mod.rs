@@ -609,10 +609,7 @@ impl Wal {
 
 fn fsync_histogram() -> &'static metrics::Histogram {
     static H: OnceLock<metrics::Histogram> = OnceLock::new();
-    H.get_or_init(|| {
-        crate::metrics::prometheus();
-        metrics::histogram!("tallyproxy_wal_fsync_duration_seconds")
-    })
+    crate::metrics::histogram_once(&H, "tallyproxy_wal_fsync_duration_seconds")
 }
 
 fn sync_dir(dir: &Path) {
